@@ -1,0 +1,1 @@
+"""ditplan.policy: compile profiler traces into a versioned, shareable JSON plan (never imports torch)."""

@@ -1,0 +1,1 @@
+"""Model-family adapters: the only code that knows diffusers transformer classes."""

@@ -1,0 +1,1 @@
+"""The built-in reference video DiT: procedural clips, caption encoder, pipeline."""
