@@ -1,14 +1,30 @@
-"""The plan contract (stdlib only): written by the policy compiler, read by the runtime."""
+"""The plan contract (stdlib only): written by the policy compiler, read by the runtime.
+
+A ``Plan`` says, for one model and one workload, how each self-attention layer runs
+(``AttentionSpec``, looked up by the attention module's FQN) and which runs of background blocks
+skip their computation at which steps (``CacheGroup.compute[context][step]``). All decisions are
+static tables, so the runtime reads them without host syncs. JSON I/O lives in ``plan_io``;
+``save_plan``/``load_plan`` below are its entry points.
+"""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
+PLAN_SCHEMA_VERSION = "1.0"
 SUPPORTED_BLOCK_SIZES = (64, 128)
+ROLES = ("foreground", "background")
+RECOMPILE = "recompile it with `ditplan compile-policy`"
 
 
 class PlanError(ValueError):
     """A plan, or a piece of one, is malformed or does not fit the model it is applied to."""
+
+
+def _schema(**constraints) -> dict:
+    """Field metadata: extra JSON Schema keywords for this field (see plan_schema)."""
+    return {"schema": constraints}
 
 
 @dataclass(frozen=True)
@@ -18,15 +34,24 @@ class AttentionSpec:
     Exactly one of ``density`` (share of key blocks kept per query-block row, top-n) and
     ``mass_threshold`` (fewest key blocks whose predicted attention mass reaches it) is set;
     ``density=1.0`` means dense. ``dense_steps`` lists denoising step indices that run dense
-    (warm-up, and any late steps the compiler keeps dense).
+    (warm-up, and any late steps the compiler keeps dense). ``head_densities``, when set, gives
+    each head its own density; ``density`` is then their maximum, so a runtime that reads only
+    ``density`` still keeps at least every head's share.
     """
 
-    density: float | None = 1.0
-    mass_threshold: float | None = None
-    block_size: int = 128
-    tile: tuple[int, int, int] = (1, 8, 8)
+    density: float | None = field(default=1.0, metadata=_schema(exclusiveMinimum=0, maximum=1))
+    mass_threshold: float | None = field(
+        default=None, metadata=_schema(exclusiveMinimum=0, maximum=1)
+    )
+    block_size: int = field(default=128, metadata=_schema(enum=list(SUPPORTED_BLOCK_SIZES)))
+    tile: tuple[int, int, int] = field(default=(1, 8, 8), metadata=_schema(items={"minimum": 1}))
     sink: bool = True
-    dense_steps: tuple[int, ...] = field(default_factory=tuple)
+    dense_steps: tuple[int, ...] = field(
+        default_factory=tuple, metadata=_schema(items={"minimum": 0})
+    )
+    head_densities: tuple[float, ...] | None = field(
+        default=None, metadata=_schema(minItems=1, items={"exclusiveMinimum": 0, "maximum": 1})
+    )
 
     def __post_init__(self):
         if (self.density is None) == (self.mass_threshold is None):
@@ -40,11 +65,27 @@ class AttentionSpec:
                 f"block_size {self.block_size} is not supported; use one of {SUPPORTED_BLOCK_SIZES}"
             )
         if len(self.tile) != 3 or any(int(t) < 1 for t in self.tile):
-            raise PlanError(f"tile must be three positive ints (frames, height, width), got {self.tile}")
+            raise PlanError(
+                f"tile must be three positive ints (frames, height, width), got {self.tile}"
+            )
         if any(int(s) < 0 for s in self.dense_steps):
-            raise PlanError(f"dense_steps must be non-negative step indices, got {self.dense_steps}")
+            raise PlanError(
+                f"dense_steps must be non-negative step indices, got {self.dense_steps}"
+            )
         object.__setattr__(self, "tile", tuple(int(t) for t in self.tile))
         object.__setattr__(self, "dense_steps", tuple(sorted({int(s) for s in self.dense_steps})))
+        if self.head_densities is not None:
+            self._check_head_densities()
+
+    def _check_head_densities(self) -> None:
+        heads = tuple(float(d) for d in self.head_densities)
+        if self.density is None or not heads or not all(0.0 < d <= 1.0 for d in heads):
+            raise PlanError("head_densities must be densities in (0, 1] and need density set")
+        if abs(max(heads) - self.density) > 1e-9:
+            raise PlanError(
+                f"density ({self.density}) must equal max(head_densities) ({max(heads)})"
+            )
+        object.__setattr__(self, "head_densities", heads)
 
     @property
     def is_dense(self) -> bool:
@@ -53,3 +94,212 @@ class AttentionSpec:
     def dense_at(self, step: int | None) -> bool:
         """True when this layer runs dense attention at denoising step ``step``."""
         return self.is_dense or (step is not None and step in self.dense_steps)
+
+    def density_for_head(self, head: int) -> float | None:
+        """The density head ``head`` uses (``density`` unless head_densities is set)."""
+        if self.head_densities is None:
+            return self.density
+        return self.head_densities[head]
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which transformer the plan is for; the runtime refuses any other."""
+
+    transformer_class: str = field(metadata=_schema(minLength=1))
+    config_hash: str = field(metadata=_schema(minLength=1))
+    weights_hash: str | None = None
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The generation settings the plan was compiled for."""
+
+    steps: int = field(metadata=_schema(minimum=1))
+    height: int = field(metadata=_schema(minimum=1))
+    width: int = field(metadata=_schema(minimum=1))
+    frames: int = field(metadata=_schema(minimum=1))
+    guidance_scale: float = field(metadata=_schema(minimum=0))
+    cfg: bool
+
+    @property
+    def contexts(self) -> tuple[str, ...]:
+        """The CFG contexts a step runs: ("cond", "uncond") with CFG, else ("cond",)."""
+        return ("cond", "uncond") if self.cfg else ("cond",)
+
+
+@dataclass(frozen=True)
+class RoleClassification:
+    """How roles were decided: per-layer margin from the decision boundary (> 0: foreground)."""
+
+    method: str
+    features: tuple[str, ...]
+    decision_boundary: float | None
+    margins: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where the plan came from and what the compiler predicts for it."""
+
+    trace_hash: str
+    compiler_version: str
+    compiler_settings: dict
+    roles: RoleClassification
+    predicted_speedup: float = field(metadata=_schema(exclusiveMinimum=0))
+    predicted_error: float = field(metadata=_schema(minimum=0))
+
+
+@dataclass(frozen=True)
+class PlanDefaults:
+    """Settings for self-attention modules the plan does not list (the compiler: dense)."""
+
+    attention: AttentionSpec
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One block: its role and how its self-attention module runs."""
+
+    role: str = field(metadata=_schema(enum=list(ROLES)))
+    attention_module: str = field(metadata=_schema(minLength=1))
+    attention: AttentionSpec
+
+
+@dataclass(frozen=True)
+class CacheGroup:
+    """A run of consecutive background blocks skipped together by one cached residual.
+
+    ``compute[context][step]`` is True where the whole run is computed (and its residual
+    out - in refreshed); False where the run is skipped and the cached residual added.
+    """
+
+    blocks: tuple[str, ...] = field(metadata=_schema(minItems=1))
+    compute: dict[str, tuple[bool, ...]]
+
+    @property
+    def name(self) -> str:
+        return self.blocks[0] if len(self.blocks) == 1 else f"{self.blocks[0]}..{self.blocks[-1]}"
+
+    def compute_mask(self, context: str) -> tuple[bool, ...]:
+        """Returns the per-step compute mask of CFG context ``context`` ("cond"/"uncond")."""
+        if context not in self.compute:
+            raise PlanError(f"cache group {self.name} has no schedule for context {context!r}")
+        return self.compute[context]
+
+    def computes(self, step: int, context: str) -> bool:
+        """True when the run is computed at ``step`` in ``context``; False: reuse the residual."""
+        return self.compute_mask(context)[step]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A compiled plan: identity, workload, provenance, per-block entries and cache groups.
+
+    ``block_order`` lists the block FQNs in execution order; ``layers`` is keyed by them.
+    """
+
+    identity: ModelIdentity
+    workload: Workload
+    provenance: Provenance
+    defaults: PlanDefaults
+    block_order: tuple[str, ...] = field(metadata=_schema(minItems=1))
+    layers: dict[str, LayerPlan]
+    cache_groups: tuple[CacheGroup, ...] = ()
+    schema_version: str = field(
+        default=PLAN_SCHEMA_VERSION, metadata=_schema(pattern=r"^[0-9]+\.[0-9]+$")
+    )
+
+    def __post_init__(self):
+        object.__setattr__(self, "block_order", tuple(self.block_order))
+        object.__setattr__(self, "cache_groups", tuple(self.cache_groups))
+        _check_layers(self)
+        _check_groups(self)
+        unknown = sorted(set(self.provenance.roles.margins) - set(self.block_order))
+        if unknown:
+            raise PlanError(f"provenance.roles.margins: unknown blocks {unknown}; {RECOMPILE}")
+
+    def attention_specs(self) -> dict[str, AttentionSpec]:
+        """Returns attention module FQN -> AttentionSpec for every listed block."""
+        return {lp.attention_module: lp.attention for lp in self.layers.values()}
+
+    def attention_spec(self, module: str) -> AttentionSpec:
+        """The spec of self-attention module ``module`` ("blocks.3.attn1"); defaults if unlisted."""
+        return self.attention_specs().get(module, self.defaults.attention)
+
+    def cache_group_of(self, block: str) -> CacheGroup | None:
+        """The cache group containing block ``block``, or None if it is always computed."""
+        return next((g for g in self.cache_groups if block in g.blocks), None)
+
+
+def _check_layers(plan: Plan) -> None:
+    order = plan.block_order
+    if len(set(order)) != len(order) or set(order) != set(plan.layers):
+        raise PlanError(
+            f"block_order {list(order)} must list each key of layers {sorted(plan.layers)} "
+            f"exactly once; {RECOMPILE}"
+        )
+    modules = [lp.attention_module for lp in plan.layers.values()]
+    if len(set(modules)) != len(modules):
+        raise PlanError(f"layers: two blocks name the same attention_module; {RECOMPILE}")
+    for block, lp in plan.layers.items():
+        where = f"layers.{block}"
+        if lp.role not in ROLES:
+            raise PlanError(f"{where}.role: {lp.role!r} is not one of {list(ROLES)}")
+        if not lp.attention_module.startswith(block + "."):
+            raise PlanError(
+                f"{where}.attention_module: {lp.attention_module!r} is not inside block {block!r}"
+            )
+        late = [s for s in lp.attention.dense_steps if s >= plan.workload.steps]
+        if late:
+            raise PlanError(
+                f"{where}.attention.dense_steps: steps {late} are past the workload's "
+                f"{plan.workload.steps} steps; {RECOMPILE}"
+            )
+
+
+def _check_groups(plan: Plan) -> None:
+    position = {b: i for i, b in enumerate(plan.block_order)}
+    seen: set[str] = set()
+    for i, group in enumerate(plan.cache_groups):
+        where = f"cache_groups[{i}]"
+        for block in group.blocks:
+            if block not in position or plan.layers[block].role != "background":
+                raise PlanError(f"{where}.blocks: {block!r} is not a background block of the plan")
+        idx = [position[b] for b in group.blocks]
+        if idx != list(range(idx[0], idx[0] + len(idx))) or seen & set(group.blocks):
+            raise PlanError(
+                f"{where}.blocks: {list(group.blocks)} must be consecutive in block_order and "
+                f"in no other group; {RECOMPILE}"
+            )
+        seen |= set(group.blocks)
+        _check_masks(group, plan.workload, where)
+
+
+def _check_masks(group: CacheGroup, workload: Workload, where: str) -> None:
+    if set(group.compute) != set(workload.contexts):
+        raise PlanError(
+            f"{where}.compute: has contexts {sorted(group.compute)}, the workload (cfg="
+            f"{workload.cfg}) needs exactly {list(workload.contexts)}; {RECOMPILE}"
+        )
+    for context, mask in group.compute.items():
+        if len(mask) != workload.steps:
+            raise PlanError(
+                f"{where}.compute.{context}: {len(mask)} entries for {workload.steps} steps"
+            )
+        if not mask[0]:
+            raise PlanError(f"{where}.compute.{context}: step 0 must compute (nothing is cached)")
+
+
+def save_plan(plan: Plan, path: str | os.PathLike) -> None:
+    """Write ``plan`` as canonical JSON, atomically (same plan -> byte-identical file)."""
+    from ditplan.policy.plan_io import save_plan as _save
+
+    _save(plan, path)
+
+
+def load_plan(path: str | os.PathLike) -> Plan:
+    """Read and validate a plan file; any problem raises PlanError naming the field."""
+    from ditplan.policy.plan_io import load_plan as _load
+
+    return _load(path)

@@ -1,1 +1,1 @@
-"""ditplan.runtime: execute a plan on a live diffusers pipeline (sparse attention, layer caching)."""
+"""ditplan.runtime: execute a plan on a live diffusers pipeline (sparse attention, caching)."""

@@ -1,4 +1,4 @@
-"""Shared fixtures: seeded RNG, a device fixture (CPU always, CUDA when present), tiny Wan models."""
+"""Shared fixtures: seeded RNG, a device fixture (CPU always, CUDA when present)."""
 
 from __future__ import annotations
 

@@ -29,9 +29,14 @@ def tiny_wan(seed: int = 0, **overrides) -> WanTransformer3DModel:
 
 
 def tiny_wan_inputs(
-    frames: int = 3, height: int = 8, width: int = 12, text_len: int = 5, batch: int = 1, seed: int = 1
+    frames: int = 3,
+    height: int = 8,
+    width: int = 12,
+    text_len: int = 5,
+    batch: int = 1,
+    seed: int = 1,
 ) -> dict:
-    """Random inputs for a tiny Wan model; height/width are latent pixels (tokens = height/2 * width/2)."""
+    """Random tiny-Wan inputs; height and width are latent pixels (tokens = height/2 * width/2)."""
     g = torch.Generator().manual_seed(seed)
     cfg = TINY_WAN_CONFIG
     return dict(

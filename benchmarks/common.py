@@ -1,0 +1,64 @@
+"""Shared benchmark helpers: model shapes, timing with device events, environment banner."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+# Wan2.1-T2V-1.3B transformer config (diffusers layout), with random weights.
+WAN_1_3B = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=12,
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=8960,
+    num_layers=30,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+)
+# 480p x 81 frames: 21 latent frames of 60 x 104 latents -> 21 x 30 x 52 = 32,760 tokens.
+WAN_480P_LATENTS = (1, 16, 21, 60, 104)
+WAN_TEXT_TOKENS = 512
+
+
+def banner() -> str:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return f"torch {torch.__version__} | device {device} | {time.strftime('%Y-%m-%d')}"
+
+
+def time_ms(fn, *, warmup: int = 2, repeats: int = 5) -> float:
+    """Median wall time of ``fn()`` in ms, with device events on CUDA."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_memory_gib(fn) -> float:
+    """Peak allocated device memory (GiB) while running ``fn()`` once; 0 on CPU."""
+    if not torch.cuda.is_available():
+        fn()
+        return 0.0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30

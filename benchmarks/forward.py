@@ -1,0 +1,102 @@
+"""Wan2.1-1.3B-shaped transformer forward (480p x 81 frames): dense vs block-mean sparse attention.
+
+Usage: python benchmarks/forward.py [--densities 0.5 0.2 0.1] [--compile] [--quick]
+Times every variant in the same run on the same card and prints ratios against dense.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from diffusers import WanTransformer3DModel
+from ditplan.policy.plan import AttentionSpec
+from ditplan.runtime.sparse import apply_sparse_attention
+
+from benchmarks.common import (
+    WAN_1_3B,
+    WAN_480P_LATENTS,
+    WAN_TEXT_TOKENS,
+    banner,
+    peak_memory_gib,
+    time_ms,
+)
+
+QUICK_CONFIG = dict(
+    WAN_1_3B, num_attention_heads=2, attention_head_dim=32, ffn_dim=128, num_layers=2, text_dim=64
+)
+
+
+def build(quick: bool, device: str, dtype: torch.dtype):
+    config = QUICK_CONFIG if quick else WAN_1_3B
+    latents_shape = (1, 16, 3, 16, 32) if quick else WAN_480P_LATENTS
+    text_len = 8 if quick else WAN_TEXT_TOKENS
+    with torch.device(device):
+        model = WanTransformer3DModel(**config).to(dtype).eval()
+        inputs = dict(
+            hidden_states=torch.randn(latents_shape, dtype=dtype),
+            timestep=torch.tensor([500.0]),
+            encoder_hidden_states=torch.randn(1, text_len, config["text_dim"], dtype=dtype),
+            return_dict=False,
+        )
+    return model, inputs
+
+
+def measure(model, inputs, label, rows, repeats):
+    def forward():
+        with torch.no_grad():
+            model(**inputs)
+
+    ms = time_ms(forward, repeats=repeats)
+    rows.append(dict(variant=label, ms=ms, peak_gib=peak_memory_gib(forward)))
+    print(f"  {label:<40} {ms:9.1f} ms", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--densities", type=float, nargs="+", default=[0.5, 0.2, 0.1])
+    parser.add_argument("--tiles", nargs="+", default=["1,8,8", "1,1,1"])
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile(model)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke run)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    print(banner(), flush=True)
+    model, inputs = build(args.quick, device, dtype)
+    rows: list[dict] = []
+    variants = [("dense", None)] + [
+        (f"sparse d={d} tile={t}", AttentionSpec(density=d, tile=tuple(map(int, t.split(",")))))
+        for d in args.densities
+        for t in args.tiles
+    ]
+    for label, spec in variants:
+        handle = apply_sparse_attention(model, spec, backend="auto") if spec else None
+        measure(model, inputs, label, rows, args.repeats)
+        if args.compile and label in ("dense", f"sparse d=0.2 tile={args.tiles[0]}"):
+            compiled = torch.compile(model)
+            measure(compiled, inputs, f"{label} + torch.compile", rows, args.repeats)
+            torch._dynamo.reset()
+        if handle:
+            handle.remove()
+    report(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(banner=banner(), rows=rows), f, indent=1)
+
+
+def report(rows):
+    dense = next(r for r in rows if r["variant"] == "dense")
+    dense_c = next((r for r in rows if r["variant"] == "dense + torch.compile"), dense)
+    print(f"\n{'variant':<40} {'ms':>9} {'vs dense':>9} {'peak GiB':>9}")
+    for r in rows:
+        base = dense_c if "compile" in r["variant"] else dense
+        print(
+            f"{r['variant']:<40} {r['ms']:9.1f} {base['ms'] / r['ms']:8.2f}x {r['peak_gib']:9.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Once-per-forward spatiotemporal token permutation: tables, cached per token layout and device."""
+
+from __future__ import annotations
+
+import torch
+from ditplan.runtime.adapters.base import TokenLayout
+from ditplan.runtime.kernels.block_map import ForcedBlocks, forced_blocks
+from ditplan.runtime.kernels.permute import invert_permutation, tile_permutation
+
+
+class TokenPermuter:
+    """Owns the permutation of one transformer's self-attention tokens.
+
+    The adapter's hooks call :meth:`begin` at the start of each forward with the live token
+    layout; when :attr:`active` they permute hidden states and rotary tables with :attr:`perm`
+    and undo it with :attr:`inverse` at the end. Sparse layers ask :meth:`forced` for the
+    always-kept blocks (first-frame sink, text) in permuted order.
+    """
+
+    def __init__(self, tile: tuple[int, int, int]):
+        self.tile = tuple(tile)
+        self.layout: TokenLayout | None = None
+        self.active = False
+        self._memo = None
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._forced: dict[tuple, ForcedBlocks] = {}
+
+    def begin(self, layout: TokenLayout, device: torch.device, active: bool) -> None:
+        """Start a forward with this layout; ``active`` says whether tokens get permuted."""
+        self.layout = layout
+        self.device = torch.device(device)
+        self.active = active and self.tile != (1, 1, 1)
+        self._memo = None
+
+    def permute_once(self, x: torch.Tensor) -> torch.Tensor:
+        """``x[:, perm]``, computed once per forward for a tensor every block receives."""
+        if self._memo is None or self._memo[0] is not x:
+            self._memo = (x, x[:, self.perm])
+        return self._memo[1]
+
+    def _key(self) -> tuple:
+        return (self.layout, self.device)
+
+    def _ensure_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        key = self._key()
+        if key not in self._tables:
+            layout = self.layout
+            perm = tile_permutation(
+                layout.grid,
+                self.tile,
+                text_len=layout.text_len,
+                text_first=layout.text_first,
+                device=self.device,
+            )
+            self._tables[key] = (perm, invert_permutation(perm))
+        return self._tables[key]
+
+    @property
+    def perm(self) -> torch.Tensor:
+        """Gather index [S]: permuted = x[:, perm]."""
+        return self._ensure_tables()[0]
+
+    @property
+    def inverse(self) -> torch.Tensor:
+        """Gather index [S] undoing :attr:`perm`."""
+        return self._ensure_tables()[1]
+
+    def forced(self, block_size: int, sink: bool) -> ForcedBlocks:
+        """Always-computed blocks for the current layout, in the current token order."""
+        key = (*self._key(), self.active, block_size, sink)
+        if key not in self._forced:
+            self._forced[key] = self._build_forced(block_size, sink)
+        return self._forced[key]
+
+    def _build_forced(self, block_size: int, sink: bool) -> ForcedBlocks:
+        layout = self.layout
+        video_start = layout.text_len if layout.text_first else 0
+        position = torch.arange(layout.seq_len, device=self.device)  # original token index
+        if self.active:
+            position = self.perm
+        is_text = (position < video_start) | (position >= video_start + layout.video_tokens)
+        frame_tokens = layout.height * layout.width
+        is_sink = ~is_text & (position - video_start < frame_tokens) if sink else None
+        return forced_blocks(
+            layout.seq_len,
+            block_size,
+            sink_tokens=is_sink,
+            text_tokens=is_text if layout.text_len else None,
+            device=self.device,
+        )

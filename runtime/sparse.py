@@ -1,0 +1,154 @@
+"""Per-layer block-mean sparse self-attention: settings resolution, the core op, apply/remove."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from ditplan.policy.plan import AttentionSpec
+from ditplan.runtime.adapters.base import get_adapter
+from ditplan.runtime.context import StepTracker, install_step_tracker, remove_step_tracker
+from ditplan.runtime.kernels import block_sparse_attention
+from ditplan.runtime.kernels.block_map import select_blocks
+from ditplan.runtime.kernels.registry import parse_backend
+from ditplan.runtime.permutation import TokenPermuter
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+DENSE = AttentionSpec(density=1.0)
+
+
+@dataclass
+class LayerRuntime:
+    """One sparse self-attention layer's settings and the shared per-forward state it reads."""
+
+    name: str
+    spec: AttentionSpec
+    tracker: StepTracker
+    permuter: TokenPermuter
+    backend: str = "auto"
+
+    def sparse_now(self) -> bool:
+        return not self.spec.dense_at(self.tracker.state.step)
+
+
+def sparse_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: LayerRuntime):
+    """Block-mean selection then block-sparse attention, with the layer's settings.
+
+    Args:
+        q, k, v: [B, H, S, D], tokens in the permuter's current order.
+        layer: the layer's runtime settings.
+
+    Returns:
+        [B, H, S, D] attention output.
+    """
+    spec, layout = layer.spec, layer.permuter.layout
+    if layout is None or q.shape[2] != layout.seq_len:
+        expected = (
+            "no forward has set a token layout" if layout is None else f"{layout.seq_len} tokens"
+        )
+        raise ValueError(
+            f"{layer.name}: self-attention got {q.shape[2]} tokens but the latent grid gives "
+            f"{expected}; call the transformer, not its attention modules, with latents "
+            "[B, C, F, H, W]"
+        )
+    forced = layer.permuter.forced(spec.block_size, spec.sink)
+    block_map = select_blocks(  # [B, H, Qb, Kb] bool
+        q,
+        k,
+        block_size=spec.block_size,
+        density=spec.density,
+        mass_threshold=spec.mass_threshold,
+        forced=forced,
+    )
+    return block_sparse_attention(
+        q, k, v, block_map, block_size=spec.block_size, backend=layer.backend
+    )
+
+
+def resolve_layer_specs(
+    names: list[str], settings: AttentionSpec | Mapping[str, AttentionSpec]
+) -> dict[str, AttentionSpec]:
+    """One spec per attention layer: a single spec applies to all, a mapping names layers."""
+    if isinstance(settings, AttentionSpec):
+        return dict.fromkeys(names, settings)
+    unknown = sorted(set(settings) - set(names))
+    if unknown:
+        raise ValueError(
+            f"settings name attention layers this model does not have: {unknown}; "
+            f"its self-attention layers are {names[0]} ... {names[-1]} ({len(names)} layers)"
+        )
+    return {name: settings.get(name, DENSE) for name in names}
+
+
+def shared_tile(specs: Mapping[str, AttentionSpec]) -> tuple[int, int, int]:
+    """The permutation tile of the sparse layers, which must agree (tokens permute once)."""
+    tiles = {spec.tile for spec in specs.values() if not spec.is_dense}
+    if len(tiles) > 1:
+        raise ValueError(
+            f"sparse layers use different tile shapes {sorted(tiles)}; tokens are permuted once "
+            "per forward, so give every sparse layer the same tile"
+        )
+    return tiles.pop() if tiles else (1, 1, 1)
+
+
+class SparseAttentionHandle:
+    """Undo handle returned by :func:`apply_sparse_attention`."""
+
+    def __init__(self, transformer: nn.Module, originals: dict[nn.Module, object], hooks: list):
+        self.transformer = transformer
+        self._originals = originals
+        self._hooks = hooks
+
+    def remove(self) -> None:
+        """Restore the original processors and forward exactly."""
+        for attn, processor in self._originals.items():
+            attn.set_processor(processor)
+        for hook in self._hooks:
+            hook.remove()
+        remove_step_tracker(self.transformer)
+        self._originals, self._hooks = {}, []
+
+
+def apply_sparse_attention(
+    transformer: nn.Module,
+    settings: AttentionSpec | Mapping[str, AttentionSpec],
+    *,
+    backend: str = "auto",
+    num_inference_steps: int | None = None,
+) -> SparseAttentionHandle:
+    """Install block-mean sparse attention on every self-attention layer of ``transformer``.
+
+    Args:
+        transformer: a supported diffusers transformer (see :func:`get_adapter`).
+        settings: one :class:`AttentionSpec` for all layers, or a mapping from self-attention
+            module name (e.g. ``"blocks.3.attn1"``) to spec; unnamed layers stay dense.
+        backend: kernel backend (``auto``, ``flex``, ``torch``, ``dense``).
+        num_inference_steps: wraps the call count into steps when the pipeline does not pass
+            ``step_index`` through ``cache_context``.
+
+    Returns:
+        A handle whose ``remove()`` restores the transformer.
+    """
+    adapter = get_adapter(transformer)
+    layers = adapter.attention_layers(transformer)
+    specs = resolve_layer_specs([name for name, _ in layers], settings)
+    permuter = TokenPermuter(shared_tile(specs))
+    backend = parse_backend(backend)
+    tracker = install_step_tracker(transformer, num_inference_steps)
+    originals, runtimes = {}, []
+    for name, attn in layers:
+        if specs[name].is_dense:
+            continue
+        runtime = LayerRuntime(name, specs[name], tracker, permuter, backend)
+        runtimes.append(runtime)
+        originals[attn] = attn.processor
+        attn.set_processor(adapter.make_processor(attn, runtime))
+        logger.debug("%s: sparse attention %s", name, runtime.spec)
+    hooks = adapter.install_permutation(
+        transformer, permuter, lambda: any(r.sparse_now() for r in runtimes)
+    )
+    return SparseAttentionHandle(transformer, originals, hooks)

@@ -1,0 +1,116 @@
+"""Block caching on toy blocks where computing and reusing differ: exact step masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.models.cache_utils import CacheMixin
+from ditplan.runtime.cache import CacheSchedule, install_block_cache, remove_block_cache
+from ditplan.runtime.context import install_step_tracker, remove_step_tracker
+from torch import nn
+
+
+class ToyBlock(nn.Module):
+    """h -> h * w + t: the residual depends on the step's t, so a reused residual is visible."""
+
+    def __init__(self, weight: float):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, hidden, t):
+        return hidden * self.weight + t
+
+
+class ToyModel(nn.Module, CacheMixin):
+    def __init__(self, n_blocks: int = 4):
+        super().__init__()
+        self.blocks = nn.ModuleList(ToyBlock(1.0 + 0.1 * i) for i in range(n_blocks))
+
+    def forward(self, hidden, t):
+        for block in self.blocks:
+            hidden = block(hidden, t)
+        return hidden
+
+
+def named_blocks(model):
+    return {f"blocks.{i}": b for i, b in enumerate(model.blocks)}
+
+
+def reference_output(model, hidden, t, steps_reused, cached_residual):
+    """What the model gives when blocks 1..2 reuse ``cached_residual``."""
+    b = model.blocks
+    h = b[0](hidden, t)
+    h = h + cached_residual if steps_reused else b[2](b[1](h, t), t)
+    return b[3](h, t)
+
+
+def run_steps(model, n_steps, contexts):
+    hidden = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
+    outputs = {c: [] for c in contexts}
+    for step in range(n_steps):
+        t = torch.full((1,), float(step + 1) ** 2)  # a different residual at every step
+        for context in contexts:
+            with model.cache_context(context, step_index=step):
+                outputs[context].append(model(hidden, t))
+    return hidden, outputs
+
+
+@pytest.mark.parametrize("batched_cfg", [False, True])
+def test_run_computes_exactly_on_its_mask_per_context(batched_cfg):
+    model = ToyModel()
+    compute = {
+        "cond": [True, True, False, False, True, False],
+        "uncond": [True, False, True, False, False, False],
+    }
+    contexts = ["default"] if batched_cfg else ["cond", "uncond"]
+    tracker = install_step_tracker(model)
+    schedule = CacheSchedule(("blocks.1", "blocks.2"), compute)
+    (run,) = install_block_cache(named_blocks(model), [schedule], tracker)
+    hidden, outputs = run_steps(model, 6, contexts)
+    remove_block_cache(named_blocks(model))
+    remove_step_tracker(model)
+
+    for context in contexts:
+        mask = compute.get(context, compute["cond"])  # one batched call follows the cond mask
+        expected_steps = [(context, s) for s in range(6) if mask[s]]
+        assert [c for c in run.computed_steps if c[0] == context] == expected_steps
+        residual = None
+        for step, out in enumerate(outputs[context]):
+            t = torch.full((1,), float(step + 1) ** 2)
+            if mask[step]:
+                h_in = model.blocks[0](hidden, t)
+                residual = model.blocks[2](model.blocks[1](h_in, t), t) - h_in
+            expected = reference_output(model, hidden, t, not mask[step], residual)
+            torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+        reused = [s for s in range(6) if not mask[s]]
+        computed_fresh = reference_output(model, hidden, torch.full((1,), 36.0), False, None)
+        assert not torch.allclose(outputs[context][reused[-1]], computed_fresh)
+
+
+def test_new_generation_recomputes_and_remove_restores():
+    model = ToyModel()
+    tracker = install_step_tracker(model)
+    schedule = CacheSchedule(
+        ("blocks.0", "blocks.1", "blocks.2", "blocks.3"), {"cond": [True, False]}
+    )
+    (run,) = install_block_cache(named_blocks(model), [schedule], tracker)
+    run_steps(model, 2, ["cond"])
+    run_steps(model, 2, ["cond"])  # step 0 again: the stale residual must not be used
+    assert run.computed_steps == [("cond", 0), ("cond", 0)]
+    remove_block_cache(named_blocks(model))
+    remove_step_tracker(model)
+    hidden, t = torch.randn(2, 3, 4), torch.ones(1)
+    torch.testing.assert_close(
+        model(hidden, t), reference_output(model, hidden, t, False, None), rtol=0, atol=0
+    )
+
+
+def test_runs_must_be_consecutive_existing_blocks():
+    model = ToyModel()
+    tracker = install_step_tracker(model)
+    with pytest.raises(ValueError, match="consecutive"):
+        install_block_cache(
+            named_blocks(model), [CacheSchedule(("blocks.0", "blocks.2"), {})], tracker
+        )
+    with pytest.raises(ValueError, match="does not have"):
+        install_block_cache(named_blocks(model), [CacheSchedule(("blocks.7",), {})], tracker)

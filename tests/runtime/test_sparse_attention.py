@@ -1,0 +1,150 @@
+"""apply_sparse_attention on a tiny Wan: dense equality, sparse path, permutation, removal."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+from ditplan.policy.plan import AttentionSpec
+from ditplan.runtime.adapters.wan import wan_self_attention_qkv
+from ditplan.runtime.kernels.block_map import forced_blocks, select_blocks_reference
+from ditplan.runtime.kernels.reference import masked_attention_reference
+from ditplan.runtime.sparse import apply_sparse_attention
+
+from tests.factories import tiny_wan, tiny_wan_inputs
+
+# 3 frames x 8 x 12 tokens = 288 tokens: 5 blocks of 64 (the last one partial).
+GRID_INPUTS = dict(frames=3, height=16, width=24)
+BLOCK = 64
+
+
+def _run(model, inputs, steps=1):
+    with torch.no_grad():
+        return [model(**inputs).sample for _ in range(steps)]
+
+
+def test_dense_steps_are_bitwise_equal_to_diffusers():
+    model, inputs = tiny_wan(), tiny_wan_inputs(**GRID_INPUTS)
+    (expected,) = _run(model, inputs)
+    spec = AttentionSpec(density=0.3, block_size=BLOCK, tile=(1, 4, 4), dense_steps=(0,))
+    handle = apply_sparse_attention(model, spec)
+    dense_step, sparse_step = _run(model, inputs, steps=2)
+    handle.remove()
+    assert torch.equal(dense_step, expected)  # step 0 is a dense warm-up step: no permutation
+    assert not torch.allclose(sparse_step, expected, atol=1e-4)  # step 1 really ran sparse
+
+
+def test_remove_restores_model_bitwise():
+    model, inputs = tiny_wan(), tiny_wan_inputs(**GRID_INPUTS)
+    processors = [b.attn1.processor for b in model.blocks]
+    (expected,) = _run(model, inputs)
+    handle = apply_sparse_attention(model, AttentionSpec(density=0.3, block_size=BLOCK))
+    _run(model, inputs)
+    handle.remove()
+    assert [b.attn1.processor for b in model.blocks] == processors
+    assert not model.rope._forward_hooks and not model.blocks[0]._forward_pre_hooks
+    assert torch.equal(_run(model, inputs)[0], expected)
+
+
+@pytest.mark.parametrize("tile", [(1, 1, 1), (1, 4, 4), (2, 4, 8), (1, 3, 5)])
+@pytest.mark.parametrize("backend", ["torch", "dense"])
+def test_all_blocks_kept_matches_dense_model_through_permutation(tile, backend):
+    """mass_threshold=1.0 keeps every block, so only the permutation and kernels are exercised."""
+    model, inputs = tiny_wan(), tiny_wan_inputs(**GRID_INPUTS)
+    (expected,) = _run(model, inputs)
+    spec = AttentionSpec(density=None, mass_threshold=1.0, block_size=BLOCK, tile=tile)
+    handle = apply_sparse_attention(model, spec, backend=backend)
+    (actual,) = _run(model, inputs)
+    handle.remove()
+    # fp32 on unit-scale activations: summation-order differences stay near 1e-6.
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_processor_matches_masked_reference():
+    model, inputs = tiny_wan(), tiny_wan_inputs(**GRID_INPUTS)
+    attn = model.blocks[0].attn1
+    captured = {}
+    attn.register_forward_hook(lambda m, args, out: captured.update(args=args, out=out))
+    spec = AttentionSpec(density=0.4, block_size=BLOCK, tile=(1, 1, 1), sink=False)
+    handle = apply_sparse_attention(model, {"blocks.0.attn1": spec}, backend="torch")
+    _run(model, inputs)
+    handle.remove()
+    hidden_states, _, _, rotary_emb = captured["args"]
+    with torch.no_grad():
+        q, k, v = wan_self_attention_qkv(attn, hidden_states, rotary_emb)
+        diagonal_only = forced_blocks(q.shape[2], BLOCK)  # sink off: only the diagonal is forced
+        block_map = select_blocks_reference(
+            q, k, block_size=BLOCK, density=0.4, forced=diagonal_only
+        )
+        ref = masked_attention_reference(
+            q.double(), k.double(), v.double(), block_map, block_size=BLOCK
+        )
+        ref = attn.to_out[0](ref.float().transpose(1, 2).flatten(2, 3))
+    torch.testing.assert_close(captured["out"], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_context_step_index_drives_dense_steps():
+    model, inputs = tiny_wan(), tiny_wan_inputs(**GRID_INPUTS)
+    (expected,) = _run(model, inputs)
+    spec = AttentionSpec(density=0.3, block_size=BLOCK, tile=(1, 4, 4), dense_steps=(4,))
+    handle = apply_sparse_attention(model, spec)
+    with torch.no_grad(), model.cache_context("uncond", step_index=4):
+        at_dense_step = model(**inputs).sample
+    with torch.no_grad(), model.cache_context("uncond", step_index=5):
+        at_sparse_step = model(**inputs).sample
+    handle.remove()
+    assert torch.equal(at_dense_step, expected)
+    assert not torch.allclose(at_sparse_step, expected, atol=1e-4)
+
+
+def test_counted_steps_wrap_at_num_inference_steps():
+    model, inputs = tiny_wan(), tiny_wan_inputs(**GRID_INPUTS)
+    (expected,) = _run(model, inputs)
+    spec = AttentionSpec(density=0.3, block_size=BLOCK, dense_steps=(0,))
+    handle = apply_sparse_attention(model, spec, num_inference_steps=2)
+    outputs = _run(model, inputs, steps=3)  # steps 0, 1, then 0 again (a new generation)
+    handle.remove()
+    assert torch.equal(outputs[0], expected) and torch.equal(outputs[2], expected)
+    assert not torch.allclose(outputs[1], expected, atol=1e-4)
+
+
+def test_cross_attention_is_untouched():
+    model = tiny_wan()
+    handle = apply_sparse_attention(model, AttentionSpec(density=0.5, block_size=BLOCK))
+    assert all(isinstance(b.attn2.processor, WanAttnProcessor) for b in model.blocks)
+    assert not any(isinstance(b.attn1.processor, WanAttnProcessor) for b in model.blocks)
+    handle.remove()
+
+
+def test_errors_name_the_fix():
+    model = tiny_wan()
+    with pytest.raises(ValueError, match="blocks.0.attn1"):
+        apply_sparse_attention(model, {"blocks.9.attn1": AttentionSpec(density=0.5)})
+    with pytest.raises(ValueError, match="same tile"):
+        apply_sparse_attention(
+            model,
+            {
+                "blocks.0.attn1": AttentionSpec(density=0.5, tile=(1, 8, 8)),
+                "blocks.1.attn1": AttentionSpec(density=0.5, tile=(1, 4, 4)),
+            },
+        )
+    with pytest.raises(ValueError, match="backend"):
+        apply_sparse_attention(model, AttentionSpec(density=0.5), backend="cuda-magic")
+    with pytest.raises(ValueError, match="no adapter"):
+        apply_sparse_attention(torch.nn.Linear(2, 2), AttentionSpec(density=0.5))
+    handle = apply_sparse_attention(model, AttentionSpec(density=0.5))
+    with pytest.raises(ValueError, match="remove"):
+        apply_sparse_attention(model, AttentionSpec(density=0.5))
+    handle.remove()
+
+
+def test_sequence_that_does_not_match_the_latent_grid_is_refused():
+    model, inputs = tiny_wan(), tiny_wan_inputs(**GRID_INPUTS)
+    handle = apply_sparse_attention(
+        model, AttentionSpec(density=0.5, block_size=BLOCK, tile=(1, 1, 1))
+    )
+    _run(model, inputs)  # establishes the 288-token layout
+    attn = model.blocks[0].attn1
+    with pytest.raises(ValueError, match="288"), torch.no_grad():
+        attn(torch.randn(1, 100, attn.inner_dim), None, None, None)
+    handle.remove()
