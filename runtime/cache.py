@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+from ditplan.policy.plan import CacheGroup
 from ditplan.runtime.context import StepTracker
 from torch import nn
 
@@ -15,24 +16,7 @@ if TYPE_CHECKING:
     from ditplan.runtime.permutation import TokenPermuter
 
 CACHE_HOOK = "ditplan_block_cache"
-
-
-@dataclass(frozen=True)
-class CacheSchedule:
-    """A maximal run of consecutive background blocks and when it computes.
-
-    ``compute[context][step]`` is True where the run is computed (its residual refreshed) and
-    False where the stored residual of the whole run is added instead. Contexts missing from
-    ``compute`` use ``fallback_context``'s mask.
-    """
-
-    blocks: tuple[str, ...]
-    compute: Mapping[str, Sequence[bool]]
-    fallback_context: str = "cond"
-
-    def computes(self, context: str, step: int) -> bool:
-        mask = self.compute.get(context, self.compute.get(self.fallback_context))
-        return mask is None or step >= len(mask) or bool(mask[step])
+FALLBACK_CONTEXT = "cond"
 
 
 @dataclass
@@ -44,10 +28,8 @@ class _Residual:
 class RunCacheState:
     """Residuals of one run, per CFG context, plus the per-call decision shared by its blocks."""
 
-    def __init__(
-        self, schedule: CacheSchedule, tracker: StepTracker, permuter: TokenPermuter | None
-    ):
-        self.schedule = schedule
+    def __init__(self, group: CacheGroup, tracker: StepTracker, permuter: TokenPermuter | None):
+        self.group = group
         self.tracker = tracker
         self.permuter = permuter
         self.residuals: dict[str, _Residual] = {}
@@ -64,11 +46,14 @@ class RunCacheState:
         state = self.tracker.state
         if state.step == 0:
             self.residuals.pop(state.context, None)  # a new generation starts
-        self.skipping = state.context in self.residuals and not self.schedule.computes(
-            state.context, state.step
-        )
+        self.skipping = state.context in self.residuals and not self._computes(state)
         if not self.skipping:
             self.computed_steps.append((state.context, state.step))
+
+    def _computes(self, state) -> bool:
+        # A call outside "cond"/"uncond" (batched CFG, no cache_context) follows the cond mask.
+        mask = self.group.compute.get(state.context, self.group.compute.get(FALLBACK_CONTEXT))
+        return mask is None or state.step >= len(mask) or bool(mask[state.step])
 
     def stored(self) -> torch.Tensor:
         entry = self.residuals[self.tracker.state.context]
@@ -125,25 +110,25 @@ def _position(index: int, length: int) -> str:
 
 def install_block_cache(
     blocks: Mapping[str, nn.Module],
-    schedules: Sequence[CacheSchedule],
+    groups: Sequence[CacheGroup],
     tracker: StepTracker,
     permuter: TokenPermuter | None = None,
     *,
     hidden_arg: int = 0,
     hidden_out: Callable = lambda output: output,
 ) -> list[RunCacheState]:
-    """Install cache hooks for each run; ``blocks`` maps block name to module in execution order.
+    """Install cache hooks for each group; ``blocks`` maps block name to module in execution order.
 
     Returns:
         The run states (their ``computed_steps`` record which (context, step) computed).
     """
     order = list(blocks)
     runs = []
-    for schedule in schedules:
-        _check_consecutive(schedule.blocks, order)
-        run = RunCacheState(schedule, tracker, permuter)
-        for i, name in enumerate(schedule.blocks):
-            hook = BlockCacheHook(run, _position(i, len(schedule.blocks)), hidden_arg, hidden_out)
+    for group in groups:
+        _check_consecutive(group.blocks, order)
+        run = RunCacheState(group, tracker, permuter)
+        for i, name in enumerate(group.blocks):
+            hook = BlockCacheHook(run, _position(i, len(group.blocks)), hidden_arg, hidden_out)
             HookRegistry.check_if_exists_or_initialize(blocks[name]).register_hook(hook, CACHE_HOOK)
         runs.append(run)
     return runs

@@ -65,6 +65,11 @@ class StepTracker(ModelHook):
             step_index = calls % self.num_inference_steps if self.num_inference_steps else calls
         return StepState(step=int(step_index), context=name)
 
+    @property
+    def total_calls(self) -> int:
+        """Transformer calls seen since the last reset, over all contexts."""
+        return sum(self._calls.values())
+
     def reset_state(self, module: nn.Module) -> nn.Module:
         self._calls.clear()
         self.state = StepState()

@@ -30,9 +30,25 @@ class LayerRuntime:
     tracker: StepTracker
     permuter: TokenPermuter
     backend: str = "auto"
+    kept_sum: torch.Tensor | float = 0.0  # sum over sparse calls of the kept block share
+    sparse_calls: int = 0
+    dense_calls: int = 0
 
     def sparse_now(self) -> bool:
         return not self.spec.dense_at(self.tracker.state.step)
+
+    def record(self, block_map: torch.Tensor | None) -> None:
+        """Count one call: a dense one (``None``) or a sparse one with its block map."""
+        if block_map is None:
+            self.dense_calls += 1
+            return
+        self.kept_sum = self.kept_sum + block_map.float().mean().detach()
+        self.sparse_calls += 1
+
+    def achieved_density(self) -> float | None:
+        """Share of block pairs computed over all recorded calls (dense calls count as 1)."""
+        calls = self.sparse_calls + self.dense_calls
+        return None if calls == 0 else (float(self.kept_sum) + self.dense_calls) / calls
 
 
 def sparse_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: LayerRuntime):
@@ -95,18 +111,51 @@ def shared_tile(specs: Mapping[str, AttentionSpec]) -> tuple[int, int, int]:
     return tiles.pop() if tiles else (1, 1, 1)
 
 
+def install_sparse_layers(
+    transformer: nn.Module,
+    adapter,
+    specs: Mapping[str, AttentionSpec],
+    tracker: StepTracker,
+    permuter: TokenPermuter,
+    backend: str,
+) -> tuple[dict[nn.Module, object], list[LayerRuntime], list]:
+    """Swap in sparse processors for every non-dense layer and install the permutation hooks.
+
+    Returns:
+        (original processors by module, the layers' runtimes, removable hook handles).
+    """
+    originals, runtimes = {}, []
+    for name, attn in adapter.attention_layers(transformer):
+        if specs[name].is_dense:
+            continue
+        runtime = LayerRuntime(name, specs[name], tracker, permuter, backend)
+        runtimes.append(runtime)
+        originals[attn] = attn.processor
+        attn.set_processor(adapter.make_processor(attn, runtime))
+        logger.debug("%s: sparse attention %s", name, runtime.spec)
+    hooks = adapter.install_permutation(
+        transformer, permuter, lambda: any(r.sparse_now() for r in runtimes)
+    )
+    return originals, runtimes, hooks
+
+
+def restore_processors(originals: Mapping[nn.Module, object]) -> None:
+    for attn, processor in originals.items():
+        attn.set_processor(processor)
+
+
 class SparseAttentionHandle:
     """Undo handle returned by :func:`apply_sparse_attention`."""
 
-    def __init__(self, transformer: nn.Module, originals: dict[nn.Module, object], hooks: list):
+    def __init__(self, transformer: nn.Module, originals: dict, runtimes: list, hooks: list):
         self.transformer = transformer
+        self.layers = runtimes
         self._originals = originals
         self._hooks = hooks
 
     def remove(self) -> None:
         """Restore the original processors and forward exactly."""
-        for attn, processor in self._originals.items():
-            attn.set_processor(processor)
+        restore_processors(self._originals)
         for hook in self._hooks:
             hook.remove()
         remove_step_tracker(self.transformer)
@@ -134,21 +183,10 @@ def apply_sparse_attention(
         A handle whose ``remove()`` restores the transformer.
     """
     adapter = get_adapter(transformer)
-    layers = adapter.attention_layers(transformer)
-    specs = resolve_layer_specs([name for name, _ in layers], settings)
+    names = [name for name, _ in adapter.attention_layers(transformer)]
+    specs = resolve_layer_specs(names, settings)
     permuter = TokenPermuter(shared_tile(specs))
     backend = parse_backend(backend)
     tracker = install_step_tracker(transformer, num_inference_steps)
-    originals, runtimes = {}, []
-    for name, attn in layers:
-        if specs[name].is_dense:
-            continue
-        runtime = LayerRuntime(name, specs[name], tracker, permuter, backend)
-        runtimes.append(runtime)
-        originals[attn] = attn.processor
-        attn.set_processor(adapter.make_processor(attn, runtime))
-        logger.debug("%s: sparse attention %s", name, runtime.spec)
-    hooks = adapter.install_permutation(
-        transformer, permuter, lambda: any(r.sparse_now() for r in runtimes)
-    )
-    return SparseAttentionHandle(transformer, originals, hooks)
+    installed = install_sparse_layers(transformer, adapter, specs, tracker, permuter, backend)
+    return SparseAttentionHandle(transformer, *installed)

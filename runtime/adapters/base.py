@@ -59,6 +59,9 @@ class ModelAdapter(Protocol):
     ) -> TokenLayout:
         """The self-attention token layout for a transformer input of this shape."""
 
+    def model_config(self, transformer: nn.Module, text_len: int) -> dict:
+        """Facts for the cost model: profiler.schema.ModelConfig's fields."""
+
     def make_processor(self, attn: nn.Module, layer: LayerRuntime) -> object:
         """A diffusers-compatible attention processor running ``layer``'s settings."""
 

@@ -54,11 +54,12 @@ class WanSparseAttnProcessor:
     def __call__(
         self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None
     ):
-        if (
-            encoder_hidden_states is not None
-            or attention_mask is not None
-            or not self.layer.sparse_now()
-        ):
+        if encoder_hidden_states is not None or attention_mask is not None:
+            return self.original(
+                attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb
+            )
+        if not self.layer.sparse_now():
+            self.layer.record(None)
             return self.original(
                 attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb
             )
@@ -88,6 +89,23 @@ class WanAdapter:
         _, _, frames, height, width = hidden_states_shape
         p_t, p_h, p_w = transformer.config.patch_size
         return TokenLayout(frames // p_t, height // p_h, width // p_w)
+
+    def model_config(self, transformer, text_len: int) -> dict:
+        """The transformer facts a cost model needs (profiler.schema.ModelConfig's fields)."""
+        config = transformer.config
+        blocks = [name for name, _ in self.blocks(transformer)]
+        return dict(
+            num_layers=config.num_layers,
+            num_heads=config.num_attention_heads,
+            head_dim=config.attention_head_dim,
+            ffn_dim=config.ffn_dim,
+            patch_size=tuple(config.patch_size),
+            text_len=text_len,
+            cross_attention=True,
+            joint_attention=False,
+            blocks=tuple(blocks),
+            self_attention={name: f"{name}.attn1" for name in blocks},
+        )
 
     def make_processor(self, attn, layer: LayerRuntime):
         return WanSparseAttnProcessor(attn.processor, layer)

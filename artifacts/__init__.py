@@ -1,0 +1,1 @@
+"""Shipped artifacts: the reference model, saved traces, golden plans (package data)."""

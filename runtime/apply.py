@@ -1,0 +1,132 @@
+"""apply_plan: check a plan against a live pipeline, install sparse attention and block caching."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from ditplan.policy.plan import Plan, PlanError
+from ditplan.runtime.adapters.base import get_adapter
+from ditplan.runtime.cache import RunCacheState, install_block_cache, remove_block_cache
+from ditplan.runtime.context import StepTracker, install_step_tracker, remove_step_tracker
+from ditplan.runtime.fingerprint import config_hash, weights_hash
+from ditplan.runtime.kernels.registry import parse_backend
+from ditplan.runtime.permutation import TokenPermuter
+from ditplan.runtime.sparse import (
+    LayerRuntime,
+    install_sparse_layers,
+    resolve_layer_specs,
+    restore_processors,
+    shared_tile,
+)
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PlanHandle:
+    """What :func:`apply_plan` installed; ``remove()`` restores the transformer exactly."""
+
+    transformer: nn.Module
+    tracker: StepTracker
+    layers: list[LayerRuntime]
+    runs: list[RunCacheState]
+    num_blocks: int
+    _originals: dict = field(repr=False)
+    _hooks: list = field(repr=False)
+    _blocks: dict = field(repr=False)
+
+    def reset(self) -> None:
+        """Forget cached residuals, step counts and statistics (a new generation)."""
+        self.tracker.reset_state(self.transformer)
+        for run in self.runs:
+            run.reset()
+        for layer in self.layers:
+            layer.kept_sum, layer.sparse_calls, layer.dense_calls = 0.0, 0, 0
+
+    def remove(self) -> None:
+        restore_processors(self._originals)
+        for hook in self._hooks:
+            hook.remove()
+        remove_block_cache(self._blocks)
+        remove_step_tracker(self.transformer)
+        self._originals, self._hooks, self._blocks = {}, [], {}
+
+    def stats(self) -> dict:
+        """Achieved attention density and share of block evaluations skipped, since reset."""
+        calls = self.tracker.total_calls
+        densities = [
+            d for d in (layer.achieved_density() for layer in self.layers) if d is not None
+        ]
+        skipped = sum(
+            len(run.group.blocks) * (calls - len(run.computed_steps)) for run in self.runs
+        )
+        return {
+            "attention_density": sum(densities) / len(densities) if densities else 1.0,
+            "blocks_skipped_share": skipped / (self.num_blocks * calls) if calls else 0.0,
+        }
+
+
+def _transformer_of(pipe_or_transformer) -> nn.Module:
+    return getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
+
+
+def check_plan_fits(plan: Plan, transformer: nn.Module, adapter, *, check_weights: bool) -> None:
+    """Refuse a plan compiled for another model, with a message that says what to do."""
+    identity = plan.identity
+    cls = type(transformer).__name__
+    redo = "profile this model (ditplan profile) and compile a plan for it (ditplan compile-policy)"
+    if identity.transformer_class != cls:
+        raise PlanError(
+            f"the plan is for a {identity.transformer_class}, this model is a {cls}; {redo}"
+        )
+    if identity.config_hash != config_hash(transformer):
+        raise PlanError(f"the plan was compiled for another {cls} configuration; {redo}")
+    if (
+        check_weights
+        and identity.weights_hash
+        and identity.weights_hash != weights_hash(transformer)
+    ):
+        raise PlanError(f"the plan was compiled for other weights of this {cls}; {redo}")
+    blocks = [name for name, _ in adapter.blocks(transformer)]
+    if list(plan.block_order) != blocks:
+        raise PlanError(f"the plan's blocks {plan.block_order[:3]}... are not this model's; {redo}")
+    attention = {name for name, _ in adapter.attention_layers(transformer)}
+    unknown = sorted({lp.attention_module for lp in plan.layers.values()} - attention)
+    if unknown:
+        raise PlanError(f"the plan names attention modules this model lacks: {unknown}; {redo}")
+
+
+def apply_plan(
+    pipe, plan: Plan, *, backend: str = "auto", check_weights: bool = True
+) -> PlanHandle:
+    """Execute ``plan`` on ``pipe`` (a diffusers pipeline, or its transformer).
+
+    Checks identity and module names, then installs per-layer sparse attention and the cache
+    hooks of every background run; all per-step decisions are read from the plan.
+
+    Args:
+        pipe: a pipeline with a ``.transformer``, or the transformer itself.
+        plan: a loaded :class:`Plan` (see ``ditplan.policy.plan.load_plan``).
+        backend: attention kernel backend (``auto``, ``flex``, ``torch``, ``dense``).
+        check_weights: also compare the weights hash when the plan records one.
+
+    Returns:
+        A :class:`PlanHandle`; ``handle.remove()`` restores the transformer exactly.
+    """
+    transformer = _transformer_of(pipe)
+    adapter = get_adapter(transformer)
+    check_plan_fits(plan, transformer, adapter, check_weights=check_weights)
+    backend = parse_backend(backend)
+    names = [name for name, _ in adapter.attention_layers(transformer)]
+    specs = resolve_layer_specs(names, {n: plan.attention_spec(n) for n in names})
+    permuter = TokenPermuter(shared_tile(specs))
+    tracker = install_step_tracker(transformer, plan.workload.steps)
+    originals, layers, hooks = install_sparse_layers(
+        transformer, adapter, specs, tracker, permuter, backend
+    )
+    blocks = dict(adapter.blocks(transformer))
+    runs = install_block_cache(blocks, plan.cache_groups, tracker, permuter)
+    logger.info("plan applied: %d sparse attention layers, %d cached runs", len(layers), len(runs))
+    return PlanHandle(transformer, tracker, layers, runs, len(blocks), originals, hooks, blocks)

@@ -1,0 +1,101 @@
+"""The ``ditplan`` command: ``profile``, ``compile-policy``, ``plan show`` and ``run``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _add_run(subparsers) -> None:
+    p = subparsers.add_parser("run", help="generate a video or image with a plan applied")
+    p.add_argument(
+        "--model",
+        default="reference",
+        help="'reference' (built-in), a local diffusers folder, or a hub id",
+    )
+    p.add_argument("--plan", type=Path, help="plan JSON from compile-policy (none: dense)")
+    p.add_argument("--prompt", help="text prompt (reference model: its caption vocabulary)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=_positive_int)
+    p.add_argument("--height", type=_positive_int)
+    p.add_argument("--width", type=_positive_int)
+    p.add_argument("--frames", type=_positive_int)
+    p.add_argument("--guidance-scale", type=_positive_float)
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--backend", default="auto", choices=["auto", "flex", "torch", "dense"])
+    p.add_argument("--out", type=Path, default=Path("out"), help="output folder")
+    p.add_argument(
+        "--compare-dense",
+        action="store_true",
+        help="also run dense with the same seed; report speedup, PSNR, SSIM",
+    )
+    p.set_defaults(handler=_run)
+
+
+def _run(args) -> int:
+    import torch
+
+    from ditplan.runtime.run import RunConfig, run_generation
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    fields = {k: getattr(args, k) for k in RunConfig.__dataclass_fields__}
+    metrics = run_generation(RunConfig(**fields))
+    run = metrics["run"]
+    line = f"wrote {args.out}/video.mp4: {run['wall_s']:.1f} s, {run['step_s_median']:.2f} s/step"
+    if "speedup_vs_dense" in metrics:
+        quality = metrics["vs_dense"]
+        line += (
+            f"; {metrics['speedup_vs_dense']:.2f}x vs dense, PSNR "
+            f"{quality['psnr_db']:.1f} dB, SSIM {quality['ssim']:.3f}"
+        )
+    print(line)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ditplan.policy import commands as policy_commands
+    from ditplan.profiler import commands as profiler_commands
+
+    parser = argparse.ArgumentParser(
+        prog="ditplan", description="Profile a diffusion transformer, compile a plan, run it fast."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log decisions")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    profiler_commands.register(subparsers)
+    policy_commands.register(subparsers)
+    _add_run(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError) as error:  # PlanError/TraceError are ValueErrors
+        print(f"ditplan {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

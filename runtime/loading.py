@@ -1,0 +1,53 @@
+"""Resolve ``--model`` (``reference``, a local diffusers folder, or a hub id) to a pipeline."""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+REFERENCE = "reference"
+REFERENCE_MODEL_NAME = "ditplan-ref-t2v"
+
+
+def reference_model_dir() -> Path:
+    """The shipped reference model's diffusers folder (package data under ditplan.artifacts)."""
+    return Path(str(resources.files("ditplan.artifacts"))) / "models" / REFERENCE_MODEL_NAME
+
+
+def load_pipeline(model: str = REFERENCE, *, device: str = "cpu", dtype: torch.dtype | None = None):
+    """Load a diffusers pipeline for ``model`` and move it to ``device``.
+
+    Args:
+        model: ``"reference"`` (the built-in model), a local diffusers folder, or a hub id.
+        device: torch device string.
+        dtype: weights dtype; defaults to float32 on CPU and bfloat16 elsewhere.
+
+    Returns:
+        The pipeline, with a progress bar enabled.
+    """
+    dtype = dtype or (torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16)
+    if model == REFERENCE:
+        from ditplan.runtime.reference.pipeline import ReferenceVideoPipeline
+
+        path = reference_model_dir()
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"the reference model is missing from {path}; reinstall ditplan or pass --model"
+            )
+        pipe = ReferenceVideoPipeline.from_pretrained(path, torch_dtype=dtype)
+    else:
+        from diffusers import DiffusionPipeline
+
+        if not Path(model).exists() and "/" not in model:
+            raise FileNotFoundError(
+                f"--model {model!r} is neither 'reference', an existing folder, nor a hub id "
+                "(owner/name)"
+            )
+        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+    logger.info("loaded %s (%s) on %s", model, type(pipe).__name__, device)
+    return pipe.to(device)

@@ -1,0 +1,149 @@
+"""``ditplan run``: generate with a plan (or dense), time it, optionally compare with dense."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from ditplan.policy.plan import Plan, PlanError, load_plan
+from ditplan.runtime.apply import apply_plan
+from ditplan.runtime.loading import REFERENCE, load_pipeline
+from ditplan.runtime.outputs import to_uint8, write_contact_sheet, write_json, write_video
+from ditplan.runtime.video_metrics import compare_videos
+
+logger = logging.getLogger(__name__)
+
+# Built-in reference model defaults: small enough for a 2-core CPU (see README).
+REFERENCE_DEFAULTS = dict(steps=16, height=32, width=32, frames=8, guidance_scale=4.0)
+REFERENCE_PROMPT = "a red circle moves right"
+
+
+@dataclass
+class RunConfig:
+    """Arguments of one ``ditplan run``; None means: the plan's workload, else the defaults."""
+
+    out: Path
+    model: str = REFERENCE
+    plan: Path | None = None
+    prompt: str | None = None
+    seed: int = 0
+    steps: int | None = None
+    height: int | None = None
+    width: int | None = None
+    frames: int | None = None
+    guidance_scale: float | None = None
+    device: str = "cpu"
+    backend: str = "auto"
+    compare_dense: bool = False
+
+
+def resolve_workload(config: RunConfig, plan: Plan | None) -> dict:
+    """Generation settings: explicit flags, else the plan's workload, else the model defaults.
+
+    A flag that contradicts the plan's workload is refused: plans are per workload.
+    """
+    given = dict(
+        steps=config.steps,
+        height=config.height,
+        width=config.width,
+        frames=config.frames,
+        guidance_scale=config.guidance_scale,
+    )
+    if plan is None:
+        defaults = REFERENCE_DEFAULTS if config.model == REFERENCE else {}
+        missing = [k for k, v in given.items() if v is None and k not in defaults]
+        if missing:
+            raise ValueError(
+                f"--{missing[0].replace('_', '-')} is required for --model {config.model}"
+            )
+        return {k: defaults[k] if v is None else v for k, v in given.items()}
+    planned = {k: getattr(plan.workload, k) for k in given}
+    clash = {k: (v, planned[k]) for k, v in given.items() if v is not None and v != planned[k]}
+    if clash:
+        said = ", ".join(f"--{k.replace('_', '-')} {a} (plan: {b})" for k, (a, b) in clash.items())
+        raise PlanError(
+            f"the plan was compiled for another workload: {said}. Drop those flags to use the "
+            "plan's workload, or profile and compile a plan for this one"
+        )
+    return planned
+
+
+def _synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def generate(pipe, config: RunConfig, workload: dict) -> tuple[np.ndarray, dict]:
+    """One generation; returns uint8 frames [F, H, W, 3] and its timings."""
+    step_times: list[float] = []
+
+    def on_step_end(pipeline, step, timestep, tensors):
+        _synchronize(config.device)
+        step_times.append(time.perf_counter())
+        return {}
+
+    generator = torch.Generator(device="cpu").manual_seed(config.seed)
+    _synchronize(config.device)
+    start = time.perf_counter()
+    output = pipe(
+        prompt=config.prompt or REFERENCE_PROMPT,
+        num_inference_steps=workload["steps"],
+        guidance_scale=workload["guidance_scale"],
+        num_frames=workload["frames"],
+        height=workload["height"],
+        width=workload["width"],
+        generator=generator,
+        output_type="np",
+        callback_on_step_end=on_step_end,
+    )
+    _synchronize(config.device)
+    wall = time.perf_counter() - start
+    per_step = np.diff([start, *step_times]) if step_times else np.array([wall])
+    frames = to_uint8(np.asarray(output.frames[0]))
+    return frames, {"wall_s": wall, "step_s_median": float(np.median(per_step))}
+
+
+def _peak_memory(device: str) -> dict:
+    if torch.device(device).type == "cuda":
+        return {"peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+    return {"peak_host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def _reset_peak(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def run_generation(config: RunConfig) -> dict:
+    """Generate one video with ``config.plan`` applied; write video, contact sheet, metrics."""
+    plan = load_plan(config.plan) if config.plan else None
+    workload = resolve_workload(config, plan)
+    pipe = load_pipeline(config.model, device=config.device)
+    metrics: dict = {"config": {k: str(v) for k, v in asdict(config).items()}, "workload": workload}
+    dense = None
+    if config.compare_dense:
+        _reset_peak(config.device)
+        dense, metrics["dense"] = generate(pipe, config, workload)
+        metrics["dense"].update(_peak_memory(config.device))
+    handle = apply_plan(pipe, plan, backend=config.backend) if plan else None
+    _reset_peak(config.device)
+    frames, metrics["run"] = generate(pipe, config, workload)
+    metrics["run"].update(_peak_memory(config.device))
+    if handle:
+        metrics["run"].update(handle.stats())
+        handle.remove()
+    if dense is not None:
+        metrics["speedup_vs_dense"] = metrics["dense"]["wall_s"] / metrics["run"]["wall_s"]
+        metrics["vs_dense"] = compare_videos(
+            torch.from_numpy(frames) / 255.0, torch.from_numpy(dense) / 255.0
+        )
+        write_contact_sheet(config.out / "dense_frames.png", dense)
+    write_video(config.out / "video.mp4", frames)
+    write_contact_sheet(config.out / "frames.png", frames)
+    write_json(config.out / "metrics.json", metrics)
+    return metrics
