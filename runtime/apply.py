@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from torch import nn
+
 from ditplan.policy.plan import Plan, PlanError
 from ditplan.runtime.adapters.base import get_adapter
 from ditplan.runtime.cache import RunCacheState, install_block_cache, remove_block_cache
@@ -19,7 +21,6 @@ from ditplan.runtime.sparse import (
     restore_processors,
     shared_tile,
 )
-from torch import nn
 
 logger = logging.getLogger(__name__)
 

@@ -8,9 +8,10 @@ from typing import TYPE_CHECKING
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+from torch import nn
+
 from ditplan.policy.plan import CacheGroup
 from ditplan.runtime.context import StepTracker
-from torch import nn
 
 if TYPE_CHECKING:
     from ditplan.runtime.permutation import TokenPermuter

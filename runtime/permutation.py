@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from ditplan.runtime.adapters.base import TokenLayout
 from ditplan.runtime.kernels.block_map import ForcedBlocks, forced_blocks
 from ditplan.runtime.kernels.permute import invert_permutation, tile_permutation

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from ditplan.policy.plan import Plan, PlanError, load_plan
 from ditplan.runtime.apply import apply_plan
 from ditplan.runtime.loading import REFERENCE, load_pipeline

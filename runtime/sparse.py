@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
 from ditplan.policy.plan import AttentionSpec
 from ditplan.runtime.adapters.base import get_adapter
 from ditplan.runtime.context import StepTracker, install_step_tracker, remove_step_tracker
@@ -14,7 +16,6 @@ from ditplan.runtime.kernels import block_sparse_attention
 from ditplan.runtime.kernels.block_map import select_blocks
 from ditplan.runtime.kernels.registry import parse_backend
 from ditplan.runtime.permutation import TokenPermuter
-from torch import nn
 
 logger = logging.getLogger(__name__)
 

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from ditplan.runtime.permutation import TokenPermuter
     from ditplan.runtime.sparse import LayerRuntime
-    from torch import nn
 
 
 @dataclass(frozen=True)

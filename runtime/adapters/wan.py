@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 from diffusers import WanTransformer3DModel
+from torch import nn
+
 from ditplan.runtime.adapters.base import TokenLayout, register_adapter
 from ditplan.runtime.permutation import TokenPermuter
 from ditplan.runtime.sparse import LayerRuntime, sparse_self_attention
-from torch import nn
 
 
 def apply_wan_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers.models.cache_utils import CacheMixin
+from torch import nn
+
 from ditplan.policy.plan import CacheGroup
 from ditplan.runtime.cache import install_block_cache, remove_block_cache
 from ditplan.runtime.context import install_step_tracker, remove_step_tracker
-from torch import nn
 
 
 class ToyBlock(nn.Module):
