@@ -8,6 +8,14 @@ import torch
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--update-golden", action="store_true", default=False,
+        help="recompile artifacts/plans/<model>-<preset>.json from artifacts/traces/<model>/ "
+        "instead of comparing against them (commit the result deliberately)",
+    )
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

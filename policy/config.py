@@ -1,0 +1,89 @@
+"""CompilerConfig: the policy compiler's knobs, quality presets, and the speedup search grid."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from ditplan.policy.plan import ROLES
+
+
+class CompilerError(ValueError):
+    """The compiler cannot build a plan from these traces and settings (the message says why)."""
+
+
+# Preset knobs. recall_target: attention-mass share a sparse mask must keep (at the low quantile
+# recall_quantile over prompts/steps). warmup_min_fraction / settle_tolerance: dense warm-up
+# length. t_max / t_min: cache refresh interval at the start / end of the cached phase (Eq. 15).
+QUALITY_PRESETS = {
+    "high": dict(recall_target=0.95, recall_quantile=0.05, warmup_min_fraction=0.2,
+                 settle_tolerance=0.25, t_max=4, t_min=2),
+    "balanced": dict(recall_target=0.9, recall_quantile=0.1, warmup_min_fraction=0.12,
+                     settle_tolerance=0.5, t_max=8, t_min=2),
+    "fast": dict(recall_target=0.8, recall_quantile=0.1, warmup_min_fraction=0.08,
+                 settle_tolerance=1.0, t_max=12, t_min=3),
+}
+# Searched for --target-speedup, from most to least conservative.
+SEARCH_RECALL_TARGETS = (0.99, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6)
+SEARCH_INTERVALS = ((1, 1), (3, 2), (4, 2), (6, 2), (8, 2), (10, 3), (12, 3), (16, 4))
+
+
+@dataclass(frozen=True)
+class CompilerConfig:
+    """Everything that decides a plan besides the traces (recorded in the plan's provenance)."""
+
+    quality: str = "balanced"
+    recall_target: float = 0.9
+    recall_quantile: float = 0.1
+    min_prediction_ratio: float = 0.85  # predicted/oracle recall below this: the layer stays dense
+    head_spread: float = 0.15  # per-head densities when heads' densities spread more than this
+    warmup_min_fraction: float = 0.12
+    warmup_max_fraction: float = 0.5
+    settle_tolerance: float = 0.5  # change within (1 + tol) x the mid-run plateau counts settled
+    late_rise_factor: float = 1.5  # late steps changing more than this x plateau always compute
+    caching: bool = True
+    t_max: int = 8
+    t_min: int = 2
+    cfg_divergence: float = 0.2  # relative gap of the cond/uncond change curves for 2 schedules
+    target_speedup: float | None = None
+    roles: dict[str, str] = field(default_factory=dict)
+    all_roles: str | None = None
+    densities: dict[str, float] = field(default_factory=dict)
+    fixed_density: float | None = None
+
+    def __post_init__(self):
+        if self.quality not in QUALITY_PRESETS:
+            raise CompilerError(f"quality {self.quality!r}: use one of {sorted(QUALITY_PRESETS)}")
+        for name in ("recall_target", "recall_quantile", "min_prediction_ratio"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise CompilerError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if not 1 <= self.t_min <= self.t_max:
+            raise CompilerError(f"need 1 <= t_min <= t_max, got {self.t_min}, {self.t_max}")
+        if self.target_speedup is not None and not self.target_speedup > 0:
+            raise CompilerError(f"target speedup must be > 0, got {self.target_speedup}")
+        bad = {b: r for b, r in self.roles.items() if r not in ROLES}
+        if bad or self.all_roles not in (None, *ROLES):
+            raise CompilerError(f"roles must be one of {list(ROLES)}, got {bad or self.all_roles}")
+        dens = [*self.densities.values(), *([self.fixed_density] if self.fixed_density else [])]
+        if self.fixed_density == 0 or any(not 0.0 < d <= 1.0 for d in dens):
+            raise CompilerError(f"densities must be in (0, 1], got {dens}")
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> CompilerConfig:
+        """The preset ``name`` ("high" | "balanced" | "fast"), with keyword overrides."""
+        if name not in QUALITY_PRESETS:
+            raise CompilerError(f"unknown quality {name!r}; use one of {sorted(QUALITY_PRESETS)}")
+        return cls(quality=name, **{**QUALITY_PRESETS[name], **overrides})
+
+    def search_grid(self) -> list[CompilerConfig]:
+        """Candidate settings for --target-speedup: recall targets x cache intervals."""
+        intervals = SEARCH_INTERVALS if self.caching else ((1, 1),)
+        return [
+            dataclasses.replace(self, recall_target=r, t_max=t_max, t_min=t_min)
+            for r in SEARCH_RECALL_TARGETS
+            for t_max, t_min in intervals
+        ]
+
+    def to_settings(self) -> dict:
+        """JSON-ready settings for the plan's provenance."""
+        return dataclasses.asdict(self)

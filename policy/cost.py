@@ -1,0 +1,103 @@
+"""Cost model: predicted end-to-end speedup of a plan from per-block FLOPs at the workload.
+
+Per block and forward, with S video tokens, L text tokens, width W = heads * head_dim:
+self-attention 4 S^2 W FLOPs (QK^T and PV); projections 8 S W^2 (q, k, v, o); cross-attention
+4 S W^2 + 4 L W^2 + 4 S L W; feed-forward 4 S W F. With joint attention the text tokens join the
+self-attention sequence instead (S + L tokens, no cross-attention). Calibration, from the H100
+measurements in DESIGN.md (bf16, Wan2.1-1.3B-shaped model at 480p x 81 frames):
+- FlexAttention at block density d takes about (SPARSE_FIXED + SPARSE_SLOWDOWN * d) of dense SDPA
+  time (7.60 / 3.09 / 1.62 ms at d = 0.5 / 0.2 / 0.1 vs 11.07 ms dense, a linear fit);
+- block-mean selection costs SELECTION_OVERHEAD (1.8%) of dense attention;
+- self-attention is ~54% of the dense forward's time but ~70% of its FLOPs, so other work runs at
+  about half attention's FLOP rate: OTHER_TIME_PER_FLOP = 2.0 (attention-FLOP time units).
+Patch embedding, time embedding and the head are ignored (under 1% of the FLOPs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ditplan.policy.plan import AttentionSpec, CacheGroup
+from ditplan.profiler.schema import ModelConfig
+
+SPARSE_FIXED = 0.011
+SPARSE_SLOWDOWN = 1.35
+SELECTION_OVERHEAD = 0.018
+OTHER_TIME_PER_FLOP = 2.0
+
+
+def block_flops(model: ModelConfig, tokens: int) -> tuple[float, float]:
+    """FLOPs of one block forward at ``tokens`` video tokens.
+
+    Returns:
+        (self-attention score/value FLOPs, all other FLOPs).
+    """
+    width, text = model.num_heads * model.head_dim, model.text_len
+    seq = tokens + text if model.joint_attention else tokens
+    attention = 4.0 * seq**2 * width
+    other = 8.0 * seq * width**2 + 4.0 * seq * width * model.ffn_dim
+    if model.cross_attention and not model.joint_attention:
+        other += 4.0 * seq * width**2 + 4.0 * text * width**2 + 4.0 * seq * text * width
+    return attention, other
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Time per block forward in attention-FLOP units, and the realized density of a mask.
+
+    ``kept`` [D] is the profiled share of block pairs kept at grid densities ``grid`` [D]
+    (sink and diagonal blocks included), so the forced blocks are charged.
+    """
+
+    attention: float
+    other: float
+    grid: tuple[float, ...]
+    kept: tuple[float, ...]
+
+    @classmethod
+    def for_model(cls, model: ModelConfig, tokens: int, grid, kept) -> CostModel:
+        attention, other = block_flops(model, tokens)
+        return cls(attention, other * OTHER_TIME_PER_FLOP,
+                   tuple(float(g) for g in grid), tuple(float(k) for k in kept))
+
+    def realized_density(self, density: float) -> float:
+        """Kept share of block pairs at nominal ``density`` (interpolated; 1.0 at 1.0)."""
+        xs = np.concatenate([[0.0], self.grid, [1.0]])
+        ys = np.concatenate([[0.0], np.maximum.accumulate(self.kept), [1.0]])
+        return float(np.interp(density, xs, ys))
+
+    def sparse_factor(self, spec: AttentionSpec) -> float:
+        """Sparse / dense attention time on ``spec``'s sparse steps (1.0 for a dense spec)."""
+        if spec.is_dense or spec.density is None:  # mass thresholds: density unknown, charge dense
+            return 1.0
+        heads = spec.head_densities or (spec.density,)
+        realized = float(np.mean([self.realized_density(d) for d in heads]))
+        return min(1.0, SELECTION_OVERHEAD + SPARSE_FIXED + SPARSE_SLOWDOWN * realized)
+
+    def predict_speedup(self, specs: Mapping[str, AttentionSpec], groups: Sequence[CacheGroup],
+                        steps: int, contexts: Sequence[str]) -> float:
+        """Dense time / plan time over all steps and CFG contexts.
+
+        Args:
+            specs: block FQN -> AttentionSpec, every block.
+            groups: cache groups; a block is free where its group reuses the residual.
+            steps: denoising steps.
+            contexts: CFG contexts run per step.
+        Returns:
+            the predicted speedup (> 0).
+        """
+        skipped = {b: g for g in groups for b in g.blocks}
+        plan_time = 0.0
+        for block, spec in specs.items():
+            sparse = self.other + self.attention * self.sparse_factor(spec)
+            dense = self.other + self.attention
+            for context in contexts:
+                computed = skipped[block].compute_mask(context) if block in skipped else None
+                for step in range(steps):
+                    if computed is None or computed[step]:
+                        plan_time += dense if spec.dense_at(step) else sparse
+        dense_time = len(specs) * steps * len(contexts) * (self.other + self.attention)
+        return dense_time / plan_time

@@ -1,0 +1,65 @@
+"""Human-readable plan summary: one line per block with role, density, dense and compute steps."""
+
+from __future__ import annotations
+
+from ditplan.policy.plan import AttentionSpec, Plan
+
+HEADER = ("layer", "role", "density", "dense steps", "compute steps")
+
+
+def step_ranges(steps) -> str:
+    """Compress sorted step indices into "0-5,9" ("-" when empty)."""
+    steps = sorted(steps)
+    if not steps:
+        return "-"
+    parts, start = [], steps[0]
+    for prev, cur in zip(steps, [*steps[1:], None], strict=True):
+        if cur != prev + 1:
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+            start = cur
+    return ",".join(parts)
+
+
+def _density(spec: AttentionSpec) -> str:
+    if spec.density is None:
+        return f"mass>={spec.mass_threshold:g}"
+    if spec.is_dense:
+        return "dense"
+    if spec.head_densities:
+        return f"{min(spec.head_densities):.2f}-{spec.density:.2f}/head"
+    return f"{spec.density:.2f}"
+
+
+def _compute_steps(plan: Plan, block: str) -> str:
+    group = plan.cache_group_of(block)
+    steps = plan.workload.steps
+    if group is None:
+        return f"{steps}/{steps}"
+    counts = {c: sum(group.compute_mask(c)) for c in plan.workload.contexts}
+    if len(set(counts.values())) == 1:
+        return f"{next(iter(counts.values()))}/{steps} (group {group.name})"
+    per = ", ".join(f"{n}/{steps} {c}" for c, n in counts.items())
+    return f"{per} (group {group.name})"
+
+
+def format_plan(plan: Plan) -> str:
+    """Returns a readable multi-line summary of ``plan`` (header lines, then a layer table)."""
+    w, ident, prov = plan.workload, plan.identity, plan.provenance
+    lines = [
+        f"plan for {ident.transformer_class} (config {ident.config_hash[:12]}), "
+        f"{w.steps} steps, {w.width}x{w.height} x {w.frames} frames, "
+        f"{'CFG ' + format(w.guidance_scale, 'g') if w.cfg else 'no CFG'}",
+        f"predicted speedup {prov.predicted_speedup:.2f}x, predicted error "
+        f"{prov.predicted_error:.4f} ({prov.compiler_settings.get('quality', '?')}, "
+        f"{prov.compiler_version})",
+        "",
+    ]
+    rows = [HEADER]
+    for block in plan.block_order:
+        layer = plan.layers[block]
+        dense = "all" if layer.attention.is_dense else step_ranges(layer.attention.dense_steps)
+        rows.append((block, layer.role, _density(layer.attention), dense,
+                     _compute_steps(plan, block)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
+    lines += ["  ".join(c.ljust(n) for c, n in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines) + "\n"
