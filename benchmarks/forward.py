@@ -11,8 +11,6 @@ import json
 
 import torch
 from diffusers import WanTransformer3DModel
-from ditplan.policy.plan import AttentionSpec
-from ditplan.runtime.sparse import apply_sparse_attention
 
 from benchmarks.common import (
     WAN_1_3B,
@@ -22,6 +20,8 @@ from benchmarks.common import (
     peak_memory_gib,
     time_ms,
 )
+from ditplan.policy.plan import AttentionSpec
+from ditplan.runtime.sparse import apply_sparse_attention
 
 QUICK_CONFIG = dict(
     WAN_1_3B, num_attention_heads=2, attention_head_dim=32, ffn_dim=128, num_layers=2, text_dim=64

@@ -150,7 +150,8 @@ def assemble(profile: Profile, decision: RoleDecision, chosen: Design) -> Plan:
     return Plan(
         identity=ModelIdentity(**vars(meta.fingerprint)),
         workload=Workload(steps=work.steps, height=work.height, width=work.width,
-                          frames=work.frames, guidance_scale=work.guidance_scale, cfg=work.cfg),
+                          frames=work.frames, guidance_scale=work.guidance_scale, cfg=work.cfg,
+                          tokens_grid=tuple(work.tokens_grid)),
         provenance=provenance, defaults=PlanDefaults(attention=dense),
         block_order=profile.blocks, layers=chosen.layers, cache_groups=chosen.groups,
     )

@@ -121,6 +121,9 @@ class Workload:
     frames: int = field(metadata=_schema(minimum=1))
     guidance_scale: float = field(metadata=_schema(minimum=0))
     cfg: bool
+    # Self-attention token grid (frames, height, width) the plan was profiled at; the runtime
+    # refuses latents that give another grid.
+    tokens_grid: tuple[int, int, int] | None = None
 
     @property
     def contexts(self) -> tuple[str, ...]:

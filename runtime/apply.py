@@ -99,6 +99,14 @@ def check_plan_fits(plan: Plan, transformer: nn.Module, adapter, *, check_weight
         raise PlanError(f"the plan names attention modules this model lacks: {unknown}; {redo}")
 
 
+def _check_step(state, plan: Plan) -> None:
+    if state.step >= plan.workload.steps:
+        raise PlanError(
+            f"step {state.step} is past the {plan.workload.steps} denoising steps the plan was "
+            "compiled for; run with the plan's step count or compile a plan for this one"
+        )
+
+
 def apply_plan(
     pipe, plan: Plan, *, backend: str = "auto", check_weights: bool = True
 ) -> PlanHandle:
@@ -122,8 +130,9 @@ def apply_plan(
     backend = parse_backend(backend)
     names = [name for name, _ in adapter.attention_layers(transformer)]
     specs = resolve_layer_specs(names, {n: plan.attention_spec(n) for n in names})
-    permuter = TokenPermuter(shared_tile(specs))
+    permuter = TokenPermuter(shared_tile(specs), plan.workload.tokens_grid)
     tracker = install_step_tracker(transformer, plan.workload.steps)
+    tracker.listeners.append(lambda state: _check_step(state, plan))
     originals, layers, hooks = install_sparse_layers(
         transformer, adapter, specs, tracker, permuter, backend
     )

@@ -18,8 +18,11 @@ class TokenPermuter:
     always-kept blocks (first-frame sink, text) in permuted order.
     """
 
-    def __init__(self, tile: tuple[int, int, int]):
+    def __init__(
+        self, tile: tuple[int, int, int], expected_grid: tuple[int, int, int] | None = None
+    ):
         self.tile = tuple(tile)
+        self.expected_grid = expected_grid
         self.layout: TokenLayout | None = None
         self.active = False
         self._memo = None
@@ -28,6 +31,12 @@ class TokenPermuter:
 
     def begin(self, layout: TokenLayout, device: torch.device, active: bool) -> None:
         """Start a forward with this layout; ``active`` says whether tokens get permuted."""
+        if self.expected_grid is not None and layout.grid != tuple(self.expected_grid):
+            raise ValueError(
+                f"the plan was compiled for a {self.expected_grid} token grid (frames, height, "
+                f"width), these latents give {layout.grid}; generate at the plan's workload or "
+                "profile and compile a plan for this size"
+            )
         self.layout = layout
         self.device = torch.device(device)
         self.active = active and self.tile != (1, 1, 1)
