@@ -81,6 +81,7 @@ def sparse_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay
         mass_threshold=spec.mass_threshold,
         forced=forced,
     )
+    layer.record(block_map)
     return block_sparse_attention(
         q, k, v, block_map, block_size=spec.block_size, backend=layer.backend
     )

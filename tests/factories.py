@@ -44,3 +44,69 @@ def tiny_wan_inputs(
         timestep=torch.tensor([500] * batch),
         encoder_hidden_states=torch.randn(batch, text_len, cfg["text_dim"], generator=g),
     )
+
+
+def tiny_wan_plan(
+    model,
+    *,
+    steps: int = 4,
+    cfg: bool = True,
+    densities: tuple[float, ...] = (0.3, 1.0),
+    dense_steps: tuple[int, ...] = (0,),
+    cache_compute: tuple[bool, ...] | None = None,
+    tokens_grid: tuple[int, int, int] | None = None,
+    block_size: int = 64,
+):
+    """A valid plan for ``model`` (a tiny Wan): per-block densities, block 1 cached if asked."""
+    from ditplan.policy.plan import (
+        AttentionSpec,
+        CacheGroup,
+        LayerPlan,
+        ModelIdentity,
+        Plan,
+        PlanDefaults,
+        Provenance,
+        RoleClassification,
+        Workload,
+    )
+    from ditplan.runtime.fingerprint import model_fingerprint
+
+    blocks = tuple(f"blocks.{i}" for i in range(len(model.blocks)))
+    roles = ["foreground"] * len(blocks)
+    groups = ()
+    if cache_compute is not None:
+        roles[-1] = "background"
+        contexts = ("cond", "uncond") if cfg else ("cond",)
+        groups = (CacheGroup(blocks[-1:], dict.fromkeys(contexts, cache_compute)),)
+    specs = [
+        AttentionSpec(
+            density=d, block_size=block_size, tile=(1, 2, 2), sink=False, dense_steps=dense_steps
+        )
+        for d in densities
+    ]
+    return Plan(
+        identity=ModelIdentity(**model_fingerprint(model)),
+        workload=Workload(
+            steps=steps,
+            height=16,
+            width=24,
+            frames=3,
+            guidance_scale=5.0,
+            cfg=cfg,
+            tokens_grid=tokens_grid,
+        ),
+        provenance=Provenance(
+            trace_hash="0" * 64,
+            compiler_version="test",
+            compiler_settings={},
+            roles=RoleClassification("fixed", ("r_attn",), None, dict.fromkeys(blocks, 1.0)),
+            predicted_speedup=1.5,
+            predicted_error=0.0,
+        ),
+        defaults=PlanDefaults(AttentionSpec()),
+        block_order=blocks,
+        layers={
+            b: LayerPlan(r, f"{b}.attn1", s) for b, r, s in zip(blocks, roles, specs, strict=True)
+        },
+        cache_groups=groups,
+    )

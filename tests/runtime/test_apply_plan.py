@@ -1,0 +1,94 @@
+"""apply_plan on a tiny Wan: identity and workload checks, exact restore, cache + sparse together."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from ditplan.policy.plan import PlanError, load_plan, save_plan
+from ditplan.runtime.apply import apply_plan
+from tests.factories import tiny_wan, tiny_wan_inputs, tiny_wan_plan
+
+INPUTS = dict(frames=3, height=16, width=24)  # token grid (3, 8, 12)
+
+
+def _steps(model, inputs, n, context=None):
+    outs = []
+    with torch.no_grad():
+        for step in range(n):
+            if context is None:
+                outs.append(model(**inputs).sample)
+            else:
+                with model.cache_context(context, step_index=step):
+                    outs.append(model(**inputs).sample)
+    return outs
+
+
+def test_plan_round_trips_through_a_file_and_applies(tmp_path):
+    model = tiny_wan()
+    path = tmp_path / "plan.json"
+    save_plan(tiny_wan_plan(model, tokens_grid=(3, 8, 12)), path)
+    handle = apply_plan(model, load_plan(path), backend="torch")
+    _steps(model, tiny_wan_inputs(**INPUTS), 2)
+    stats = handle.stats()
+    handle.remove()
+    # blocks.0 at density 0.3: dense at step 0, sparse at step 1; blocks.1 is dense (not listed).
+    assert 0.3 < stats["attention_density"] < 1.0
+    assert stats["blocks_skipped_share"] == 0.0
+
+
+def test_remove_restores_bitwise_after_sparse_and_cached_steps():
+    model, inputs = tiny_wan(), tiny_wan_inputs(**INPUTS)
+    expected = _steps(model, inputs, 1)[0]
+    plan = tiny_wan_plan(model, cache_compute=(True, False, True, False))
+    handle = apply_plan(model, plan, backend="torch")
+    outs = _steps(model, inputs, 4, context="cond")
+    handle.remove()
+    assert torch.equal(outs[0], expected)  # step 0: dense and computed
+    assert not torch.allclose(outs[1], expected, atol=1e-4)  # sparse blocks.0, cached blocks.1
+    assert torch.equal(_steps(model, inputs, 1)[0], expected)
+    assert (
+        not hasattr(model.blocks[1], "_diffusers_hook") or not model.blocks[1]._diffusers_hook.hooks
+    )
+
+
+def test_cache_skips_follow_the_plan_per_context():
+    model, inputs = tiny_wan(), tiny_wan_inputs(**INPUTS)
+    compute = (True, False, True, False)
+    plan = tiny_wan_plan(model, densities=(1.0, 1.0), cache_compute=compute)
+    handle = apply_plan(model, plan, backend="torch")
+    for step in range(4):
+        for context in ("cond", "uncond"):
+            with torch.no_grad(), model.cache_context(context, step_index=step):
+                model(**inputs)
+    (run,) = handle.runs
+    stats = handle.stats()
+    handle.remove()
+    assert run.computed_steps == [(c, s) for s in (0, 2) for c in ("cond", "uncond")]
+    assert stats["blocks_skipped_share"] == pytest.approx(0.25)  # 1 of 2 blocks, half the calls
+
+
+def test_plan_for_another_model_is_refused():
+    model = tiny_wan()
+    plan = tiny_wan_plan(model)
+    with pytest.raises(PlanError, match="another WanTransformer3DModel configuration"):
+        apply_plan(tiny_wan(num_layers=3), plan)
+    other_weights = replace(plan, identity=replace(plan.identity, weights_hash="f" * 64))
+    with pytest.raises(PlanError, match="other weights.*profile this model"):
+        apply_plan(model, other_weights)
+    with pytest.raises(PlanError, match="plan is for a Flux"):
+        apply_plan(model, replace(plan, identity=replace(plan.identity, transformer_class="Flux")))
+
+
+def test_other_grid_and_too_many_steps_are_refused():
+    model = tiny_wan()
+    handle = apply_plan(model, tiny_wan_plan(model, tokens_grid=(3, 8, 8)), backend="torch")
+    with pytest.raises(ValueError, match=r"\(3, 8, 8\) token grid"):
+        _steps(model, tiny_wan_inputs(**INPUTS), 1)
+    handle.remove()
+    handle = apply_plan(model, tiny_wan_plan(model, steps=2), backend="torch")
+    with pytest.raises(PlanError, match="past the 2 denoising steps"):
+        _steps(model, tiny_wan_inputs(**INPUTS), 3, context="cond")
+    handle.remove()
