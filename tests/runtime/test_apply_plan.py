@@ -1,4 +1,4 @@
-"""apply_plan on a tiny Wan: identity and workload checks, exact restore, cache + sparse together."""
+"""apply_plan on a tiny Wan: identity and workload checks, exact restore, sparse plus cache."""
 
 from __future__ import annotations
 
