@@ -1,0 +1,34 @@
+"""`dense` backend: SDPA with the block map expanded to an S x S bool mask (reference use only)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .reference import expand_block_map
+from .registry import Backend, register_backend
+
+
+@register_backend(Backend.DENSE)
+def dense_block_sparse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_map: torch.Tensor,
+    *, block_size: int, scale: float | None = None,
+) -> torch.Tensor:
+    """F.scaled_dot_product_attention with the element mask of `block_map`.
+
+    Materializes a bool [B|1, H|1, S, S] mask (1 GiB per head at S=32,760) and skips no work:
+    it is the dense baseline for tests and debugging, not a fast path. With an all-True map the
+    result equals F.scaled_dot_product_attention(q, k, v) (bitwise on CPU).
+
+    Args:
+        q, k, v: [B, H, S, D].
+        block_map: bool [B|1, H|1, ceil(S/bs), ceil(S/bs)], True = compute.
+        block_size: 64 or 128.
+        scale: softmax scale; 1/sqrt(D) when None.
+
+    Returns:
+        [B, H, S, D] in q's dtype.
+    """
+    seq_len = q.shape[-2]
+    mask = expand_block_map(block_map, seq_len, seq_len, block_size)  # [B|1, H|1, S, S]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

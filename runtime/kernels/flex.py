@@ -1,0 +1,102 @@
+"""`flex` backend: block map -> BlockMask.from_kv_blocks -> flex_attention compiled once per shape.
+
+The map enters only as BlockMask tensors (counts, indices), so a new map each step reuses the
+compiled kernel: no recompilation, no Python mask_mod in the hot path (attention-gym's
+`create_causal_block_mask_fast` builds its masks the same way).
+
+Partial tail block (S not a multiple of block_size): every kept block is passed as a FULL block
+(no mask_mod evaluated). That is still exact for the tail: in torch/_inductor/kernel/flex,
+IS_DIVISIBLE is False unless S % 128 == 0, and then `forward_inner` calls `forward_block_mn` with
+CHECK_BLOCK_BOUNDARY=True for full and partial blocks alike, which sets scores of keys with
+index >= KV_LEN (= S) to -inf; query rows past S are neither loaded nor stored (the decode
+kernel used for S < 128 applies the same IS_DIVISIBLE rule). BlockMask's seq_lengths must equal
+(S, S) or flex_attention refuses the mask. Checked against the torch 2.13 sources.
+
+Each new (shape, dtype, block size) is one dynamo recompile; past torch._dynamo.config's
+recompile_limit (8) dynamo runs flex_attention unfused, so keep the shapes per process few.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .registry import Backend, flex_is_available, register_backend
+
+try:
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+except ImportError:  # torch without FlexAttention: the backend reports itself unavailable
+    BlockMask = flex_attention = None
+
+_COMPILED_FLEX = None
+
+
+def _compiled_flex():
+    # One torch.compile(flex_attention, dynamic=False) per process; inductor caches a kernel per
+    # shape. Under an outer torch.compile the plain function is traced into the caller's graph.
+    global _COMPILED_FLEX
+    if torch.compiler.is_compiling():
+        return flex_attention
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX
+
+
+def block_mask_from_map(
+    block_map: torch.Tensor, seq_len: int, block_size: int, *, compute_q_blocks: bool = False
+) -> BlockMask:
+    """BlockMask whose kept blocks are exactly the True entries of `block_map`, all FULL blocks.
+
+    Args:
+        block_map: bool [B|1, H|1, Qb, Kb], True = compute.
+        seq_len: S (Qb = Kb = ceil(S / block_size)).
+        block_size: tokens per block.
+        compute_q_blocks: also build the transposed (q-major) indices; only backward needs them.
+
+    Returns:
+        BlockMask with seq_lengths (S, S); kv indices full width [B|1, H|1, Qb, Kb] int32 (a
+        narrower tensor ends in a device-side assert), kept blocks first in ascending order.
+    """
+    counts = block_map.sum(dim=-1, dtype=torch.int32)  # [B|1, H|1, Qb]
+    order = torch.argsort(block_map.to(torch.int8), dim=-1, descending=True, stable=True)
+    indices = order.to(torch.int32)  # [B|1, H|1, Qb, Kb]
+    # No partial blocks, so no mask_mod is ever evaluated. Their (unread) index tensor must be a
+    # separate buffer: aliasing it with full_kv_indices breaks inductor's CPU codegen.
+    no_partial, no_partial_indices = torch.zeros_like(counts), torch.zeros_like(indices)
+    return BlockMask.from_kv_blocks(
+        no_partial, no_partial_indices, counts, indices,
+        BLOCK_SIZE=block_size, seq_lengths=(seq_len, seq_len), compute_q_blocks=compute_q_blocks,
+    )
+
+
+def _kernel_options(block_size: int, head_dim: int) -> dict | None:
+    # Inductor's default tile for bf16 D<=128 on H100 is BLOCK_M=128, which must divide the
+    # sparse block size; 64-token blocks need 64x64 tiles. Larger head dims default to <= 64.
+    if block_size == 64 and head_dim <= 128:
+        return {"BLOCK_M": 64, "BLOCK_N": 64}
+    return None
+
+
+@register_backend(
+    Backend.FLEX, is_available=flex_is_available,
+    requirement="needs a CUDA device, torch.nn.attention.flex_attention and triton",
+)
+def flex_block_sparse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_map: torch.Tensor,
+    *, block_size: int, scale: float | None = None,
+) -> torch.Tensor:
+    """FlexAttention over the kept blocks of `block_map` (CUDA).
+
+    Args:
+        q, k, v: [B, H, S, D] on CUDA, D >= 16.
+        block_map: bool [B|1, H|1, ceil(S/bs), ceil(S/bs)], True = compute.
+        block_size: 64 or 128.
+        scale: softmax scale; 1/sqrt(D) when None.
+
+    Returns:
+        [B, H, S, D] in q's dtype; query rows with no kept key are 0.
+    """
+    seq_len, head_dim = q.shape[-2], q.shape[-1]
+    needs_grad = q.requires_grad or k.requires_grad or v.requires_grad
+    mask = block_mask_from_map(block_map, seq_len, block_size, compute_q_blocks=needs_grad)
+    return _compiled_flex()(q, k, v, block_mask=mask, scale=scale,
+                            kernel_options=_kernel_options(block_size, head_dim))

@@ -1,0 +1,161 @@
+"""Attention backend registry: Backend enum, registration, availability, input constraint checks."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_BLOCK_SIZES = (64, 128)
+
+
+class Backend(str, Enum):
+    """Block-sparse attention backends; `auto` picks the best one available on the device."""
+
+    AUTO = "auto"
+    FLEX = "flex"
+    TORCH = "torch"
+    DENSE = "dense"
+
+
+# fn(q, k, v, block_map, *, block_size, scale) -> out: every backend has this signature.
+BackendFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """A registered backend: its function, when it can run, and what it needs when it can't."""
+
+    name: Backend
+    fn: BackendFn
+    is_available: Callable[[torch.device], bool]
+    requirement: str
+
+
+_REGISTRY: dict[Backend, BackendSpec] = {}
+_LOGGED: set[str] = set()
+
+
+def register_backend(
+    name: Backend | str,
+    *,
+    is_available: Callable[[torch.device], bool] = lambda device: True,
+    requirement: str = "",
+) -> Callable[[BackendFn], BackendFn]:
+    """Decorator registering `fn` as backend `name` (availability is checked per device)."""
+
+    def decorate(fn: BackendFn) -> BackendFn:
+        backend = Backend(name)
+        _REGISTRY[backend] = BackendSpec(backend, fn, is_available, requirement)
+        return fn
+
+    return decorate
+
+
+# Looked up once at import, so availability checks stay traceable under torch.compile.
+_FLEX_IMPORTABLE = (importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+                    and importlib.util.find_spec("triton") is not None)
+
+
+def flex_is_available(device: torch.device) -> bool:
+    """FlexAttention needs a CUDA device, torch.nn.attention.flex_attention and Triton."""
+    return device.type == "cuda" and _FLEX_IMPORTABLE and torch.cuda.is_available()
+
+
+def parse_backend(name: Backend | str) -> Backend:
+    """Backend from its name; a ValueError listing the valid names otherwise."""
+    try:
+        return Backend(name)
+    except ValueError:
+        valid = ", ".join(repr(b.value) for b in Backend)
+        raise ValueError(f"unknown attention backend {name!r}; use one of {valid}") from None
+
+
+def _log_once(level: int, message: str) -> None:
+    # Logging is a graph break under torch.compile; decisions are logged by eager calls only.
+    if torch.compiler.is_compiling() or message in _LOGGED:
+        return
+    _LOGGED.add(message)
+    logger.log(level, message)
+
+
+def resolve_backend(name: Backend | str, device: torch.device) -> BackendSpec:
+    """The backend to run on `device`: `auto` -> flex on CUDA if available, else torch.
+
+    A backend asked for by name but unavailable on the device falls back to `torch` with one
+    warning log line (per backend and device type), never an exception.
+    """
+    backend = parse_backend(name)
+    if backend is Backend.AUTO:
+        chosen = Backend.FLEX if _REGISTRY[Backend.FLEX].is_available(device) else Backend.TORCH
+        _log_once(logging.INFO, f"block_sparse_attention: backend auto -> {chosen.value} "
+                                f"on {device.type}")
+        return _REGISTRY[chosen]
+    spec = _REGISTRY[backend]
+    if spec.is_available(device):
+        return spec
+    _log_once(logging.WARNING, f"block_sparse_attention: backend {backend.value!r} is not "
+                               f"available on {device.type} ({spec.requirement}); "
+                               "falling back to 'torch'")
+    return _REGISTRY[Backend.TORCH]
+
+
+def check_block_size(block_size: int) -> None:
+    """ValueError unless block_size is one of SUPPORTED_BLOCK_SIZES."""
+    if isinstance(block_size, bool) or block_size not in SUPPORTED_BLOCK_SIZES:
+        raise ValueError(f"block_size={block_size!r} is not supported; use 64 or 128")
+
+
+def num_blocks(seq_len: int, block_size: int) -> int:
+    """ceil(seq_len / block_size): blocks covering a sequence, the last possibly partial."""
+    return math.ceil(seq_len / block_size)
+
+
+def check_attention_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_map: torch.Tensor, block_size: int
+) -> None:
+    """ValueError naming the fix when q/k/v/block_map don't meet the kernel contract.
+
+    Args:
+        q, k, v: [B, H, S, D] floating tensors of one dtype on one device.
+        block_map: bool [B|1, H|1, ceil(S/block_size), ceil(S/block_size)], True = compute.
+        block_size: 64 or 128.
+    """
+    check_block_size(block_size)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(f"{name} must be [B, H, S, D] (4-D); got shape {tuple(x.shape)}")
+    if q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must have the same [B, H, S, D] shape; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if not q.is_floating_point() or q.dtype != k.dtype or q.dtype != v.dtype:
+        raise ValueError(f"q, k, v must share one floating dtype; got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}")
+    if q.shape[2] == 0:
+        raise ValueError("sequence length S must be positive")
+    check_block_map(block_map, q.shape[0], q.shape[1], q.shape[2], block_size, device=q.device)
+
+
+def check_block_map(
+    block_map: torch.Tensor, batch: int, heads: int, seq_len: int, block_size: int,
+    *, device: torch.device,
+) -> None:
+    """ValueError unless block_map is bool [B|1, H|1, nb, nb] on `device`, nb = ceil(S/bs)."""
+    nb = num_blocks(seq_len, block_size)
+    if block_map.dtype != torch.bool:
+        raise ValueError(f"block_map must be a bool tensor (True = compute); got {block_map.dtype}")
+    shape = tuple(block_map.shape)
+    if (block_map.ndim != 4 or shape[0] not in (1, batch) or shape[1] not in (1, heads)
+            or shape[2:] != (nb, nb)):
+        raise ValueError(f"block_map must be [{batch} or 1, {heads} or 1, {nb}, {nb}] "
+                         f"(ceil(S={seq_len} / block_size={block_size}) = {nb}); got {shape}")
+    if block_map.device != device:
+        raise ValueError(f"block_map is on {block_map.device} but q is on {device}; "
+                         "build the map on the same device as q")
