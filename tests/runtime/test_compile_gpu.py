@@ -1,4 +1,4 @@
-"""torch.compile with a plan applied: same output as eager, no recompiles from step to step (GPU)."""
+"""torch.compile with a plan applied: matches eager, no recompiles from step to step (GPU)."""
 
 from __future__ import annotations
 
