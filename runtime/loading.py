@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from importlib import resources
 from pathlib import Path
@@ -19,6 +20,21 @@ def reference_model_dir() -> Path:
     return Path(str(resources.files("ditplan.artifacts"))) / "models" / REFERENCE_MODEL_NAME
 
 
+def _pipeline_class(path: Path):
+    """ditplan's own pipeline class for folders it wrote, else diffusers' auto-resolution."""
+    index = path / "model_index.json"
+    if (
+        index.is_file()
+        and json.loads(index.read_text()).get("_class_name") == "ReferenceVideoPipeline"
+    ):
+        from ditplan.runtime.reference.pipeline import ReferenceVideoPipeline
+
+        return ReferenceVideoPipeline
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline
+
+
 def load_pipeline(model: str = REFERENCE, *, device: str = "cpu", dtype: torch.dtype | None = None):
     """Load a diffusers pipeline for ``model`` and move it to ``device``.
 
@@ -31,23 +47,17 @@ def load_pipeline(model: str = REFERENCE, *, device: str = "cpu", dtype: torch.d
         The pipeline, with a progress bar enabled.
     """
     dtype = dtype or (torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16)
-    if model == REFERENCE:
-        from ditplan.runtime.reference.pipeline import ReferenceVideoPipeline
-
-        path = reference_model_dir()
-        if not (path / "model_index.json").is_file():
-            raise FileNotFoundError(
-                f"the reference model is missing from {path}; reinstall ditplan or pass --model"
-            )
-        pipe = ReferenceVideoPipeline.from_pretrained(path, torch_dtype=dtype)
-    else:
-        from diffusers import DiffusionPipeline
-
-        if not Path(model).exists() and "/" not in model:
-            raise FileNotFoundError(
-                f"--model {model!r} is neither 'reference', an existing folder, nor a hub id "
-                "(owner/name)"
-            )
-        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+    path = reference_model_dir() if model == REFERENCE else Path(model)
+    if model == REFERENCE and not (path / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"the reference model is missing from {path}; reinstall ditplan or pass --model"
+        )
+    if not path.exists() and "/" not in model:
+        raise FileNotFoundError(
+            f"--model {model!r} is neither 'reference', an existing folder, nor a hub id "
+            "(owner/name)"
+        )
+    pipeline_class = _pipeline_class(path)
+    pipe = pipeline_class.from_pretrained(path if path.exists() else model, torch_dtype=dtype)
     logger.info("loaded %s (%s) on %s", model, type(pipe).__name__, device)
     return pipe.to(device)

@@ -4,19 +4,19 @@ The map enters only as BlockMask tensors (counts, indices), so a new map each st
 compiled kernel: no recompilation, no Python mask_mod in the hot path (attention-gym's
 `create_causal_block_mask_fast` builds its masks the same way).
 
-Partial tail block (S not a multiple of block_size): every kept block is passed as a FULL block
-(no mask_mod evaluated). That is still exact for the tail: in torch/_inductor/kernel/flex,
-IS_DIVISIBLE is False unless S % 128 == 0, and then `forward_inner` calls `forward_block_mn` with
-CHECK_BLOCK_BOUNDARY=True for full and partial blocks alike, which sets scores of keys with
-index >= KV_LEN (= S) to -inf; query rows past S are neither loaded nor stored (the decode
-kernel used for S < 128 applies the same IS_DIVISIBLE rule). BlockMask's seq_lengths must equal
-(S, S) or flex_attention refuses the mask. Checked against the torch 2.13 sources.
+Partial tail block (S not a multiple of block_size): kept blocks of the last key column go in
+as PARTIAL blocks with the mask_mod `kv_idx < S`, all other kept blocks as FULL blocks (no
+mask_mod evaluated). Flex's own boundary handling masked the tail for 128-token blocks but not
+for 64-token blocks with 64x64 tiles on an H100 (torch 2.11, measured 2026-11-26), so the tail
+is masked explicitly. BlockMask's seq_lengths must equal (S, S) or flex_attention refuses it.
 
 Each new (shape, dtype, block size) is one dynamo recompile; past torch._dynamo.config's
 recompile_limit (8) dynamo runs flex_attention unfused, so keep the shapes per process few.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -41,10 +41,27 @@ def _compiled_flex():
     return _COMPILED_FLEX
 
 
+@functools.cache
+def _keys_before(seq_len: int):
+    # One function object per S, so the compiled flex kernel is reused (dynamo guards on it).
+    def mask_mod(b, h, q_idx, kv_idx):
+        return kv_idx < seq_len
+
+    mask_mod.__name__ = f"keys_before_{seq_len}"
+    return mask_mod
+
+
+def _kv_blocks(block_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(counts [B|1, H|1, Qb] int32, indices [B|1, H|1, Qb, Kb] int32, kept blocks first)."""
+    counts = block_map.sum(dim=-1, dtype=torch.int32)
+    order = torch.argsort(block_map.to(torch.int8), dim=-1, descending=True, stable=True)
+    return counts, order.to(torch.int32)
+
+
 def block_mask_from_map(
     block_map: torch.Tensor, seq_len: int, block_size: int, *, compute_q_blocks: bool = False
 ) -> BlockMask:
-    """BlockMask whose kept blocks are exactly the True entries of `block_map`, all FULL blocks.
+    """BlockMask whose kept blocks are exactly the True entries of `block_map`.
 
     Args:
         block_map: bool [B|1, H|1, Qb, Kb], True = compute.
@@ -54,17 +71,22 @@ def block_mask_from_map(
 
     Returns:
         BlockMask with seq_lengths (S, S); kv indices full width [B|1, H|1, Qb, Kb] int32 (a
-        narrower tensor ends in a device-side assert), kept blocks first in ascending order.
+        narrower tensor ends in a device-side assert). Kept blocks are FULL blocks, except those
+        of a partial last key block, which are PARTIAL blocks masked by `kv_idx < S`.
     """
-    counts = block_map.sum(dim=-1, dtype=torch.int32)  # [B|1, H|1, Qb]
-    order = torch.argsort(block_map.to(torch.int8), dim=-1, descending=True, stable=True)
-    indices = order.to(torch.int32)  # [B|1, H|1, Qb, Kb]
-    # No partial blocks, so no mask_mod is ever evaluated. Their (unread) index tensor must be a
-    # separate buffer: aliasing it with full_kv_indices breaks inductor's CPU codegen.
-    no_partial, no_partial_indices = torch.zeros_like(counts), torch.zeros_like(indices)
+    tail = seq_len % block_size != 0
+    full_map = block_map.clone()
+    if tail:
+        full_map[..., -1] = False
+    full_counts, full_indices = _kv_blocks(full_map)
+    partial_map = block_map & ~full_map
+    # The partial index tensor must be its own buffer: aliasing it with full_kv_indices breaks
+    # inductor's CPU codegen.
+    partial_counts, partial_indices = _kv_blocks(partial_map)
     return BlockMask.from_kv_blocks(
-        no_partial, no_partial_indices, counts, indices,
-        BLOCK_SIZE=block_size, seq_lengths=(seq_len, seq_len), compute_q_blocks=compute_q_blocks,
+        partial_counts, partial_indices, full_counts, full_indices,
+        BLOCK_SIZE=block_size, mask_mod=_keys_before(seq_len) if tail else None,
+        seq_lengths=(seq_len, seq_len), compute_q_blocks=compute_q_blocks,
     )
 
 

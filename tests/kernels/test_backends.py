@@ -154,7 +154,9 @@ def test_flex_block_mask_covers_exactly_the_map(seq, block_size, map_batch):
     nb = math.ceil(seq / block_size)
     assert mask.full_kv_indices.shape == (map_batch, 3, nb, nb)
     assert mask.full_kv_indices.dtype == torch.int32
-    assert not mask.kv_num_blocks.any()  # no partial blocks -> no mask_mod evaluated
+    # Only kept blocks of a partial last key column are PARTIAL (mask_mod kv_idx < S).
+    partial = block_map[..., -1] if seq % block_size else torch.zeros_like(block_map[..., -1])
+    assert torch.equal(mask.kv_num_blocks.bool(), partial)
     assert mask.seq_lengths == (seq, seq)
     assert torch.equal(mask.to_dense(), block_map)
 

@@ -6,7 +6,7 @@ import argparse
 import json
 
 import pytest
-from policy_factories import LayerTruth, TraceSpec, write_traces
+from tests.policy.policy_factories import LayerTruth, TraceSpec, write_traces
 
 from ditplan.policy import commands
 from ditplan.policy.plan_io import load_plan

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from policy_factories import LayerTruth, TraceSpec, write_traces
+from tests.policy.policy_factories import LayerTruth, TraceSpec, write_traces
 
 from ditplan.policy.classify import classify_roles
 from ditplan.policy.compiler import compile_policy, design

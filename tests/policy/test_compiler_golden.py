@@ -51,7 +51,7 @@ def test_saved_traces_compile_to_golden_plan(request, trace_dir, preset):
 
 
 def test_golden_mechanism_on_synthetic_traces(tmp_path):
-    from policy_factories import LayerTruth, TraceSpec, write_traces
+    from tests.policy.policy_factories import LayerTruth, TraceSpec, write_traces
 
     spec = TraceSpec(layers=(LayerTruth(True), LayerTruth(False), LayerTruth(False)))
     traces = write_traces(tmp_path / "traces" / "tiny", spec)

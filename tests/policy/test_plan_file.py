@@ -9,7 +9,7 @@ import sys
 
 import jsonschema
 import pytest
-from policy_factories import sample_plan
+from tests.policy.policy_factories import sample_plan
 
 from ditplan.policy import plan_io, plan_schema
 from ditplan.policy.plan import PLAN_SCHEMA_VERSION, AttentionSpec, CacheGroup, PlanError

@@ -7,7 +7,7 @@ import json
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from policy_factories import sample_plan
+from tests.policy.policy_factories import sample_plan
 
 from ditplan.policy import plan_io
 from ditplan.policy.plan import Plan, PlanError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from policy_factories import change_curve
+from tests.policy.policy_factories import change_curve
 
 from ditplan.policy.config import CompilerConfig
 from ditplan.policy.schedule import (

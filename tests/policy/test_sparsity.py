@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from policy_factories import LayerTruth, TraceSpec, write_traces
+from tests.policy.policy_factories import LayerTruth, TraceSpec, write_traces
 
 from ditplan.policy.config import CompilerConfig
 from ditplan.policy.load_profile import load_profile

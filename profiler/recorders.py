@@ -1,0 +1,231 @@
+"""Profiling hooks: attention-statistics processors, block-residual and output-change hooks.
+
+Installed on a transformer, the recorder never changes what it computes: each self-attention
+layer keeps its original processor and returns that processor's output untouched; the
+statistics come from a second, side computation of q and k. Rows stay on the device until
+``take_rows`` (one host copy per table per prompt).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from ditplan.profiler import metrics
+from ditplan.profiler.config import RecorderSettings
+from ditplan.profiler.rows import TraceRows
+from ditplan.runtime.adapters.base import TokenLayout, get_adapter
+from ditplan.runtime.context import (
+    DEFAULT_CONTEXT,
+    StepState,
+    install_step_tracker,
+    remove_step_tracker,
+)
+from ditplan.runtime.kernels.block_map import forced_blocks
+from ditplan.runtime.kernels.permute import first_frame_mask
+from ditplan.runtime.permutation import TokenPermuter
+
+logger = logging.getLogger(__name__)
+
+CONTEXT_NAMES = {"cond": "cond", "uncond": "uncond", DEFAULT_CONTEXT: "cond"}
+
+
+def self_attention_qkv_fn(adapter):
+    """The adapter's q/k/v computation for self-attention: fn(attn, hidden_states, rotary_emb)."""
+    fn = getattr(adapter, "self_attention_qkv", None)
+    if fn is not None:
+        return fn
+    if getattr(adapter, "family", None) == "wan":
+        from ditplan.runtime.adapters.wan import wan_self_attention_qkv
+
+        return wan_self_attention_qkv
+    raise ValueError(f"the {adapter.family!r} adapter cannot compute self-attention q/k/v; "
+                     "the profiler supports the Wan family")
+
+
+class AttentionRecorderProcessor:
+    """Runs the original processor, then records statistics of its self-attention call."""
+
+    def __init__(self, original, layer: str, recorder: ProfileRecorder):
+        self.original = original
+        self.layer = layer
+        self.recorder = recorder
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 rotary_emb=None, **kwargs):
+        out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask,
+                            rotary_emb, **kwargs)
+        if encoder_hidden_states is None and attention_mask is None:
+            with torch.no_grad():
+                self.recorder.record_attention(self.layer, attn, hidden_states, rotary_emb)
+        return out
+
+
+class CallState:
+    """Token masks of one transformer call, in the permuted (tiled) order, plus step and branch."""
+
+    def __init__(self, step: int, cfg: str, layout: TokenLayout, permuter: TokenPermuter,
+                 settings: RecorderSettings, foreground: torch.Tensor | None):
+        self.step, self.cfg, self.layout = step, cfg, layout
+        device = permuter.device
+        self.perm = permuter.perm if permuter.active else torch.arange(layout.seq_len,
+                                                                        device=device)
+        self.forced = permuter.forced(settings.block_size, settings.sink)
+        text = ~self._video_mask(layout, device)  # [S] original order
+        sink = first_frame_mask(layout.grid, text_len=layout.text_len,
+                                text_first=layout.text_first, device=device)
+        self.video = ~text[self.perm]  # [S] permuted order
+        self.sink_blocks = forced_blocks(layout.seq_len, settings.block_size,
+                                         sink_tokens=sink[self.perm], diagonal=False).cols
+        self.text_blocks = forced_blocks(layout.seq_len, settings.block_size,
+                                         text_tokens=text[self.perm], diagonal=False).cols
+        self.foreground = self._foreground(foreground, device)  # [S] permuted order
+        self.record_map = step in settings.map_steps
+
+    @staticmethod
+    def _video_mask(layout: TokenLayout, device) -> torch.Tensor:
+        start = layout.text_len if layout.text_first else 0
+        position = torch.arange(layout.seq_len, device=device)
+        return (position >= start) & (position < start + layout.video_tokens)
+
+    def _foreground(self, foreground: torch.Tensor | None, device) -> torch.Tensor:
+        layout = self.layout
+        full = torch.zeros(layout.seq_len, dtype=torch.bool, device=device)
+        if foreground is None:
+            return full
+        if foreground.numel() != layout.video_tokens:
+            raise ValueError(f"the foreground mask has {foreground.numel()} tokens but the "
+                             f"transformer sees a {layout.grid} grid ({layout.video_tokens})")
+        full[self._video_mask(layout, device)] = foreground.to(device).flatten()
+        return full[self.perm]
+
+
+class ProfileRecorder:
+    """Installs profiling hooks on a transformer (``with ProfileRecorder(...) as rec:``).
+
+    Args:
+        transformer: a transformer with an adapter (get_adapter).
+        settings: RecorderSettings.
+        num_inference_steps: steps per generation, for pipelines that do not pass
+            ``step_index`` through ``cache_context`` (then calls are counted).
+    """
+
+    def __init__(self, transformer: nn.Module, settings: RecorderSettings,
+                 num_inference_steps: int | None = None):
+        self.transformer = transformer
+        self.settings = settings
+        self.adapter = get_adapter(transformer)
+        self.qkv = self_attention_qkv_fn(self.adapter)
+        self.block_of = {attn: block for block, attn in
+                         self.adapter.model_config(transformer, 0)["self_attention"].items()}
+        self.num_inference_steps = num_inference_steps
+        self.rows = TraceRows(settings)
+        self.foreground: torch.Tensor | None = None
+        self.call: CallState | None = None
+        self._permuter = TokenPermuter(settings.tile)
+        self.layout: TokenLayout | None = None  # of the latest call
+        self.text_len = 0  # encoder_hidden_states length of the latest call (cross-attention)
+        self._previous: dict[tuple[str, str], tuple[int, torch.Tensor]] = {}
+        self._originals: dict[nn.Module, object] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> ProfileRecorder:
+        self.install()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def install(self) -> None:
+        """Register the step tracker, the processors and the hooks."""
+        tracker = install_step_tracker(self.transformer, self.num_inference_steps)
+        tracker.listeners.append(self._on_step)
+        self._handles.append(self.transformer.register_forward_pre_hook(
+            self._on_forward_pre, with_kwargs=True))
+        self._handles.append(self.transformer.register_forward_hook(
+            self._on_output, with_kwargs=True))
+        for name, attn in self.adapter.attention_layers(self.transformer):
+            self._originals[attn] = attn.processor
+            attn.set_processor(AttentionRecorderProcessor(attn.processor, self.block_of[name],
+                                                          self))
+        for name, block in self.adapter.blocks(self.transformer):
+            self._handles.append(block.register_forward_hook(self._block_hook(name),
+                                                             with_kwargs=True))
+
+    def remove(self) -> None:
+        """Restore the original processors and remove every hook."""
+        for attn, processor in self._originals.items():
+            attn.set_processor(processor)
+        for handle in self._handles:
+            handle.remove()
+        remove_step_tracker(self.transformer)
+        self._originals, self._handles = {}, []
+
+    def set_foreground(self, mask: torch.Tensor | None) -> None:
+        """Foreground video tokens (bool [F*H*W], diffusers' order) for the following calls."""
+        self.foreground = None if mask is None else mask.flatten().bool()
+
+    def take_rows(self) -> TraceRows:
+        """The rows recorded since the last call; also forgets the previous-step tensors."""
+        rows, self.rows = self.rows, TraceRows(self.settings)
+        self._previous.clear()
+        return rows
+
+    def _on_forward_pre(self, module, args, kwargs) -> None:
+        latents = args[0] if args else kwargs["hidden_states"]  # [B, C, F, H, W]
+        text = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")  # [B, L, C]
+        self.text_len = 0 if text is None else int(text.shape[1])
+        self.layout = self.adapter.token_layout(module, tuple(latents.shape))
+        self._permuter.begin(self.layout, latents.device, active=True)
+
+    def _on_step(self, state: StepState) -> None:
+        if state.context not in CONTEXT_NAMES:
+            raise ValueError(f"the pipeline calls the transformer in cache context "
+                             f"{state.context!r}; the profiler knows {sorted(CONTEXT_NAMES)}")
+        self.call = CallState(state.step, CONTEXT_NAMES[state.context], self.layout,
+                              self._permuter, self.settings, self.foreground)
+
+    def record_attention(self, layer: str, attn, hidden_states, rotary_emb) -> None:
+        """Statistics of one self-attention call (called by AttentionRecorderProcessor)."""
+        call, settings = self.call, self.settings
+        q, k, _ = self.qkv(attn, hidden_states, rotary_emb)  # [B, H, S, D]
+        q, k = q[:, :, call.perm], k[:, :, call.perm]  # tiled order, as the runtime sees them
+        summary = metrics.attention_summary(q, k, block_size=settings.block_size,
+                                            tile_rows=settings.tile_rows)
+        curves = metrics.recall_at_densities(q, k, summary, densities=settings.densities,
+                                             forced=call.forced)
+        fg = metrics.foreground_stats(summary.received, call.foreground, call.video,
+                                      settings.attn_threshold)
+        stats = torch.stack([  # [B, H, 6], columns as TraceRows.STATS
+            metrics.mass_on_blocks(summary, call.sink_blocks),
+            metrics.mass_on_blocks(summary, call.text_blocks),
+            summary.entropy, fg.r_attn, fg.fg_bg_mass_ratio,
+            fg.foreground_fraction.expand_as(fg.r_attn),
+        ], dim=-1)
+        recall = torch.stack([curves.predicted, curves.oracle, curves.kept_fraction], -1)
+        block_map = summary.block_mass.mean(0) if call.record_map else None
+        self.rows.add_attention(call.step, call.cfg, layer, stats.mean(0), recall.mean(0),
+                                block_map)
+
+    def _block_hook(self, name: str):
+        def hook(module, args, kwargs, output):
+            hidden_in = args[0] if args else kwargs["hidden_states"]  # [B, S, C]
+            hidden_out = output[0] if isinstance(output, tuple) else output
+            self._record_change(name, hidden_out.detach() - hidden_in.detach())
+
+        return hook
+
+    def _on_output(self, module, args, kwargs, output) -> None:
+        sample = output[0] if isinstance(output, tuple) else output.sample  # [B, C, F, H, W]
+        self._record_change(self.rows.OUTPUT, sample.detach().clone())
+
+    def _record_change(self, layer: str, value: torch.Tensor) -> None:
+        call = self.call
+        key = (call.cfg, layer)
+        previous = self._previous.get(key)
+        if previous is not None and previous[0] == call.step - 1:
+            self.rows.add_change(call.step, call.cfg, layer,
+                                 metrics.step_change(value, previous[1]))
+        self._previous[key] = (call.step, value.detach())

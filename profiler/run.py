@@ -1,0 +1,213 @@
+"""Profiling orchestration: load the pipeline, run prompts x seeds under the recorder, write traces.
+
+Two ways to drive a generation (``ProfileConfig.mode``):
+
+- **clip** (reference model; the default for it): the pipeline runs as usual, but its latents
+  are teacher-forced onto the noising path of a reference clip drawn for the prompt
+  (clip_inputs.py), so the clip's ground-truth foreground applies at every step.
+- **sample** (any model): two generations per (prompt, seed) with the same noise. The first,
+  unrecorded, gives the generated clean video, x0_hat of the last step, from which the foreground
+  is estimated (foreground.py); the second is recorded with that mask. One mask per prompt
+  follows ProfilingDiT's finding that the foreground/background split is stable across steps,
+  and the final x0_hat is the least noisy prediction the model makes.
+
+Each (prompt, seed) is one unit: its tables are written atomically, then the manifest marks it
+finished, so an interrupted run resumes with the next unit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ditplan.profiler import clip_inputs, foreground
+from ditplan.profiler.config import ProfileConfig, RecorderSettings
+from ditplan.profiler.manifest import Manifest
+from ditplan.profiler.recorders import ProfileRecorder
+from ditplan.profiler.rows import TraceRows
+from ditplan.profiler.schema import (
+    ModelConfig,
+    ModelFingerprint,
+    TraceMetadata,
+    Workload,
+)
+from ditplan.profiler.writer import build_tables, library_versions, unit_name, write_unit
+from ditplan.runtime.adapters.base import get_adapter
+from ditplan.runtime.fingerprint import model_fingerprint
+from ditplan.runtime.loading import load_pipeline
+
+logger = logging.getLogger(__name__)
+
+REPORT_NAME = "report.png"
+
+
+def run_id_of(identity: dict) -> str:
+    """A stable id for a run's arguments (the same arguments resume the same run)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolve_mode(mode: str, pipe) -> str:
+    """'clip' or 'sample': auto picks clip for the reference pipeline; clip needs it."""
+    from ditplan.runtime.reference.pipeline import ReferenceVideoPipeline
+
+    is_reference = isinstance(pipe, ReferenceVideoPipeline)
+    if mode == "clip" and not is_reference:
+        raise ValueError(f"--mode clip needs the reference model (noised reference clips); "
+                         f"{type(pipe).__name__} gets --mode sample")
+    if mode == "auto":
+        return "clip" if is_reference else "sample"
+    return mode
+
+
+def profile_pipeline(config: ProfileConfig, *, pipe=None) -> list[Path]:
+    """Profile every (prompt, seed) of ``config`` into ``config.out``; resumes a finished part.
+
+    Args:
+        config: the run's settings.
+        pipe: an already loaded pipeline (else ``load_pipeline(config.model)``).
+
+    Returns:
+        every trace file of the run (sorted), then the report image.
+    """
+    config = config.resolved()
+    identity = config.identity()
+    manifest = Manifest.open(config.out, run_id_of(identity), identity)
+    if pipe is None:
+        pipe = load_pipeline(config.model, device=config.device, dtype=getattr(torch, config.dtype))
+    pipe.set_progress_bar_config(disable=True)
+    mode = resolve_mode(config.mode, pipe)
+    units = [(i, p, s) for i, p in enumerate(config.prompts) for s in config.seeds]
+    todo = [u for u in units if not manifest.is_finished(unit_name(u[0], u[2]))]
+    logger.info("profiling %d of %d (prompt, seed) units in %s mode", len(todo), len(units), mode)
+    passes = 2 if mode == "sample" else 1
+    static = _static_metadata(pipe.transformer, config, mode) if todo else {}
+    with tqdm(total=len(todo) * config.steps * passes, desc="profile", unit="step",
+              disable=not config.progress) as bar:
+        for prompt_index, prompt, seed in todo:
+            rows, recorder = _profile_unit(pipe, config, mode, prompt, seed, bar)
+            tables = build_tables(rows, run_id=manifest.run_id, prompt_index=prompt_index,
+                                  seed=seed)
+            metadata = _metadata(manifest.run_id, static, recorder, config)
+            name = unit_name(prompt_index, seed)
+            manifest.mark_finished(name, write_unit(config.out, name, tables, metadata))
+    from ditplan.profiler.report import write_report
+
+    report = write_report(config.out, config.out / REPORT_NAME)
+    files = sorted(config.out / f for unit in manifest.finished.values() for f in unit)
+    return [*files, report]
+
+
+def _profile_unit(pipe, config: ProfileConfig, mode: str, prompt: str, seed: int, bar):
+    settings = config.recorder_settings()
+    call = dict(prompt=prompt, num_inference_steps=config.steps,
+                guidance_scale=config.guidance_scale, num_frames=config.frames,
+                height=config.height, width=config.width, output_type="latent",
+                return_dict=False)
+    patch = tuple(pipe.transformer.config.patch_size)
+    if mode == "clip":
+        mask, callbacks = _clip_inputs(pipe, config, prompt, seed, call)
+    else:
+        video = pipe(**call, generator=_generator(seed),
+                     callback_on_step_end=_chain([_progress(bar)]))[0]  # [1, C, F, H, W]
+        mask, callbacks = foreground.estimate_foreground(video[0], patch), []
+        call["generator"] = _generator(seed)
+    with ProfileRecorder(pipe.transformer, settings, config.steps) as recorder:
+        recorder.set_foreground(mask)
+        pipe(**call, callback_on_step_end=_chain([*callbacks, _progress(bar)]),
+             callback_on_step_end_tensor_inputs=["latents"])
+        return recorder.take_rows(), recorder
+
+
+def _clip_inputs(pipe, config: ProfileConfig, prompt: str, seed: int, call: dict):
+    """Ground-truth mask [tokens] and the teacher-forcing callback; sets call['latents']."""
+    from ditplan.runtime.reference.clips import ClipSpec
+
+    device = pipe.transformer.device
+    spec = ClipSpec(frames=config.frames, height=config.height, width=config.width)
+    clip = clip_inputs.reference_clip(prompt, seed, spec, device)
+    pipe.scheduler.set_timesteps(config.steps, device=device)
+    forcing = clip_inputs.TeacherForcing(clip.video, seed, pipe.scheduler.sigmas)
+    call["latents"] = forcing.latents_at(0)
+    patch = tuple(pipe.transformer.config.patch_size)
+    mask = foreground.pool_mask_to_tokens(clip.fg_mask[0].cpu(), patch)
+    return mask, [forcing.callback()]
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)  # CPU: the same noise on every device
+
+
+def _progress(bar) -> Callable:
+    def on_step_end(pipe, step, timestep, tensors):
+        bar.update()
+        return {}
+
+    return on_step_end
+
+
+def _chain(callbacks: list[Callable]) -> Callable:
+    def on_step_end(pipe, step, timestep, tensors):
+        replaced = {}
+        for callback in callbacks:
+            replaced.update(callback(pipe, step, timestep, {**tensors, **replaced}))
+        return replaced
+
+    return on_step_end
+
+
+def _static_metadata(transformer, config: ProfileConfig, mode: str) -> dict:
+    settings = config.recorder_settings().to_metadata()
+    method = (foreground.GROUND_TRUTH_METHOD if mode == "clip"
+              else foreground.ESTIMATE_METHOD)
+    settings.update(mode=mode, foreground=method, dtype=config.dtype)
+    return dict(fingerprint=ModelFingerprint(**model_fingerprint(transformer, with_weights=True)),
+                settings=settings, versions=library_versions(),
+                adapter=get_adapter(transformer), transformer=transformer)
+
+
+def _metadata(run_id: str, static: dict, recorder: ProfileRecorder,
+              config: ProfileConfig) -> TraceMetadata:
+    model = static["adapter"].model_config(static["transformer"], recorder.text_len)
+    workload = Workload(steps=config.steps, height=config.height, width=config.width,
+                        frames=config.frames, guidance_scale=config.guidance_scale,
+                        cfg=config.cfg, tokens_grid=recorder.layout.grid)
+    return TraceMetadata(run_id=run_id, fingerprint=static["fingerprint"],
+                         model_config=ModelConfig(**model), workload=workload,
+                         profiler_settings=static["settings"],
+                         library_versions=static["versions"])
+
+
+def profile_transformer_calls(
+    transformer, inputs: dict, *, steps: int, settings: RecorderSettings,
+    contexts: tuple[str, ...] = ("cond",), foreground_mask: torch.Tensor | None = None,
+) -> TraceRows:
+    """Profile a transformer on fixed inputs for ``steps`` steps, without a pipeline.
+
+    For overhead benchmarks: each step calls ``transformer(**inputs)`` once per CFG context
+    under ``cache_context(context, step_index=step)``.
+
+    Args:
+        transformer: a supported transformer (get_adapter).
+        inputs: its forward keyword arguments (hidden_states [B, C, F, H, W], timestep, ...).
+        steps: how many steps to run.
+        settings: RecorderSettings.
+        contexts: CFG contexts per step ("cond", "uncond").
+        foreground_mask: bool [F*H*W] video tokens, or None (no foreground).
+
+    Returns:
+        the recorded TraceRows (``.columns()`` gives the tables' columns).
+    """
+    with ProfileRecorder(transformer, settings, steps) as recorder, torch.no_grad():
+        recorder.set_foreground(foreground_mask)
+        for step in range(steps):
+            for context in contexts:
+                with transformer.cache_context(context, step_index=step,
+                                               num_inference_steps=steps):
+                    transformer(**inputs, return_dict=False)
+        return recorder.take_rows()

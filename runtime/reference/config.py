@@ -1,0 +1,96 @@
+"""Model presets of the reference video DiT: the shipped configuration and a tiny CPU smoke one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+
+from ditplan.runtime.reference.attributes import caption_vocabulary
+from ditplan.runtime.reference.captions import CaptionEncoder
+from ditplan.runtime.reference.clips import ClipSpec
+
+MODEL_NAME = "ditplan-ref-t2v"
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """Everything that defines a reference model's architecture and its training clips."""
+
+    name: str
+    transformer: dict
+    caption_encoder: dict
+    clip: ClipSpec = field(default_factory=ClipSpec)
+    # Sigma shift of both the sampler and the training sigma distribution: more steps/samples at
+    # high noise, where the sprite's trajectory (the hard part) is decided.
+    sigma_shift: float = 2.0
+
+    def video_tokens(self) -> int:
+        """Video tokens per sample at the preset's clip size."""
+        pt, ph, pw = self.transformer["patch_size"]
+        c = self.clip
+        return (c.frames // pt) * (c.height // ph) * (c.width // pw)
+
+
+REFERENCE = ModelPreset(
+    name="reference",
+    # 9.0M parameters; 16 x 48 x 48 px with patch (1, 2, 2) is 16 x 24 x 24 = 9,216 tokens.
+    transformer=dict(
+        patch_size=(1, 2, 2),
+        num_attention_heads=4,
+        attention_head_dim=64,
+        in_channels=3,
+        out_channels=3,
+        text_dim=64,
+        freq_dim=128,
+        ffn_dim=1024,
+        num_layers=8,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+    ),
+    caption_encoder=dict(max_length=32, hidden_dim=128, text_dim=64, num_layers=2, num_heads=4),
+)
+
+SMOKE = ModelPreset(
+    name="smoke",
+    transformer=dict(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=3,
+        out_channels=3,
+        text_dim=16,
+        freq_dim=32,
+        ffn_dim=64,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=64,
+    ),
+    caption_encoder=dict(max_length=32, hidden_dim=32, text_dim=16, num_layers=1, num_heads=2),
+    clip=ClipSpec(frames=4, height=16, width=16),
+)
+
+PRESETS = {p.name: p for p in (REFERENCE, SMOKE)}
+
+
+def get_preset(name: str) -> ModelPreset:
+    """Returns the preset called `name` ("reference" or "smoke")."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def build_transformer(preset: ModelPreset) -> WanTransformer3DModel:
+    """A freshly initialised WanTransformer3DModel for the preset (fp32, train mode)."""
+    return WanTransformer3DModel(**preset.transformer)
+
+
+def build_caption_encoder(preset: ModelPreset) -> CaptionEncoder:
+    """A freshly initialised CaptionEncoder carrying the caption vocabulary in its config."""
+    return CaptionEncoder(vocabulary=caption_vocabulary(), **preset.caption_encoder)
+
+
+def build_scheduler(preset: ModelPreset) -> FlowMatchEulerDiscreteScheduler:
+    """The rectified-flow Euler sampler with the preset's sigma shift."""
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=preset.sigma_shift)

@@ -1,0 +1,283 @@
+"""Rectified-flow training of the reference DiT on procedurally generated clips, resumable.
+
+Data are generated on the training device every step from a seed derived from (run seed, global
+step), so a resumed run sees exactly the batches an uninterrupted one would. Checkpoints hold
+the weights in their shipped dtypes, AdamW's second moment in bf16 (see `Trainer.checkpoint`
+for why), the step, the loss curve and the hyperparameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ditplan.runtime.reference.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ditplan.runtime.reference.clips import generate_clips
+from ditplan.runtime.reference.config import (
+    ModelPreset,
+    build_caption_encoder,
+    build_transformer,
+    get_preset,
+)
+from ditplan.runtime.reference.export import export_pipeline, shipped_dtypes
+from ditplan.runtime.reference.flow import (
+    NUM_TRAIN_TIMESTEPS,
+    noisy_sample,
+    sample_sigmas,
+    velocity_target,
+)
+
+logger = logging.getLogger(__name__)
+
+LOSS_HEADER = "step,train_seconds,loss,lr,grad_norm,clips_per_s\n"
+CHECKPOINT_DIR = "checkpoint"
+_AUX_SEED_OFFSET = 1 << 40  # separates the noise/dropout stream from the clip stream
+
+
+class ResumeMismatchError(ValueError):
+    """The checkpoint was trained with another model preset."""
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters and run control. `total_steps` is the cosine horizon over all runs."""
+
+    out: Path
+    preset: str = "reference"
+    resume: Path | None = None
+    export: Path | None = None
+    batch_size: int = 32
+    lr: float = 5e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 200
+    total_steps: int = 4000
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    caption_dropout: float = 0.1
+    uniform_sigma_fraction: float = 0.1
+    max_steps: int | None = None  # steps in this run; None = until the time budget
+    time_budget_min: float | None = None  # wall clock of this run, counted from `started_at`
+    reserve_s: float = 15.0  # kept free at the end of the budget for the final save/export
+    log_every: int = 25
+    save_every: int = 500
+    seed: int = 0
+    compile: bool = True
+    device: str | None = None  # default: cuda if available, else cpu
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Linear warmup to config.lr, cosine decay to lr * min_lr_ratio at total_steps, then flat."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(1, config.total_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    floor = config.lr * config.min_lr_ratio
+    return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Trainer:
+    """Owns the models, optimizer, step counter and loss curve of one training process."""
+
+    def __init__(self, config: TrainConfig, started_at: float | None = None):
+        self.config = config
+        self.started_at = time.monotonic() if started_at is None else started_at
+        default = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(config.device or default)
+        self.preset: ModelPreset = get_preset(config.preset)
+        torch.manual_seed(config.seed)  # parameter init only; data use explicit generators
+        self.transformer = build_transformer(self.preset).to(self.device).train()
+        self.text_encoder = build_caption_encoder(self.preset).to(self.device).train()
+        self.named_params = [
+            *((f"transformer.{n}", p) for n, p in self.transformer.named_parameters()),
+            *((f"text_encoder.{n}", p) for n, p in self.text_encoder.named_parameters()),
+        ]
+        self.optimizer = self._make_optimizer()
+        self.step = 0
+        self.train_seconds = 0.0
+        self.loss_csv = LOSS_HEADER
+        self.model = self.transformer
+        if config.compile:
+            self.model = torch.compile(self.transformer)
+        self.amp = self.device.type == "cuda"
+
+    def _make_optimizer(self) -> torch.optim.AdamW:
+        decay = [p for _, p in self.named_params if p.ndim >= 2]
+        no_decay = [p for _, p in self.named_params if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": self.config.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=self.config.lr, betas=(0.9, 0.99), eps=1e-8,
+                                 fused=self.device.type == "cuda")
+
+    def checkpoint(self) -> Checkpoint:
+        """The training state, ~37 MiB in 3 shards for the reference preset.
+
+        Transformer weights are stored as they ship (bf16, diffusers' fp32 modules in fp32; a
+        bf16 rounding per resume perturbs them less than one optimizer step does), the caption
+        encoder in fp32, AdamW's exp_avg_sq in bf16. exp_avg is not stored: with beta1 =
+        0.9 it has a ~10-step memory, so restarting it at zero only ramps the first ~10 updates
+        after a resume, while storing it would add 18 MB: too close to the 60 MiB a GPU run may
+        return, and over the 64 MiB working tree once the 20 MB shipped export sits beside it.
+        """
+        dtypes = {f"transformer.{n}": d for n, d in shipped_dtypes(self.transformer).items()}
+        tensors = {name: p.detach().to(dtypes.get(name, torch.float32))
+                   for name, p in self.named_params}
+        for name, p in self.named_params:
+            state = self.optimizer.state.get(p, {})
+            if "exp_avg_sq" in state:
+                tensors[f"adam_exp_avg_sq.{name}"] = state["exp_avg_sq"].to(torch.bfloat16)
+        state = {"step": self.step, "train_seconds": self.train_seconds,
+                 "preset": self.preset.name, "config": _jsonable(self.config)}
+        return Checkpoint(tensors=tensors, state=state, loss_csv=self.loss_csv)
+
+    def load(self, ckpt: Checkpoint) -> None:
+        """Restores weights, AdamW second moments, step, train time and loss curve."""
+        if ckpt.state.get("preset") != self.preset.name:
+            raise ResumeMismatchError(f"checkpoint preset {ckpt.state.get('preset')!r} differs "
+                                      f"from --preset {self.preset.name!r}")
+        self._warn_changed(ckpt.state.get("config", {}))
+        missing = [n for n, _ in self.named_params if n not in ckpt.tensors]
+        if missing:
+            raise ResumeMismatchError(
+                f"checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
+        self.step = int(ckpt.state["step"])
+        self.train_seconds = float(ckpt.state["train_seconds"])
+        self.loss_csv = ckpt.loss_csv or LOSS_HEADER
+        with torch.no_grad():
+            for name, p in self.named_params:
+                p.copy_(ckpt.tensors[name])
+                moment = ckpt.tensors.get(f"adam_exp_avg_sq.{name}")
+                if moment is not None:
+                    self.optimizer.state[p] = self._adam_state(p, moment)
+        logger.info("resumed at step %d (%.0f s trained)", self.step, self.train_seconds)
+
+    def _adam_state(self, p: torch.Tensor, exp_avg_sq: torch.Tensor) -> dict:
+        group = self.optimizer.param_groups[0]
+        on_device = group["fused"] or group["capturable"]
+        step = torch.tensor(float(self.step), dtype=torch.float32,
+                            device=p.device if on_device else "cpu")
+        return {"step": step, "exp_avg": torch.zeros_like(p),
+                "exp_avg_sq": exp_avg_sq.to(device=p.device, dtype=p.dtype)}
+
+    def _warn_changed(self, saved: dict) -> None:
+        current = _jsonable(self.config)
+        for key in ("lr", "total_steps", "warmup_steps", "batch_size", "seed"):
+            if key in saved and saved[key] != current[key]:
+                logger.warning("%s changed on resume: %s -> %s", key, saved[key], current[key])
+
+    def _batch(self, step: int):
+        """Clips, token ids (caption dropout applied) and the noise/sigma generator for `step`."""
+        seed = self.config.seed * 1_000_003 + step
+        clips = generate_clips(self.config.batch_size, seed, device=self.device,
+                               spec=self.preset.clip)
+        host = torch.Generator().manual_seed(seed + _AUX_SEED_OFFSET)
+        ids = self.text_encoder.tokenizer.encode(clips.captions)  # ids: [B, L] on the host
+        dropped = torch.rand(ids.shape[0], generator=host) < self.config.caption_dropout
+        ids[dropped] = 0  # the null caption: all padding
+        if self.device.type == "cuda":
+            ids = ids.pin_memory()  # so the copy below does not wait for the GPU queue
+        ids = ids.to(self.device, non_blocking=True)
+        noise_gen = torch.Generator(device=self.device).manual_seed(seed + _AUX_SEED_OFFSET)
+        return clips.video, ids, noise_gen
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on a fresh batch. Returns (loss, grad norm) as device scalars."""
+        x0, ids, gen = self._batch(self.step)  # x0: [B, 3, F, H, W]
+        sigma = sample_sigmas(x0.shape[0], gen, shift=self.preset.sigma_shift,
+                              uniform_fraction=self.config.uniform_sigma_fraction)
+        noise = torch.randn(x0.shape, generator=gen, device=self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            embeds = self.text_encoder(ids)  # embeds: [B, L, text_dim]
+            pred = self.model(hidden_states=noisy_sample(x0, noise, sigma),
+                              timestep=sigma * NUM_TRAIN_TIMESTEPS,
+                              encoder_hidden_states=embeds, return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), velocity_target(x0, noise))
+        loss.backward()
+        params = [p for _, p in self.named_params]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.config, self.step)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return loss.detach(), grad_norm.detach()
+
+    def save(self) -> Path:
+        """Writes the checkpoint to <out>/checkpoint atomically."""
+        return save_checkpoint(Path(self.config.out) / CHECKPOINT_DIR, self.checkpoint())
+
+    def run(self) -> None:
+        """Trains until max_steps or the time budget, saves, and exports if asked."""
+        if self.config.resume is not None:
+            self.load(load_checkpoint(self.config.resume))
+        first_step = self.step
+        _TrainLoop(self).run()
+        if self.step > first_step:
+            self.save()
+        if self.config.export is not None:
+            export_pipeline(self.transformer, self.text_encoder, self.preset, self.config.export)
+
+
+class _TrainLoop:
+    """The step loop: logging, periodic saves and the time-budget stop rule."""
+
+    def __init__(self, trainer: Trainer):
+        self.t = trainer
+        self.loss_sum = torch.zeros((), device=trainer.device)
+        self.grad_sum = torch.zeros((), device=trainer.device)
+        self.window_steps = 0
+        self.window_start = time.monotonic()
+        self.step_seconds = 0.0  # recent wall seconds per step, 0 until measured
+
+    def run(self) -> None:
+        cfg, start_step = self.t.config, self.t.step
+        while not self._should_stop(start_step):
+            tick = time.monotonic()
+            loss, grad_norm = self.t.train_step()
+            self.loss_sum += loss
+            self.grad_sum += grad_norm
+            self.window_steps += 1
+            self.step_seconds = self.step_seconds or time.monotonic() - tick
+            if self.t.step % cfg.log_every == 0:
+                self._log()
+            if cfg.save_every and self.t.step % cfg.save_every == 0:
+                self.t.save()
+        if self.window_steps:
+            self._log()
+
+    def _should_stop(self, start_step: int) -> bool:
+        cfg = self.t.config
+        if cfg.max_steps is not None and self.t.step - start_step >= cfg.max_steps:
+            return True
+        if cfg.time_budget_min is None:
+            return False
+        elapsed = time.monotonic() - self.t.started_at
+        return elapsed + 2 * self.step_seconds + cfg.reserve_s > 60 * cfg.time_budget_min
+
+    def _log(self) -> None:
+        loss = self.loss_sum.item() / self.window_steps  # the only host sync of the loop
+        grad = self.grad_sum.item() / self.window_steps
+        seconds = time.monotonic() - self.window_start
+        self.step_seconds = seconds / self.window_steps
+        self.t.train_seconds += seconds
+        lr = learning_rate(self.t.config, self.t.step - 1)
+        rate = self.window_steps * self.t.config.batch_size / max(seconds, 1e-9)
+        self.t.loss_csv += (f"{self.t.step},{self.t.train_seconds:.1f},{loss:.6f},{lr:.3e},"
+                            f"{grad:.4f},{rate:.1f}\n")
+        logger.info("step %d  loss %.4f  lr %.2e  grad %.3f  %.0f clips/s  %.0f s elapsed",
+                    self.t.step, loss, lr, grad, rate, time.monotonic() - self.t.started_at)
+        self.loss_sum.zero_()
+        self.grad_sum.zero_()
+        self.window_steps = 0
+        self.window_start = time.monotonic()
+
+
+def _jsonable(config: TrainConfig) -> dict:
+    fields = dataclasses.asdict(config)
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in fields.items()}
