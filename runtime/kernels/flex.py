@@ -6,12 +6,15 @@ compiled kernel: no recompilation, no Python mask_mod in the hot path (attention
 
 Partial tail block (S not a multiple of block_size): kept blocks of the last key column go in
 as PARTIAL blocks with the mask_mod `kv_idx < S`, all other kept blocks as FULL blocks (no
-mask_mod evaluated). Flex's own boundary handling masked the tail for 128-token blocks but not
-for 64-token blocks with 64x64 tiles on an H100 (torch 2.11, measured 2026-11-26), so the tail
-is masked explicitly. BlockMask's seq_lengths must equal (S, S) or flex_attention refuses it.
+mask_mod evaluated). This relies on flex's documented partial-block semantics rather than on
+inductor's internal boundary checks (both were exact on an H100, torch 2.11, 2026-11-26:
+benchmarks/flex_tail_check.py). BlockMask's seq_lengths must equal (S, S).
 
-Each new (shape, dtype, block size) is one dynamo recompile; past torch._dynamo.config's
-recompile_limit (8) dynamo runs flex_attention unfused, so keep the shapes per process few.
+Each new (shape, dtype, block size) is one dynamo recompile. Past dynamo's recompile limit
+(8 by default) torch runs flex_attention eagerly, and on an H100 (torch 2.11, 2026-11-26) that
+eager path returned wrong results for our BlockMasks (errors 0.2-0.8 against the reference, see
+benchmarks/flex_tail_check.py), besides materializing S x S scores. So the compiled call runs
+with a higher limit and with fail_on_recompile_limit_hit, which raises instead of falling back.
 """
 
 from __future__ import annotations
@@ -34,8 +37,6 @@ def _compiled_flex():
     # One torch.compile(flex_attention, dynamic=False) per process; inductor caches a kernel per
     # shape. Under an outer torch.compile the plain function is traced into the caller's graph.
     global _COMPILED_FLEX
-    if torch.compiler.is_compiling():
-        return flex_attention
     if _COMPILED_FLEX is None:
         _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
     return _COMPILED_FLEX
@@ -56,6 +57,18 @@ def _kv_blocks(block_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     counts = block_map.sum(dim=-1, dtype=torch.int32)
     order = torch.argsort(block_map.to(torch.int8), dim=-1, descending=True, stable=True)
     return counts, order.to(torch.int32)
+
+
+_RECOMPILE_LIMIT = 64
+
+
+def _call_compiled(*args, **kwargs):
+    if torch.compiler.is_compiling():  # traced into an outer graph: no dynamo frame of our own
+        return flex_attention(*args, **kwargs)
+    settings = {"recompile_limit": _RECOMPILE_LIMIT, "fail_on_recompile_limit_hit": True}
+    known = {k: v for k, v in settings.items() if hasattr(torch._dynamo.config, k)}
+    with torch._dynamo.config.patch(**known):
+        return _compiled_flex()(*args, **kwargs)
 
 
 def block_mask_from_map(
@@ -120,5 +133,5 @@ def flex_block_sparse_attention(
     seq_len, head_dim = q.shape[-2], q.shape[-1]
     needs_grad = q.requires_grad or k.requires_grad or v.requires_grad
     mask = block_mask_from_map(block_map, seq_len, block_size, compute_q_blocks=needs_grad)
-    return _compiled_flex()(q, k, v, block_mask=mask, scale=scale,
-                            kernel_options=_kernel_options(block_size, head_dim))
+    return _call_compiled(q, k, v, block_mask=mask, scale=scale,
+                          kernel_options=_kernel_options(block_size, head_dim))
