@@ -41,6 +41,7 @@ class PlanHandle:
     def reset(self) -> None:
         """Forget cached residuals, step counts and statistics (a new generation)."""
         self.tracker.reset_state(self.transformer)
+        self.tracker.calls_seen = 0
         for run in self.runs:
             run.reset()
         for layer in self.layers:
@@ -56,7 +57,7 @@ class PlanHandle:
 
     def stats(self) -> dict:
         """Achieved attention density and share of block evaluations skipped, since reset."""
-        calls = self.tracker.total_calls
+        calls = self.tracker.calls_seen
         densities = [
             d for d in (layer.achieved_density() for layer in self.layers) if d is not None
         ]

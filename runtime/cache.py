@@ -68,6 +68,10 @@ class RunCacheState:
         self.residuals[self.tracker.state.context] = _Residual(residual, self.permuted)
         self.run_input = None
 
+    def clear_residuals(self) -> None:
+        """A generation ended: cached residuals are stale (statistics are kept)."""
+        self.residuals.clear()
+
     def reset(self) -> None:
         self.residuals.clear()
         self.computed_steps.clear()
@@ -99,7 +103,7 @@ class BlockCacheHook(ModelHook):
         return output
 
     def reset_state(self, module: nn.Module) -> nn.Module:
-        self.run.reset()
+        self.run.clear_residuals()
         return module
 
 

@@ -48,6 +48,8 @@ class StepTracker(ModelHook):
         self.state = StepState()
         self.listeners: list = []
         self._calls: dict[str, int] = {}
+        self.calls_seen = 0  # lifetime count for statistics; diffusers' end-of-generation reset
+        # (reset_state) restarts step counting but keeps this
 
     def pre_forward(self, module: nn.Module, *args, **kwargs):
         self.state = self._next_state()
@@ -61,14 +63,10 @@ class StepTracker(ModelHook):
         step_index = getattr(ctx, "step_index", None)
         calls = self._calls.get(name, 0)
         self._calls[name] = calls + 1
+        self.calls_seen += 1
         if step_index is None:
             step_index = calls % self.num_inference_steps if self.num_inference_steps else calls
         return StepState(step=int(step_index), context=name)
-
-    @property
-    def total_calls(self) -> int:
-        """Transformer calls seen since the last reset, over all contexts."""
-        return sum(self._calls.values())
 
     def reset_state(self, module: nn.Module) -> nn.Module:
         self._calls.clear()

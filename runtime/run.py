@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 # Built-in reference model defaults: small enough for a 2-core CPU (see README).
 REFERENCE_DEFAULTS = dict(steps=16, height=32, width=32, frames=8, guidance_scale=4.0)
-REFERENCE_PROMPT = "a red circle moves right"
+REFERENCE_PROMPT = "a red circle slowly moves right"
 
 
 @dataclass
