@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tests.policy.policy_factories import LayerTruth, TraceSpec, write_traces
 
 from ditplan.policy.classify import classify_roles, decision_boundary
 from ditplan.policy.config import CompilerConfig, CompilerError
 from ditplan.policy.load_profile import load_profile
+from tests.policy.policy_factories import LayerTruth, TraceSpec, write_traces
 
 PATTERN = (True, False, False, True, False, True)
 

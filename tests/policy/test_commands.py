@@ -6,10 +6,10 @@ import argparse
 import json
 
 import pytest
-from tests.policy.policy_factories import LayerTruth, TraceSpec, write_traces
 
 from ditplan.policy import commands
 from ditplan.policy.plan_io import load_plan
+from tests.policy.policy_factories import LayerTruth, TraceSpec, write_traces
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from tests.policy.policy_factories import LayerTruth, TraceSpec, write_traces
 
 from ditplan.policy.classify import classify_roles
 from ditplan.policy.compiler import compile_policy, design
@@ -14,6 +13,7 @@ from ditplan.policy.cost import CostModel
 from ditplan.policy.load_profile import load_profile
 from ditplan.policy.plan_io import plan_to_json
 from ditplan.profiler import schema as S
+from tests.policy.policy_factories import LayerTruth, TraceSpec, write_traces
 
 # fg, bg, bg, fg (poorly predicted), bg, fg (mass spread: no density reaches 0.9)
 LAYERS = (LayerTruth(True, 0.1), LayerTruth(False, 0.2), LayerTruth(False, 0.1),

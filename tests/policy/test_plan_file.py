@@ -9,10 +9,10 @@ import sys
 
 import jsonschema
 import pytest
-from tests.policy.policy_factories import sample_plan
 
 from ditplan.policy import plan_io, plan_schema
 from ditplan.policy.plan import PLAN_SCHEMA_VERSION, AttentionSpec, CacheGroup, PlanError
+from tests.policy.policy_factories import sample_plan
 
 
 def write_json(path, data) -> str:

@@ -7,10 +7,10 @@ import json
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tests.policy.policy_factories import sample_plan
 
 from ditplan.policy import plan_io
 from ditplan.policy.plan import Plan, PlanError
+from tests.policy.policy_factories import sample_plan
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)

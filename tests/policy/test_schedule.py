@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tests.policy.policy_factories import change_curve
 
 from ditplan.policy.config import CompilerConfig
 from ditplan.policy.schedule import (
@@ -14,6 +13,7 @@ from ditplan.policy.schedule import (
     refresh_steps,
     warmup_steps,
 )
+from tests.policy.policy_factories import change_curve
 
 
 def test_refresh_intervals_shrink_from_t_max_to_t_min():

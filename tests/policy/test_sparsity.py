@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tests.policy.policy_factories import LayerTruth, TraceSpec, write_traces
 
 from ditplan.policy.config import CompilerConfig
 from ditplan.policy.load_profile import load_profile
 from ditplan.policy.sparsity import DENSE, choose_sparsity, required_density
+from tests.policy.policy_factories import LayerTruth, TraceSpec, write_traces
 
 GRID = np.array([0.05, 0.1, 0.2, 0.3, 0.5])
 
