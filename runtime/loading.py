@@ -58,6 +58,6 @@ def load_pipeline(model: str = REFERENCE, *, device: str = "cpu", dtype: torch.d
             "(owner/name)"
         )
     pipeline_class = _pipeline_class(path)
-    pipe = pipeline_class.from_pretrained(path if path.exists() else model, torch_dtype=dtype)
+    pipe = pipeline_class.from_pretrained(path if path.exists() else model, dtype=dtype)
     logger.info("loaded %s (%s) on %s", model, type(pipe).__name__, device)
     return pipe.to(device)

@@ -1,0 +1,86 @@
+"""The three commands end to end on a tiny reference pipeline on CPU, plus bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ditplan.runtime.cli import main
+from ditplan.runtime.reference.config import (
+    SMOKE,
+    build_caption_encoder,
+    build_scheduler,
+    build_transformer,
+)
+from ditplan.runtime.reference.pipeline import ReferenceVideoPipeline
+
+PROMPT = "a red circle slowly moves right"
+# 4 frames x 16 x 16 px -> 4 x 8 x 8 tokens = 4 blocks of 64; 4 steps with CFG.
+WORKLOAD = ["--steps", "4", "--frames", "4", "--height", "16", "--width", "16"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    pipe = ReferenceVideoPipeline(
+        build_transformer(SMOKE).eval(), build_caption_encoder(SMOKE).eval(), build_scheduler(SMOKE)
+    )
+    path = tmp_path_factory.mktemp("model") / "tiny-ref"
+    pipe.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def plan_path(model_dir, tmp_path_factory):
+    work = tmp_path_factory.mktemp("flow")
+    traces = work / "traces"
+    profile = ["profile", "--model", str(model_dir), "--out", str(traces), "--prompts", PROMPT,
+               "--seeds", "0", "--block-size", "64", "--tile", "1x4x4", "--device", "cpu",
+               "--no-progress", *WORKLOAD]
+    assert main(profile) == 0
+    plan = work / "plan.json"
+    assert main(["compile-policy", str(traces), "--out", str(plan), "--quality", "fast"]) == 0
+    return plan
+
+
+def test_profile_compile_run(model_dir, plan_path, tmp_path, capsys):
+    plan = json.loads(plan_path.read_text())
+    assert plan["workload"]["frames"] == 4 and plan["workload"]["tokens_grid"] == [4, 8, 8]
+    assert main(["plan", "show", str(plan_path)]) == 0
+    assert "predicted speedup" in capsys.readouterr().out
+    out = tmp_path / "run"
+    code = main(["run", "--model", str(model_dir), "--plan", str(plan_path), "--prompt", PROMPT,
+                 "--device", "cpu", "--backend", "torch", "--compare-dense", "--out", str(out)])
+    assert code == 0
+    assert (out / "video.mp4").stat().st_size > 0 and (out / "frames.png").stat().st_size > 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["workload"]["steps"] == 4
+    assert 0 < metrics["run"]["attention_density"] <= 1
+    assert metrics["vs_dense"]["psnr_db"] > 10 and metrics["speedup_vs_dense"] > 0
+
+
+def test_run_refuses_a_plan_for_another_workload(model_dir, plan_path, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["run", "--model", str(model_dir), "--plan", str(plan_path), "--frames", "8",
+                 "--device", "cpu", "--out", str(out)])
+    assert code == 2
+    assert "--frames 8 (plan: 4)" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_broken_plan_and_truncated_trace_leave_no_output(model_dir, plan_path, tmp_path, capsys):
+    broken = tmp_path / "broken.json"
+    broken.write_text(plan_path.read_text()[:-40])
+    out = tmp_path / "run"
+    assert main(["run", "--model", str(model_dir), "--plan", str(broken), "--out", str(out)]) == 2
+    assert "broken.json" in capsys.readouterr().err and not out.exists()
+
+    traces = tmp_path / "traces"
+    traces.mkdir()
+    source = next(plan_path.parent.joinpath("traces").rglob("*.parquet"))
+    (traces / "cut.parquet").write_bytes(source.read_bytes()[:200])
+    new_plan = tmp_path / "plan.json"
+    assert main(["compile-policy", str(traces), "--out", str(new_plan)]) != 0
+    assert "cut.parquet" in capsys.readouterr().err and not new_plan.exists()
