@@ -61,7 +61,8 @@ def _run(args) -> int:
     if "speedup_vs_dense" in metrics:
         quality = metrics["vs_dense"]
         line += (
-            f"; {metrics['speedup_vs_dense']:.2f}x vs dense, PSNR "
+            f"; {metrics['speedup_vs_dense']:.2f}x vs dense (median step "
+            f"{metrics['step_speedup_vs_dense']:.2f}x), PSNR "
             f"{quality['psnr_db']:.1f} dB, SSIM {quality['ssim']:.3f}"
         )
     print(line)

@@ -140,6 +140,9 @@ def run_generation(config: RunConfig) -> dict:
         handle.remove()
     if dense is not None:
         metrics["speedup_vs_dense"] = metrics["dense"]["wall_s"] / metrics["run"]["wall_s"]
+        metrics["step_speedup_vs_dense"] = (
+            metrics["dense"]["step_s_median"] / metrics["run"]["step_s_median"]
+        )
         metrics["vs_dense"] = compare_videos(
             torch.from_numpy(frames) / 255.0, torch.from_numpy(dense) / 255.0
         )
