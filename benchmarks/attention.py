@@ -1,7 +1,7 @@
 """Benchmark: ditplan's sparse attention op vs dense SDPA at the Wan2.1-1.3B 480p x 81-frame shape.
 
-    python benchmarks/attention.py [--json out.json]      # H100: bf16, B=1, H=12, S=32,760, D=128
-    python benchmarks/attention.py --quick                # CPU smoke run on a small shape
+    python -m benchmarks.attention [--json out.json]      # H100: bf16, B=1, H=12, S=32,760, D=128
+    python -m benchmarks.attention --quick                # CPU smoke run on a small shape
 
 Every number comes from one run on one device: dense F.scaled_dot_product_attention, then the
 full sparse op (tile-permute q/k/v, block-mean selection with a first-frame sink, block-sparse
@@ -17,15 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import time_ms
 from ditplan.runtime.kernels import (
     block_sparse_attention,
     first_frame_mask,
@@ -61,34 +60,14 @@ QUICK = dict(grid=(3, 16, 20), heads=2, head_dim=32, dtype=torch.float32)  # S =
 
 
 def median_ms(fn: Callable[[], object], device: torch.device) -> float:
-    """Median wall time of fn() in ms, after warm-up."""
+    """Median time of fn() in ms: triton's do_bench on CUDA, else benchmarks.common.time_ms."""
     if device.type == "cuda":
         try:
             from triton.testing import do_bench
         except ImportError:
-            return _cuda_event_median_ms(fn)
+            return time_ms(fn, warmup=5, repeats=30)
         return float(do_bench(fn, warmup=50, rep=300, return_mode="median"))
-    fn()
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def _cuda_event_median_ms(fn: Callable[[], object], reps: int = 30) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return time_ms(fn, warmup=1, repeats=5)
 
 
 def peak_mib(fn: Callable[[], object], device: torch.device) -> dict[str, float | None]:

@@ -5,20 +5,10 @@ from __future__ import annotations
 import torch
 from diffusers import WanTransformer3DModel
 
-TINY_WAN_CONFIG = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=2,
-    attention_head_dim=16,
-    in_channels=4,
-    out_channels=4,
-    text_dim=32,
-    freq_dim=32,
-    ffn_dim=64,
-    num_layers=2,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    rope_max_seq_len=64,
-)
+from ditplan.runtime.reference.config import SMOKE
+
+# The reference model's 2-layer smoke preset: 2 heads of 16, 3 channels, 16-dim text.
+TINY_WAN_CONFIG = dict(SMOKE.transformer)
 
 
 def tiny_wan(seed: int = 0, **overrides) -> WanTransformer3DModel:
