@@ -36,9 +36,25 @@ def model_dir(tmp_path_factory):
 def plan_path(model_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("flow")
     traces = work / "traces"
-    profile = ["profile", "--model", str(model_dir), "--out", str(traces), "--prompts", PROMPT,
-               "--seeds", "0", "--block-size", "64", "--tile", "1x4x4", "--device", "cpu",
-               "--no-progress", *WORKLOAD]
+    profile = [
+        "profile",
+        "--model",
+        str(model_dir),
+        "--out",
+        str(traces),
+        "--prompts",
+        PROMPT,
+        "--seeds",
+        "0",
+        "--block-size",
+        "64",
+        "--tile",
+        "1x4x4",
+        "--device",
+        "cpu",
+        "--no-progress",
+        *WORKLOAD,
+    ]
     assert main(profile) == 0
     plan = work / "plan.json"
     assert main(["compile-policy", str(traces), "--out", str(plan), "--quality", "fast"]) == 0
@@ -51,8 +67,24 @@ def test_profile_compile_run(model_dir, plan_path, tmp_path, capsys):
     assert main(["plan", "show", str(plan_path)]) == 0
     assert "predicted speedup" in capsys.readouterr().out
     out = tmp_path / "run"
-    code = main(["run", "--model", str(model_dir), "--plan", str(plan_path), "--prompt", PROMPT,
-                 "--device", "cpu", "--backend", "torch", "--compare-dense", "--out", str(out)])
+    code = main(
+        [
+            "run",
+            "--model",
+            str(model_dir),
+            "--plan",
+            str(plan_path),
+            "--prompt",
+            PROMPT,
+            "--device",
+            "cpu",
+            "--backend",
+            "torch",
+            "--compare-dense",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     assert (out / "video.mp4").stat().st_size > 0 and (out / "frames.png").stat().st_size > 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -63,8 +95,21 @@ def test_profile_compile_run(model_dir, plan_path, tmp_path, capsys):
 
 def test_run_refuses_a_plan_for_another_workload(model_dir, plan_path, tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["run", "--model", str(model_dir), "--plan", str(plan_path), "--frames", "8",
-                 "--device", "cpu", "--out", str(out)])
+    code = main(
+        [
+            "run",
+            "--model",
+            str(model_dir),
+            "--plan",
+            str(plan_path),
+            "--frames",
+            "8",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 2
     assert "--frames 8 (plan: 4)" in capsys.readouterr().err
     assert not out.exists()
@@ -84,3 +129,15 @@ def test_broken_plan_and_truncated_trace_leave_no_output(model_dir, plan_path, t
     new_plan = tmp_path / "plan.json"
     assert main(["compile-policy", str(traces), "--out", str(new_plan)]) != 0
     assert "cut.parquet" in capsys.readouterr().err and not new_plan.exists()
+
+
+def test_building_the_cli_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from ditplan.runtime.cli import build_parser; build_parser(); "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"  # compile-policy and plan show stay torch-free
