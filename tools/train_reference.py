@@ -5,6 +5,13 @@ Typical H100 run, resumable in pieces of under 10 minutes:
     python tools/train_reference.py --out runs/ref --time-budget-min 8 \
         [--resume runs/ref/checkpoint] [--export artifacts/models/ditplan-ref-t2v]
 
+--resume also takes an exported pipeline folder (it has model_index.json): the weights load
+exactly as shipped, step, train time and loss curve come from its training_state.json and
+loss.csv, AdamW restarts from zero moments and the lr re-warms over --rewarm-steps:
+
+    python tools/train_reference.py --out runs/ref --time-budget-min 8 \
+        --resume artifacts/models/ditplan-ref-t2v
+
 Export only (CPU is fine): --resume CKPT --max-steps 0 --export DIR.
 CPU smoke test: --smoke --out /tmp/smoke.
 """
@@ -21,13 +28,14 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 SMOKE_DEFAULTS = dict(preset="smoke", device="cpu", compile=False, batch_size=2, max_steps=3,
-                      log_every=1, save_every=0, warmup_steps=2, total_steps=20)
+                      log_every=1, save_every=0, warmup_steps=2, total_steps=20, rewarm_steps=2)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="run folder: <out>/checkpoint/")
-    p.add_argument("--resume", type=Path, help="checkpoint folder to continue from")
+    p.add_argument("--resume", type=Path,
+                   help="checkpoint folder, or exported pipeline folder, to continue from")
     p.add_argument("--export", type=Path, help="write the diffusers pipeline folder here")
     p.add_argument("--time-budget-min", type=float, help="stop, save and exit within M minutes")
     p.add_argument("--max-steps", type=int, help="stop after this many steps in this run")
@@ -37,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
     p.add_argument("--warmup-steps", type=int, default=200)
     p.add_argument("--total-steps", type=int, default=4000, help="cosine horizon over all runs")
+    p.add_argument("--rewarm-steps", type=int, default=100,
+                   help="lr ramp after resuming from an export (AdamW restarts there)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--log-every", type=int, default=25)
@@ -53,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args = p.parse_args(argv)
     if args.max_steps is not None and args.max_steps < 0:
         p.error("--max-steps must be >= 0")
+    if args.rewarm_steps < 0:
+        p.error("--rewarm-steps must be >= 0")
     existing = args.out / "checkpoint"
     if existing.exists() and args.resume is None and not args.overwrite:
         p.error(f"{existing} exists: pass --resume {existing} to continue it, or --overwrite")

@@ -93,19 +93,30 @@ def save_checkpoint(directory: str | Path, ckpt: Checkpoint,
     return final
 
 
+def _locate(folder: Path) -> Path | None:
+    """`folder`, else its `.old` twin left by a crash, if it holds a state file; else None."""
+    for candidate in (folder, folder.with_name(folder.name + ".old")):
+        if (candidate / STATE_FILE).is_file():
+            return candidate
+    return None
+
+
+def is_checkpoint(directory: str | Path) -> bool:
+    """Whether `directory` (or its `.old` twin) holds a checkpoint that load_checkpoint reads."""
+    return _locate(Path(directory)) is not None
+
+
 def load_checkpoint(directory: str | Path) -> Checkpoint:
     """Reads a checkpoint written by save_checkpoint (or its `.old` twin after a crash).
 
     Raises:
         CheckpointError: if the folder or any listed shard is missing or the format differs.
     """
-    folder = Path(directory)
-    if not (folder / STATE_FILE).is_file():
-        old = folder.with_name(folder.name + ".old")
-        if not (old / STATE_FILE).is_file():
-            raise CheckpointError(f"no checkpoint at {folder} (missing {STATE_FILE})")
-        logger.warning("using %s: %s was not completely replaced", old, folder)
-        folder = old
+    folder = _locate(Path(directory))
+    if folder is None:
+        raise CheckpointError(f"no checkpoint at {directory} (missing {STATE_FILE})")
+    if folder != Path(directory):
+        logger.warning("using %s: %s was not completely replaced", folder, directory)
     state = json.loads((folder / STATE_FILE).read_text())
     if state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{folder} has format {state.get('format_version')}, "

@@ -3,7 +3,9 @@
 Data are generated on the training device every step from a seed derived from (run seed, global
 step), so a resumed run sees exactly the batches an uninterrupted one would. Checkpoints hold
 the weights in their shipped dtypes, AdamW's second moment in bf16 (see `Trainer.checkpoint`
-for why), the step, the loss curve and the hyperparameters.
+for why), the step, the loss curve and the hyperparameters. A run can also resume from an
+exported pipeline folder (weights + training_state.json + loss.csv, no optimizer state): AdamW
+then restarts from zero moments and the learning rate re-warms (see `learning_rate`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ditplan.runtime.reference.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ditplan.runtime.reference.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    is_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from ditplan.runtime.reference.clips import generate_clips
 from ditplan.runtime.reference.config import (
     ModelPreset,
@@ -26,7 +34,12 @@ from ditplan.runtime.reference.config import (
     build_transformer,
     get_preset,
 )
-from ditplan.runtime.reference.export import export_pipeline, shipped_dtypes
+from ditplan.runtime.reference.export import (
+    MODEL_INDEX_FILE,
+    export_pipeline,
+    load_export,
+    shipped_dtypes,
+)
 from ditplan.runtime.reference.flow import (
     NUM_TRAIN_TIMESTEPS,
     noisy_sample,
@@ -38,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 LOSS_HEADER = "step,train_seconds,loss,lr,grad_norm,clips_per_s\n"
 CHECKPOINT_DIR = "checkpoint"
+MOMENT_PREFIX = "adam_exp_avg_sq."
 _AUX_SEED_OFFSET = 1 << 40  # separates the noise/dropout stream from the clip stream
 
 
@@ -58,6 +72,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     warmup_steps: int = 200
     total_steps: int = 4000
+    rewarm_steps: int = 100  # lr ramp after an optimizer restart (resume from an export)
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     caption_dropout: float = 0.1
@@ -72,8 +87,22 @@ class TrainConfig:
     device: str | None = None  # default: cuda if available, else cpu
 
 
-def learning_rate(config: TrainConfig, step: int) -> float:
-    """Linear warmup to config.lr, cosine decay to lr * min_lr_ratio at total_steps, then flat."""
+def learning_rate(config: TrainConfig, step: int, restarted_at: int | None = None) -> float:
+    """The learning rate of (0-based) `step`.
+
+    Linear warmup to config.lr, cosine decay to lr * min_lr_ratio at total_steps, then flat.
+    If the optimizer restarted (fresh AdamW moments) at step `restarted_at`, that schedule is
+    scaled by (step - restarted_at + 1) / rewarm_steps for the rewarm_steps steps from there:
+    Adam's first updates with fresh moments are about lr-sized per weight whatever the gradient,
+    which at the full learning rate would undo part of the training (cf. the original warmup).
+    """
+    lr = _cosine_schedule(config, step)
+    if restarted_at is not None and restarted_at <= step < restarted_at + config.rewarm_steps:
+        lr *= (step - restarted_at + 1) / config.rewarm_steps
+    return lr
+
+
+def _cosine_schedule(config: TrainConfig, step: int) -> float:
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     span = max(1, config.total_steps - config.warmup_steps)
@@ -101,6 +130,7 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         self.step = 0
         self.train_seconds = 0.0
+        self.restarted_at: int | None = None  # step at which AdamW last restarted from zero
         self.loss_csv = LOSS_HEADER
         self.model = self.transformer
         if config.compile:
@@ -131,13 +161,38 @@ class Trainer:
         for name, p in self.named_params:
             state = self.optimizer.state.get(p, {})
             if "exp_avg_sq" in state:
-                tensors[f"adam_exp_avg_sq.{name}"] = state["exp_avg_sq"].to(torch.bfloat16)
-        state = {"step": self.step, "train_seconds": self.train_seconds,
-                 "preset": self.preset.name, "config": _jsonable(self.config)}
-        return Checkpoint(tensors=tensors, state=state, loss_csv=self.loss_csv)
+                tensors[MOMENT_PREFIX + name] = state["exp_avg_sq"].to(torch.bfloat16)
+        return Checkpoint(tensors=tensors, state=self.training_state(), loss_csv=self.loss_csv)
+
+    def training_state(self) -> dict:
+        """The JSON-able record beside the weights in checkpoints and exports."""
+        return {"step": self.step, "train_seconds": self.train_seconds,
+                "preset": self.preset.name, "optimizer_restarted_at": self.restarted_at,
+                "config": _jsonable(self.config)}
+
+    def learning_rate(self, step: int) -> float:
+        """The schedule's learning rate at `step`, with the re-warm after an optimizer restart."""
+        return learning_rate(self.config, step, self.restarted_at)
 
     def load(self, ckpt: Checkpoint) -> None:
-        """Restores weights, AdamW second moments, step, train time and loss curve."""
+        """Restores weights, step, train time and loss curve, and AdamW's second moments if
+        `ckpt` has them; if it has none (an export), AdamW restarts and the lr re-warms."""
+        self._check_compatible(ckpt)
+        self.step = int(ckpt.state["step"])
+        self.train_seconds = float(ckpt.state["train_seconds"])
+        self.loss_csv = ckpt.loss_csv or LOSS_HEADER
+        self.restarted_at = ckpt.state.get("optimizer_restarted_at")
+        with torch.no_grad():
+            for name, p in self.named_params:
+                p.copy_(ckpt.tensors[name])
+                moment = ckpt.tensors.get(MOMENT_PREFIX + name)
+                if moment is not None:
+                    self.optimizer.state[p] = self._adam_state(p, moment)
+        logger.info("resumed at step %d (%.0f s trained)", self.step, self.train_seconds)
+        if not any(name.startswith(MOMENT_PREFIX) for name in ckpt.tensors):
+            self._restart_optimizer()
+
+    def _check_compatible(self, ckpt: Checkpoint) -> None:
         if ckpt.state.get("preset") != self.preset.name:
             raise ResumeMismatchError(f"checkpoint preset {ckpt.state.get('preset')!r} differs "
                                       f"from --preset {self.preset.name!r}")
@@ -146,16 +201,18 @@ class Trainer:
         if missing:
             raise ResumeMismatchError(
                 f"checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
-        self.step = int(ckpt.state["step"])
-        self.train_seconds = float(ckpt.state["train_seconds"])
-        self.loss_csv = ckpt.loss_csv or LOSS_HEADER
-        with torch.no_grad():
-            for name, p in self.named_params:
-                p.copy_(ckpt.tensors[name])
-                moment = ckpt.tensors.get(f"adam_exp_avg_sq.{name}")
-                if moment is not None:
-                    self.optimizer.state[p] = self._adam_state(p, moment)
-        logger.info("resumed at step %d (%.0f s trained)", self.step, self.train_seconds)
+        wrong = [n for n, p in self.named_params if ckpt.tensors[n].shape != p.shape]
+        if wrong:
+            raise ResumeMismatchError(
+                f"{len(wrong)} weights have other shapes than the preset's, e.g. {wrong[:3]}")
+
+    def _restart_optimizer(self) -> None:
+        """Fresh AdamW moments with Adam's own step at 0 (created lazily by the first step)."""
+        self.optimizer.state.clear()
+        self.restarted_at = self.step
+        logger.info("optimizer restarted at step %d (no AdamW state in the resume source): "
+                    "fresh moments, lr re-warms over %d steps into the schedule",
+                    self.step, self.config.rewarm_steps)
 
     def _adam_state(self, p: torch.Tensor, exp_avg_sq: torch.Tensor) -> dict:
         group = self.optimizer.param_groups[0]
@@ -202,7 +259,7 @@ class Trainer:
         params = [p for _, p in self.named_params]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
         for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(self.config, self.step)
+            group["lr"] = self.learning_rate(self.step)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -215,13 +272,32 @@ class Trainer:
     def run(self) -> None:
         """Trains until max_steps or the time budget, saves, and exports if asked."""
         if self.config.resume is not None:
-            self.load(load_checkpoint(self.config.resume))
+            self.load(load_resume_source(self.config.resume))
         first_step = self.step
         _TrainLoop(self).run()
         if self.step > first_step:
             self.save()
         if self.config.export is not None:
-            export_pipeline(self.transformer, self.text_encoder, self.preset, self.config.export)
+            export_pipeline(self.transformer, self.text_encoder, self.preset, self.config.export,
+                            state=self.training_state(), loss_csv=self.loss_csv)
+
+
+def load_resume_source(directory: str | Path) -> Checkpoint:
+    """Reads what `--resume` names: an exported pipeline folder (it has model_index.json; no
+    optimizer state) or a checkpoint folder (state.json + shards).
+
+    Raises:
+        CheckpointError: if `directory` is neither, or is a damaged one of the two.
+    """
+    folder = Path(directory)
+    if (folder / MODEL_INDEX_FILE).is_file():
+        return load_export(folder)
+    if is_checkpoint(folder):
+        return load_checkpoint(folder)
+    raise CheckpointError(
+        f"cannot resume from {folder}: it is neither a training checkpoint (no state.json, e.g. "
+        f"<out>/{CHECKPOINT_DIR}) nor an exported pipeline (no {MODEL_INDEX_FILE}, e.g. "
+        "artifacts/models/ditplan-ref-t2v)")
 
 
 class _TrainLoop:
@@ -266,7 +342,7 @@ class _TrainLoop:
         seconds = time.monotonic() - self.window_start
         self.step_seconds = seconds / self.window_steps
         self.t.train_seconds += seconds
-        lr = learning_rate(self.t.config, self.t.step - 1)
+        lr = self.t.learning_rate(self.t.step - 1)
         rate = self.window_steps * self.t.config.batch_size / max(seconds, 1e-9)
         self.t.loss_csv += (f"{self.t.step},{self.t.train_seconds:.1f},{loss:.6f},{lr:.3e},"
                             f"{grad:.4f},{rate:.1f}\n")

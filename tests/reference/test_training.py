@@ -1,10 +1,12 @@
-"""Training: smoke run, checkpoint/resume, schedule, rectified-flow math, export limits."""
+"""Training: smoke run, checkpoint/resume, resume from an export, schedule, rectified-flow math,
+export limits."""
 
 from __future__ import annotations
 
 import csv
 import importlib.util
 import json
+import math
 import time
 from pathlib import Path
 
@@ -22,9 +24,16 @@ from ditplan.runtime.reference.checkpoint import (
 )
 from ditplan.runtime.reference.flow import noisy_sample, sample_sigmas, shift_sigmas
 from ditplan.runtime.reference.pipeline import ReferenceVideoPipeline
-from ditplan.runtime.reference.training import TrainConfig, Trainer, learning_rate
+from ditplan.runtime.reference.training import (
+    TrainConfig,
+    Trainer,
+    learning_rate,
+    load_resume_source,
+)
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "train_reference.py"
+ROOT = Path(__file__).resolve().parents[2]
+TOOL = ROOT / "tools" / "train_reference.py"
+SHIPPED = ROOT / "artifacts" / "models" / "ditplan-ref-t2v"
 
 
 def _tool():
@@ -37,6 +46,12 @@ def _tool():
 def _rows(folder: Path) -> list[dict]:
     with open(folder / "checkpoint" / "loss.csv") as f:
         return list(csv.DictReader(f))
+
+
+def _smoke_config(tmp_path: Path, **changes) -> TrainConfig:
+    fields = dict(out=tmp_path, preset="smoke", device="cpu", compile=False, batch_size=2,
+                  max_steps=2, log_every=1, save_every=0, warmup_steps=1, total_steps=20)
+    return TrainConfig(**{**fields, **changes})
 
 
 def test_smoke_trains_checkpoints_resumes_and_exports(tmp_path):
@@ -199,3 +214,126 @@ def test_reference_preset_meets_the_size_and_workload_limits():
     assert 6e6 <= params <= 10e6
     assert 2 * params < 25e6  # shipped in bf16 (the encoder's 0.4M in fp32 adds 0.8 MB)
     assert 4 * params < 60 * 2**20  # checkpoint: bf16 weights + bf16 exp_avg_sq
+
+
+def test_smoke_resume_from_export_continues_step_count_and_loss_curve(tmp_path):
+    tool = _tool()
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert tool.main(["--smoke", "--out", str(first), "--export", str(first / "export")]) == 0
+    record = json.loads((first / "export" / "training_state.json").read_text())
+    assert record["step"] == 3 and record["preset"] == "smoke"
+    assert (first / "export" / "loss.csv").read_text() == (first / "checkpoint" /
+                                                            "loss.csv").read_text()
+    assert tool.main(["--smoke", "--out", str(second), "--resume", str(first / "export"),
+                      "--max-steps", "2", "--export", str(second / "export")]) == 0
+    state = json.loads((second / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 5 and state["optimizer_restarted_at"] == 3
+    assert state["train_seconds"] > record["train_seconds"]
+    rows = _rows(second)
+    assert rows[:3] == _rows(first) and [r["step"] for r in rows[3:]] == ["4", "5"]
+    again = json.loads((second / "export" / "training_state.json").read_text())
+    assert again["step"] == 5
+    assert again["weights_sha256"] != record["weights_sha256"]  # it trained on
+
+
+def test_loading_an_export_gives_the_shipped_weights_bitwise_and_restarts_adam(tmp_path):
+    Trainer(_smoke_config(tmp_path, export=tmp_path / "export")).run()
+    config = _smoke_config(tmp_path, rewarm_steps=4)
+    resumed = Trainer(config)
+    resumed.load(load_resume_source(tmp_path / "export"))
+    assert resumed.step == 2 and resumed.restarted_at == 2
+    shipped = {f"{part}.{name}": tensor for part in ("transformer", "text_encoder")
+               for name, tensor in load_file(tmp_path / "export" / part /
+                                             "diffusion_pytorch_model.safetensors").items()}
+    assert shipped.keys() == {name for name, _ in resumed.named_params}
+    for name, p in resumed.named_params:  # bf16/fp32 -> fp32 is exact, so equality is bitwise
+        assert torch.equal(p.detach(), shipped[name].float()), name
+    assert len(resumed.optimizer.state) == 0
+    resumed.train_step()
+    # warmup 1, cosine over 19 steps from 5e-4 to 5e-5; step 2 is 1/19 into it, re-warm 1/4
+    cosine = 5e-5 + (5e-4 - 5e-5) * 0.5 * (1 + math.cos(math.pi * 1 / 19))
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(cosine / 4, rel=1e-12)
+    p = resumed.named_params[0][1]
+    assert resumed.optimizer.state[p]["step"].item() == 1  # Adam's bias correction starts over
+
+
+def test_checkpoint_written_during_a_rewarm_keeps_it(tmp_path):
+    Trainer(_smoke_config(tmp_path, export=tmp_path / "export")).run()
+    config = _smoke_config(tmp_path / "b", resume=tmp_path / "export", max_steps=1,
+                           rewarm_steps=4)
+    Trainer(config).run()
+    again = Trainer(config)
+    again.load(load_resume_source(tmp_path / "b" / "checkpoint"))
+    assert again.step == 3 and again.restarted_at == 2  # not restarted again: moments exist
+    assert len(again.optimizer.state) == len(again.named_params)
+    assert again.learning_rate(3) == pytest.approx(learning_rate(config, 3) * 2 / 4, rel=1e-12)
+
+
+def test_learning_rate_rewarm_after_restart_then_cosine():
+    config = TrainConfig(out=Path("."), lr=1e-3, warmup_steps=10, total_steps=110,
+                         min_lr_ratio=0.1, rewarm_steps=4)
+
+    def cosine(step):  # the schedule without a restart, written out
+        return 1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * (step - 10) / 100))
+
+    got = [learning_rate(config, s, restarted_at=60) for s in range(58, 67)]
+    want = [cosine(58), cosine(59), *(cosine(s) * (s - 59) / 4 for s in range(60, 64)),
+            cosine(64), cosine(65), cosine(66)]
+    assert got == pytest.approx(want, rel=1e-12)  # same formula, rounding order may differ
+    assert learning_rate(config, 60, restarted_at=60) == pytest.approx(0.55e-3 / 4)
+    no_rewarm = TrainConfig(**{**vars(config), "rewarm_steps": 0})
+    assert learning_rate(no_rewarm, 60, restarted_at=60) == learning_rate(config, 60)
+
+
+def test_resume_source_that_is_neither_checkpoint_nor_export_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(CheckpointError, match="neither a training checkpoint"):
+        load_resume_source(tmp_path)
+    with pytest.raises(CheckpointError, match="neither"):
+        load_resume_source(tmp_path / "missing")
+    tool = _tool()
+    with pytest.raises(CheckpointError, match="neither"):
+        tool.main(["--smoke", "--out", str(tmp_path / "run"), "--resume", str(tmp_path)])
+    assert not (tmp_path / "run").exists()
+
+
+def test_export_without_record_or_with_other_weights_is_refused(tmp_path):
+    trainer = Trainer(_smoke_config(tmp_path))
+    export_module.export_pipeline(trainer.transformer, trainer.text_encoder, trainer.preset,
+                                  tmp_path / "bare")
+    with pytest.raises(CheckpointError, match="without training_state.json"):
+        load_resume_source(tmp_path / "bare")
+    export_module.export_pipeline(trainer.transformer, trainer.text_encoder, trainer.preset,
+                                  tmp_path / "model", state=trainer.training_state(),
+                                  loss_csv=trainer.loss_csv)
+    assert load_resume_source(tmp_path / "model").state["step"] == 0
+    with torch.no_grad():
+        trainer.transformer.proj_out.weight.add_(1.0)
+    export_module.export_pipeline(trainer.transformer, trainer.text_encoder, trainer.preset,
+                                  tmp_path / "model")  # new weights, stale training record
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_resume_source(tmp_path / "model")
+
+
+def test_resume_from_export_refuses_another_preset(tmp_path):
+    trainer = Trainer(_smoke_config(tmp_path))
+    state = {**trainer.training_state(), "preset": "reference"}
+    export_module.export_pipeline(trainer.transformer, trainer.text_encoder, trainer.preset,
+                                  tmp_path / "model", state=state, loss_csv=trainer.loss_csv)
+    with pytest.raises(ValueError, match="preset"):
+        Trainer(_smoke_config(tmp_path)).load(load_resume_source(tmp_path / "model"))
+
+
+def test_shipped_model_resumes_at_its_recorded_step():
+    ckpt = load_resume_source(SHIPPED)  # also checks the weight files against the record
+    assert ckpt.state["step"] == 1345 and ckpt.state["preset"] == "reference"
+    assert ckpt.state["train_seconds"] == pytest.approx(467.7, abs=0.05)
+    last = list(csv.DictReader(ckpt.loss_csv.splitlines()))[-1]
+    assert int(last["step"]) == ckpt.state["step"]
+    assert float(last["train_seconds"]) == pytest.approx(ckpt.state["train_seconds"], abs=0.05)
+    trainer = Trainer(TrainConfig(out=Path("."), preset="reference", device="cpu",
+                                  compile=False))
+    trainer.load(ckpt)
+    assert trainer.step == 1345 and trainer.restarted_at == 1345
+    assert torch.equal(trainer.transformer.proj_out.weight.detach(),
+                       ckpt.tensors["transformer.proj_out.weight"].float())
