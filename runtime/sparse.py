@@ -77,7 +77,7 @@ def sparse_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay
         q,
         k,
         block_size=spec.block_size,
-        density=spec.density,
+        density=spec.head_densities or spec.density,
         mass_threshold=spec.mass_threshold,
         forced=forced,
     )

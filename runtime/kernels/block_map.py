@@ -9,7 +9,9 @@ SpargeAttn: github.com/thu-ml/SpargeAttn.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -143,14 +145,24 @@ def _check_qk(q: torch.Tensor, k: torch.Tensor, block_size: int) -> None:
         raise ValueError("sequence length S must be positive")
 
 
+def head_densities(density: float | Sequence[float], heads: int) -> list[float]:
+    """One density per head from a scalar or a per-head sequence (checked: H values in (0, 1])."""
+    values = [float(density)] * heads if isinstance(density, (int, float)) else list(density)
+    if len(values) != heads:
+        raise ValueError(f"per-head densities give {len(values)} values for {heads} heads")
+    if not all(0.0 < d <= 1.0 for d in values):
+        raise ValueError(f"density must be in (0, 1]; got {density!r}")
+    return values
+
+
 def _check_selection(q, k, block_size, density, mass_threshold, forced, scores) -> None:
     _check_qk(q, k, block_size)
     if (density is None) == (mass_threshold is None):
         raise ValueError("pass exactly one of density= (top-n per row) or mass_threshold= "
                          f"(cumulative mass); got density={density!r}, "
                          f"mass_threshold={mass_threshold!r}")
-    if density is not None and not 0.0 < density <= 1.0:
-        raise ValueError(f"density must be in (0, 1]; got {density!r}")
+    if density is not None:
+        head_densities(density, q.shape[1])
     if mass_threshold is not None and not 0.0 < mass_threshold <= 1.0:
         raise ValueError(f"mass_threshold must be in (0, 1]; got {mass_threshold!r}")
     batch, heads, seq_len, _ = q.shape
@@ -185,8 +197,25 @@ def _top_mass(scores: torch.Tensor, mass_threshold: float) -> torch.Tensor:
     return torch.zeros_like(scores, dtype=torch.bool).scatter(-1, order, keep)
 
 
+@functools.cache
+def _rank_limits(counts: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    # bool [H, max(counts)]: rank r of head h is kept when r < counts[h]. Built once per setting.
+    ranks = torch.arange(max(counts), device=device)
+    return ranks[None, :] < torch.tensor(counts, device=device)[:, None]
+
+
+def _top_n(scores: torch.Tensor, density: float | Sequence[float]) -> torch.Tensor:
+    # Per row the n_h best key blocks, n_h from head h's density. scores: [B, H, Qb, Kb].
+    heads, nk = scores.shape[1], scores.shape[-1]
+    counts = tuple(blocks_to_keep(d, nk) for d in head_densities(density, heads))
+    top = scores.topk(max(counts), dim=-1).indices  # [B, H, Qb, n_max], best first
+    keep = _rank_limits(counts, scores.device)[None, :, None, :].expand_as(top)
+    return torch.zeros_like(scores, dtype=torch.bool).scatter(-1, top, keep)
+
+
 def select_blocks(
-    q: torch.Tensor, k: torch.Tensor, *, block_size: int = 128, density: float | None = None,
+    q: torch.Tensor, k: torch.Tensor, *, block_size: int = 128,
+    density: float | Sequence[float] | None = None,
     mass_threshold: float | None = None, forced: ForcedBlocks | None = None,
     scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -197,7 +226,8 @@ def select_blocks(
     Args:
         q, k: [B, H, S, D] (already permuted, if a tile permutation is used).
         block_size: 64 or 128.
-        density: keep n = max(1, ceil(density * Kb)) blocks per row (topk; ties as topk gives).
+        density: keep n = max(1, ceil(density * Kb)) blocks per row (topk; ties as topk gives);
+            a sequence gives one density per head.
         mass_threshold: keep the fewest top-ranked blocks whose scores sum to >= the threshold.
         forced: blocks always kept (forced_blocks(...)); None = none, not even the diagonal.
         scores: precomputed block_mean_scores(q, k, block_size=...) [B, H, Qb, Kb], to reuse.
@@ -209,15 +239,15 @@ def select_blocks(
     if scores is None:
         scores = block_mean_scores(q, k, block_size=block_size)  # [B, H, Qb, Kb]
     if density is not None:
-        top = scores.topk(blocks_to_keep(density, scores.shape[-1]), dim=-1).indices
-        block_map = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, top, True)
+        block_map = _top_n(scores, density)
     else:
         block_map = _top_mass(scores, mass_threshold)
     return _apply_forced(block_map, forced)  # [B, H, Qb, Kb]
 
 
 def select_blocks_reference(
-    q: torch.Tensor, k: torch.Tensor, *, block_size: int = 128, density: float | None = None,
+    q: torch.Tensor, k: torch.Tensor, *, block_size: int = 128,
+    density: float | Sequence[float] | None = None,
     mass_threshold: float | None = None, forced: ForcedBlocks | None = None,
     scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -233,10 +263,11 @@ def select_blocks_reference(
     rows = scores.cpu().tolist()  # one device->host copy (exact Python floats); then loops
     force = _forced_lists(forced, nq)
     block_map = [[[None] * nq for _ in range(heads)] for _ in range(batch)]
+    per_head = head_densities(density, heads) if density is not None else [None] * heads
     for b in range(batch):
         for h in range(heads):
             for i in range(nq):
-                kept = set(_kept_in_row(rows[b][h][i], density, mass_threshold))
+                kept = set(_kept_in_row(rows[b][h][i], per_head[h], mass_threshold))
                 block_map[b][h][i] = [j in kept or _is_forced(force, i, j) for j in range(nk)]
     return torch.tensor(block_map, dtype=torch.bool, device=scores.device)  # [B, H, Qb, Kb]
 

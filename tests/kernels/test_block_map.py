@@ -63,6 +63,26 @@ def test_density_keeps_top_n_per_row(density):
     assert (kept_min > dropped_max).all()  # kept blocks outrank every dropped one
 
 
+@pytest.mark.parametrize("forced_kind", ["none", "sink"])
+def test_per_head_densities_match_reference_and_keep_their_own_count(forced_kind):
+    q, k = _qk(seq=700)  # 3 heads, 11 blocks of 64
+    densities = (0.1, 0.5, 0.3)
+    kwargs = dict(block_size=64, density=densities, forced=_forced(forced_kind, 700, 64))
+    fast = select_blocks(q, k, **kwargs)
+    assert torch.equal(fast, select_blocks_reference(q, k, **kwargs))
+    if forced_kind == "none":
+        for head, density in enumerate(densities):
+            assert (fast[:, head].sum(-1) == blocks_to_keep(density, 11)).all()
+
+
+def test_per_head_densities_must_match_the_head_count():
+    q, k = _qk(seq=300)
+    with pytest.raises(ValueError, match="2 values for 3 heads"):
+        select_blocks(q, k, block_size=64, density=(0.2, 0.3))
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        select_blocks(q, k, block_size=64, density=(0.2, 0.3, 1.5))
+
+
 def test_density_one_keeps_everything():
     q, k = _qk(seq=333)
     assert select_blocks(q, k, block_size=64, density=1.0).all()

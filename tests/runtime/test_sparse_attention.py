@@ -60,12 +60,19 @@ def test_all_blocks_kept_matches_dense_model_through_permutation(tile, backend):
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_sparse_processor_matches_masked_reference():
+@pytest.mark.parametrize("densities", [(0.4, 0.4), (0.2, 0.6)])  # one density; one per head
+def test_sparse_processor_matches_masked_reference(densities):
     model, inputs = tiny_wan(), tiny_wan_inputs(**GRID_INPUTS)
     attn = model.blocks[0].attn1
     captured = {}
     attn.register_forward_hook(lambda m, args, out: captured.update(args=args, out=out))
-    spec = AttentionSpec(density=0.4, block_size=BLOCK, tile=(1, 1, 1), sink=False)
+    spec = AttentionSpec(
+        density=max(densities),
+        head_densities=densities,
+        block_size=BLOCK,
+        tile=(1, 1, 1),
+        sink=False,
+    )
     handle = apply_sparse_attention(model, {"blocks.0.attn1": spec}, backend="torch")
     _run(model, inputs)
     handle.remove()
@@ -74,7 +81,7 @@ def test_sparse_processor_matches_masked_reference():
         q, k, v = wan_self_attention_qkv(attn, hidden_states, rotary_emb)
         diagonal_only = forced_blocks(q.shape[2], BLOCK)  # sink off: only the diagonal is forced
         block_map = select_blocks_reference(
-            q, k, block_size=BLOCK, density=0.4, forced=diagonal_only
+            q, k, block_size=BLOCK, density=densities, forced=diagonal_only
         )
         ref = masked_attention_reference(
             q.double(), k.double(), v.double(), block_map, block_size=BLOCK
