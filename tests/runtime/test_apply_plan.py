@@ -93,3 +93,21 @@ def test_other_grid_and_too_many_steps_are_refused():
     with pytest.raises(PlanError, match="past the 2 denoising steps"):
         _steps(model, tiny_wan_inputs(**INPUTS), 3, context="cond")
     handle.remove()
+
+
+def test_cached_residual_follows_the_token_order_across_dense_and_sparse_steps():
+    """Step 0 is dense (tokens unpermuted), step 1 permuted: the reused residual must follow."""
+    model, inputs = tiny_wan(), tiny_wan_inputs(**INPUTS)
+    outputs = {}
+    for tile in [(1, 1, 1), (1, 2, 2)]:
+        plan = tiny_wan_plan(model, cache_compute=(True, False, True, False))
+        # mass_threshold 1.0 keeps every block: exact attention, only the token order changes.
+        keep_all = replace(
+            plan.layers["blocks.0"].attention, density=None, mass_threshold=1.0, tile=tile
+        )
+        layers = {**plan.layers, "blocks.0": replace(plan.layers["blocks.0"], attention=keep_all)}
+        handle = apply_plan(model, replace(plan, layers=layers), backend="torch")
+        outputs[tile] = _steps(model, inputs, 2, context="cond")
+        handle.remove()
+    # fp32 attention with the same kept set in another order: summation-order differences only.
+    torch.testing.assert_close(outputs[(1, 2, 2)][1], outputs[(1, 1, 1)][1], rtol=1e-5, atol=1e-5)
