@@ -1,0 +1,105 @@
+"""Every method and setting the benchmark runs, full grid or the ``--quick`` subset."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from benchmarks.quality import caches
+from benchmarks.quality.methods import (
+    RAINFUSION_DENSE_FRACTION,
+    Method,
+    NotApplicable,
+    dense_repeat,
+    rainfusion,
+)
+from benchmarks.quality.plans import plan_method, profilingdit_overrides, r_attn_roles
+from benchmarks.quality.window import static_window
+
+FULL_GRID = dict(
+    presets=("high", "balanced", "fast"), targets=(1.5, 2.0, 3.0),
+    ablation_presets=("balanced", "fast"), densities=(0.5, 0.2, 0.1), intervals=(2, 4, 6),
+    fbc=(0.05, 0.1, 0.2), pab=(2, 3, 4), faster=(2, 3, 4), taylor=(2, 3, 5),
+    mag=(0.03, 0.06, 0.12, 0.24),
+)
+QUICK_GRID = dict(
+    presets=("balanced", "fast"), targets=(1.5,), ablation_presets=("fast",), densities=(0.2,),
+    intervals=(2,), fbc=(0.1,), pab=(2,), faster=(2,), taylor=(2,), mag=(0.06,),
+)
+FBC_AT_SCALE = ("its skip decisions depend on the model's outputs, which random weights make "
+                "meaningless")
+
+
+@dataclass(frozen=True)
+class CatalogContext:
+    """What building the methods needs; ``trace_dir`` profiles on first call."""
+
+    steps: int
+    block_size: int
+    tile: tuple[int, int, int]
+    backend: str
+    dtype: torch.dtype
+    timesteps: list[float]
+    mag_ratios: list[float]
+    trace_dir: Callable[[], Path]
+    adapt: Callable | None = None  # plan -> plan for another model (speed at scale)
+
+
+def build_methods(ctx: CatalogContext, quick: bool) -> list[Method]:
+    """dense repeat, ditplan plans and ablations, published baselines, diffusers' caches."""
+    grid = QUICK_GRID if quick else FULL_GRID
+    return [dense_repeat(), *_ditplan(ctx, grid), *_published(ctx, grid),
+            *_diffusers(ctx, grid)]
+
+
+def _ditplan(ctx: CatalogContext, grid: dict) -> list[Method]:
+    common = dict(backend=ctx.backend, adapt=ctx.adapt)
+    methods = [plan_method("ditplan", p, ctx.trace_dir, p, **common) for p in grid["presets"]]
+    methods += [plan_method("ditplan", f"target={t:g}x", ctx.trace_dir, "balanced",
+                            overrides=lambda t=t: dict(target_speedup=t),
+                            params=dict(target_speedup=t), **common) for t in grid["targets"]]
+    for p in grid["ablation_presets"]:
+        methods.append(plan_method("ditplan-sparse-only", p, ctx.trace_dir, p,
+                                   overrides=lambda: dict(caching=False), **common))
+        methods.append(plan_method("ditplan-cache-only", p, ctx.trace_dir, p,
+                                   overrides=lambda: dict(fixed_density=1.0), **common))
+    return methods
+
+
+def _published(ctx: CatalogContext, grid: dict) -> list[Method]:
+    sparse = dict(steps=ctx.steps, block_size=ctx.block_size, tile=ctx.tile, backend=ctx.backend)
+    methods = [rainfusion(d, **sparse) for d in grid["densities"]]
+    methods += [static_window(d, dense_fraction=RAINFUSION_DENSE_FRACTION, **sparse)
+                for d in grid["densities"]]
+    for interval in grid["intervals"]:
+        methods.append(plan_method(
+            "profilingdit", f"interval={interval}", ctx.trace_dir, "balanced",
+            overrides=lambda i=interval: profilingdit_overrides(r_attn_roles(ctx.trace_dir()), i),
+            backend=ctx.backend, adapt=ctx.adapt, params=dict(interval=interval),
+            notes="roles: R_attn >= median is foreground (tau unpublished)"))
+    return methods
+
+
+def _diffusers(ctx: CatalogContext, grid: dict) -> list[Method]:
+    common = dict(steps=ctx.steps, timesteps=ctx.timesteps)
+    warmup = max(1, math.ceil(0.1 * ctx.steps))
+    methods = [caches.first_block_cache(t, **common) for t in grid["fbc"]]
+    if ctx.adapt is not None:
+        methods = [_not_applicable(m, FBC_AT_SCALE) for m in methods]
+    methods += [caches.pyramid_attention_broadcast(s, **common) for s in grid["pab"]]
+    methods += [caches.faster_cache(s, **common) for s in grid["faster"]]
+    methods += [caches.taylorseer(i, warmup=warmup, dtype=ctx.dtype, **common)
+                for i in grid["taylor"]]
+    methods += [caches.mag_cache(t, ratios=ctx.mag_ratios, **common) for t in grid["mag"]]
+    return methods
+
+
+def _not_applicable(method: Method, reason: str) -> Method:
+    def install(pipe):
+        raise NotApplicable(reason)
+
+    return replace(method, install=install)

@@ -1,0 +1,194 @@
+"""Quality run: held-out captions x seeds on the reference model, dense once, then every method;
+time, speedup, similarity to dense and caption following per method x setting."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from benchmarks.quality import caches
+from benchmarks.quality.catalog import CatalogContext, build_methods
+from benchmarks.quality.methods import Method, NotApplicable
+from benchmarks.quality.plans import profile_traces
+from benchmarks.quality.results import QUALITY_FILE, ResultStore, environment
+from benchmarks.quality.workload import Workload
+from ditplan.runtime.loading import load_pipeline
+from ditplan.runtime.reference.attributes import SpriteAttributes, captions_for, heldout_attributes
+from ditplan.runtime.reference.scoring import score_clips, summarize
+from ditplan.runtime.video_metrics import compare_videos
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_PROMPT = "a red circle slowly moves right"  # a training caption, as profiling uses
+CAPTION_KEYS = ("caption_accuracy", "colour_accuracy", "shape_accuracy", "direction_cos_mean")
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    """One quality run: model, device, workload, and which held-out captions x seeds."""
+
+    out: Path
+    workload: Workload
+    model: str = "reference"
+    device: str = "cpu"
+    captions: int = 32
+    seeds: tuple[int, ...] = (0,)
+    quick: bool = False
+    backend: str = "auto"
+    command: str = ""  # recorded in the rows
+
+    def run_key(self) -> str:
+        seeds = ",".join(map(str, self.seeds))
+        return f"{self.model}|{self.workload.key()}|{self.captions}|{seeds}|{self.device}"
+
+
+@dataclass(frozen=True)
+class Sample:
+    caption: str
+    caption_index: int
+    seed: int
+
+
+@dataclass
+class Measured:
+    """Frames [F, H, W, 3] in [0, 1] (CPU) and wall seconds, one per sample."""
+
+    frames: list[torch.Tensor] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+
+
+def held_out_samples(captions: int,
+                     seeds: tuple[int, ...]) -> tuple[list[Sample], SpriteAttributes]:
+    """The first ``captions`` held-out captions x seeds, and their attributes [N, 1] in order."""
+    if not 1 <= captions <= 64:
+        raise ValueError(f"--captions must be in 1..64 (64 held-out captions), got {captions}")
+    attributes = heldout_attributes()
+    texts = captions_for(attributes)
+    samples = [Sample(texts[i], i, s) for i in range(captions) for s in seeds]
+    index = torch.tensor([s.caption_index for s in samples])
+    picked = SpriteAttributes(**{k: v[index] for k, v in vars(attributes).items()})
+    return samples, picked
+
+
+def _synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def generate(pipe, prompt: str, seed: int, workload: Workload, device: str):
+    """One video; returns frames float [F, H, W, 3] in [0, 1] on the CPU and wall seconds."""
+    generator = torch.Generator().manual_seed(seed)  # CPU noise: the same on every device
+    _synchronize(device)
+    start = time.perf_counter()
+    frames = pipe(prompt, num_inference_steps=workload.steps,
+                  guidance_scale=workload.guidance_scale, num_frames=workload.frames,
+                  height=workload.height, width=workload.width, generator=generator,
+                  output_type="pt").frames[0]  # [F, H, W, 3]
+    _synchronize(device)
+    return frames.float().cpu(), time.perf_counter() - start
+
+
+def measure(pipe, samples: list[Sample], config: QualityConfig, before_timing=None) -> Measured:
+    """One untimed warm-up generation (compile caches), then every sample timed."""
+    generate(pipe, samples[0].caption, samples[0].seed, config.workload, config.device)
+    if before_timing is not None:
+        before_timing()
+    run = Measured()
+    for sample in samples:
+        frames, seconds = generate(pipe, sample.caption, sample.seed, config.workload,
+                                   config.device)
+        run.frames.append(frames)
+        run.seconds.append(seconds)
+    return run
+
+
+def similarity(run: Measured, dense: Measured) -> dict:
+    """Mean PSNR (finite ones; identical clips counted apart), SSIM and cosine vs dense."""
+    scores = [compare_videos(a, b) for a, b in zip(run.frames, dense.frames, strict=True)]
+    psnr = [s["psnr_db"] for s in scores if s["psnr_db"] != float("inf")]
+    return {"psnr_db_mean": statistics.fmean(psnr) if psnr else None,
+            "psnr_db_min": min(psnr) if psnr else None,
+            "identical_clips": len(scores) - len(psnr),
+            "ssim_mean": statistics.fmean(s["ssim"] for s in scores),
+            "cosine_mean": statistics.fmean(s["cosine"] for s in scores)}
+
+
+def caption_scores(run: Measured, attributes: SpriteAttributes) -> dict:
+    """The reference model's caption-following scores of the run's clips."""
+    summary = summarize(score_clips(torch.stack(run.frames), attributes))
+    return {k: summary[k] for k in CAPTION_KEYS}
+
+
+def evaluate(pipe, method: Method, samples, dense: Measured, attributes, config) -> dict:
+    """One method's row: install, warm up, time every sample, score, undo."""
+    row = {"family": method.family, "setting": method.setting, "method": method.name,
+           "params": method.params, "notes": method.notes}
+    try:
+        installed = method.install(pipe)
+    except NotApplicable as reason:
+        logger.info("%s: not applicable: %s", method.name, reason)
+        return {**row, "status": "not_applicable", "reason": str(reason)}
+    except Exception as error:  # recorded in the row; the other methods still run
+        logger.exception("%s could not be installed", method.name)
+        return {**row, "status": "failed", "reason": f"{type(error).__name__}: {error}"}
+    try:
+        run = measure(pipe, samples, config, before_timing=installed.reset)
+        dense_s, method_s = statistics.median(dense.seconds), statistics.median(run.seconds)
+        row.update(status="ok", dense_s_median=dense_s, method_s_median=method_s,
+                   speedup=dense_s / method_s, stats=installed.stats(),
+                   **similarity(run, dense), **caption_scores(run, attributes))
+    except Exception as error:  # recorded in the row; the other methods still run
+        logger.exception("%s failed", method.name)
+        row.update(status="failed", reason=f"{type(error).__name__}: {error}")
+    finally:
+        installed.undo()
+    return row
+
+
+def run_quality(config: QualityConfig) -> list[dict]:
+    """Run dense and every method of the catalog; rows go to ``out/quality.jsonl``.
+
+    Returns:
+        this run's rows (dense first).
+    """
+    pipe = load_pipeline(config.model, device=config.device)
+    pipe.set_progress_bar_config(disable=True)
+    samples, attributes = held_out_samples(config.captions, config.seeds)
+    store = ResultStore(config.out / QUALITY_FILE, config.run_key())
+    base = {"kind": "quality", "workload": config.workload.as_dict(), "samples": len(samples),
+            "model": config.model, **environment(config.device, config.command)}
+    dense = measure(pipe, samples, config)
+    dense_s = statistics.median(dense.seconds)
+    store.add({**base, "family": "dense", "setting": "baseline", "method": "dense/baseline",
+               "status": "ok", "dense_s_median": dense_s, "method_s_median": dense_s,
+               "speedup": 1.0, "psnr_db_mean": None, **caption_scores(dense, attributes)})
+    for method in build_methods(catalog_context(pipe, config), config.quick):
+        if store.done(method.name):
+            logger.info("%s: already in %s, skipped", method.name, store.path)
+            continue
+        logger.info("%s ...", method.name)
+        store.add({**base, **evaluate(pipe, method, samples, dense, attributes, config)})
+    return store.current()
+
+
+def catalog_context(pipe, config: QualityConfig, **overrides) -> CatalogContext:
+    """Timesteps, MagCache ratios (calibrated now) and a lazy trace folder for the catalog."""
+    workload = config.workload
+
+    def calibration_run():
+        generate(pipe, CALIBRATION_PROMPT, 0, workload, config.device)
+
+    ratios = caches.calibrate_mag_cache(pipe, calibration_run, workload.steps)
+    traces = functools.cache(
+        lambda: profile_traces(pipe, workload, config.out / "traces", config.device))
+    fields = dict(steps=workload.steps, block_size=workload.block_size, tile=workload.tile,
+                  backend=config.backend, dtype=pipe.transformer.dtype,
+                  timesteps=caches.scheduler_timesteps(pipe.scheduler, workload.steps),
+                  mag_ratios=ratios, trace_dir=traces)
+    return CatalogContext(**{**fields, **overrides})

@@ -1,0 +1,95 @@
+"""The method contract (family, setting, ``install(pipe) -> Installed``) and the simple methods."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ditplan.policy.plan import AttentionSpec
+from ditplan.runtime.sparse import apply_sparse_attention
+
+# RainFusion2.0 as published: nominal density 0.2 (80% sparsity, MindIE-SD's recommended start
+# for video), first-frame sink, no profiling; the deployments keep about the first 20% of steps
+# dense ("start0 is not acceptable"), see /work/shared/reference/papers.md section 1.3.
+RAINFUSION_DENSITY = 0.2
+RAINFUSION_DENSE_FRACTION = 0.2
+
+
+class NotApplicable(Exception):
+    """A method cannot run on this model or workload; the message says why (recorded, not fatal)."""
+
+
+@dataclass
+class Installed:
+    """What a method put on a pipeline: ``undo()`` removes it, ``stats()`` reports on it."""
+
+    undo: Callable[[], None]
+    stats: Callable[[], dict] = dict
+    reset: Callable[[], None] = lambda: None
+
+    def __call__(self) -> None:
+        self.undo()
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method at one setting.
+
+    family: the curve it belongs to in the plot (e.g. "ditplan", "diffusers-magcache").
+    name: unique row key, "family/setting". params: JSON-ready settings.
+    install: takes a pipeline (or a bare transformer, at scale) and returns an Installed.
+    """
+
+    family: str
+    setting: str
+    install: Callable[[Any], Installed]
+    params: dict = field(default_factory=dict)
+    notes: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.family}/{self.setting}"
+
+
+def transformer_of(pipe_or_transformer):
+    """The transformer of a pipeline, or the argument itself when it is one."""
+    return getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
+
+
+def dense_repeat() -> Method:
+    """Dense again: the run-to-run noise floor of the timing (and of the outputs)."""
+    return Method("dense", "repeat", lambda pipe: Installed(undo=lambda: None))
+
+
+def dense_warmup_steps(steps: int, fraction: float) -> tuple[int, ...]:
+    """The first ``ceil(fraction * steps)`` step indices (at least one)."""
+    return tuple(range(max(1, math.ceil(fraction * steps))))
+
+
+def rainfusion(density: float, *, steps: int, block_size: int, tile: tuple[int, int, int],
+               backend: str) -> Method:
+    """RainFusion2.0 as published: one uniform density in every layer, sink on, dense warm-up."""
+    spec = AttentionSpec(density=density, block_size=block_size, tile=tile, sink=True,
+                         dense_steps=dense_warmup_steps(steps, RAINFUSION_DENSE_FRACTION))
+
+    def install(pipe) -> Installed:
+        handle = apply_sparse_attention(transformer_of(pipe), spec, backend=backend,
+                                        num_inference_steps=steps)
+        return Installed(undo=handle.remove, stats=lambda: _achieved_density(handle.layers),
+                         reset=lambda: _reset_layers(handle.layers))
+
+    params = dict(density=density, dense_steps=len(spec.dense_steps), block_size=block_size,
+                  tile=list(tile), sink=True)
+    return Method("rainfusion2", f"d={density:g}", install, params)
+
+
+def _achieved_density(layers) -> dict:
+    values = [d for d in (layer.achieved_density() for layer in layers) if d is not None]
+    return {"attention_density": sum(values) / len(values)} if values else {}
+
+
+def _reset_layers(layers) -> None:
+    for layer in layers:
+        layer.kept_sum, layer.sparse_calls, layer.dense_calls = 0.0, 0, 0

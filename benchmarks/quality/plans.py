@@ -1,0 +1,89 @@
+"""ditplan plans for the benchmark: profile once into a cache folder, compile presets, speed
+budgets, ablations and ProfilingDiT as published, and apply them as methods."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.quality.methods import Installed, Method, NotApplicable, transformer_of
+from benchmarks.quality.workload import Workload
+from ditplan.policy.compiler import compile_policy
+from ditplan.policy.config import CompilerConfig, CompilerError
+from ditplan.policy.load_profile import load_profile
+from ditplan.policy.plan import Plan
+from ditplan.runtime.apply import apply_plan
+
+logger = logging.getLogger(__name__)
+
+# ProfilingDiT's released Wan2.1 settings: warm-up 6 of 50 steps (12%), then a fixed refresh
+# interval; the R_attn threshold tau is not published, so the split is at the median.
+PROFILINGDIT_WARMUP_FRACTION = 0.12
+_NEVER = 1e9  # a factor no change curve reaches: disables late-step and per-branch schedules
+
+
+def profile_traces(pipe, workload: Workload, cache_dir: Path, device: str) -> Path:
+    """Profile ``pipe`` at ``workload`` into ``cache_dir/<workload key>`` (resumes a finished part).
+
+    Profiling uses the profiler's default training-distribution captions, not the held-out
+    captions the benchmark scores.
+
+    Returns:
+        the trace folder.
+    """
+    from ditplan.profiler.config import ProfileConfig
+    from ditplan.profiler.run import profile_pipeline
+
+    out = cache_dir / workload.key()
+    config = ProfileConfig(
+        out=out, steps=workload.steps, frames=workload.frames, height=workload.height,
+        width=workload.width, guidance_scale=workload.guidance_scale, device=device,
+        dtype=str(pipe.transformer.dtype).removeprefix("torch."), block_size=workload.block_size,
+        tile=workload.tile, progress=False)
+    logger.info("profiling into %s", out)
+    profile_pipeline(config, pipe=pipe)
+    return out
+
+
+def r_attn_roles(trace_dir: Path) -> dict[str, str]:
+    """ProfilingDiT's fixed split: blocks with R_attn >= the median are foreground."""
+    profile = load_profile(trace_dir)
+    r_attn = profile.features["r_attn"]  # [L]
+    tau = float(np.median(r_attn))
+    return {block: "foreground" if value >= tau else "background"
+            for block, value in zip(profile.blocks, r_attn, strict=True)}
+
+
+def profilingdit_overrides(roles: dict[str, str], interval: int) -> dict:
+    """Compiler overrides that reproduce ProfilingDiT: given roles, fixed interval, no sparsity."""
+    return dict(roles=roles, fixed_density=1.0, t_max=interval, t_min=interval,
+                warmup_min_fraction=PROFILINGDIT_WARMUP_FRACTION,
+                warmup_max_fraction=PROFILINGDIT_WARMUP_FRACTION,
+                late_rise_factor=_NEVER, cfg_divergence=_NEVER)
+
+
+def plan_method(family: str, setting: str, trace_dir: Callable[[], Path], preset: str, *,
+                backend: str, overrides: Callable[[], dict] = dict,
+                adapt: Callable[[Plan, object], Plan] | None = None, params: dict | None = None,
+                notes: str = "") -> Method:
+    """A plan compiled from the traces with ``CompilerConfig.from_name(preset, **overrides())``.
+
+    ``adapt(plan, transformer)`` maps the plan onto another model (the speed-at-scale run).
+    """
+
+    def install(pipe) -> Installed:
+        try:
+            plan = compile_policy(trace_dir(), CompilerConfig.from_name(preset, **overrides()))
+        except CompilerError as error:
+            raise NotApplicable(str(error)) from error
+        if adapt is not None:
+            plan = adapt(plan, transformer_of(pipe))
+        handle = apply_plan(pipe, plan, backend=backend)
+        predicted = {"predicted_speedup": plan.provenance.predicted_speedup}
+        return Installed(undo=handle.remove, stats=lambda: {**handle.stats(), **predicted},
+                         reset=handle.reset)
+
+    return Method(family, setting, install, {"preset": preset, **(params or {})}, notes)
