@@ -100,3 +100,25 @@ def tiny_wan_plan(
         },
         cache_groups=groups,
     )
+
+
+def tiny_reference_pipeline():
+    """The reference pipeline at the 2-layer SMOKE preset, random weights, fp32 on CPU."""
+    from ditplan.runtime.reference.config import (
+        build_caption_encoder,
+        build_scheduler,
+        build_transformer,
+    )
+    from ditplan.runtime.reference.pipeline import ReferenceVideoPipeline
+
+    torch.manual_seed(0)
+    return ReferenceVideoPipeline(
+        build_transformer(SMOKE).eval(), build_caption_encoder(SMOKE).eval(), build_scheduler(SMOKE)
+    )
+
+
+def saved_tiny_reference_pipeline(folder):
+    """:func:`tiny_reference_pipeline` saved as a diffusers folder (what ``--model`` takes)."""
+    path = folder / "tiny-ref"
+    tiny_reference_pipeline().save_pretrained(path)
+    return path

@@ -6,17 +6,10 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from benchmarks.quality.cli import main
 from benchmarks.quality.results import read_rows
-from ditplan.runtime.reference.config import (
-    SMOKE,
-    build_caption_encoder,
-    build_scheduler,
-    build_transformer,
-)
-from ditplan.runtime.reference.pipeline import ReferenceVideoPipeline
+from tests.factories import saved_tiny_reference_pipeline
 
 FAMILIES = {
     "dense", "ditplan", "ditplan-sparse-only", "ditplan-cache-only", "rainfusion2",
@@ -29,13 +22,7 @@ WORKLOAD = ["--frames", "4", "--height", "16", "--width", "16", "--block-size", 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    pipe = ReferenceVideoPipeline(
-        build_transformer(SMOKE).eval(), build_caption_encoder(SMOKE).eval(), build_scheduler(SMOKE)
-    )
-    path = tmp_path_factory.mktemp("model") / "tiny-ref"
-    pipe.save_pretrained(path)
-    return path
+    return saved_tiny_reference_pipeline(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")

@@ -5,16 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from ditplan.runtime.cli import main
-from ditplan.runtime.reference.config import (
-    SMOKE,
-    build_caption_encoder,
-    build_scheduler,
-    build_transformer,
-)
-from ditplan.runtime.reference.pipeline import ReferenceVideoPipeline
+from tests.factories import saved_tiny_reference_pipeline
 
 PROMPT = "a red circle slowly moves right"
 # 4 frames x 16 x 16 px -> 4 x 8 x 8 tokens = 4 blocks of 64; 4 steps with CFG.
@@ -23,13 +16,7 @@ WORKLOAD = ["--steps", "4", "--frames", "4", "--height", "16", "--width", "16"]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    pipe = ReferenceVideoPipeline(
-        build_transformer(SMOKE).eval(), build_caption_encoder(SMOKE).eval(), build_scheduler(SMOKE)
-    )
-    path = tmp_path_factory.mktemp("model") / "tiny-ref"
-    pipe.save_pretrained(path)
-    return path
+    return saved_tiny_reference_pipeline(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")

@@ -3,28 +3,15 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from ditplan.profiler.config import ProfileConfig
-from ditplan.runtime.reference.config import (
-    SMOKE,
-    build_caption_encoder,
-    build_scheduler,
-    build_transformer,
-)
 from ditplan.runtime.reference.pipeline import ReferenceVideoPipeline
-
-
-def make_reference_pipe() -> ReferenceVideoPipeline:
-    """The reference pipeline at the 2-layer SMOKE preset, random weights, fp32 on CPU."""
-    torch.manual_seed(0)
-    return ReferenceVideoPipeline(build_transformer(SMOKE).eval(),
-                                  build_caption_encoder(SMOKE).eval(), build_scheduler(SMOKE))
+from tests.factories import tiny_reference_pipeline
 
 
 @pytest.fixture(scope="module")
 def reference_pipe() -> ReferenceVideoPipeline:
-    return make_reference_pipe()
+    return tiny_reference_pipeline()
 
 
 @pytest.fixture
