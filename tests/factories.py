@@ -122,3 +122,14 @@ def saved_tiny_reference_pipeline(folder):
     path = folder / "tiny-ref"
     tiny_reference_pipeline().save_pretrained(path)
     return path
+
+
+def run_cfg_steps(model, inputs: dict, steps: int) -> list:
+    """Call ``model`` for ``steps`` steps x ("cond", "uncond") as a CFG pipeline does; outputs."""
+    outs = []
+    with torch.no_grad():
+        for step in range(steps):
+            for context in ("cond", "uncond"):
+                with model.cache_context(context, step_index=step):
+                    outs.append(model(**inputs).sample)
+    return outs

@@ -6,17 +6,7 @@ import torch
 import torch._dynamo
 
 from ditplan.runtime.apply import apply_plan
-from tests.factories import tiny_wan, tiny_wan_inputs, tiny_wan_plan
-
-
-def _generation(model, inputs, steps):
-    outs = []
-    with torch.no_grad():
-        for step in range(steps):
-            for context in ("cond", "uncond"):
-                with model.cache_context(context, step_index=step):
-                    outs.append(model(**inputs).sample)
-    return outs
+from tests.factories import run_cfg_steps, tiny_wan, tiny_wan_inputs, tiny_wan_plan
 
 
 def test_plan_traces_without_breaks_and_second_generation_reuses_every_graph():
@@ -24,13 +14,13 @@ def test_plan_traces_without_breaks_and_second_generation_reuses_every_graph():
     model, inputs = tiny_wan(), tiny_wan_inputs(frames=3, height=16, width=24)
     plan = tiny_wan_plan(model, steps=6, cache_compute=(True, False, True, False, False, True))
     handle = apply_plan(model, plan, backend="dense")  # the backend without host syncs on CPU
-    eager = _generation(model, inputs, 6)
+    eager = run_cfg_steps(model, inputs, 6)
     counters = torch._dynamo.utils.counters
     counters.clear()
     compiled = torch.compile(model, backend="eager")
-    first = _generation(compiled, inputs, 6)
+    first = run_cfg_steps(compiled, inputs, 6)
     graphs_after_first = counters["stats"]["unique_graphs"]
-    second = _generation(compiled, inputs, 6)
+    second = run_cfg_steps(compiled, inputs, 6)
     handle.remove()
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] == graphs_after_first  # no recompiles

@@ -6,19 +6,9 @@ import pytest
 import torch
 
 from ditplan.runtime.apply import apply_plan
-from tests.factories import tiny_wan, tiny_wan_inputs, tiny_wan_plan
+from tests.factories import run_cfg_steps, tiny_wan, tiny_wan_inputs, tiny_wan_plan
 
 pytestmark = pytest.mark.gpu
-
-
-def _generation(model, inputs, steps):
-    outs = []
-    with torch.no_grad():
-        for step in range(steps):
-            for context in ("cond", "uncond"):
-                with model.cache_context(context, step_index=step):
-                    outs.append(model(**inputs).sample)
-    return outs
 
 
 def test_compiled_plan_matches_eager_and_does_not_recompile_per_step():
@@ -27,11 +17,11 @@ def test_compiled_plan_matches_eager_and_does_not_recompile_per_step():
     inputs = {k: v.cuda() for k, v in tiny_wan_inputs(frames=3, height=16, width=24).items()}
     plan = tiny_wan_plan(model, steps=6, cache_compute=(True, False, True, False, False, True))
     handle = apply_plan(model, plan, backend="flex")
-    eager = _generation(model, inputs, 6)
+    eager = run_cfg_steps(model, inputs, 6)
     compiled = torch.compile(model)
-    first = _generation(compiled, inputs, 6)  # compiles each distinct (dense/sparse, skip) mode
+    first = run_cfg_steps(compiled, inputs, 6)  # compiles each distinct (dense/sparse, skip) mode
     frames_after_first = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    second = _generation(compiled, inputs, 6)
+    second = run_cfg_steps(compiled, inputs, 6)
     handle.remove()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames_after_first
     for e, a, b in zip(eager, first, second, strict=True):
