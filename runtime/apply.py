@@ -101,10 +101,13 @@ def check_plan_fits(plan: Plan, transformer: nn.Module, adapter, *, check_weight
 
 
 def _check_step(state, plan: Plan) -> None:
-    if state.step >= plan.workload.steps:
+    steps = plan.workload.steps
+    announced = state.num_inference_steps
+    if state.step >= steps or (announced is not None and announced != steps):
+        seen = f"{announced} steps" if announced is not None else f"step {state.step}"
         raise PlanError(
-            f"step {state.step} is past the {plan.workload.steps} denoising steps the plan was "
-            "compiled for; run with the plan's step count or compile a plan for this one"
+            f"this generation runs {seen} but the plan was compiled for {steps} denoising "
+            "steps; run with the plan's step count or compile a plan for this one"
         )
 
 

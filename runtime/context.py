@@ -18,6 +18,7 @@ class StepState:
 
     step: int = 0
     context: str = DEFAULT_CONTEXT
+    num_inference_steps: int | None = None  # as the pipeline announced it, when it does
 
 
 class _ContextProbe(StateManager):
@@ -66,7 +67,8 @@ class StepTracker(ModelHook):
         self.calls_seen += 1
         if step_index is None:
             step_index = calls % self.num_inference_steps if self.num_inference_steps else calls
-        return StepState(step=int(step_index), context=name)
+        total = getattr(ctx, "num_inference_steps", None)
+        return StepState(step=int(step_index), context=name, num_inference_steps=total)
 
     def reset_state(self, module: nn.Module) -> nn.Module:
         self._calls.clear()

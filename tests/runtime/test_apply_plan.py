@@ -90,8 +90,15 @@ def test_other_grid_and_too_many_steps_are_refused():
         _steps(model, tiny_wan_inputs(**INPUTS), 1)
     handle.remove()
     handle = apply_plan(model, tiny_wan_plan(model, steps=2), backend="torch")
-    with pytest.raises(PlanError, match="past the 2 denoising steps"):
+    with pytest.raises(PlanError, match="step 2 but the plan was compiled for 2 denoising steps"):
         _steps(model, tiny_wan_inputs(**INPUTS), 3, context="cond")
+    handle.reset()
+    with (  # a pipeline that announces its step count is refused at its first call
+        pytest.raises(PlanError, match="runs 5 steps but the plan was compiled for 2"),
+        torch.no_grad(),
+        model.cache_context("cond", step_index=0, num_inference_steps=5),
+    ):
+        model(**tiny_wan_inputs(**INPUTS))
     handle.remove()
 
 
