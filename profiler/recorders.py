@@ -24,7 +24,6 @@ from ditplan.runtime.context import (
     remove_step_tracker,
 )
 from ditplan.runtime.kernels.block_map import forced_blocks
-from ditplan.runtime.kernels.permute import first_frame_mask
 from ditplan.runtime.permutation import TokenPermuter
 
 logger = logging.getLogger(__name__)
@@ -73,14 +72,12 @@ class CallState:
         self.perm = permuter.perm if permuter.active else torch.arange(layout.seq_len,
                                                                         device=device)
         self.forced = permuter.forced(settings.block_size, settings.sink)
-        text = ~self._video_mask(layout, device)  # [S] original order
-        sink = first_frame_mask(layout.grid, text_len=layout.text_len,
-                                text_first=layout.text_first, device=device)
-        self.video = ~text[self.perm]  # [S] permuted order
+        sink, text = permuter.token_masks()  # [S] each, permuted order
+        self.video = ~text
         self.sink_blocks = forced_blocks(layout.seq_len, settings.block_size,
-                                         sink_tokens=sink[self.perm], diagonal=False).cols
+                                         sink_tokens=sink, diagonal=False).cols
         self.text_blocks = forced_blocks(layout.seq_len, settings.block_size,
-                                         text_tokens=text[self.perm], diagonal=False).cols
+                                         text_tokens=text, diagonal=False).cols
         self.foreground = self._foreground(foreground, device)  # [S] permuted order
         self.record_map = step in settings.map_steps
 

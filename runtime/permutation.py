@@ -6,7 +6,11 @@ import torch
 
 from ditplan.runtime.adapters.base import TokenLayout
 from ditplan.runtime.kernels.block_map import ForcedBlocks, forced_blocks
-from ditplan.runtime.kernels.permute import invert_permutation, tile_permutation
+from ditplan.runtime.kernels.permute import (
+    first_frame_mask,
+    invert_permutation,
+    tile_permutation,
+)
 
 
 class TokenPermuter:
@@ -82,19 +86,22 @@ class TokenPermuter:
             self._forced[key] = self._build_forced(block_size, sink)
         return self._forced[key]
 
-    def _build_forced(self, block_size: int, sink: bool) -> ForcedBlocks:
+    def token_masks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(first-frame sink, text) token flags, bool [S] each, in the current token order."""
         layout = self.layout
-        video_start = layout.text_len if layout.text_first else 0
-        position = torch.arange(layout.seq_len, device=self.device)  # original token index
+        where = dict(text_len=layout.text_len, text_first=layout.text_first, device=self.device)
+        sink = first_frame_mask(layout.grid, **where)
+        text = ~first_frame_mask(layout.grid, frames=layout.frames, **where)
         if self.active:
-            position = self.perm
-        is_text = (position < video_start) | (position >= video_start + layout.video_tokens)
-        frame_tokens = layout.height * layout.width
-        is_sink = ~is_text & (position - video_start < frame_tokens) if sink else None
+            sink, text = sink[self.perm], text[self.perm]
+        return sink, text
+
+    def _build_forced(self, block_size: int, sink: bool) -> ForcedBlocks:
+        sink_tokens, text_tokens = self.token_masks()
         return forced_blocks(
-            layout.seq_len,
+            self.layout.seq_len,
             block_size,
-            sink_tokens=is_sink,
-            text_tokens=is_text if layout.text_len else None,
+            sink_tokens=sink_tokens if sink else None,
+            text_tokens=text_tokens if self.layout.text_len else None,
             device=self.device,
         )
