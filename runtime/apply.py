@@ -45,7 +45,7 @@ class PlanHandle:
         for run in self.runs:
             run.reset()
         for layer in self.layers:
-            layer.kept_sum, layer.sparse_calls, layer.dense_calls = 0.0, 0, 0
+            layer.reset_stats()
 
     def remove(self) -> None:
         restore_processors(self._originals)

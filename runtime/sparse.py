@@ -46,6 +46,9 @@ class LayerRuntime:
         self.kept_sum = self.kept_sum + block_map.float().mean().detach()
         self.sparse_calls += 1
 
+    def reset_stats(self) -> None:
+        self.kept_sum, self.sparse_calls, self.dense_calls = 0.0, 0, 0
+
     def achieved_density(self) -> float | None:
         """Share of block pairs computed over all recorded calls (dense calls count as 1)."""
         calls = self.sparse_calls + self.dense_calls
