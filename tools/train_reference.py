@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--save-every", type=int, default=500, help="0 = only at the end")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clip-frames", type=int,
+                   help="frames per training clip (default: the preset's); a short-clip "
+                        "curriculum stage, then finish at the preset's frames")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--overwrite", action="store_true",
@@ -63,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args = p.parse_args(argv)
     if args.max_steps is not None and args.max_steps < 0:
         p.error("--max-steps must be >= 0")
+    if args.clip_frames is not None and args.clip_frames < 2:
+        p.error("--clip-frames must be >= 2 (motion needs two frames)")
     if args.rewarm_steps < 0:
         p.error("--rewarm-steps must be >= 0")
     existing = args.out / "checkpoint"

@@ -83,6 +83,9 @@ class TrainConfig:
     log_every: int = 25
     save_every: int = 500
     seed: int = 0
+    # Frames per training clip instead of the preset's (same size and speeds per frame): a
+    # curriculum stage on short clips costs ~4x less attention per clip at half the frames.
+    clip_frames: int | None = None
     compile: bool = True
     device: str | None = None  # default: cuda if available, else cpu
 
@@ -120,6 +123,9 @@ class Trainer:
         default = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(config.device or default)
         self.preset: ModelPreset = get_preset(config.preset)
+        self.clip_spec = self.preset.clip
+        if config.clip_frames is not None:
+            self.clip_spec = dataclasses.replace(self.clip_spec, frames=config.clip_frames)
         torch.manual_seed(config.seed)  # parameter init only; data use explicit generators
         self.transformer = build_transformer(self.preset).to(self.device).train()
         self.text_encoder = build_caption_encoder(self.preset).to(self.device).train()
@@ -232,7 +238,7 @@ class Trainer:
         """Clips, token ids (caption dropout applied) and the noise/sigma generator for `step`."""
         seed = self.config.seed * 1_000_003 + step
         clips = generate_clips(self.config.batch_size, seed, device=self.device,
-                               spec=self.preset.clip)
+                               spec=self.clip_spec)
         host = torch.Generator().manual_seed(seed + _AUX_SEED_OFFSET)
         ids = self.text_encoder.tokenizer.encode(clips.captions)  # ids: [B, L] on the host
         dropped = torch.rand(ids.shape[0], generator=host) < self.config.caption_dropout

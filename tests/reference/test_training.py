@@ -121,6 +121,18 @@ def test_batches_depend_only_on_seed_and_step(tmp_path):
     assert torch.equal(xa, xb) and torch.equal(ida, idb) and not torch.equal(xa, xc)
 
 
+def test_clip_frames_stage_trains_on_shorter_clips_of_the_same_model(tmp_path):
+    short = Trainer(_smoke_config(tmp_path, clip_frames=2))
+    x0, _, _ = short._batch(0)  # x0: [B, 3, F, H, W]
+    assert x0.shape[2] == 2 and x0.shape[3:] == (16, 16)
+    short.train_step()
+    short.save()
+    full = Trainer(_smoke_config(tmp_path, resume=tmp_path / "checkpoint"))
+    full.load(load_resume_source(tmp_path / "checkpoint"))
+    assert full._batch(1)[0].shape[2] == 4  # the preset's frames again; same weights resume
+    assert full.step == 1
+
+
 def test_exhausted_time_budget_takes_no_step_and_writes_nothing(tmp_path):
     config = TrainConfig(out=tmp_path, preset="smoke", device="cpu", compile=False,
                          batch_size=2, time_budget_min=1.0)
