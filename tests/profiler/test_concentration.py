@@ -1,0 +1,48 @@
+"""Attention concentration per layer and step phase from attention_recall rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ditplan.profiler.concentration import attention_concentration
+from ditplan.profiler.schema import make_table
+
+
+def _recall_table(rng: np.random.Generator, steps: int, layers: tuple[str, ...]):
+    keys = [(s, c, layer, h, d) for s in range(steps) for c in ("cond", "uncond")
+            for layer in layers for h in range(2) for d in (0.1, 0.2)]
+    n = len(keys)
+    return keys, make_table("attention_recall", {
+        "run_id": ["r"] * n, "prompt_index": [0] * n, "seed": [0] * n,
+        "step": [k[0] for k in keys], "cfg": [k[1] for k in keys], "layer": [k[2] for k in keys],
+        "head": [k[3] for k in keys], "density": [k[4] for k in keys],
+        "recall_predicted": rng.random(n), "recall_oracle": rng.random(n),
+        "kept_fraction": rng.random(n)})
+
+
+def test_means_per_layer_and_phase_match_a_direct_average():
+    rng = np.random.default_rng(0)
+    layers = ("blocks.0", "blocks.1")
+    keys, table = _recall_table(rng, steps=7, layers=layers)
+    result = attention_concentration(table, layers, density=0.2)
+    assert result.phase_steps == ((0, 2), (3, 4), (5, 6))  # 7 steps in thirds: 3, 2, 2
+    oracle = np.asarray(table["recall_oracle"].to_pylist())
+    predicted = np.asarray(table["recall_predicted"].to_pylist())
+    for i, layer in enumerate(layers):
+        for j, (first, last) in enumerate(result.phase_steps):
+            rows = [r for r, k in enumerate(keys)
+                    if k[2] == layer and k[4] == 0.2 and first <= k[0] <= last]
+            # float32 storage; means of a few float32 values agree to ~1e-7 relative
+            assert result.oracle[i, j] == pytest.approx(oracle[rows].mean(), rel=1e-6)
+            assert result.predicted[i, j] == pytest.approx(predicted[rows].mean(), rel=1e-6)
+    assert "blocks.1" in result.markdown() and set(result.as_dict()["layers"]) == set(layers)
+
+
+def test_missing_density_or_layer_is_refused_with_what_the_trace_has():
+    rng = np.random.default_rng(1)
+    _, table = _recall_table(rng, steps=3, layers=("blocks.0",))
+    with pytest.raises(ValueError, match=r"\[0\.1.*0\.2"):
+        attention_concentration(table, ("blocks.0",), density=0.3)
+    with pytest.raises(ValueError, match="blocks.9"):
+        attention_concentration(table, ("blocks.0", "blocks.9"))
