@@ -3,13 +3,18 @@
     python -m benchmarks.attention [--json out.json]      # H100: bf16, B=1, H=12, S=32,760, D=128
     python -m benchmarks.attention --quick                # CPU smoke run on a small shape
 
-Every number comes from one run on one device: dense F.scaled_dot_product_attention, then the
-full sparse op (tile-permute q/k/v, block-mean selection with a first-frame sink, block-sparse
-kernel, inverse permute) at density 0.5 / 0.2 / 0.1, the same with selection by the loop
-reference twin, and each part alone. Random inputs: timings do not depend on the values at a
-fixed density, but which tile predicts attention best can't be judged on random weights, so the
-tile shapes are only timed. Timing: triton.testing.do_bench medians (CUDA events without triton;
-perf_counter medians on CPU).
+Every number comes from one run on one device. Density is the share of block pairs computed,
+the forced first-frame sink and diagonal included (select_blocks' budget). Cases:
+- "runtime op": what one sparse layer costs as the runtime runs it: block-mean selection +
+  kernel on tokens that are already in tile order (the runtime permutes hidden states and rotary
+  tables once per transformer forward); "permutation per forward" is that once-per-forward cost
+  ([1, S, 1536] hidden states in and out), and the report adds 1/30 of it (Wan2.1-1.3B's 30
+  layers) to the runtime op;
+- "full op, per-call permutation": q, k, v permuted and the output un-permuted on every call;
+- the kernel alone, the selection alone, the reference (loop) selection, no sink, and a sweep of
+  flex kernel options for the kernel at density 0.2.
+Random inputs: timings do not depend on the values at a fixed density. Timing:
+triton.testing.do_bench medians (CUDA events without triton; perf_counter medians on CPU).
 """
 
 from __future__ import annotations
@@ -35,10 +40,18 @@ from ditplan.runtime.kernels import (
     select_blocks_reference,
     tile_permutation,
 )
+from ditplan.runtime.kernels.flex import flex_block_sparse_attention
 
 BLOCK_SIZE = 128
 DENSITIES = (0.5, 0.2, 0.1)
-TILES = ((1, 8, 8), (1, 8, 16), (2, 8, 8), (1, 16, 16))
+LAYERS = 30  # Wan2.1-1.3B: the per-forward permutation is shared by this many layers
+MODEL_WIDTH = 1536  # Wan2.1-1.3B hidden size: what the per-forward permutation moves
+KERNEL_OPTIONS = (  # flex tile settings tried for the kernel at density 0.2 (None: defaults)
+    None,
+    {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
+)
 
 
 @dataclass(frozen=True)
@@ -101,9 +114,16 @@ class SparseOp:
     def select(self, q, k, density, select_fn=select_blocks):
         return select_fn(q, k, block_size=BLOCK_SIZE, density=density, forced=self.forced)
 
-    def attend(self, q, k, v, block_map):
+    def attend(self, q, k, v, block_map, kernel_options=None):
+        if kernel_options is not None:
+            return flex_block_sparse_attention(q, k, v, block_map, block_size=BLOCK_SIZE,
+                                               kernel_options=kernel_options)
         return block_sparse_attention(q, k, v, block_map, block_size=BLOCK_SIZE,
                                       backend=self.work.backend)
+
+    def runtime(self, qp, kp, vp, density):
+        """Selection + kernel on tokens already in tile order (as the runtime runs a layer)."""
+        return self.attend(qp, kp, vp, self.select(qp, kp, density))
 
     def __call__(self, q, k, v, density, select_fn=select_blocks):
         q, k, v = self.permute(q, k, v)
@@ -117,31 +137,41 @@ def make_inputs(work: Workload, seq_len: int | None = None, heads: int | None = 
 
 
 def timing_cases(work: Workload, q, k, v) -> list[tuple[str, Callable[[], object], float]]:
-    """(name, fn, achieved density) for every timed case; density 1.0 for dense ops."""
+    """(name, fn, computed density) for every timed case; density 1.0 for dense ops."""
     op = SparseOp(work, (1, 8, 8))
     qp, kp, vp = op.permute(q, k, v)
     cases = [("dense SDPA", lambda: F.scaled_dot_product_attention(q, k, v), 1.0)]
+    maps = {d: op.select(qp, kp, d) for d in DENSITIES}
+    computed = {d: m.float().mean().item() for d, m in maps.items()}
     for density in DENSITIES:
-        block_map = op.select(qp, kp, density)
-        achieved = block_map.float().mean().item()
         cases += [
-            (f"full op d={density}", lambda d=density: op(q, k, v, d), achieved),
-            (f"full op, reference selection d={density}",
-             lambda d=density: op(q, k, v, d, select_blocks_reference), achieved),
-            (f"kernel alone d={density}",
-             lambda m=block_map: op.attend(qp, kp, vp, m), achieved),
-            (f"selection alone d={density}", lambda d=density: op.select(qp, kp, d), achieved),
+            (f"runtime op d={density}", lambda d=density: op.runtime(qp, kp, vp, d),
+             computed[density]),
+            (f"kernel alone d={density}", lambda m=maps[density]: op.attend(qp, kp, vp, m),
+             computed[density]),
+            (f"selection alone d={density}", lambda d=density: op.select(qp, kp, d),
+             computed[density]),
         ]
+    cases += [
+        ("full op d=0.2, per-call permutation", lambda: op(q, k, v, 0.2), computed[0.2]),
+        ("full op d=0.2, reference selection",
+         lambda: op(q, k, v, 0.2, select_blocks_reference), computed[0.2]),
+    ]
     no_sink = SparseOp(work, (1, 8, 8), sink=False)
-    achieved = no_sink.select(qp, kp, 0.2).float().mean().item()
-    cases.append(("full op d=0.2, no sink", lambda: no_sink(q, k, v, 0.2), achieved))
-    cases.append(("permutation alone (q,k,v + out)",
-                  lambda: [x.index_select(2, op.inverse) for x in op.permute(q, k, v)], 1.0))
-    for tile in TILES:
-        tiled = SparseOp(work, tile)
-        achieved = tiled.select(*list(tiled.permute(q, k, v))[:2], 0.2).float().mean().item()
-        cases.append((f"full op d=0.2 tile {tile}", lambda t=tiled: t(q, k, v, 0.2), achieved))
+    cases.append(("runtime op d=0.2, no sink", lambda: no_sink.runtime(qp, kp, vp, 0.2),
+                  no_sink.select(qp, kp, 0.2).float().mean().item()))
+    hidden = torch.randn(1, work.seq_len, MODEL_WIDTH, dtype=work.dtype, device=work.device)
+    cases.append(("permutation per forward (hidden in + out)",
+                  lambda: hidden.index_select(1, op.perm).index_select(1, op.inverse), 1.0))
+    if work.backend == "flex":
+        for options in KERNEL_OPTIONS[1:]:
+            cases.append((f"kernel d=0.2 {_options_label(options)}",
+                          lambda o=options: op.attend(qp, kp, vp, maps[0.2], o), computed[0.2]))
     return cases
+
+
+def _options_label(options: dict) -> str:
+    return "M{BLOCK_M} N{BLOCK_N} w{num_warps} s{num_stages}".format(**options)
 
 
 def correctness(work: Workload, q, k, v) -> dict[str, float]:
@@ -169,11 +199,25 @@ def run(work: Workload) -> dict:
                "dtype": str(work.dtype), "backend": work.backend, "block_size": BLOCK_SIZE,
                "correctness": correctness(work, q, k, v), "cases": []}
     for name, fn, achieved in timing_cases(work, q, k, v):
-        results["cases"].append({"name": name, "ms": median_ms(fn, work.device),
-                                 "density": achieved, "memory_mib": peak_mib(fn, work.device)})
+        try:
+            ms, memory = median_ms(fn, work.device), peak_mib(fn, work.device)
+        except Exception as exc:  # a kernel-option setting the card can't run: say so, go on
+            results["cases"].append({"name": name, "error": f"{type(exc).__name__}: {exc}"[:200]})
+            continue
+        results["cases"].append({"name": name, "ms": ms, "density": achieved,
+                                 "memory_mib": memory})
+    timed = {c["name"]: c for c in results["cases"] if "ms" in c}
+    per_forward = timed["permutation per forward (hidden in + out)"]["ms"]
+    for density in DENSITIES:
+        case = timed[f"runtime op d={density}"]
+        results["cases"].append({
+            "name": f"runtime op d={density} + 1/{LAYERS} of the permutation (sum)",
+            "ms": case["ms"] + per_forward / LAYERS, "density": case["density"],
+            "memory_mib": case["memory_mib"]})
     dense_ms = results["cases"][0]["ms"]
     for case in results["cases"]:
-        case["speedup_vs_dense"] = dense_ms / case["ms"]
+        if "ms" in case:
+            case["speedup_vs_dense"] = dense_ms / case["ms"]
     return results
 
 
@@ -186,11 +230,14 @@ def format_report(results: dict) -> str:
              f"(grid {results['grid']}), {results['dtype']}, backend {results['backend']}, "
              f"block {results['block_size']}"]
     lines += [f"  {name}: {value:.2e}" for name, value in results["correctness"].items()]
-    lines.append(f"{'case':<44} {'ms':>9} {'vs dense':>9} {'density':>8} {'extra MiB':>10}")
+    lines.append(f"{'case':<56} {'ms':>9} {'vs dense':>9} {'density':>8} {'extra MiB':>10}")
     for case in results["cases"]:
+        if "error" in case:
+            lines.append(f"{case['name']:<56} failed: {case['error']}")
+            continue
         extra = case["memory_mib"]["extra"]
         extra = "-" if extra is None else f"{extra:.0f}"
-        lines.append(f"{case['name']:<44} {case['ms']:>9.3f} {case['speedup_vs_dense']:>8.2f}x "
+        lines.append(f"{case['name']:<56} {case['ms']:>9.3f} {case['speedup_vs_dense']:>8.2f}x "
                      f"{case['density']:>8.3f} {extra:>10}")
     lines.append("extra MiB: peak allocated during the case minus what was live before it "
                  "(inputs excluded); JSON has the absolute peak too.")

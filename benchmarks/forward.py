@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import torch
 from diffusers import WanTransformer3DModel
@@ -77,7 +78,16 @@ def main():
         measure(model, inputs, label, rows, args.repeats)
         if args.compile and label in ("dense", f"sparse d=0.2 tile={args.tiles[0]}"):
             compiled = torch.compile(model)
+            start = time.perf_counter()
+            with torch.no_grad():
+                compiled(**inputs)  # compiles
+            if device == "cuda":
+                torch.cuda.synchronize()
+            compile_s = time.perf_counter() - start
+            print(f"  {label} + torch.compile: first call (compiling) {compile_s:.1f} s",
+                  flush=True)
             measure(compiled, inputs, f"{label} + torch.compile", rows, args.repeats)
+            rows[-1]["first_call_s"] = compile_s
             torch._dynamo.reset()
         if handle:
             handle.remove()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-PLAN_SCHEMA_VERSION = "1.0"
+PLAN_SCHEMA_VERSION = "2.0"
 SUPPORTED_BLOCK_SIZES = (64, 128)
 ROLES = ("foreground", "background")
 RECOMPILE = "recompile it with `ditplan compile-policy`"
@@ -31,7 +31,8 @@ def _schema(**constraints) -> dict:
 class AttentionSpec:
     """How one self-attention layer runs: dense, or block-mean sparse with these settings.
 
-    Exactly one of ``density`` (share of key blocks kept per query-block row, top-n) and
+    Exactly one of ``density`` (share of all block pairs computed, the forced sink/text/diagonal
+    blocks included; schema 2.0 -- in 1.x it was a per-row share before forced blocks) and
     ``mass_threshold`` (fewest key blocks whose predicted attention mass reaches it) is set;
     ``density=1.0`` means dense. ``dense_steps`` lists denoising step indices that run dense
     (warm-up, and any late steps the compiler keeps dense). ``head_densities``, when set, gives

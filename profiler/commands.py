@@ -47,6 +47,9 @@ def register(subparsers) -> None:
     p.add_argument("--map-steps", type=int, nargs="*", default=None, metavar="STEP",
                    help="steps whose block-pooled attention maps are stored "
                         "(default: first, middle, last)")
+    p.add_argument("--attention-steps", type=int, nargs="+", default=None, metavar="STEP",
+                   help="steps whose attention statistics are computed (default: all; they "
+                        "cost ~20x a forward, so at full size profile a few, e.g. 0 24 49)")
     p.add_argument("--attn-threshold", type=float, default=_DEFAULTS.attn_threshold,
                    help="high-attention token: mean received mass > threshold / tokens")
     p.add_argument("--no-sink", action="store_true",
@@ -88,6 +91,7 @@ def config_from_args(args: argparse.Namespace) -> ProfileConfig:
         dtype=args.dtype, mode=args.mode, block_size=args.block_size,
         tile=parse_tile(args.tile), sink=not args.no_sink,
         map_steps=None if args.map_steps is None else tuple(args.map_steps),
+        attention_steps=None if args.attention_steps is None else tuple(args.attention_steps),
         attn_threshold=args.attn_threshold, progress=not args.no_progress,
     )
 

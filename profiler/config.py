@@ -34,7 +34,10 @@ class RecorderSettings:
     first-frame blocks are forced in both recall masks (as the runtime forces them). densities:
     the recall grid. attn_threshold: token s is high-attention if its mean received mass exceeds
     attn_threshold / S. map_steps: steps whose block-pooled maps are stored. tile_rows: query rows
-    per tile of the exact computation (None: from a 1 GiB budget).
+    per tile of the exact computation (None: from a 1 GiB budget). attention_steps: the steps
+    whose attention statistics are computed (None: every step); the exact statistics cost
+    ~20x a forward, so long schedules at full size profile a few steps (step change is
+    recorded at every step regardless).
     """
 
     block_size: int = 128
@@ -44,8 +47,17 @@ class RecorderSettings:
     attn_threshold: float = 1.0
     map_steps: tuple[int, ...] = ()
     tile_rows: int | None = None
+    attention_steps: tuple[int, ...] | None = None  # steps with attention statistics; None: all
 
     def __post_init__(self):
+        if self.attention_steps is not None:
+            steps = tuple(sorted({int(s) for s in self.attention_steps}))
+            object.__setattr__(self, "attention_steps", steps)
+            _require(bool(steps) and steps[0] >= 0,
+                     f"attention steps must be non-negative step indices; got {steps}")
+            off = [s for s in self.map_steps if s not in steps]
+            _require(not off, f"map steps {off} are not attention steps {steps}: maps are "
+                              "recorded with the attention statistics")
         object.__setattr__(self, "tile", tuple(self.tile))
         object.__setattr__(self, "densities", tuple(float(d) for d in self.densities))
         object.__setattr__(self, "map_steps", tuple(sorted({int(s) for s in self.map_steps})))
@@ -68,6 +80,7 @@ class RecorderSettings:
             "block_size": self.block_size, "tile": list(self.tile), "sink": self.sink,
             "densities": list(self.densities), "attn_threshold": self.attn_threshold,
             "map_steps": list(self.map_steps), "diagonal": True,
+            "attention_steps": None if self.attention_steps is None else list(self.attention_steps),
         }
 
 
@@ -100,6 +113,7 @@ class ProfileConfig:
     attn_threshold: float = 1.0
     map_steps: tuple[int, ...] | None = None
     tile_rows: int | None = None
+    attention_steps: tuple[int, ...] | None = None
     progress: bool = field(default=True, compare=False)
 
     def __post_init__(self):
@@ -110,9 +124,9 @@ class ProfileConfig:
         _require(self.mode in MODES, f"mode must be one of {MODES}; got {self.mode!r}")
         _require(self.dtype is None or self.dtype in DTYPES,
                  f"dtype must be one of {DTYPES}; got {self.dtype!r}")
-        if self.map_steps is not None:
-            bad = [s for s in self.map_steps if not 0 <= s < self.steps]
-            _require(not bad, f"map steps {bad} are outside 0..{self.steps - 1}")
+        for name in ("map_steps", "attention_steps"):
+            bad = [s for s in getattr(self, name) or () if not 0 <= s < self.steps]
+            _require(not bad, f"{name.replace('_', ' ')} {bad} are outside 0..{self.steps - 1}")
         self.recorder_settings()  # validates block size, tile, densities, threshold
 
     def _validate_workload(self) -> None:
@@ -135,13 +149,16 @@ class ProfileConfig:
         return self.guidance_scale > 1.0
 
     def recorder_settings(self) -> RecorderSettings:
-        """The recorder's settings, with map steps defaulting to first, middle and last."""
+        """The recorder's settings, with map steps defaulting to the first, middle and last
+        (attention) step."""
         map_steps = self.map_steps
         if map_steps is None:
-            map_steps = (0, self.steps // 2, self.steps - 1)
+            steps = sorted(self.attention_steps or range(self.steps))
+            map_steps = (steps[0], steps[len(steps) // 2], steps[-1])
         return RecorderSettings(
             block_size=self.block_size, tile=self.tile, sink=self.sink, densities=self.densities,
             attn_threshold=self.attn_threshold, map_steps=map_steps, tile_rows=self.tile_rows,
+            attention_steps=self.attention_steps,
         )
 
     def resolved(self) -> ProfileConfig:

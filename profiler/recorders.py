@@ -56,7 +56,8 @@ class AttentionRecorderProcessor:
                  rotary_emb=None, **kwargs):
         out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask,
                             rotary_emb, **kwargs)
-        if encoder_hidden_states is None and attention_mask is None:
+        if (encoder_hidden_states is None and attention_mask is None
+                and self.recorder.call.record_attention):
             with torch.no_grad():
                 self.recorder.record_attention(self.layer, attn, hidden_states, rotary_emb)
         return out
@@ -80,6 +81,8 @@ class CallState:
                                          text_tokens=text, diagonal=False).cols
         self.foreground = self._foreground(foreground, device)  # [S] permuted order
         self.record_map = step in settings.map_steps
+        steps = settings.attention_steps
+        self.record_attention = steps is None or step in steps
 
     @staticmethod
     def _video_mask(layout: TokenLayout, device) -> torch.Tensor:

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 logger = logging.getLogger(__name__)
 
-PROFILE_SCHEMA_VERSION = "1.0"
+PROFILE_SCHEMA_VERSION = "2.0"
 CONTEXTS = ("cond", "uncond")
 DENSITY_GRID = (0.05, 0.1, 0.2, 0.3, 0.5)
 OUTPUT_LAYER = "__output__"
@@ -73,7 +73,7 @@ ATTENTION_STATS_SCHEMA = pa.schema([
 # Per head, per step, per density: how much attention mass a block mask of that density keeps.
 ATTENTION_RECALL_SCHEMA = pa.schema([
     *KEY_FIELDS, HEAD_FIELD,
-    _f32("density"),  # nominal share of key blocks kept per query-block row (DENSITY_GRID)
+    _f32("density"),  # share of all block pairs kept, forced ones included (DENSITY_GRID; 2.0)
     _f32("recall_predicted"),  # mass share kept by the block-mean-predicted mask (+ sink)
     _f32("recall_oracle"),  # mass share kept by the true top blocks (same count, + sink)
     _f32("kept_fraction"),  # share of block pairs the predicted mask really keeps

@@ -3,7 +3,10 @@
 Q and K are mean-pooled per block of consecutive tokens, blocks are scored with
 softmax(q̂ k̂ᵀ · scale) per head, and each query-block row keeps its top key blocks by count
 (density) or by predicted attention mass (threshold), plus forced regions (first-frame sink,
-text tokens, the diagonal). RainFusion2.0: arXiv 2512.24086 (Ascend/MindIE-SD tech report);
+text tokens, the diagonal). A density is the share of all block pairs computed, forced ones
+included: forced rows are computed in full and the other rows' budgets shrink to pay for them,
+and forced columns count inside each row's budget.
+RainFusion2.0: arXiv 2512.24086 (Ascend/MindIE-SD tech report);
 SpargeAttn: github.com/thu-ml/SpargeAttn.
 """
 
@@ -12,7 +15,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,12 +34,22 @@ class ForcedBlocks:
     rows: torch.Tensor
     cols: torch.Tensor
     diagonal: bool = True
+    dense_rows: int = field(init=False)  # number of forced rows, counted once (a host sync)
 
     def __post_init__(self) -> None:
         for name, x in (("rows", self.rows), ("cols", self.cols)):
             if x.dtype != torch.bool or x.ndim != 1:
                 raise ValueError(f"ForcedBlocks.{name} must be a 1-D bool tensor; "
                                  f"got {x.dtype} {tuple(x.shape)}")
+        object.__setattr__(self, "dense_rows", int(self.rows.sum()))
+
+    def pairs(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """bool [Qb, Kb]: every forced block pair (rows, columns and the diagonal)."""
+        rows, cols = self.rows.to(device), self.cols.to(device)
+        extra = rows[:, None] | cols[None, :]  # [Qb, Kb]
+        if self.diagonal:
+            extra = extra | torch.eye(extra.shape[0], dtype=torch.bool, device=extra.device)
+        return extra
 
 
 def _check_token_mask(name: str, mask: torch.Tensor | None, seq_len: int) -> None:
@@ -128,12 +141,19 @@ def block_mean_scores_reference(
     return torch.softmax(q_mean @ k_mean.transpose(-1, -2) * scale, dim=-1)
 
 
-def blocks_to_keep(density: float, num_key_blocks: int) -> int:
-    """Top-n count for a density: max(1, ceil(density * Kb)), robust to float round-up.
+def row_budget(density: float, num_query_blocks: int, num_key_blocks: int,
+               dense_rows: int = 0) -> int:
+    """Key blocks kept per (non-forced) query-block row so the whole map computes `density`
+    of all Qb x Kb block pairs, `dense_rows` forced rows (computed in full) included.
 
-    `0.1 * 30` is 3.0000000000000004 in floating point; a 1e-9 slack keeps ceil at 3.
+    ceil, at least 1 and at most Kb; with no forced rows it is ceil(density * Kb). A 1e-9
+    slack keeps float round-up from adding a block (`0.1 * 30` is 3.0000000000000004).
     """
-    return min(num_key_blocks, max(1, math.ceil(density * num_key_blocks - 1e-9)))
+    free_rows = num_query_blocks - dense_rows
+    if free_rows <= 0:
+        return num_key_blocks
+    pairs = (density * num_query_blocks - dense_rows) * num_key_blocks
+    return min(num_key_blocks, max(1, math.ceil(pairs / free_rows - 1e-9)))
 
 
 def _check_qk(q: torch.Tensor, k: torch.Tensor, block_size: int) -> None:
@@ -180,11 +200,7 @@ def _apply_forced(block_map: torch.Tensor, forced: ForcedBlocks | None) -> torch
     # block_map: [B, H, Qb, Kb] bool
     if forced is None:
         return block_map
-    device = block_map.device
-    extra = forced.rows.to(device)[:, None] | forced.cols.to(device)[None, :]  # [Qb, Kb]
-    if forced.diagonal:
-        extra = extra | torch.eye(extra.shape[0], dtype=torch.bool, device=device)
-    return block_map | extra
+    return block_map | forced.pairs(block_map.device)
 
 
 def _top_mass(scores: torch.Tensor, mass_threshold: float) -> torch.Tensor:
@@ -204,10 +220,16 @@ def _rank_limits(counts: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return ranks[None, :] < torch.tensor(counts, device=device)[:, None]
 
 
-def _top_n(scores: torch.Tensor, density: float | Sequence[float]) -> torch.Tensor:
-    # Per row the n_h best key blocks, n_h from head h's density. scores: [B, H, Qb, Kb].
-    heads, nk = scores.shape[1], scores.shape[-1]
-    counts = tuple(blocks_to_keep(d, nk) for d in head_densities(density, heads))
+def _top_n(scores: torch.Tensor, density: float | Sequence[float],
+           forced: ForcedBlocks | None) -> torch.Tensor:
+    # Per row the n_h best key blocks, n_h = head h's row budget; forced blocks rank first, so
+    # they count inside the budget (forced rows are added in full afterwards). scores: [B, H, Qb,
+    # Kb].
+    heads, nq, nk = scores.shape[1:]
+    dense_rows = 0 if forced is None else forced.dense_rows
+    counts = tuple(row_budget(d, nq, nk, dense_rows) for d in head_densities(density, heads))
+    if forced is not None:
+        scores = scores.masked_fill(forced.pairs(scores.device), math.inf)
     top = scores.topk(max(counts), dim=-1).indices  # [B, H, Qb, n_max], best first
     keep = _rank_limits(counts, scores.device)[None, :, None, :].expand_as(top)
     return torch.zeros_like(scores, dtype=torch.bool).scatter(-1, top, keep)
@@ -226,8 +248,9 @@ def select_blocks(
     Args:
         q, k: [B, H, S, D] (already permuted, if a tile permutation is used).
         block_size: 64 or 128.
-        density: keep n = max(1, ceil(density * Kb)) blocks per row (topk; ties as topk gives);
-            a sequence gives one density per head.
+        density: share of all block pairs to compute, forced ones included: each non-forced
+            row keeps row_budget(...) blocks, its forced columns and diagonal first, then the
+            best-scored others (topk; ties as topk gives); a sequence gives one per head.
         mass_threshold: keep the fewest top-ranked blocks whose scores sum to >= the threshold.
         forced: blocks always kept (forced_blocks(...)); None = none, not even the diagonal.
         scores: precomputed block_mean_scores(q, k, block_size=...) [B, H, Qb, Kb], to reuse.
@@ -239,7 +262,7 @@ def select_blocks(
     if scores is None:
         scores = block_mean_scores(q, k, block_size=block_size)  # [B, H, Qb, Kb]
     if density is not None:
-        block_map = _top_n(scores, density)
+        block_map = _top_n(scores, density, forced)
     else:
         block_map = _top_mass(scores, mass_threshold)
     return _apply_forced(block_map, forced)  # [B, H, Qb, Kb]
@@ -264,18 +287,26 @@ def select_blocks_reference(
     force = _forced_lists(forced, nq)
     block_map = [[[None] * nq for _ in range(heads)] for _ in range(batch)]
     per_head = head_densities(density, heads) if density is not None else [None] * heads
+    dense_rows = sum(force[0])
     for b in range(batch):
         for h in range(heads):
+            budget = (None if per_head[h] is None
+                      else row_budget(per_head[h], nq, nk, dense_rows))
             for i in range(nq):
-                kept = set(_kept_in_row(rows[b][h][i], per_head[h], mass_threshold))
-                block_map[b][h][i] = [j in kept or _is_forced(force, i, j) for j in range(nk)]
+                pinned = [j for j in range(nk) if _is_forced(force, i, j)]
+                kept = set(pinned) | set(_kept_in_row(rows[b][h][i], pinned, budget,
+                                                      mass_threshold))
+                block_map[b][h][i] = [j in kept for j in range(nk)]
     return torch.tensor(block_map, dtype=torch.bool, device=scores.device)  # [B, H, Qb, Kb]
 
 
-def _kept_in_row(row: list[float], density: float | None, mass_threshold: float | None):
+def _kept_in_row(row: list[float], pinned: list[int], budget: int | None,
+                 mass_threshold: float | None) -> list[int]:
+    # budget: top-n with the pinned (forced) blocks first; else the threshold rule on all blocks.
+    if budget is not None:
+        others = sorted((j for j in range(len(row)) if j not in pinned), key=lambda j: -row[j])
+        return others[: max(0, budget - len(pinned))]
     ranked = sorted(range(len(row)), key=lambda j: -row[j])
-    if density is not None:
-        return ranked[: blocks_to_keep(density, len(row))]
     kept, mass = [], 0.0
     for j in ranked:
         if mass >= mass_threshold:

@@ -10,6 +10,10 @@ mask_mod evaluated). This relies on flex's documented partial-block semantics ra
 inductor's internal boundary checks (both were exact on an H100, torch 2.11, 2026-11-26:
 benchmarks/flex_tail_check.py). BlockMask's seq_lengths must equal (S, S).
 
+Without autograd the call is the custom op `ditplan::flex_block_sparse_attention`, opaque to an
+outer torch.compile of the model: the model's graph does not inline flex (which made compiling
+a 30-layer model with sparse layers take minutes), and flex itself compiles once per shape.
+
 Each new (shape, dtype, block size) is one dynamo recompile. Past dynamo's recompile limit
 (8 by default) torch runs flex_attention eagerly, and on an H100 (torch 2.11, 2026-11-26) that
 eager path returned wrong results for our BlockMasks (errors 0.2-0.8 against the reference, see
@@ -63,7 +67,7 @@ _RECOMPILE_LIMIT = 64
 
 
 def _call_compiled(*args, **kwargs):
-    if torch.compiler.is_compiling():  # traced into an outer graph: no dynamo frame of our own
+    if torch.compiler.is_compiling():  # traced into an outer graph (autograd path)
         return flex_attention(*args, **kwargs)
     settings = {"recompile_limit": _RECOMPILE_LIMIT, "fail_on_recompile_limit_hit": True}
     known = {k: v for k, v in settings.items() if hasattr(torch._dynamo.config, k)}
@@ -117,7 +121,7 @@ def _kernel_options(block_size: int, head_dim: int) -> dict | None:
 )
 def flex_block_sparse_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_map: torch.Tensor,
-    *, block_size: int, scale: float | None = None,
+    *, block_size: int, scale: float | None = None, kernel_options: dict | None = None,
 ) -> torch.Tensor:
     """FlexAttention over the kept blocks of `block_map` (CUDA).
 
@@ -126,12 +130,36 @@ def flex_block_sparse_attention(
         block_map: bool [B|1, H|1, ceil(S/bs), ceil(S/bs)], True = compute.
         block_size: 64 or 128.
         scale: softmax scale; 1/sqrt(D) when None.
+        kernel_options: flex tile settings instead of the defaults (for tuning sweeps).
 
     Returns:
         [B, H, S, D] in q's dtype; query rows with no kept key are 0.
     """
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                               or v.requires_grad)
+    if needs_grad or kernel_options is not None:
+        return _flex(q, k, v, block_map, block_size, scale, compute_q_blocks=needs_grad,
+                     kernel_options=kernel_options)
+    return flex_block_sparse_attention_op(q, k, v, block_map, block_size, scale)
+
+
+def _flex(q, k, v, block_map, block_size, scale, *, compute_q_blocks=False,
+          kernel_options=None) -> torch.Tensor:
     seq_len, head_dim = q.shape[-2], q.shape[-1]
-    needs_grad = q.requires_grad or k.requires_grad or v.requires_grad
-    mask = block_mask_from_map(block_map, seq_len, block_size, compute_q_blocks=needs_grad)
-    return _call_compiled(q, k, v, block_mask=mask, scale=scale,
-                          kernel_options=_kernel_options(block_size, head_dim))
+    mask = block_mask_from_map(block_map, seq_len, block_size, compute_q_blocks=compute_q_blocks)
+    options = kernel_options or _kernel_options(block_size, head_dim)
+    return _call_compiled(q, k, v, block_mask=mask, scale=scale, kernel_options=options)
+
+
+@torch.library.custom_op("ditplan::flex_block_sparse_attention", mutates_args=())
+def flex_block_sparse_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_map: torch.Tensor,
+    block_size: int, scale: float | None,
+) -> torch.Tensor:
+    """The inference call as one opaque op ([B, H, S, D] in, [B, H, S, D] out)."""
+    return _flex(q, k, v, block_map, block_size, scale)
+
+
+@flex_block_sparse_attention_op.register_fake
+def _(q, k, v, block_map, block_size, scale):
+    return torch.empty_like(q)

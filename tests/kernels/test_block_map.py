@@ -19,7 +19,7 @@ from ditplan.runtime.kernels import (
     select_blocks,
     select_blocks_reference,
 )
-from ditplan.runtime.kernels.block_map import block_mean_scores_reference, blocks_to_keep
+from ditplan.runtime.kernels.block_map import block_mean_scores_reference, row_budget
 
 
 def _qk(batch=2, heads=3, seq=300, dim=16, dtype=torch.float32):
@@ -55,7 +55,7 @@ def test_select_matches_reference(seq, block_size, rule, forced_kind):
 def test_density_keeps_top_n_per_row(density):
     q, k = _qk(seq=640)
     block_map = select_blocks(q, k, block_size=64, density=density)
-    n = blocks_to_keep(density, 10)
+    n = row_budget(density, 10, 10)
     assert (block_map.sum(-1) == n).all()
     scores = block_mean_scores(q, k, block_size=64)
     kept_min = scores.masked_fill(~block_map, 2.0).amin(-1)
@@ -72,7 +72,7 @@ def test_per_head_densities_match_reference_and_keep_their_own_count(forced_kind
     assert torch.equal(fast, select_blocks_reference(q, k, **kwargs))
     if forced_kind == "none":
         for head, density in enumerate(densities):
-            assert (fast[:, head].sum(-1) == blocks_to_keep(density, 11)).all()
+            assert (fast[:, head].sum(-1) == row_budget(density, 11, 11)).all()
 
 
 def test_per_head_densities_must_match_the_head_count():
@@ -99,27 +99,53 @@ def test_mass_threshold_keeps_fewest_blocks(threshold):
     assert (kept_mass - smallest_kept < threshold).all()  # one block fewer would not reach it
 
 
-def test_blocks_to_keep_rounding():
-    assert blocks_to_keep(0.1, 30) == 3  # 0.1 * 30 = 3.0000000000000004 in floating point
-    assert blocks_to_keep(0.11, 30) == 4
-    assert blocks_to_keep(0.001, 30) == 1
-    assert blocks_to_keep(1.0, 30) == 30
+def test_row_budget_rounding_and_forced_rows():
+    assert row_budget(0.1, 30, 30) == 3  # 0.1 * 30 = 3.0000000000000004 in floating point
+    assert row_budget(0.11, 30, 30) == 4
+    assert row_budget(0.001, 30, 30) == 1
+    assert row_budget(1.0, 30, 30) == 30
+    # 256 x 256 blocks at 0.2 with 13 dense rows (Wan 480p's first frame): the other 243 rows
+    # pay for 13 * 256 pairs: ceil((0.2 * 256 - 13) * 256 / 243) = ceil(40.25) = 41
+    assert row_budget(0.2, 256, 256, dense_rows=13) == 41
+    assert row_budget(0.02, 256, 256, dense_rows=13) == 1  # the forced rows alone exceed it
+    assert row_budget(0.5, 4, 8, dense_rows=4) == 8
+
+
+@pytest.mark.parametrize("density", [0.1, 0.25, 0.5])
+def test_density_counts_forced_blocks_inside_the_budget(density):
+    q, k = _qk(seq=20 * 64)  # 20 blocks of 64
+    forced = _forced("sink", 20 * 64, 64)  # blocks 0..3 hold the sink: dense rows and columns
+    block_map = select_blocks(q, k, block_size=64, density=density, forced=forced)
+    budget = row_budget(density, 20, 20, dense_rows=4)
+    free_rows = block_map[:, :, 4:]  # [B, H, 16, 20]
+    # forced columns and the diagonal are kept, and count inside the budget when they fit it
+    assert free_rows[..., :4].all()
+    assert (free_rows.sum(-1) == max(budget, 5)).all()
+    assert block_map[:, :, :4].all()
+    computed = block_map.float().mean().item()
+    # at most one block per free row above the density (the budget is a ceil), unless the
+    # forced 4 columns + diagonal alone exceed the budget (density 0.1 -> budget 1)
+    assert computed <= density + 16 / 400 + 1e-6 or budget < 5
 
 
 def test_forced_regions_are_rows_columns_and_diagonal():
     q, k = _qk(batch=1, heads=2, seq=6 * 64)
     rows = torch.tensor([False, True, False, False, False, False])
     cols = torch.tensor([False, False, False, True, False, False])
-    free = select_blocks(q, k, block_size=64, density=1 / 6)
+    # density 1/6 with one dense row: the other five rows keep ceil((1 - 1) * 6 / 5) -> 1
+    # block, and the forced column (and diagonal) fill that budget, so nothing else is chosen
     forced = select_blocks(q, k, block_size=64, density=1 / 6,
                            forced=ForcedBlocks(rows, cols, diagonal=True))
-    assert forced[:, :, 1].all() and forced[:, :, :, 3].all()
-    assert forced.diagonal(dim1=-2, dim2=-1).all()
-    expected = free | rows[:, None] | cols[None, :] | torch.eye(6, dtype=torch.bool)
-    assert torch.equal(forced, expected)
+    expected = rows[:, None] | cols[None, :] | torch.eye(6, dtype=torch.bool)
+    assert torch.equal(forced, expected.expand_as(forced))
     no_diag = select_blocks(q, k, block_size=64, density=1 / 6,
                             forced=ForcedBlocks(rows, cols, diagonal=False))
-    assert torch.equal(no_diag, free | rows[:, None] | cols[None, :])
+    assert torch.equal(no_diag, (rows[:, None] | cols[None, :]).expand_as(no_diag))
+    # a larger budget adds the best-scored free blocks on top of the forced ones
+    roomy = select_blocks(q, k, block_size=64, density=0.5,
+                          forced=ForcedBlocks(rows, cols, diagonal=True))
+    assert torch.equal(roomy & expected, expected.expand_as(roomy))
+    assert (roomy[:, :, [0, 2, 3, 4, 5]].sum(-1) == row_budget(0.5, 6, 6, dense_rows=1)).all()
 
 
 def test_forced_blocks_from_token_masks():

@@ -32,3 +32,25 @@ def test_flex_kernel_compiled_on_cpu_matches_reference_without_recompiling():
         if trial == 0:
             graphs = counters["stats"]["unique_graphs"]
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="inductor's CPU flex needs a C++ compiler")
+def test_flex_op_is_one_opaque_node_in_an_outer_compiled_graph():
+    # Without autograd, flex runs as the custom op ditplan::flex_block_sparse_attention: an outer
+    # torch.compile traces it without a graph break and without inlining flex; outputs equal
+    # eager (the same compiled flex kernel runs in both; the projection is fused or not, fp32).
+    from torch._dynamo.utils import counters
+
+    q, k, v = (torch.randn(1, 2, 200, 16) for _ in range(3))
+    block_map = (torch.rand(1, 2, 4, 4) < 0.4) | torch.eye(4, dtype=torch.bool)
+
+    def layer(x):
+        return flex_block_sparse_attention(x * 2.0, k, v, block_map, block_size=64) + 1.0
+
+    counters.clear()
+    with torch.no_grad():
+        eager = layer(q)
+        compiled = torch.compile(layer, fullgraph=True)(q)
+    assert not counters["graph_break"]
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)

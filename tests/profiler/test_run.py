@@ -52,6 +52,29 @@ def test_policy_compiler_reads_the_traces(tmp_path, reference_pipe, small_config
     assert profile.residual_change.shape == (CONTEXTS, LAYERS, STEPS)
 
 
+def test_attention_steps_limit_the_statistics_but_not_the_step_change(tmp_path, reference_pipe,
+                                                                       small_config):
+    from ditplan.policy.compiler import compile_policy
+    from ditplan.policy.load_profile import load_profile
+
+    run.profile_pipeline(small_config(tmp_path, attention_steps=(0, 2)), pipe=reference_pipe)
+    traces = read_traces(tmp_path)
+    for name in ("attention_stats", "attention_recall", "attention_maps"):
+        assert set(traces.tables[name]["step"].to_pylist()) == {0, 2}, name
+    assert set(traces.tables["step_change"]["step"].to_pylist()) == {1, 2}
+    assert traces.metadata.profiler_settings["attention_steps"] == [0, 2]
+    profile = load_profile(tmp_path)
+    assert profile.recall_predicted.shape == (LAYERS, HEADS, 5, 2 * CONTEXTS)
+    assert compile_policy(tmp_path).workload.steps == STEPS
+
+
+def test_map_steps_outside_the_attention_steps_are_refused(tmp_path, small_config):
+    with pytest.raises(ValueError, match=r"map steps \[1\] are not attention steps"):
+        small_config(tmp_path, attention_steps=(0, 2), map_steps=(1,))
+    with pytest.raises(ValueError, match=r"attention steps \[5\] are outside 0..2"):
+        small_config(tmp_path, attention_steps=(5,))
+
+
 def test_sample_mode_uses_the_estimated_foreground(tmp_path, reference_pipe, small_config):
     run.profile_pipeline(small_config(tmp_path, mode="sample", guidance_scale=1.0),
                          pipe=reference_pipe)

@@ -115,12 +115,13 @@ def _rewrite_version(path, version, extra_column=False):
 def test_newer_major_is_refused_and_newer_minor_tolerated(tmp_path):
     write_all(tmp_path)
     path = tmp_path / "step_change.parquet"
-    _rewrite_version(path, "1.9", extra_column=True)
+    major, minor = S.parse_version(S.PROFILE_SCHEMA_VERSION, "test")
+    _rewrite_version(path, f"{major}.{minor + 9}", extra_column=True)
     assert S.read_traces(tmp_path).tables["step_change"].schema.equals(S.STEP_CHANGE_SCHEMA)
-    _rewrite_version(path, "2.0")
+    _rewrite_version(path, f"{major + 1}.0")
     with pytest.raises(S.TraceError, match="step_change.parquet.*newer.*upgrade ditplan"):
         S.read_traces(tmp_path)
-    _rewrite_version(path, "0.3")
+    _rewrite_version(path, f"{major - 1}.3")
     with pytest.raises(S.TraceError, match="older.*re-run `ditplan profile`"):
         S.read_traces(tmp_path)
 
