@@ -79,6 +79,9 @@ def plan_method(family: str, setting: str, trace_dir: Callable[[], Path], preset
             plan = compile_policy(trace_dir(), CompilerConfig.from_name(preset, **overrides()))
         except CompilerError as error:
             raise NotApplicable(str(error)) from error
+        if _is_dense(plan):
+            raise NotApplicable("the compiled plan keeps every layer dense and caches nothing "
+                                "at this workload (the traces support no sparsity here)")
         if adapt is not None:
             plan = adapt(plan, transformer_of(pipe))
         handle = apply_plan(pipe, plan, backend=backend)
@@ -87,3 +90,9 @@ def plan_method(family: str, setting: str, trace_dir: Callable[[], Path], preset
                          reset=handle.reset)
 
     return Method(family, setting, install, {"preset": preset, **(params or {})}, notes)
+
+
+def _is_dense(plan: Plan) -> bool:
+    """True when applying the plan changes nothing: every layer dense, no cache groups."""
+    dense = all(spec.is_dense for spec in plan.attention_specs().values())
+    return dense and not plan.cache_groups

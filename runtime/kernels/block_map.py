@@ -35,6 +35,7 @@ class ForcedBlocks:
     cols: torch.Tensor
     diagonal: bool = True
     dense_rows: int = field(init=False)  # number of forced rows, counted once (a host sync)
+    _pairs: torch.Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name, x in (("rows", self.rows), ("cols", self.cols)):
@@ -42,14 +43,15 @@ class ForcedBlocks:
                 raise ValueError(f"ForcedBlocks.{name} must be a 1-D bool tensor; "
                                  f"got {x.dtype} {tuple(x.shape)}")
         object.__setattr__(self, "dense_rows", int(self.rows.sum()))
+        pairs = self.rows[:, None] | self.cols[None, :].to(self.rows.device)  # [Qb, Kb]
+        if self.diagonal:
+            pairs = pairs | torch.eye(pairs.shape[0], dtype=torch.bool, device=pairs.device)
+        object.__setattr__(self, "_pairs", pairs)
 
     def pairs(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """bool [Qb, Kb]: every forced block pair (rows, columns and the diagonal)."""
-        rows, cols = self.rows.to(device), self.cols.to(device)
-        extra = rows[:, None] | cols[None, :]  # [Qb, Kb]
-        if self.diagonal:
-            extra = extra | torch.eye(extra.shape[0], dtype=torch.bool, device=extra.device)
-        return extra
+        """bool [Qb, Kb]: every forced block pair (rows, columns and the diagonal), built once
+        at construction (a layout's ForcedBlocks is reused for every call)."""
+        return self._pairs if device is None else self._pairs.to(device)
 
 
 def _check_token_mask(name: str, mask: torch.Tensor | None, seq_len: int) -> None:
