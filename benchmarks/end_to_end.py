@@ -129,12 +129,14 @@ def main(argv: list[str] | None = None) -> dict:
         save_plan(plan, args.out / f"{name.replace(' ', '_').replace('=', '')}.json")
     denoise = Denoiser(model, inputs, args.steps)
     rows = [dict(variant="dense", **_row(*timed_run(denoise, device), args.steps))]
+    print(f"dense: {rows[0]['seconds']:.1f} s", flush=True)
     warm_up_flex(model, tuple(inputs["hidden_states"].shape), device, dtype)
     for name, plan in plans.items():
         handle = apply_plan(model, plan, check_weights=False)
         seconds, peak = timed_run(denoise, device)
         rows.append(dict(variant=name, **_row(seconds, peak, args.steps), **handle.stats(),
                          dense_steps=_dense_steps(plan)))
+        print(f"{name}: {seconds:.1f} s", flush=True)
         handle.remove()
     report(rows, args)
     result = dict(banner=banner(), steps=args.steps, rows=rows)

@@ -16,6 +16,9 @@ FAMILIES = {
     "window-static", "profilingdit", "diffusers-fbc", "diffusers-pab", "diffusers-fastercache",
     "diffusers-taylorseer", "diffusers-magcache",
 }
+# A tiny random model attends uniformly, so no density keeps the recall the presets ask for and
+# the sparse-only ablation compiles to an all-dense plan: the harness reports it not applicable.
+MAY_BE_DENSE = {"ditplan-sparse-only"}
 # 4 frames x 16 x 16 px -> 4 x 8 x 8 tokens = 4 blocks of 64; 4 steps with CFG (quick preset).
 WORKLOAD = ["--frames", "4", "--height", "16", "--width", "16", "--block-size", "64"]
 
@@ -47,7 +50,11 @@ def test_every_family_ran_with_finite_metrics(out):
     rows = read_rows(out / "quality.jsonl")
     assert not [(r["method"], r.get("reason")) for r in rows if r["status"] == "failed"]
     ok = [r for r in rows if r["status"] == "ok"]
-    assert {r["family"] for r in ok} == FAMILIES
+    ran = {r["family"] for r in ok}
+    assert FAMILIES - MAY_BE_DENSE <= ran <= FAMILIES
+    for row in rows:
+        if row["family"] in MAY_BE_DENSE and row["status"] != "ok":
+            assert "keeps every layer dense" in row["reason"], row
     for row in ok:
         assert _finite(row["speedup"]) and row["speedup"] > 0, row["method"]
         assert 0.0 <= row["caption_accuracy"] <= 1.0
