@@ -25,6 +25,9 @@ def test_compiled_plan_matches_eager_and_does_not_recompile_per_step():
     handle.remove()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames_after_first
     for e, a, b in zip(eager, first, second, strict=True):
-        # fp32 flex vs eager flex: the same kernels up to fusion order.
+        # fp32 flex vs eager flex: the same kernels up to fusion order. Two compiled generations
+        # are not bitwise equal on the GPU: on an H100 (torch 2.11, 2026-11-26) they differed
+        # by up to 6e-7 absolute (1.1e-4 relative on a near-zero element), so both comparisons
+        # use the fusion-order tolerance.
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(b, a, rtol=0, atol=0)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
