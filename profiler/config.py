@@ -120,6 +120,9 @@ class ProfileConfig:
         object.__setattr__(self, "out", Path(self.out))
         object.__setattr__(self, "prompts", tuple(self.prompts))
         object.__setattr__(self, "seeds", tuple(self.seeds))
+        if self.attention_steps is not None:
+            object.__setattr__(self, "attention_steps",
+                               tuple(sorted({int(s) for s in self.attention_steps})))
         self._validate_workload()
         _require(self.mode in MODES, f"mode must be one of {MODES}; got {self.mode!r}")
         _require(self.dtype is None or self.dtype in DTYPES,

@@ -64,6 +64,15 @@ def test_defaults_profile_the_reference_model(tmp_path):
     assert config.recorder_settings().map_steps == (0, 16, 31)
 
 
+def test_attention_steps_flag_limits_statistics_and_default_maps(tmp_path):
+    config = commands.config_from_args(parse(["--out", str(tmp_path), "--steps", "50",
+                                              "--attention-steps", "49", "0", "25"]))
+    settings = config.recorder_settings()
+    assert settings.attention_steps == (0, 25, 49)
+    assert settings.map_steps == (0, 25, 49)  # first, middle, last of the attention steps
+    assert config.identity()["attention_steps"] == [0, 25, 49]  # order-free: same run
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--steps", "0"], "steps must be a positive int"),
     (["--tile", "8x8"], "TxHxW"),
@@ -71,6 +80,7 @@ def test_defaults_profile_the_reference_model(tmp_path):
     (["--guidance-scale", "-1"], "guidance scale"),
     (["--seeds", "1", "1"], "seeds repeat"),
     (["--attn-threshold", "0"], "threshold"),
+    (["--attention-steps", "7"], r"attention steps \[7\] are outside 0..1"),
 ])
 def test_bad_flags_exit_2_with_a_message(cli, tmp_path, capsys, flags, message):
     code, loaded = cli(["--out", str(tmp_path), *SMALL, *flags])
