@@ -96,10 +96,12 @@ def block_mask_from_map(
     if tail:
         full_map[..., -1] = False
     full_counts, full_indices = _kv_blocks(full_map)
-    partial_map = block_map & ~full_map
+    # Only the last key block can be partial, so its row lists are that one index (no sort).
     # The partial index tensor must be its own buffer: aliasing it with full_kv_indices breaks
     # inductor's CPU codegen.
-    partial_counts, partial_indices = _kv_blocks(partial_map)
+    last = block_map[..., -1] if tail else torch.zeros_like(block_map[..., -1])
+    partial_counts = last.to(torch.int32)  # [B|1, H|1, Qb], 1 where the tail block is kept
+    partial_indices = torch.full_like(full_indices, block_map.shape[-1] - 1)
     return BlockMask.from_kv_blocks(
         partial_counts, partial_indices, full_counts, full_indices,
         BLOCK_SIZE=block_size, mask_mod=_keys_before(seq_len) if tail else None,
