@@ -62,3 +62,18 @@ def peak_memory_gib(fn) -> float:
     fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() / 2**30
+
+
+def timed_once(fn, device: str) -> tuple[float, float]:
+    """(seconds, peak allocated GiB) of one synchronized call of ``fn()`` on ``device``;
+    peak 0 off CUDA, as in peak_memory_gib."""
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    return time.perf_counter() - start, peak

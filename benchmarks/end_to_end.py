@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import banner
+from benchmarks.common import banner, timed_once
 from benchmarks.forward import build
 from benchmarks.quality.scale import Denoiser
 from ditplan.policy.compiler import compile_policy
@@ -79,24 +79,10 @@ def plans_from_flags(trace: Path, blocks: int, density: float, foreground: list[
     }
 
 
-def timed_run(denoise: Denoiser, device: str) -> tuple[float, float]:
-    """(seconds, peak GiB) of one generation."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    denoise()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-    return time.perf_counter() - start, peak
-
-
 def warm_up_flex(model, latents_shape: tuple[int, ...], device: str, dtype) -> None:
     """One kernel call at the model's attention shape, so flex compiles outside the timings."""
-    config, patch = model.config, model.config.patch_size
-    tokens = (latents_shape[2] // patch[0]) * (latents_shape[3] // patch[1]) * (
-        latents_shape[4] // patch[2])
+    config = model.config
+    tokens = get_adapter(model).token_layout(model, latents_shape).video_tokens
     shape = (1, config.num_attention_heads, tokens, config.attention_head_dim)
     q, k, v = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
     blocks = -(-tokens // 128)
@@ -119,7 +105,6 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     print(banner(), flush=True)
     model, inputs = build(args.quick, device, dtype)
-    inputs = {k: v for k, v in inputs.items() if k != "return_dict"}
     pixels = QUICK_PIXELS if args.quick else FULL_PIXELS
     start = time.perf_counter()
     trace = profile_schedule(model, inputs, args.steps, args.out / "trace", pixels)
@@ -128,12 +113,12 @@ def main(argv: list[str] | None = None) -> dict:
     for name, plan in plans.items():
         save_plan(plan, args.out / f"{name.replace(' ', '_').replace('=', '')}.json")
     denoise = Denoiser(model, inputs, args.steps)
-    rows = [dict(variant="dense", **_row(*timed_run(denoise, device), args.steps))]
+    rows = [dict(variant="dense", **_row(*timed_once(denoise, device), args.steps))]
     print(f"dense: {rows[0]['seconds']:.1f} s", flush=True)
     warm_up_flex(model, tuple(inputs["hidden_states"].shape), device, dtype)
     for name, plan in plans.items():
         handle = apply_plan(model, plan, check_weights=False)
-        seconds, peak = timed_run(denoise, device)
+        seconds, peak = timed_once(denoise, device)
         rows.append(dict(variant=name, **_row(seconds, peak, args.steps), **handle.stats(),
                          dense_steps=_dense_steps(plan)))
         print(f"{name}: {seconds:.1f} s", flush=True)

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
-from benchmarks.common import banner
+from benchmarks.common import banner, timed_once
 from benchmarks.forward import build
 from ditplan.profiler.config import RecorderSettings
 from ditplan.profiler.run import profile_transformer_calls
@@ -25,19 +24,6 @@ def plain_steps(model, inputs, steps):
             for context in ("cond", "uncond"):
                 with model.cache_context(context, step_index=step):
                     model(**inputs, return_dict=False)
-
-
-def timed(fn, device) -> tuple[float, float]:
-    """(seconds, peak GiB) of one call of ``fn``, synchronized."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
-    return time.perf_counter() - start, peak
 
 
 def main():
@@ -52,7 +38,7 @@ def main():
     model, inputs = build(args.quick, device, dtype)
     inputs.pop("return_dict")  # profile_transformer_calls passes it itself
     plain_steps(model, inputs, 1)  # warm-up
-    plain_s, plain_peak = timed(lambda: plain_steps(model, inputs, args.steps), device)
+    plain_s, plain_peak = timed_once(lambda: plain_steps(model, inputs, args.steps), device)
     settings = RecorderSettings(map_steps=(0,))
 
     def profiled():
@@ -61,7 +47,7 @@ def main():
         )
         rows.columns()  # copy every table to the host, as the writer does
 
-    profiled_s, profiled_peak = timed(profiled, device)
+    profiled_s, profiled_peak = timed_once(profiled, device)
     result = dict(
         banner=banner(),
         steps=args.steps,
