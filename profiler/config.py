@@ -120,9 +120,6 @@ class ProfileConfig:
         object.__setattr__(self, "out", Path(self.out))
         object.__setattr__(self, "prompts", tuple(self.prompts))
         object.__setattr__(self, "seeds", tuple(self.seeds))
-        if self.attention_steps is not None:
-            object.__setattr__(self, "attention_steps",
-                               tuple(sorted({int(s) for s in self.attention_steps})))
         self._validate_workload()
         _require(self.mode in MODES, f"mode must be one of {MODES}; got {self.mode!r}")
         _require(self.dtype is None or self.dtype in DTYPES,
@@ -178,5 +175,8 @@ class ProfileConfig:
         ident = asdict(self.resolved())
         for key in ("out", "progress", "tile_rows"):
             ident.pop(key)
-        ident["map_steps"] = list(self.recorder_settings().map_steps)
+        settings = self.recorder_settings()  # map and attention steps as it normalizes them
+        ident["map_steps"] = list(settings.map_steps)
+        ident["attention_steps"] = (None if settings.attention_steps is None
+                                    else list(settings.attention_steps))
         return {k: list(v) if isinstance(v, tuple) else v for k, v in ident.items()}
