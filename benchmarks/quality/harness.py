@@ -14,7 +14,7 @@ import torch
 
 from benchmarks.quality import caches
 from benchmarks.quality.catalog import CatalogContext, build_methods
-from benchmarks.quality.methods import Method, NotApplicable
+from benchmarks.quality.methods import Method, method_row
 from benchmarks.quality.plans import profile_traces
 from benchmarks.quality.results import QUALITY_FILE, ResultStore, environment
 from benchmarks.quality.workload import Workload
@@ -127,28 +127,15 @@ def caption_scores(run: Measured, attributes: SpriteAttributes) -> dict:
 
 def evaluate(pipe, method: Method, samples, dense: Measured, attributes, config) -> dict:
     """One method's row: install, warm up, time every sample, score, undo."""
-    row = {"family": method.family, "setting": method.setting, "method": method.name,
-           "params": method.params, "notes": method.notes}
-    try:
-        installed = method.install(pipe)
-    except NotApplicable as reason:
-        logger.info("%s: not applicable: %s", method.name, reason)
-        return {**row, "status": "not_applicable", "reason": str(reason)}
-    except Exception as error:  # recorded in the row; the other methods still run
-        logger.exception("%s could not be installed", method.name)
-        return {**row, "status": "failed", "reason": f"{type(error).__name__}: {error}"}
-    try:
+
+    def measure_quality(installed) -> dict:
         run = measure(pipe, samples, config, before_timing=installed.reset)
         dense_s, method_s = statistics.median(dense.seconds), statistics.median(run.seconds)
-        row.update(status="ok", dense_s_median=dense_s, method_s_median=method_s,
-                   speedup=dense_s / method_s, stats=installed.stats(),
-                   **similarity(run, dense), **caption_scores(run, attributes))
-    except Exception as error:  # recorded in the row; the other methods still run
-        logger.exception("%s failed", method.name)
-        row.update(status="failed", reason=f"{type(error).__name__}: {error}")
-    finally:
-        installed.undo()
-    return row
+        return dict(dense_s_median=dense_s, method_s_median=method_s, speedup=dense_s / method_s,
+                    stats=installed.stats(), **similarity(run, dense),
+                    **caption_scores(run, attributes))
+
+    return method_row(method, pipe, measure_quality)
 
 
 def run_quality(config: QualityConfig) -> list[dict]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from ditplan.runtime.sparse import apply_sparse_attention
 # dense ("start0 is not acceptable"), see /work/shared/reference/papers.md section 1.3.
 RAINFUSION_DENSITY = 0.2
 RAINFUSION_DENSE_FRACTION = 0.2
+
+logger = logging.getLogger(__name__)
 
 
 class NotApplicable(Exception):
@@ -51,6 +54,33 @@ class Method:
     @property
     def name(self) -> str:
         return f"{self.family}/{self.setting}"
+
+
+def method_row(method: Method, target, measure: Callable[[Installed], dict],
+               where: str = "") -> dict:
+    """One method's result row: install on ``target``, ``measure(installed)``, always undo.
+
+    Not applicable and failed methods become rows with that status and the reason, so the other
+    methods still run. ``measure`` returns the ok row's fields; ``where`` tags the log lines.
+    """
+    row = {"family": method.family, "setting": method.setting, "method": method.name,
+           "params": method.params, "notes": method.notes}
+    try:
+        installed = method.install(target)
+    except NotApplicable as reason:
+        logger.info("%s%s: not applicable: %s", method.name, where, reason)
+        return {**row, "status": "not_applicable", "reason": str(reason)}
+    except Exception as error:  # recorded in the row; the other methods still run
+        logger.exception("%s could not be installed%s", method.name, where)
+        return {**row, "status": "failed", "reason": f"{type(error).__name__}: {error}"}
+    try:
+        row.update(status="ok", **measure(installed))
+    except Exception as error:  # recorded in the row; the other methods still run
+        logger.exception("%s failed%s", method.name, where)
+        row.update(status="failed", reason=f"{type(error).__name__}: {error}")
+    finally:
+        installed.undo()
+    return row
 
 
 def transformer_of(pipe_or_transformer):

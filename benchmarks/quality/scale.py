@@ -18,7 +18,7 @@ from benchmarks.common import time_ms
 from benchmarks.forward import build
 from benchmarks.quality.catalog import build_methods
 from benchmarks.quality.harness import QualityConfig, catalog_context
-from benchmarks.quality.methods import Method, NotApplicable
+from benchmarks.quality.methods import Method, method_row
 from benchmarks.quality.results import SCALE_FILE, ResultStore, environment
 from benchmarks.quality.transfer import transfer_plan
 from ditplan.runtime.loading import load_pipeline
@@ -74,25 +74,13 @@ class Denoiser:
 
 def time_method(method: Method, denoise: Denoiser, dense_ms: float, repeats: int) -> dict:
     """One method's scale row: install on the big model, warm up, time, undo."""
-    row = {"family": method.family, "setting": method.setting, "method": method.name,
-           "params": method.params, "notes": method.notes}
-    try:
-        installed = method.install(denoise.model)
-    except NotApplicable as reason:
-        return {**row, "status": "not_applicable", "reason": str(reason)}
-    except Exception as error:  # recorded in the row; the other methods still run
-        logger.exception("%s could not be installed at scale", method.name)
-        return {**row, "status": "failed", "reason": f"{type(error).__name__}: {error}"}
-    try:
+
+    def measure_speed(installed) -> dict:
         ms = time_ms(denoise, warmup=1, repeats=repeats)
-        row.update(status="ok", dense_ms=dense_ms, method_ms=ms, speedup=dense_ms / ms,
-                   stats=installed.stats())
-    except Exception as error:  # recorded in the row; the other methods still run
-        logger.exception("%s failed at scale", method.name)
-        row.update(status="failed", reason=f"{type(error).__name__}: {error}")
-    finally:
-        installed.undo()
-    return row
+        return dict(dense_ms=dense_ms, method_ms=ms, speedup=dense_ms / ms,
+                    stats=installed.stats())
+
+    return method_row(method, denoise.model, measure_speed, where=" at scale")
 
 
 def run_scale(config: ScaleConfig) -> list[dict]:
