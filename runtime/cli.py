@@ -45,6 +45,13 @@ def _add_run(subparsers) -> None:
         action="store_true",
         help="also run dense with the same seed; report speedup, PSNR, SSIM",
     )
+    p.add_argument(
+        "--repeats",
+        type=_positive_int,
+        default=1,
+        help="generate this many times (each of dense and the plan) and report median times; "
+        "on a GPU use 3 or more so warm-up and kernel compilation are left out",
+    )
     p.set_defaults(handler=_run)
 
 
@@ -58,6 +65,8 @@ def _run(args) -> int:
     metrics = run_generation(RunConfig(**fields))
     run = metrics["run"]
     line = f"wrote {args.out}/video.mp4: {run['wall_s']:.1f} s, {run['step_s_median']:.2f} s/step"
+    if args.repeats > 1:
+        line += f" (medians of {args.repeats} generations)"
     if "speedup_vs_dense" in metrics:
         quality = metrics["vs_dense"]
         line += (

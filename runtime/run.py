@@ -41,6 +41,7 @@ class RunConfig:
     device: str = "cpu"
     backend: str = "auto"
     compare_dense: bool = False
+    repeats: int = 1  # timed generations of each kind; medians are reported (first ones warm up)
 
 
 def resolve_workload(config: RunConfig, plan: Plan | None) -> dict:
@@ -109,6 +110,25 @@ def generate(pipe, config: RunConfig, workload: dict) -> tuple[np.ndarray, dict]
     return frames, {"wall_s": wall, "step_s_median": float(np.median(per_step))}
 
 
+def timed_generations(pipe, config: RunConfig, workload: dict) -> tuple[np.ndarray, dict]:
+    """``config.repeats`` generations with one seed; frames of the last, median timings.
+
+    On a GPU the first generation pays for warm-up (kernel compilation, allocator growth);
+    the median of three or more leaves it out. Peak memory covers all of them.
+    """
+    _reset_peak(config.device)
+    runs = [generate(pipe, config, workload) for _ in range(config.repeats)]
+    frames = runs[-1][0]
+    walls = [timing["wall_s"] for _, timing in runs]
+    timings = {
+        "wall_s": float(np.median(walls)),
+        "step_s_median": float(np.median([timing["step_s_median"] for _, timing in runs])),
+        "wall_s_runs": walls,
+    }
+    timings.update(_peak_memory(config.device))
+    return frames, timings
+
+
 def _peak_memory(device: str) -> dict:
     if torch.device(device).type == "cuda":
         return {"peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
@@ -128,13 +148,9 @@ def run_generation(config: RunConfig) -> dict:
     metrics: dict = {"config": {k: str(v) for k, v in asdict(config).items()}, "workload": workload}
     dense = None
     if config.compare_dense:
-        _reset_peak(config.device)
-        dense, metrics["dense"] = generate(pipe, config, workload)
-        metrics["dense"].update(_peak_memory(config.device))
+        dense, metrics["dense"] = timed_generations(pipe, config, workload)
     handle = apply_plan(pipe, plan, backend=config.backend) if plan else None
-    _reset_peak(config.device)
-    frames, metrics["run"] = generate(pipe, config, workload)
-    metrics["run"].update(_peak_memory(config.device))
+    frames, metrics["run"] = timed_generations(pipe, config, workload)
     if handle:
         metrics["run"].update(handle.stats())
         handle.remove()

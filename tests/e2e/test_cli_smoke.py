@@ -68,6 +68,8 @@ def test_profile_compile_run(model_dir, plan_path, tmp_path, capsys):
             "--backend",
             "torch",
             "--compare-dense",
+            "--repeats",
+            "2",
             "--out",
             str(out),
         ]
@@ -78,6 +80,9 @@ def test_profile_compile_run(model_dir, plan_path, tmp_path, capsys):
     assert metrics["workload"]["steps"] == 4
     assert 0 < metrics["run"]["attention_density"] <= 1
     assert metrics["vs_dense"]["psnr_db"] > 10 and metrics["speedup_vs_dense"] > 0
+    for kind in ("dense", "run"):  # --repeats 2: both timed twice, the median reported
+        runs = metrics[kind]["wall_s_runs"]
+        assert len(runs) == 2 and metrics[kind]["wall_s"] == pytest.approx(sum(runs) / 2)
 
 
 def test_run_refuses_a_plan_for_another_workload(model_dir, plan_path, tmp_path, capsys):
