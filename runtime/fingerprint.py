@@ -28,10 +28,18 @@ def config_hash(transformer: nn.Module) -> str:
 
 
 def weights_hash(transformer: nn.Module) -> str:
-    """sha256 (hex) over parameter names, shapes, dtypes and bytes, in name order."""
+    """sha256 (hex) over parameter names, shapes and values, in name order.
+
+    Floating tensors are hashed rounded to bfloat16, so the same weights loaded in float32 on a
+    CPU and in bfloat16 on a GPU have one hash: a plan profiled in one precision applies in the
+    other. (float16 weights round twice and may hash apart; profile those in float16.)
+    """
     digest = hashlib.sha256()
     for name, tensor in sorted(transformer.state_dict().items()):
-        tensor = tensor.detach().contiguous().cpu()
+        tensor = tensor.detach()
+        if tensor.is_floating_point():
+            tensor = tensor.to(torch.bfloat16)
+        tensor = tensor.contiguous().cpu()
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

@@ -9,6 +9,7 @@ import torch
 
 from ditplan.policy.plan import PlanError, load_plan, save_plan
 from ditplan.runtime.apply import apply_plan
+from ditplan.runtime.fingerprint import weights_hash
 from tests.factories import tiny_wan, tiny_wan_inputs, tiny_wan_plan
 
 INPUTS = dict(frames=3, height=16, width=24)  # token grid (3, 8, 12)
@@ -81,6 +82,17 @@ def test_plan_for_another_model_is_refused():
         apply_plan(model, other_weights)
     with pytest.raises(PlanError, match="plan is for a Flux"):
         apply_plan(model, replace(plan, identity=replace(plan.identity, transformer_class="Flux")))
+
+
+def test_weights_identity_holds_across_precisions_not_across_weights():
+    model = tiny_wan()
+    plan = tiny_wan_plan(model)
+    plan = replace(plan, identity=replace(plan.identity, weights_hash=weights_hash(model)))
+    apply_plan(model.to(torch.bfloat16), plan).remove()  # profiled in float32, run in bfloat16
+    with torch.no_grad():
+        model.blocks[0].ffn.net[0].proj.weight[0, 0] += 1.0
+    with pytest.raises(PlanError, match="other weights"):
+        apply_plan(model, plan)
 
 
 def test_other_grid_and_too_many_steps_are_refused():
