@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -55,6 +56,23 @@ def build_methods(ctx: CatalogContext, quick: bool) -> list[Method]:
     grid = QUICK_GRID if quick else FULL_GRID
     return [dense_repeat(), *_ditplan_presets(ctx, grid), *_diffusers(ctx, grid),
             *_published(ctx, grid), *_ditplan_variants(ctx, grid)]
+
+
+class UnknownMethodError(ValueError):
+    """A --methods pattern that names no method of the catalog."""
+
+
+def select_methods(methods: list[Method], patterns: tuple[str, ...]) -> list[Method]:
+    """The methods whose names match any pattern (fnmatch, e.g. ``diffusers-magcache/*``);
+    all when there are none. A pattern that matches no method raises UnknownMethodError."""
+    if not patterns:
+        return methods
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(m.name, p) for m in methods)]
+    if unmatched:
+        names = ", ".join(m.name for m in methods)
+        raise UnknownMethodError(f"--methods {' '.join(unmatched)} matches no method; the "
+                                 f"catalog has: {names}")
+    return [m for m in methods if any(fnmatch.fnmatchcase(m.name, p) for p in patterns)]
 
 
 def _ditplan_presets(ctx: CatalogContext, grid: dict) -> list[Method]:

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, help="CFG scale (default 4)")
     p.add_argument("--tile", type=_tile, help="permutation tile, e.g. 1x8x8")
     p.add_argument("--backend", default="auto", help="sparse kernel backend (auto, flex, torch)")
+    p.add_argument("--methods", nargs="+", default=(), metavar="PATTERN",
+                   help="run only the methods whose names match (e.g. 'ditplan/*' "
+                        "'diffusers-magcache/*'); dense always runs")
     p.add_argument("--report-only", action="store_true",
                    help="only redraw the plot and table from the rows already in --out")
     p.add_argument("--log-level", default="INFO")
@@ -62,7 +65,8 @@ def _configs(args, command: str):
         out=args.out, workload=workload, model=args.model,
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
         captions=(2 if args.quick else 32) if args.captions is None else args.captions,
-        seeds=seeds, quick=args.quick, backend=args.backend, command=command)
+        seeds=seeds, quick=args.quick, backend=args.backend, methods=tuple(args.methods),
+        command=command)
     if not 1 <= quality.captions <= 64:
         raise ValueError(f"--captions must be in 1..64 (the held-out set), got {quality.captions}")
     if args.scale_steps < 1:
@@ -107,7 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     if not args.report_only:
-        _run(quality, scale)
+        from benchmarks.quality.catalog import UnknownMethodError
+
+        try:
+            _run(quality, scale)
+        except UnknownMethodError as error:  # raised before anything is measured or written
+            parser.error(str(error))
     try:
         print(report(args.out))
     except ValueError as error:  # no rows yet

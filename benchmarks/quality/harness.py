@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.quality import caches
-from benchmarks.quality.catalog import CatalogContext, build_methods
+from benchmarks.quality.catalog import CatalogContext, build_methods, select_methods
 from benchmarks.quality.methods import Method, method_row
 from benchmarks.quality.plans import profile_traces
 from benchmarks.quality.results import QUALITY_FILE, ResultStore, environment
@@ -26,6 +26,7 @@ from ditplan.runtime.video_metrics import compare_videos
 logger = logging.getLogger(__name__)
 
 CALIBRATION_PROMPT = "a red circle slowly moves right"  # a training caption, as profiling uses
+TIMED_CALLS = 3  # batched generations timed per method; speedups compare their medians
 CAPTION_KEYS = ("caption_accuracy", "colour_accuracy", "shape_accuracy", "direction_cos_mean")
 
 
@@ -41,11 +42,13 @@ class QualityConfig:
     seeds: tuple[int, ...] = (0,)
     quick: bool = False
     backend: str = "auto"
+    methods: tuple[str, ...] = ()  # name patterns to run (fnmatch); empty: the whole catalog
     command: str = ""  # recorded in the rows
 
     def run_key(self) -> str:
         seeds = ",".join(map(str, self.seeds))
-        return f"{self.model}|{self.workload.key()}|{self.captions}|{seeds}|{self.device}"
+        return (f"{self.model}|{self.workload.key()}|{self.captions}|{seeds}|{self.device}"
+                "|batched")
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,7 @@ class Sample:
 
 @dataclass
 class Measured:
-    """Frames [F, H, W, 3] in [0, 1] (CPU) and wall seconds, one per sample."""
+    """Frames [F, H, W, 3] in [0, 1] (CPU), one per sample; wall seconds, one per timed call."""
 
     frames: list[torch.Tensor] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
@@ -81,29 +84,32 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def generate(pipe, prompt: str, seed: int, workload: Workload, device: str):
-    """One video; returns frames float [F, H, W, 3] in [0, 1] on the CPU and wall seconds."""
-    generator = torch.Generator().manual_seed(seed)  # CPU noise: the same on every device
+def generate(pipe, samples: list[Sample], workload: Workload, device: str):
+    """Every sample in one batched call (each with its own noise seed).
+
+    Returns:
+        frames float [F, H, W, 3] in [0, 1] on the CPU, one per sample; and the wall seconds.
+    """
+    generators = [torch.Generator().manual_seed(s.seed) for s in samples]  # CPU noise
     _synchronize(device)
     start = time.perf_counter()
-    frames = pipe(prompt, num_inference_steps=workload.steps,
+    frames = pipe([s.caption for s in samples], num_inference_steps=workload.steps,
                   guidance_scale=workload.guidance_scale, num_frames=workload.frames,
-                  height=workload.height, width=workload.width, generator=generator,
-                  output_type="pt").frames[0]  # [F, H, W, 3]
+                  height=workload.height, width=workload.width, generator=generators,
+                  output_type="pt").frames  # [N, F, H, W, 3]
     _synchronize(device)
-    return frames.float().cpu(), time.perf_counter() - start
+    return [f.float().cpu() for f in frames], time.perf_counter() - start
 
 
 def measure(pipe, samples: list[Sample], config: QualityConfig, before_timing=None) -> Measured:
-    """One untimed warm-up generation (compile caches), then every sample timed."""
-    generate(pipe, samples[0].caption, samples[0].seed, config.workload, config.device)
+    """One untimed warm-up call (compile caches), then TIMED_CALLS timed calls, all samples
+    batched in each; the frames are the last call's."""
+    generate(pipe, samples, config.workload, config.device)
     if before_timing is not None:
         before_timing()
     run = Measured()
-    for sample in samples:
-        frames, seconds = generate(pipe, sample.caption, sample.seed, config.workload,
-                                   config.device)
-        run.frames.append(frames)
+    for _ in range(TIMED_CALLS):
+        run.frames, seconds = generate(pipe, samples, config.workload, config.device)
         run.seconds.append(seconds)
     return run
 
@@ -147,6 +153,8 @@ def run_quality(config: QualityConfig) -> list[dict]:
     pipe = load_pipeline(config.model, device=config.device)
     pipe.set_progress_bar_config(disable=True)
     samples, attributes = held_out_samples(config.captions, config.seeds)
+    methods = select_methods(build_methods(catalog_context(pipe, config), config.quick),
+                             config.methods)
     store = ResultStore(config.out / QUALITY_FILE, config.run_key())
     base = {"kind": "quality", "workload": config.workload.as_dict(), "samples": len(samples),
             "model": config.model, **environment(config.device, config.command)}
@@ -155,7 +163,7 @@ def run_quality(config: QualityConfig) -> list[dict]:
     store.add({**base, "family": "dense", "setting": "baseline", "method": "dense/baseline",
                "status": "ok", "dense_s_median": dense_s, "method_s_median": dense_s,
                "speedup": 1.0, "psnr_db_mean": None, **caption_scores(dense, attributes)})
-    for method in build_methods(catalog_context(pipe, config), config.quick):
+    for method in methods:
         if store.done(method.name):
             logger.info("%s: already in %s, skipped", method.name, store.path)
             continue
@@ -169,7 +177,7 @@ def catalog_context(pipe, config: QualityConfig, **overrides) -> CatalogContext:
     workload = config.workload
 
     def calibration_run():
-        generate(pipe, CALIBRATION_PROMPT, 0, workload, config.device)
+        generate(pipe, [Sample(CALIBRATION_PROMPT, -1, 0)], workload, config.device)
 
     ratios = caches.calibrate_mag_cache(pipe, calibration_run, workload.steps)
     traces = functools.cache(

@@ -16,7 +16,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from benchmarks.common import time_ms
 from benchmarks.forward import build
-from benchmarks.quality.catalog import build_methods
+from benchmarks.quality.catalog import build_methods, select_methods
 from benchmarks.quality.harness import QualityConfig, catalog_context
 from benchmarks.quality.methods import Method, method_row
 from benchmarks.quality.results import SCALE_FILE, ResultStore, environment
@@ -96,13 +96,14 @@ def run_scale(config: ScaleConfig) -> list[dict]:
     adapt = functools.partial(_adapt, steps=config.steps, latents_shape=latents_shape)
     ctx = catalog_context(pipe, quality, steps=config.steps, dtype=dtype,
                           timesteps=denoise.timesteps, adapt=adapt)
+    methods = select_methods(build_methods(ctx, quality.quick), quality.methods)
     store = ResultStore(quality.out / SCALE_FILE, config.run_key())
     base = {"kind": "scale", "scale": config.scale, "steps": config.steps,
             "latents_shape": list(latents_shape), **environment(device, quality.command)}
     dense_ms = time_ms(denoise, warmup=1, repeats=config.repeats)
     store.add({**base, "family": "dense", "setting": "baseline", "method": "dense/baseline",
                "status": "ok", "dense_ms": dense_ms, "method_ms": dense_ms, "speedup": 1.0})
-    for method in build_methods(ctx, quality.quick):
+    for method in methods:
         if not store.done(method.name):
             logger.info("%s at scale ...", method.name)
             store.add({**base, **time_method(method, denoise, dense_ms, config.repeats)})

@@ -39,7 +39,8 @@ def _header(rows: list[dict], scale_rows: list[dict]) -> list[str]:
              f"date {first['date']}.",
              f"Command: `{first['command']}`",
              f"Workload: {first['workload']}; {first['samples']} held-out caption x seed "
-             "samples; speedup = median dense wall time / median method wall time, same run."]
+             "samples, generated in one batch; speedup = median of 3 timed dense batches / median "
+             "of 3 timed method batches, each after a warm-up, same run."]
     if scale_rows:
         s = scale_rows[0]
         lines.append(f"At scale: `{s['command']}` ({s['scale']}, latents {s['latents_shape']}, "

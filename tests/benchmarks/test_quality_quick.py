@@ -128,3 +128,16 @@ def test_bad_arguments_leave_nothing(tmp_path, capsys):
         assert exit_info.value.code == 2
     assert "--captions must be in 1..64" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_methods_filter_runs_only_the_matching_methods(args, tmp_path, capsys):
+    out = tmp_path / "some"
+    some = ["--out", str(out), *args[2:]]
+    assert main([*some, "--methods", "diffusers-pab/*", "ditplan/fast"]) == 0
+    methods = [r["method"] for r in read_rows(out / "quality.jsonl")]
+    assert methods == ["dense/baseline", "ditplan/fast", "diffusers-pab/skip=2"]  # catalog order
+    with pytest.raises(SystemExit) as exit_info:
+        main([*some, "--methods", "no-such/*"])
+    assert exit_info.value.code == 2
+    assert "--methods no-such/* matches no method" in capsys.readouterr().err
+    assert [r["method"] for r in read_rows(out / "quality.jsonl")] == methods
