@@ -46,8 +46,9 @@ BLOCK_SIZE = 128
 DENSITIES = (0.5, 0.2, 0.1)
 LAYERS = 30  # Wan2.1-1.3B: the per-forward permutation is shared by this many layers
 MODEL_WIDTH = 1536  # Wan2.1-1.3B hidden size: what the per-forward permutation moves
-KERNEL_OPTIONS = (  # flex tile settings tried for the kernel at density 0.2 (None: defaults)
+KERNEL_OPTIONS = (  # flex settings tried for the kernel at density 0.2 (None: ditplan's defaults)
     None,
+    {"USE_TMA": False},
     {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
     {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
     {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
@@ -171,7 +172,7 @@ def timing_cases(work: Workload, q, k, v) -> list[tuple[str, Callable[[], object
 
 
 def _options_label(options: dict) -> str:
-    return "M{BLOCK_M} N{BLOCK_N} w{num_warps} s{num_stages}".format(**options)
+    return " ".join(f"{key}={value}" for key, value in options.items())
 
 
 def correctness(work: Workload, q, k, v) -> dict[str, float]:

@@ -100,11 +100,17 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    from ditplan.runtime.outputs import VideoWriterError
+
     try:
         return args.handler(args)
     except (ValueError, FileNotFoundError) as error:  # PlanError/TraceError are ValueErrors
         print(f"ditplan {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except VideoWriterError as error:  # the run finished; its metrics and frames are written
+        print(f"ditplan {args.command}: error: {error}; metrics.json and frames.png are written",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

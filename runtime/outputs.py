@@ -32,6 +32,10 @@ def to_uint8(frames) -> np.ndarray:
     return (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
+class VideoWriterError(RuntimeError):
+    """The mp4 writer is missing (imageio-ffmpeg not installed)."""
+
+
 def write_video(path: Path, frames: np.ndarray, fps: int = 8) -> Path:
     """H.264 mp4 of uint8 frames [F, H, W, 3] (one PNG when F == 1)."""
     if frames.shape[0] == 1:
@@ -41,9 +45,14 @@ def write_video(path: Path, frames: np.ndarray, fps: int = 8) -> Path:
     import imageio.v2 as imageio
 
     def write(tmp: Path):
-        writer = imageio.get_writer(
-            tmp, format="FFMPEG", fps=fps, codec="libx264", quality=8, macro_block_size=1
-        )
+        try:
+            writer = imageio.get_writer(
+                tmp, format="FFMPEG", fps=fps, codec="libx264", quality=8, macro_block_size=1
+            )
+        except ImportError as error:
+            raise VideoWriterError(
+                f"{path} needs imageio's FFMPEG plugin: pip install imageio-ffmpeg ({error})"
+            ) from error
         for frame in frames:
             writer.append_data(frame)
         writer.close()

@@ -163,7 +163,7 @@ def run_generation(config: RunConfig) -> dict:
             torch.from_numpy(frames) / 255.0, torch.from_numpy(dense) / 255.0
         )
         write_contact_sheet(config.out / "dense_frames.png", dense)
-    write_video(config.out / "video.mp4", frames)
     write_contact_sheet(config.out / "frames.png", frames)
-    write_json(config.out / "metrics.json", metrics)
+    write_json(config.out / "metrics.json", metrics)  # before the video: kept if ffmpeg fails
+    write_video(config.out / "video.mp4", frames)
     return metrics

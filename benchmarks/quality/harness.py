@@ -26,7 +26,8 @@ from ditplan.runtime.video_metrics import compare_videos
 logger = logging.getLogger(__name__)
 
 CALIBRATION_PROMPT = "a red circle slowly moves right"  # a training caption, as profiling uses
-TIMED_CALLS = 3  # batched generations timed per method; speedups compare their medians
+BATCHED = "|batched"  # quality rows of batched runs do not mix with older per-sample rows
+TIMED_CALLS = 1  # batched generations timed per method after the warm-up (GPU: ~8 s each)
 CAPTION_KEYS = ("caption_accuracy", "colour_accuracy", "shape_accuracy", "direction_cos_mean")
 
 
@@ -47,8 +48,7 @@ class QualityConfig:
 
     def run_key(self) -> str:
         seeds = ",".join(map(str, self.seeds))
-        return (f"{self.model}|{self.workload.key()}|{self.captions}|{seeds}|{self.device}"
-                "|batched")
+        return f"{self.model}|{self.workload.key()}|{self.captions}|{seeds}|{self.device}"
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,7 @@ def evaluate(pipe, method: Method, samples, dense: Measured, attributes, config)
         run = measure(pipe, samples, config, before_timing=installed.reset)
         dense_s, method_s = statistics.median(dense.seconds), statistics.median(run.seconds)
         return dict(dense_s_median=dense_s, method_s_median=method_s, speedup=dense_s / method_s,
+                    timed_calls=len(run.seconds),
                     stats=installed.stats(), **similarity(run, dense),
                     **caption_scores(run, attributes))
 
@@ -155,14 +156,15 @@ def run_quality(config: QualityConfig) -> list[dict]:
     samples, attributes = held_out_samples(config.captions, config.seeds)
     methods = select_methods(build_methods(catalog_context(pipe, config), config.quick),
                              config.methods)
-    store = ResultStore(config.out / QUALITY_FILE, config.run_key())
+    store = ResultStore(config.out / QUALITY_FILE, config.run_key() + BATCHED)
     base = {"kind": "quality", "workload": config.workload.as_dict(), "samples": len(samples),
             "model": config.model, **environment(config.device, config.command)}
     dense = measure(pipe, samples, config)
     dense_s = statistics.median(dense.seconds)
     store.add({**base, "family": "dense", "setting": "baseline", "method": "dense/baseline",
                "status": "ok", "dense_s_median": dense_s, "method_s_median": dense_s,
-               "speedup": 1.0, "psnr_db_mean": None, **caption_scores(dense, attributes)})
+               "speedup": 1.0, "timed_calls": len(dense.seconds), "psnr_db_mean": None,
+               **caption_scores(dense, attributes)})
     for method in methods:
         if store.done(method.name):
             logger.info("%s: already in %s, skipped", method.name, store.path)

@@ -35,12 +35,16 @@ def _at_scale(scale: dict, row: dict) -> str:
 
 def _header(rows: list[dict], scale_rows: list[dict]) -> list[str]:
     first = rows[0]
-    lines = [f"Card: {first['card']}; torch {first['torch']}, diffusers {first['diffusers']}; "
+    cards = sorted({r["card"] for r in rows})
+    card = first["card"] if len(cards) == 1 else (
+        f"{' and '.join(cards)} (rows resumed on another card; each row's speedup is against "
+        "the dense time its own process measured on its own card)")
+    lines = [f"Card: {card}; torch {first['torch']}, diffusers {first['diffusers']}; "
              f"date {first['date']}.",
              f"Command: `{first['command']}`",
              f"Workload: {first['workload']}; {first['samples']} held-out caption x seed "
-             "samples, generated in one batch; speedup = median of 3 timed dense batches / median "
-             "of 3 timed method batches, each after a warm-up, same run."]
+             "samples, generated in one batch; speedup = dense batch time / method batch time "
+             "(medians over each row's timed_calls batches, after a warm-up), same run."]
     if scale_rows:
         s = scale_rows[0]
         lines.append(f"At scale: `{s['command']}` ({s['scale']}, latents {s['latents_shape']}, "

@@ -133,3 +133,19 @@ def test_building_the_cli_does_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"  # compile-policy and plan show stay torch-free
+
+
+def test_missing_ffmpeg_keeps_metrics_and_frames(model_dir, tmp_path, capsys, monkeypatch):
+    import imageio.v2 as imageio
+
+    def no_ffmpeg(*args, **kwargs):
+        raise ImportError("The `FFMPEG` plugin is not installed.")
+
+    monkeypatch.setattr(imageio, "get_writer", no_ffmpeg)
+    out = tmp_path / "run"
+    code = main(["run", "--model", str(model_dir), "--prompt", PROMPT, "--device", "cpu",
+                 *WORKLOAD, "--guidance-scale", "4", "--out", str(out)])
+    assert code == 1
+    assert "pip install imageio-ffmpeg" in capsys.readouterr().err
+    assert (out / "metrics.json").exists() and (out / "frames.png").exists()
+    assert not list(out.glob("*.mp4*"))  # no partial video
