@@ -232,6 +232,9 @@ def _top_n(scores: torch.Tensor, density: float | Sequence[float],
     counts = tuple(row_budget(d, nq, nk, dense_rows) for d in head_densities(density, heads))
     if forced is not None:
         scores = scores.masked_fill(forced.pairs(scores.device), math.inf)
+    if len(set(counts)) == 1:  # one budget for all heads: rank order is not needed (faster)
+        top = scores.topk(counts[0], dim=-1, sorted=False).indices  # [B, H, Qb, n]
+        return torch.zeros_like(scores, dtype=torch.bool).scatter(-1, top, True)
     top = scores.topk(max(counts), dim=-1).indices  # [B, H, Qb, n_max], best first
     keep = _rank_limits(counts, scores.device)[None, :, None, :].expand_as(top)
     return torch.zeros_like(scores, dtype=torch.bool).scatter(-1, top, keep)

@@ -117,7 +117,7 @@ def _kernel_options(block_size: int, head_dim: int, device: torch.device) -> dic
     options = {}
     if block_size == 64 and head_dim <= 128:
         options.update(BLOCK_M=64, BLOCK_N=64)
-    if torch.cuda.get_device_capability(device)[0] >= 9:
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
         options["USE_TMA"] = True
     return options or None
 
