@@ -30,7 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--model", default="reference", help="reference or a local pipeline folder")
     p.add_argument("--scale", choices=["wan1.3b"],
-                   help="time the methods on the Wan2.1-1.3B-shaped model instead")
+                   help="after the quality run, also time every method on the Wan2.1-1.3B-shaped "
+                        "model (the whole benchmark in one command)")
+    p.add_argument("--scale-only", action="store_true",
+                   help="with --scale: only the timing at scale, no quality run")
     p.add_argument("--scale-steps", type=int, default=8, help="denoising steps at scale")
     p.add_argument("--captions", type=int, help="held-out captions (default 32; quick 2)")
     p.add_argument("--seeds", type=int, nargs="+", help="noise seeds (default 0)")
@@ -69,6 +72,8 @@ def _configs(args, command: str):
         command=command)
     if not 1 <= quality.captions <= 64:
         raise ValueError(f"--captions must be in 1..64 (the held-out set), got {quality.captions}")
+    if args.scale_only and not args.scale:
+        raise ValueError("--scale-only needs --scale wan1.3b")
     if args.scale_steps < 1:
         raise ValueError(f"--scale-steps must be >= 1, got {args.scale_steps}")
     return quality, ScaleConfig(quality, args.scale, args.scale_steps) if args.scale else None
@@ -114,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.quality.catalog import UnknownMethodError
 
         try:
-            _run(quality, scale)
+            _run(quality, scale, args.scale_only)
         except UnknownMethodError as error:  # raised before anything is measured or written
             parser.error(str(error))
     try:
@@ -124,12 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run(quality, scale) -> None:
+def _run(quality, scale, scale_only: bool) -> None:
+    if not scale_only:
+        from benchmarks.quality.harness import run_quality
+
+        run_quality(quality)
     if scale is not None:
         from benchmarks.quality.scale import run_scale
 
         run_scale(scale)
-    else:
-        from benchmarks.quality.harness import run_quality
-
-        run_quality(quality)

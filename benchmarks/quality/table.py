@@ -3,6 +3,8 @@ setting), for pasting into BENCHMARKS.md."""
 
 from __future__ import annotations
 
+import re
+
 from benchmarks.quality.pareto import CLAIM_SPEEDUP, not_dominated, points
 
 COLUMNS = ("method", "speedup", "at scale", "PSNR dB", "SSIM", "cosine", "caption acc.",
@@ -33,23 +35,50 @@ def _at_scale(scale: dict, row: dict) -> str:
     return _num(found.get("speedup"), suffix="x") if found["status"] == "ok" else found["status"]
 
 
+def _distinct(rows: list[dict], key: str) -> list[str]:
+    return list(dict.fromkeys(str(r[key]) for r in rows))  # first-appearance order
+
+
+def _cards(rows: list[dict]) -> str:
+    cards = _distinct(rows, "card")
+    if len(cards) == 1:
+        return cards[0]
+    return (f"{' and '.join(cards)} (rows resumed on another card; each row's speedup is against "
+            "the dense time its own process measured on its own card)")
+
+
+def _commands(rows: list[dict]) -> str:
+    return ", ".join(f"`{c}`" for c in _distinct(rows, "command"))
+
+
 def _header(rows: list[dict], scale_rows: list[dict]) -> list[str]:
     first = rows[0]
-    cards = sorted({r["card"] for r in rows})
-    card = first["card"] if len(cards) == 1 else (
-        f"{' and '.join(cards)} (rows resumed on another card; each row's speedup is against "
-        "the dense time its own process measured on its own card)")
-    lines = [f"Card: {card}; torch {first['torch']}, diffusers {first['diffusers']}; "
+    lines = [f"Card: {_cards(rows)}; torch {first['torch']}, diffusers {first['diffusers']}; "
              f"date {first['date']}.",
-             f"Command: `{first['command']}`",
+             f"Commands (one run, resumed): {_commands(rows)}",
              f"Workload: {first['workload']}; {first['samples']} held-out caption x seed "
              "samples, generated in one batch; speedup = dense batch time / method batch time "
              "(medians over each row's timed_calls batches, after a warm-up), same run."]
     if scale_rows:
         s = scale_rows[0]
-        lines.append(f"At scale: `{s['command']}` ({s['scale']}, latents {s['latents_shape']}, "
-                     f"{s['steps']} steps with CFG, random weights, {s['card']}).")
+        lines.append(f"At scale: {_commands(scale_rows)} ({s['scale']}, latents "
+                     f"{s['latents_shape']}, {s['steps']} steps with CFG, random weights, "
+                     f"{_cards(scale_rows)}).")
     return lines
+
+
+def catalog_order(rows: list[dict]) -> list[dict]:
+    """dense/baseline first, then families in first-appearance order, settings sorted
+    naturally within a family (a resumed run appends rows out of order)."""
+    families = _distinct(rows, "family")
+    number = re.compile(r"(\d+(?:\.\d+)?)")
+
+    def key(indexed):
+        index, row = indexed
+        numbers = [float(x) for x in number.findall(row["setting"])]
+        return (row["method"] != "dense/baseline", families.index(row["family"]), numbers, index)
+
+    return [row for _, row in sorted(enumerate(rows), key=key)]
 
 
 def markdown(quality_rows: list[dict], scale_rows: list[dict]) -> str:
@@ -60,9 +89,10 @@ def markdown(quality_rows: list[dict], scale_rows: list[dict]) -> str:
     scale = {r["method"]: r for r in scale_rows}
     lines = [*(_header(quality_rows, scale_rows) if quality_rows else []), ""]
     lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += [_line(r, scale) for r in quality_rows]
+    lines += [_line(r, scale) for r in catalog_order(quality_rows)]
     known = {r["method"] for r in quality_rows}
-    lines += [_line({**r, "speedup": None}, scale) for r in scale_rows if r["method"] not in known]
+    lines += [_line({**r, "speedup": None}, scale) for r in catalog_order(scale_rows)
+              if r["method"] not in known]
     unscaled = [r for r in scale_rows if r["status"] != "ok"]
     if unscaled:
         lines += ["", "Not timed at scale:"]

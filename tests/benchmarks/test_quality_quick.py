@@ -37,8 +37,7 @@ def args(model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def out(args):
-    assert main(args) == 0
-    assert main([*args, "--scale", "wan1.3b", "--scale-steps", "3"]) == 0
+    assert main([*args, "--scale", "wan1.3b", "--scale-steps", "3"]) == 0  # quality, then scale
     return Path(args[1])
 
 
@@ -121,7 +120,8 @@ def test_rerun_resumes_without_remeasuring(out, args):
 
 def test_bad_arguments_leave_nothing(tmp_path, capsys):
     out = tmp_path / "never"
-    bad_args = (["--captions", "0"], ["--tile", "1x8"], ["--seeds", "1", "1"], ["--report-only"])
+    bad_args = (["--captions", "0"], ["--tile", "1x8"], ["--seeds", "1", "1"], ["--report-only"],
+                ["--scale-only"])
     for bad in bad_args:
         with pytest.raises(SystemExit) as exit_info:
             main(["--out", str(out), "--quick", "--device", "cpu", *bad])
@@ -141,3 +141,17 @@ def test_methods_filter_runs_only_the_matching_methods(args, tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "--methods no-such/* matches no method" in capsys.readouterr().err
     assert [r["method"] for r in read_rows(out / "quality.jsonl")] == methods
+
+
+def test_table_lists_resumed_rows_in_catalog_order():
+    from benchmarks.quality.table import catalog_order
+
+    def row(method):
+        family, setting = method.split("/")
+        return {"method": method, "family": family, "setting": setting}
+
+    appended = ["ditplan/high", "diffusers-pab/skip=4", "ditplan/fast", "dense/baseline",
+                "diffusers-pab/skip=2", "diffusers-pab/skip=10"]
+    ordered = [r["method"] for r in catalog_order([row(m) for m in appended])]
+    assert ordered == ["dense/baseline", "ditplan/high", "ditplan/fast", "diffusers-pab/skip=2",
+                       "diffusers-pab/skip=4", "diffusers-pab/skip=10"]
