@@ -62,11 +62,14 @@ def plot(quality_rows: list[dict], scale_rows: list[dict], path: Path) -> Path:
         panels.append(("speedup at scale (Wan2.1-1.3B shape, 480p x 81)",
                        points(quality_rows, scale)))
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), squeeze=False)
-    colours = plt.get_cmap("tab20").colors
+    families = sorted({family for _, curves in panels for family in curves})
+    palette = plt.get_cmap("tab20").colors
+    colours = {f: "black" if f == OURS else palette[i % len(palette)]
+               for i, f in enumerate(families)}  # one colour per family in every panel
     for ax, (xlabel, curves) in zip(axes[0], panels, strict=True):
-        for i, (family, family_points) in enumerate(sorted(curves.items())):
+        for family, family_points in sorted(curves.items()):
             xs, ys = [p[0] for p in family_points], [p[1] for p in family_points]
-            ax.plot(xs, ys, marker="o", color=colours[i % len(colours)], label=family,
+            ax.plot(xs, ys, marker="o", color=colours[family], label=family,
                     linewidth=2.5 if family == OURS else 1.2,
                     linestyle="--" if family.startswith(f"{OURS}-") else "-")
         ax.axvline(1.0, color="grey", linestyle=":", linewidth=1)
