@@ -25,6 +25,19 @@ def apply_wan_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return out.type_as(x)
 
 
+def reorder_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[:, index]`` for hidden states [B, S, C], written into ``x`` itself in inference.
+
+    The transformer's forward still holds the tensor it passes to the first block (and to the
+    output norm), so a permuted copy would keep a second hidden-state tensor alive through that
+    block (96 MiB at Wan2.1-1.3B 480p x 81; measured +0.09 GiB forward peak). In place, only a
+    transient gather buffer exists. With autograd on or under torch.compile it stays a copy.
+    """
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return x[:, index]
+    return x.copy_(x[:, index])
+
+
 def wan_self_attention_qkv(attn: nn.Module, hidden_states: torch.Tensor, rotary_emb):
     """Project, normalize and rotate q/k/v exactly as WanAttnProcessor does for self-attention.
 
@@ -125,7 +138,7 @@ class WanAdapter:
         def on_first_block(module, args):
             if not permuter.active:
                 return args
-            return (args[0][:, permuter.perm], *args[1:])  # hidden_states [B, S, C]
+            return (reorder_tokens(args[0], permuter.perm), *args[1:])  # hidden_states [B, S, C]
 
         def on_every_block(module, args):
             temb = args[2]
@@ -136,7 +149,7 @@ class WanAdapter:
         def on_norm_out(module, args):
             if not permuter.active:
                 return args
-            return (args[0][:, permuter.inverse], *args[1:])
+            return (reorder_tokens(args[0], permuter.inverse), *args[1:])
 
         hooks = [
             transformer.rope.register_forward_hook(on_rope),

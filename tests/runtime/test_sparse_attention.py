@@ -60,6 +60,20 @@ def test_all_blocks_kept_matches_dense_model_through_permutation(tile, backend):
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_in_place_permutation_equals_the_copying_one_and_spares_the_inputs():
+    """No grad: hidden states are reordered in place; with grad: copied. Same numbers."""
+    model, inputs = tiny_wan(), tiny_wan_inputs(**GRID_INPUTS)
+    latents = inputs["hidden_states"].clone()
+    handle = apply_sparse_attention(model, AttentionSpec(density=0.4, block_size=BLOCK,
+                                                         tile=(1, 4, 4)), backend="torch")
+    (in_place,) = _run(model, inputs)
+    with torch.enable_grad():
+        copied = model(**inputs).sample.detach()
+    handle.remove()
+    assert torch.equal(inputs["hidden_states"], latents)  # the caller's latents are untouched
+    torch.testing.assert_close(in_place, copied, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("densities", [(0.4, 0.4), (0.2, 0.6)])  # one density; one per head
 def test_sparse_processor_matches_masked_reference(densities):
     model, inputs = tiny_wan(), tiny_wan_inputs(**GRID_INPUTS)
