@@ -7,8 +7,8 @@ import re
 
 from benchmarks.quality.pareto import CLAIM_SPEEDUP, not_dominated, points
 
-COLUMNS = ("method", "speedup", "at scale", "PSNR dB", "SSIM", "cosine", "caption acc.",
-           "attn. density", "blocks skipped", "status")
+COLUMNS = ("method", "speedup", "predicted", "at scale", "PSNR dB", "SSIM", "cosine",
+           "caption acc.", "attn. density", "blocks skipped", "status")
 
 
 def _num(value, digits: int = 2, suffix: str = "") -> str:
@@ -21,7 +21,8 @@ def _line(row: dict, scale: dict) -> str:
     psnr = _num(row.get("psnr_db_mean"))
     if row.get("identical_clips"):
         psnr = f"{psnr} ({row['identical_clips']} identical)".strip()
-    cells = (row["method"], _num(row.get("speedup"), suffix="x"), _at_scale(scale, row), psnr,
+    cells = (row["method"], _num(row.get("speedup"), suffix="x"),
+             _num(stats.get("predicted_speedup"), suffix="x"), _at_scale(scale, row), psnr,
              _num(row.get("ssim_mean"), 3), _num(row.get("cosine_mean"), 4),
              _num(row.get("caption_accuracy")), _num(stats.get("attention_density")),
              _num(stats.get("blocks_skipped_share")), status)
