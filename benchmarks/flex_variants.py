@@ -83,8 +83,10 @@ def main() -> None:
     budget = round(DENSITY * scores.shape[-1])
     bench(f"topk({budget}) sorted", lambda: scores.topk(budget, dim=-1))
     bench(f"topk({budget}) unsorted", lambda: scores.topk(budget, dim=-1, sorted=False))
-    bench("argsort of the bool map (BlockMask indices)",
+    bench("argsort of the bool map (how BlockMask indices were built)",
           lambda: torch.argsort(block_map.to(torch.int8), dim=-1, descending=True, stable=True))
+    bench("_kv_blocks: counts and indices by running count (how they are built now)",
+          lambda: _kv_blocks(block_map))
 
 
 if __name__ == "__main__":

@@ -57,10 +57,20 @@ def _keys_before(seq_len: int):
 
 
 def _kv_blocks(block_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(counts [B|1, H|1, Qb] int32, indices [B|1, H|1, Qb, Kb] int32, kept blocks first)."""
+    """(counts [B|1, H|1, Qb] int32, indices [B|1, H|1, Qb, Kb] int32): each row's kept key
+    blocks first, ascending, then zeros (never read).
+
+    Compaction by a running count instead of a sort: each kept block goes to the slot given by
+    the number of kept blocks before it; dropped blocks all go to one spare column, cut off.
+    """
+    num_key_blocks = block_map.shape[-1]
     counts = block_map.sum(dim=-1, dtype=torch.int32)
-    order = torch.argsort(block_map.to(torch.int8), dim=-1, descending=True, stable=True)
-    return counts, order.to(torch.int32)
+    slots = torch.where(block_map, block_map.cumsum(dim=-1, dtype=torch.int32) - 1,
+                        num_key_blocks)  # [.., Qb, Kb]: slot of each kept block, spare if dropped
+    columns = torch.arange(num_key_blocks, dtype=torch.int32, device=block_map.device)
+    indices = block_map.new_zeros((*block_map.shape[:-1], num_key_blocks + 1), dtype=torch.int32)
+    indices.scatter_(-1, slots.long(), columns.expand_as(slots))
+    return counts, indices[..., :num_key_blocks].contiguous()
 
 
 _RECOMPILE_LIMIT = 64

@@ -161,6 +161,19 @@ def test_flex_block_mask_covers_exactly_the_map(seq, block_size, map_batch):
     assert torch.equal(mask.to_dense(), block_map)
 
 
+def test_kv_blocks_list_each_rows_kept_blocks_first_in_ascending_order():
+    from ditplan.runtime.kernels.flex import _kv_blocks
+
+    block_map = _random_map(2, 3, 640, 64)  # [2, 3, 10, 10]
+    block_map[0, 0, 0] = False  # an empty row
+    block_map[0, 0, 1] = True  # a full row
+    counts, indices = _kv_blocks(block_map)
+    assert counts.dtype == indices.dtype == torch.int32 and indices.shape == block_map.shape
+    for row, count, listed in zip(block_map.flatten(0, 2), counts.flatten(), indices.flatten(0, 2),
+                                  strict=True):
+        assert listed[:count].tolist() == row.nonzero().flatten().tolist()
+
+
 def test_block_mask_and_dispatch_trace_without_graph_breaks():
     # Under an outer torch.compile (the lead compiles the whole transformer) building the
     # BlockMask and resolving the backend must not break the graph.
