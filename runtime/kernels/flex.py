@@ -65,11 +65,11 @@ def _kv_blocks(block_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     num_key_blocks = block_map.shape[-1]
     counts = block_map.sum(dim=-1, dtype=torch.int32)
-    slots = torch.where(block_map, block_map.cumsum(dim=-1, dtype=torch.int32) - 1,
-                        num_key_blocks)  # [.., Qb, Kb]: slot of each kept block, spare if dropped
+    slots = torch.where(block_map, block_map.cumsum(dim=-1) - 1,
+                        num_key_blocks)  # int64 [.., Qb, Kb]: kept block's slot, spare if dropped
     columns = torch.arange(num_key_blocks, dtype=torch.int32, device=block_map.device)
     indices = block_map.new_zeros((*block_map.shape[:-1], num_key_blocks + 1), dtype=torch.int32)
-    indices.scatter_(-1, slots.long(), columns.expand_as(slots))
+    indices.scatter_(-1, slots, columns.expand_as(slots))
     return counts, indices[..., :num_key_blocks].contiguous()
 
 
@@ -102,8 +102,9 @@ def block_mask_from_map(
         of a partial last key block, which are PARTIAL blocks masked by `kv_idx < S`.
     """
     tail = seq_len % block_size != 0
-    full_map = block_map.clone()
-    if tail:
+    full_map = block_map
+    if tail:  # the partial last key block is listed apart
+        full_map = block_map.clone()
         full_map[..., -1] = False
     full_counts, full_indices = _kv_blocks(full_map)
     # Only the last key block can be partial, so its row lists are that one index (no sort).
