@@ -1,4 +1,5 @@
-"""Shared fixtures: seeded RNG, a device fixture (CPU always, CUDA when present)."""
+"""Shared fixtures: seeded RNG, a device fixture (CPU always, CUDA when present), a saved tiny
+reference pipeline."""
 
 from __future__ import annotations
 
@@ -33,3 +34,11 @@ def _seed():
 @pytest.fixture(params=DEVICES)
 def device(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny reference pipeline saved once per session; tests only read it."""
+    from tests.factories import saved_tiny_reference_pipeline
+
+    return saved_tiny_reference_pipeline(tmp_path_factory.mktemp("model"))

@@ -9,7 +9,6 @@ import pytest
 
 from benchmarks.quality.cli import main
 from benchmarks.quality.results import read_rows
-from tests.factories import saved_tiny_reference_pipeline
 
 FAMILIES = {
     "dense", "ditplan", "ditplan-sparse-only", "ditplan-cache-only", "rainfusion2",
@@ -21,11 +20,6 @@ FAMILIES = {
 MAY_BE_DENSE = {"ditplan-sparse-only"}
 # 4 frames x 16 x 16 px -> 4 x 8 x 8 tokens = 4 blocks of 64; 4 steps with CFG (quick preset).
 WORKLOAD = ["--frames", "4", "--height", "16", "--width", "16", "--block-size", "64"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return saved_tiny_reference_pipeline(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")

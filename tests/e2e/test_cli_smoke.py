@@ -7,16 +7,15 @@ import json
 import pytest
 
 from ditplan.runtime.cli import main
-from tests.factories import saved_tiny_reference_pipeline
 
 PROMPT = "a red circle slowly moves right"
 # 4 frames x 16 x 16 px -> 4 x 8 x 8 tokens = 4 blocks of 64; 4 steps with CFG.
 WORKLOAD = ["--steps", "4", "--frames", "4", "--height", "16", "--width", "16"]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return saved_tiny_reference_pipeline(tmp_path_factory.mktemp("model"))
+def _run(model_dir, out, *args: str) -> int:
+    """``ditplan run --model MODEL_DIR ... --out OUT``; the exit code."""
+    return main(["run", "--model", str(model_dir), *args, "--out", str(out)])
 
 
 @pytest.fixture(scope="module")
@@ -54,26 +53,8 @@ def test_profile_compile_run(model_dir, plan_path, tmp_path, capsys):
     assert main(["plan", "show", str(plan_path)]) == 0
     assert "predicted speedup" in capsys.readouterr().out
     out = tmp_path / "run"
-    code = main(
-        [
-            "run",
-            "--model",
-            str(model_dir),
-            "--plan",
-            str(plan_path),
-            "--prompt",
-            PROMPT,
-            "--device",
-            "cpu",
-            "--backend",
-            "torch",
-            "--compare-dense",
-            "--repeats",
-            "2",
-            "--out",
-            str(out),
-        ]
-    )
+    code = _run(model_dir, out, "--plan", str(plan_path), "--prompt", PROMPT, "--device", "cpu",
+                "--backend", "torch", "--compare-dense", "--repeats", "2")
     assert code == 0
     assert (out / "video.mp4").stat().st_size > 0 and (out / "frames.png").stat().st_size > 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -87,21 +68,7 @@ def test_profile_compile_run(model_dir, plan_path, tmp_path, capsys):
 
 def test_run_refuses_a_plan_for_another_workload(model_dir, plan_path, tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(
-        [
-            "run",
-            "--model",
-            str(model_dir),
-            "--plan",
-            str(plan_path),
-            "--frames",
-            "8",
-            "--device",
-            "cpu",
-            "--out",
-            str(out),
-        ]
-    )
+    code = _run(model_dir, out, "--plan", str(plan_path), "--frames", "8", "--device", "cpu")
     assert code == 2
     assert "--frames 8 (plan: 4)" in capsys.readouterr().err
     assert not out.exists()
@@ -111,7 +78,7 @@ def test_broken_plan_and_truncated_trace_leave_no_output(model_dir, plan_path, t
     broken = tmp_path / "broken.json"
     broken.write_text(plan_path.read_text()[:-40])
     out = tmp_path / "run"
-    assert main(["run", "--model", str(model_dir), "--plan", str(broken), "--out", str(out)]) == 2
+    assert _run(model_dir, out, "--plan", str(broken)) == 2
     assert "broken.json" in capsys.readouterr().err and not out.exists()
 
     traces = tmp_path / "traces"
@@ -143,8 +110,8 @@ def test_missing_ffmpeg_keeps_metrics_and_frames(model_dir, tmp_path, capsys, mo
 
     monkeypatch.setattr(imageio, "get_writer", no_ffmpeg)
     out = tmp_path / "run"
-    code = main(["run", "--model", str(model_dir), "--prompt", PROMPT, "--device", "cpu",
-                 *WORKLOAD, "--guidance-scale", "4", "--out", str(out)])
+    code = _run(model_dir, out, "--prompt", PROMPT, "--device", "cpu", *WORKLOAD,
+                "--guidance-scale", "4")
     assert code == 1
     assert "pip install imageio-ffmpeg" in capsys.readouterr().err
     assert (out / "metrics.json").exists() and (out / "frames.png").exists()
