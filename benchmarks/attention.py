@@ -36,6 +36,7 @@ from ditplan.runtime.kernels import (
     forced_blocks,
     invert_permutation,
     masked_attention_reference,
+    registry,
     select_blocks,
     select_blocks_reference,
     tile_permutation,
@@ -52,6 +53,9 @@ KERNEL_OPTIONS = (  # flex settings tried for the kernel at density 0.2 (None: d
     {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
     {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
     {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
+    {"USE_TMA": True, "BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
+    {"USE_TMA": True, "BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 4},
+    {"USE_TMA": True, "BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
 )
 
 
@@ -158,6 +162,13 @@ def timing_cases(work: Workload, q, k, v) -> list[tuple[str, Callable[[], object
         ("full op d=0.2, reference selection",
          lambda: op(q, k, v, 0.2, select_blocks_reference), computed[0.2]),
     ]
+    if work.device.type == "cuda":  # the Triton selection kernels against their PyTorch twins
+        cases += [
+            ("runtime op d=0.2, PyTorch selection (twins)",
+             lambda: _with_torch_selection(op.runtime, qp, kp, vp, 0.2), computed[0.2]),
+            ("selection alone d=0.2, PyTorch (twins)",
+             lambda: _with_torch_selection(op.select, qp, kp, 0.2), computed[0.2]),
+        ]
     no_sink = SparseOp(work, (1, 8, 8), sink=False)
     cases.append(("runtime op d=0.2, no sink", lambda: no_sink.runtime(qp, kp, vp, 0.2),
                   no_sink.select(qp, kp, 0.2).float().mean().item()))
@@ -169,6 +180,15 @@ def timing_cases(work: Workload, q, k, v) -> list[tuple[str, Callable[[], object
             cases.append((f"kernel d=0.2 {_options_label(options)}",
                           lambda o=options: op.attend(qp, kp, vp, maps[0.2], o), computed[0.2]))
     return cases
+
+
+def _with_torch_selection(fn, *args):
+    """fn(*args) with the selection and BlockMask lists built by the PyTorch twins."""
+    registry.USE_TRITON_SELECTION = False
+    try:
+        return fn(*args)
+    finally:
+        registry.USE_TRITON_SELECTION = True
 
 
 def _options_label(options: dict) -> str:

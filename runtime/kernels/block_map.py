@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .registry import check_block_size, num_blocks
+from .registry import check_block_size, num_blocks, triton_selection_applies
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,12 @@ def block_mean_scores(
 
 def _block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
     # x: [B, H, S, D] -> float32 [B, H, nb, D]; full blocks and the tail summed separately so no
-    # float32 copy of x is made (sum(dtype=float32) upcasts inside the reduction).
+    # float32 copy of x is made (sum(dtype=float32) upcasts inside the reduction). On CUDA one
+    # Triton kernel does it (triton_select.block_means; this is its twin).
+    if triton_selection_applies(x):
+        from . import triton_select
+
+        return triton_select.block_means(x, block_size)
     batch, heads, seq_len, head_dim = x.shape
     full = seq_len // block_size
     body = x[:, :, : full * block_size].reshape(batch, heads, full, block_size, head_dim)
@@ -216,6 +221,12 @@ def _top_mass(scores: torch.Tensor, mass_threshold: float) -> torch.Tensor:
 
 
 @functools.cache
+def _no_forced_blocks(num_blocks: int, device: torch.device) -> ForcedBlocks:
+    empty = torch.zeros(num_blocks, dtype=torch.bool, device=device)
+    return ForcedBlocks(empty, empty, diagonal=False)
+
+
+@functools.cache
 def _rank_limits(counts: tuple[int, ...], device: torch.device) -> torch.Tensor:
     # bool [H, max(counts)]: rank r of head h is kept when r < counts[h]. Built once per setting.
     ranks = torch.arange(max(counts), device=device)
@@ -225,19 +236,28 @@ def _rank_limits(counts: tuple[int, ...], device: torch.device) -> torch.Tensor:
 def _top_n(scores: torch.Tensor, density: float | Sequence[float],
            forced: ForcedBlocks | None) -> torch.Tensor:
     # Per row the n_h best key blocks, n_h = head h's row budget; forced blocks rank first, so
-    # they count inside the budget (forced rows are added in full afterwards). scores: [B, H, Qb,
-    # Kb].
+    # they count inside the budget; then forced rows, columns and diagonal are added in full.
+    # scores: [B, H, Qb, Kb] -> bool [B, H, Qb, Kb].
     heads, nq, nk = scores.shape[1:]
     dense_rows = 0 if forced is None else forced.dense_rows
     counts = tuple(row_budget(d, nq, nk, dense_rows) for d in head_densities(density, heads))
+    if triton_selection_applies(scores) and scores.dtype == torch.float32:  # one Triton
+        # kernel; the lines below are its twin (and the path for float64 scores)
+        from . import triton_select
+
+        forced = forced if forced is not None else _no_forced_blocks(nq, scores.device)
+        return triton_select.top_n_map(scores, counts, forced.rows.to(scores.device),
+                                       forced.cols.to(scores.device), forced.diagonal)
     if forced is not None:
         scores = scores.masked_fill(forced.pairs(scores.device), math.inf)
     if len(set(counts)) == 1:  # one budget for all heads: rank order is not needed (faster)
         top = scores.topk(counts[0], dim=-1, sorted=False).indices  # [B, H, Qb, n]
-        return torch.zeros_like(scores, dtype=torch.bool).scatter(-1, top, True)
-    top = scores.topk(max(counts), dim=-1).indices  # [B, H, Qb, n_max], best first
-    keep = _rank_limits(counts, scores.device)[None, :, None, :].expand_as(top)
-    return torch.zeros_like(scores, dtype=torch.bool).scatter(-1, top, keep)
+        block_map = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, top, True)
+    else:
+        top = scores.topk(max(counts), dim=-1).indices  # [B, H, Qb, n_max], best first
+        keep = _rank_limits(counts, scores.device)[None, :, None, :].expand_as(top)
+        block_map = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, top, keep)
+    return _apply_forced(block_map, forced)
 
 
 def select_blocks(
@@ -267,10 +287,8 @@ def select_blocks(
     if scores is None:
         scores = block_mean_scores(q, k, block_size=block_size)  # [B, H, Qb, Kb]
     if density is not None:
-        block_map = _top_n(scores, density, forced)
-    else:
-        block_map = _top_mass(scores, mass_threshold)
-    return _apply_forced(block_map, forced)  # [B, H, Qb, Kb]
+        return _top_n(scores, density, forced)  # [B, H, Qb, Kb]
+    return _apply_forced(_top_mass(scores, mass_threshold), forced)  # [B, H, Qb, Kb]
 
 
 def select_blocks_reference(

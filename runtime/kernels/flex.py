@@ -27,7 +27,7 @@ import functools
 
 import torch
 
-from .registry import Backend, flex_is_available, register_backend
+from .registry import Backend, flex_is_available, register_backend, triton_selection_applies
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -102,6 +102,14 @@ def block_mask_from_map(
         of a partial last key block, which are PARTIAL blocks masked by `kv_idx < S`.
     """
     tail = seq_len % block_size != 0
+    if triton_selection_applies(block_map):  # one Triton kernel; the lines below are its twin
+        from . import triton_select
+
+        lists = triton_select.kv_lists(block_map, tail)
+        return BlockMask.from_kv_blocks(
+            *lists, BLOCK_SIZE=block_size, mask_mod=_keys_before(seq_len) if tail else None,
+            seq_lengths=(seq_len, seq_len), compute_q_blocks=compute_q_blocks,
+        )
     full_map = block_map
     if tail:  # the partial last key block is listed apart
         full_map = block_map.clone()

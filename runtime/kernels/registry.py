@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -60,13 +61,24 @@ def register_backend(
 
 
 # Looked up once at import, so availability checks stay traceable under torch.compile.
+TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
 _FLEX_IMPORTABLE = (importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
-                    and importlib.util.find_spec("triton") is not None)
+                    and TRITON_IMPORTABLE)
+# The Triton selection kernels (triton_select) on CUDA; DITPLAN_TRITON_SELECTION=0 keeps the
+# PyTorch twins everywhere (to compare, or if a Triton build misbehaves on a card).
+USE_TRITON_SELECTION = os.environ.get("DITPLAN_TRITON_SELECTION", "1") != "0"
 
 
 def flex_is_available(device: torch.device) -> bool:
     """FlexAttention needs a CUDA device, torch.nn.attention.flex_attention and Triton."""
     return device.type == "cuda" and _FLEX_IMPORTABLE and torch.cuda.is_available()
+
+
+def triton_selection_applies(x: torch.Tensor) -> bool:
+    """True when selection on `x` runs the Triton kernels: CUDA, Triton importable, eager (a
+    compiled graph traces the PyTorch twins, which inductor fuses itself), not switched off."""
+    return (USE_TRITON_SELECTION and x.is_cuda and TRITON_IMPORTABLE
+            and not torch.compiler.is_compiling())
 
 
 def parse_backend(name: Backend | str) -> Backend:
