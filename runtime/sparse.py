@@ -31,28 +31,31 @@ class LayerRuntime:
     tracker: StepTracker
     permuter: TokenPermuter
     backend: str = "auto"
+    # Statistics are tensors once counted: a Python int that changes every call would be a
+    # torch.compile guard and recompile the model each step (seen on torch 2.11, H100).
     kept_sum: torch.Tensor | float = 0.0  # sum over sparse calls of the kept block share
-    sparse_calls: int = 0
-    dense_calls: int = 0
+    sparse_calls: torch.Tensor | int = 0
+    dense_calls: torch.Tensor | int = 0
 
     def sparse_now(self) -> bool:
         return not self.spec.dense_at(self.tracker.state.step)
 
-    def record(self, block_map: torch.Tensor | None) -> None:
-        """Count one call: a dense one (``None``) or a sparse one with its block map."""
-        if block_map is None:
-            self.dense_calls += 1
-            return
+    def record_dense(self, device: torch.device) -> None:
+        """Count one call that ran dense attention."""
+        self.dense_calls = self.dense_calls + torch.ones((), device=device)
+
+    def record_sparse(self, block_map: torch.Tensor) -> None:
+        """Count one sparse call and the share of its block map that was computed."""
         self.kept_sum = self.kept_sum + block_map.float().mean().detach()
-        self.sparse_calls += 1
+        self.sparse_calls = self.sparse_calls + torch.ones((), device=block_map.device)
 
     def reset_stats(self) -> None:
         self.kept_sum, self.sparse_calls, self.dense_calls = 0.0, 0, 0
 
     def achieved_density(self) -> float | None:
         """Share of block pairs computed over all recorded calls (dense calls count as 1)."""
-        calls = self.sparse_calls + self.dense_calls
-        return None if calls == 0 else (float(self.kept_sum) + self.dense_calls) / calls
+        calls = float(self.sparse_calls + self.dense_calls)
+        return None if calls == 0 else (float(self.kept_sum) + float(self.dense_calls)) / calls
 
 
 def sparse_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: LayerRuntime):
@@ -84,7 +87,7 @@ def sparse_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay
         mass_threshold=spec.mass_threshold,
         forced=forced,
     )
-    layer.record(block_map)
+    layer.record_sparse(block_map)
     return block_sparse_attention(
         q, k, v, block_map, block_size=spec.block_size, backend=layer.backend
     )

@@ -122,4 +122,4 @@ def _achieved_density(layers) -> dict:
 
 def _reset_layers(layers) -> None:
     for layer in layers:
-        layer.kept_sum, layer.sparse_calls, layer.dense_calls = 0.0, 0, 0
+        layer.reset_stats()

@@ -73,7 +73,7 @@ class WanSparseAttnProcessor:
                 attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb
             )
         if not self.layer.sparse_now():
-            self.layer.record(None)
+            self.layer.record_dense(hidden_states.device)
             return self.original(
                 attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb
             )

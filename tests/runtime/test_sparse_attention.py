@@ -169,3 +169,22 @@ def test_sequence_that_does_not_match_the_latent_grid_is_refused():
     with pytest.raises(ValueError, match="288"), torch.no_grad():
         attn(torch.randn(1, 100, attn.inner_dim), None, None, None)
     handle.remove()
+
+
+def test_call_statistics_are_tensors_and_give_the_achieved_density():
+    # A Python int that changes every call is a torch.compile guard: on torch 2.11 (H100) it
+    # recompiled the whole model at every step. The counters are tensors.
+    model, inputs = tiny_wan(), tiny_wan_inputs(**GRID_INPUTS)
+    spec = AttentionSpec(density=0.3, block_size=BLOCK, dense_steps=(0,))
+    handle = apply_sparse_attention(model, spec, num_inference_steps=2)
+    _run(model, inputs, steps=2)  # step 0 dense, step 1 sparse
+    layer = handle.layers[0]
+    handle.remove()
+    counters = (layer.kept_sum, layer.sparse_calls, layer.dense_calls)
+    assert all(isinstance(c, torch.Tensor) for c in counters)
+    assert float(layer.sparse_calls) == 1 and float(layer.dense_calls) == 1
+    kept = float(layer.kept_sum)
+    assert 0 < kept < 1
+    assert layer.achieved_density() == pytest.approx((kept + 1) / 2)
+    layer.reset_stats()
+    assert layer.achieved_density() is None
