@@ -338,14 +338,14 @@ def test_resume_from_export_refuses_another_preset(tmp_path):
 
 def test_shipped_model_resumes_at_its_recorded_step():
     ckpt = load_resume_source(SHIPPED)  # also checks the weight files against the record
-    assert ckpt.state["step"] == 6738 and ckpt.state["preset"] == "reference"
-    assert ckpt.state["train_seconds"] == pytest.approx(1473.9, abs=0.05)
+    assert ckpt.state["step"] == 7859 and ckpt.state["preset"] == "reference"
+    assert ckpt.state["train_seconds"] == pytest.approx(1868.6, abs=0.05)
     last = list(csv.DictReader(ckpt.loss_csv.splitlines()))[-1]
     assert int(last["step"]) == ckpt.state["step"]
     assert float(last["train_seconds"]) == pytest.approx(ckpt.state["train_seconds"], abs=0.05)
     trainer = Trainer(TrainConfig(out=Path("."), preset="reference", device="cpu",
                                   compile=False))
     trainer.load(ckpt)
-    assert trainer.step == 6738 and trainer.restarted_at == 6738  # an export has no AdamW state
+    assert trainer.step == 7859 and trainer.restarted_at == 7859  # an export has no AdamW state
     assert torch.equal(trainer.transformer.proj_out.weight.detach(),
                        ckpt.tensors["transformer.proj_out.weight"].float())
