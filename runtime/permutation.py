@@ -53,7 +53,11 @@ class TokenPermuter:
         return self._memo[1]
 
     def _key(self) -> tuple:
-        return (self.layout, self.device)
+        # Plain values, not the TokenLayout itself: when a compiled model's first call is also
+        # its first forward, dynamo (torch 2.11) re-created a frozen-dataclass dict key and
+        # hashed it before setting its fields, and crashed.
+        layout = self.layout
+        return (*layout.grid, layout.text_len, layout.text_first, self.device)
 
     def _ensure_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         key = self._key()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 import torch._dynamo
 
+from ditplan.policy.plan import AttentionSpec
 from ditplan.runtime.apply import apply_plan
+from ditplan.runtime.sparse import apply_sparse_attention
 from tests.factories import run_cfg_steps, tiny_wan, tiny_wan_inputs, tiny_wan_plan
 
 
@@ -29,3 +31,31 @@ def test_plan_traces_without_breaks_and_second_generation_reuses_every_graph():
     for e, a, b in zip(eager, first, second, strict=True):
         torch.testing.assert_close(a, e, rtol=0, atol=0)  # eager backend: the same kernels
         torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_compiling_before_any_eager_call_works_and_stops_compiling():
+    # On torch 2.11 a compiled model's first call crashed when it was also the first forward with
+    # sparse attention applied (dynamo re-created a TokenLayout dict key before its fields), and
+    # the per-layer int call counters recompiled the model at every call afterwards. Both fail
+    # this test on torch 2.11 (checked); the dense backend has no host syncs, so the model is
+    # one graph as with flex on a GPU.
+    spec = AttentionSpec(density=0.5, block_size=64, tile=(1, 8, 8))
+    inputs = tiny_wan_inputs(frames=3, height=16, width=24)
+    reference = tiny_wan()
+    reference_handle = apply_sparse_attention(reference, spec, backend="dense")
+    with torch.no_grad():
+        expected = reference(**inputs).sample
+    reference_handle.remove()
+    torch._dynamo.reset()
+    model = tiny_wan()
+    handle = apply_sparse_attention(model, spec, backend="dense")
+    compiled = torch.compile(model, backend="eager")
+    counters = torch._dynamo.utils.counters
+    with torch.no_grad():
+        outputs = [compiled(**inputs).sample for _ in range(3)]  # compiles, first call included
+        graphs = counters["stats"]["unique_graphs"]
+        outputs += [compiled(**inputs).sample for _ in range(3)]
+    handle.remove()
+    assert counters["stats"]["unique_graphs"] == graphs  # later calls compile nothing new
+    for out in outputs:
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)  # eager backend: same kernels
