@@ -184,11 +184,11 @@ def timing_cases(work: Workload, q, k, v) -> list[tuple[str, Callable[[], object
 
 def _with_torch_selection(fn, *args):
     """fn(*args) with the selection and BlockMask lists built by the PyTorch twins."""
-    registry.USE_TRITON_SELECTION = False
+    previous, registry.USE_TRITON_SELECTION = registry.USE_TRITON_SELECTION, False
     try:
         return fn(*args)
     finally:
-        registry.USE_TRITON_SELECTION = True
+        registry.USE_TRITON_SELECTION = previous  # DITPLAN_TRITON_SELECTION=0 stays off
 
 
 def _options_label(options: dict) -> str:

@@ -16,7 +16,7 @@ import time
 import torch
 
 from benchmarks.common import banner
-from benchmarks.forward import build
+from benchmarks.forward import build, call_counting_graphs
 from ditplan.policy.plan import AttentionSpec
 from ditplan.runtime.sparse import apply_sparse_attention
 
@@ -39,16 +39,11 @@ def main() -> None:
         with torch.no_grad():
             model(**inputs)
     compiled = torch.compile(model)
-    graphs = torch._dynamo.utils.counters["stats"]
     for call in range(args.calls):
-        before = graphs["unique_graphs"]
         start = time.perf_counter()
-        with torch.no_grad():
-            compiled(**inputs)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        print(f"call {call}: {time.perf_counter() - start:8.2f} s, "
-              f"{graphs['unique_graphs'] - before} new graphs", flush=True)
+        new_graphs = call_counting_graphs(compiled, inputs, device)
+        print(f"call {call}: {time.perf_counter() - start:8.2f} s, {new_graphs} new graphs",
+              flush=True)
 
 
 if __name__ == "__main__":

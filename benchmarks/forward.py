@@ -54,17 +54,23 @@ def measure(model, inputs, label, rows, repeats):
     print(f"  {label:<40} {ms:9.1f} ms", flush=True)
 
 
+def call_counting_graphs(compiled, inputs, device: str) -> int:
+    """One synchronized no-grad call of a compiled model; returns how many new dynamo graphs
+    it compiled."""
+    counters = torch._dynamo.utils.counters["stats"]
+    before = counters["unique_graphs"]
+    with torch.no_grad():
+        compiled(**inputs)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return counters["unique_graphs"] - before
+
+
 def warm_up_compiled(compiled, inputs, device: str, max_calls: int = 6) -> int:
     """Call until a call compiles no new graph (so no recompilation lands in the timed calls);
     returns how many calls compiled something. Fails if graphs are still new after max_calls."""
-    counters = torch._dynamo.utils.counters["stats"]
     for call in range(max_calls):
-        before = counters["unique_graphs"]
-        with torch.no_grad():
-            compiled(**inputs)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if counters["unique_graphs"] == before:
+        if call_counting_graphs(compiled, inputs, device) == 0:
             return call
     raise RuntimeError(f"torch.compile still compiled new graphs after {max_calls} calls "
                        "(a guard that changes every call); not timing it")

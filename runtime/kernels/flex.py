@@ -102,14 +102,21 @@ def block_mask_from_map(
         of a partial last key block, which are PARTIAL blocks masked by `kv_idx < S`.
     """
     tail = seq_len % block_size != 0
-    if triton_selection_applies(block_map):  # one Triton kernel; the lines below are its twin
+    if triton_selection_applies(block_map):  # one Triton kernel, twin of _kv_lists
         from . import triton_select
 
         lists = triton_select.kv_lists(block_map, tail)
-        return BlockMask.from_kv_blocks(
-            *lists, BLOCK_SIZE=block_size, mask_mod=_keys_before(seq_len) if tail else None,
-            seq_lengths=(seq_len, seq_len), compute_q_blocks=compute_q_blocks,
-        )
+    else:
+        lists = _kv_lists(block_map, tail)
+    return BlockMask.from_kv_blocks(
+        *lists, BLOCK_SIZE=block_size, mask_mod=_keys_before(seq_len) if tail else None,
+        seq_lengths=(seq_len, seq_len), compute_q_blocks=compute_q_blocks,
+    )
+
+
+def _kv_lists(block_map: torch.Tensor, tail: bool):
+    """(partial counts, partial indices, full counts, full indices), int32, of a bool map
+    [B|1, H|1, Qb, Kb]; with `tail` the last key block is each row's partial block when kept."""
     full_map = block_map
     if tail:  # the partial last key block is listed apart
         full_map = block_map.clone()
@@ -121,11 +128,7 @@ def block_mask_from_map(
     last = block_map[..., -1] if tail else torch.zeros_like(block_map[..., -1])
     partial_counts = last.to(torch.int32)  # [B|1, H|1, Qb], 1 where the tail block is kept
     partial_indices = torch.full_like(full_indices, block_map.shape[-1] - 1)
-    return BlockMask.from_kv_blocks(
-        partial_counts, partial_indices, full_counts, full_indices,
-        BLOCK_SIZE=block_size, mask_mod=_keys_before(seq_len) if tail else None,
-        seq_lengths=(seq_len, seq_len), compute_q_blocks=compute_q_blocks,
-    )
+    return partial_counts, partial_indices, full_counts, full_indices
 
 
 def _kernel_options(block_size: int, head_dim: int, device: torch.device) -> dict | None:

@@ -2,7 +2,7 @@
 
 Each kernel has a PyTorch twin that stays the reference and the path everywhere else (CPU,
 other accelerators, under torch.compile): `block_map._block_means`, `block_map._top_n` with the
-forced regions, and `flex._kv_blocks` with the tail split of `flex.block_mask_from_map`. The
+forced regions, and `flex._kv_lists` (BlockMask lists with the partial-tail split). The
 torch versions launch 5-15 small kernels each; at the Wan2.1-1.3B shape (12 heads, 256 blocks)
 they cost about 0.23 ms per layer on an H100, 7% of the sparse kernel (BENCHMARKS.md).
 Import this module only where `triton` is importable (registry.TRITON_IMPORTABLE).
