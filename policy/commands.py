@@ -39,8 +39,11 @@ def register(subparsers) -> None:
 
     plan = subparsers.add_parser("plan", help="inspect plan files")
     plan_sub = plan.add_subparsers(dest="plan_command", required=True)
-    show = plan_sub.add_parser("show", help="print a plan as a table")
+    show = plan_sub.add_parser("show", help="print a plan as a table (and draw it with --png)")
     show.add_argument("plan", type=Path, help="plan file (JSON)")
+    show.add_argument("--png", type=Path, default=None, metavar="FILE",
+                      help="also draw it: blocks x steps per CFG branch, coloured by compute/"
+                      "reuse/forecast and shaded by attention density")
     show.set_defaults(handler=run_plan_show)
 
 
@@ -93,7 +96,7 @@ def run_compile_policy(args: argparse.Namespace) -> int:
 
 
 def run_plan_show(args: argparse.Namespace) -> int:
-    """Handler of ``plan show``: print the plan's summary table. Returns the exit code."""
+    """Handler of ``plan show``: print the plan's table, draw it to ``--png``; the exit code."""
     from ditplan.policy.plan import PlanError
     from ditplan.policy.plan_io import load_plan
     from ditplan.policy.show import format_plan
@@ -104,4 +107,16 @@ def run_plan_show(args: argparse.Namespace) -> int:
         sys.stderr.write(f"error: {exc}\n")
         return 1
     sys.stdout.write(format_plan(plan))
+    return _write_png(plan, args.png) if args.png else 0
+
+
+def _write_png(plan, path: Path) -> int:
+    from ditplan.policy.show_png import write_plan_png
+
+    try:
+        write_plan_png(plan, path)
+    except OSError as exc:
+        sys.stderr.write(f"error: cannot write --png {path}: {exc.strerror or exc}\n")
+        return 1
+    sys.stdout.write(f"wrote {path}\n")
     return 0

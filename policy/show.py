@@ -1,10 +1,10 @@
-"""Human-readable plan summary: one line per block with role, density, dense and compute steps."""
+"""Human-readable plan summary: one line per block with role, density, dense steps and actions."""
 
 from __future__ import annotations
 
-from ditplan.policy.plan import AttentionSpec, Plan
+from ditplan.policy.plan import ACTIONS, COMPUTE, AttentionSpec, Calibration, Plan
 
-HEADER = ("layer", "role", "density", "dense steps", "compute steps")
+HEADER = ("layer", "role", "density", "dense steps", "steps C/R/F")
 
 
 def step_ranges(steps) -> str:
@@ -30,16 +30,27 @@ def _density(spec: AttentionSpec) -> str:
     return f"{spec.density:.2f}"
 
 
-def _compute_steps(plan: Plan, block: str) -> str:
-    group = plan.cache_group_of(block)
-    steps = plan.workload.steps
-    if group is None:
-        return f"{steps}/{steps}"
-    counts = {c: sum(group.compute_mask(c)) for c in plan.workload.contexts}
+def _action_counts(actions: str) -> str:
+    """"C4 R1 F1": how many steps compute, reuse and forecast."""
+    return " ".join(f"{a}{actions.count(a)}" for a in ACTIONS)
+
+
+def _step_actions(plan: Plan, block: str) -> str:
+    run = plan.run_of(block)
+    if run is None:
+        return _action_counts(COMPUTE * plan.workload.steps)
+    counts = {c: _action_counts(run.actions(c)) for c in plan.workload.contexts}
     if len(set(counts.values())) == 1:
-        return f"{next(iter(counts.values()))}/{steps} (group {group.name})"
-    per = ", ".join(f"{n}/{steps} {c}" for c, n in counts.items())
-    return f"{per} (group {group.name})"
+        return f"{next(iter(counts.values()))} (run {run.name})"
+    per = ", ".join(f"{n} {c}" for c, n in counts.items())
+    return f"{per} (run {run.name})"
+
+
+def _calibration_lines(cal: Calibration | None) -> list[str]:
+    if cal is None:
+        return []
+    return [f"measured on {cal.device} ({cal.prompts} prompts): speedup {cal.speedup:.2f}x, "
+            f"PSNR {cal.psnr_db:.1f} dB, cosine {cal.cosine:.4f} vs dense"]
 
 
 def format_plan(plan: Plan) -> str:
@@ -52,6 +63,7 @@ def format_plan(plan: Plan) -> str:
         f"predicted speedup {prov.predicted_speedup:.2f}x, predicted error "
         f"{prov.predicted_error:.4f} ({prov.compiler_settings.get('quality', '?')}, "
         f"{prov.compiler_version})",
+        *_calibration_lines(prov.calibration),
         "",
     ]
     rows = [HEADER]
@@ -59,7 +71,7 @@ def format_plan(plan: Plan) -> str:
         layer = plan.layers[block]
         dense = "all" if layer.attention.is_dense else step_ranges(layer.attention.dense_steps)
         rows.append((block, layer.role, _density(layer.attention), dense,
-                     _compute_steps(plan, block)))
+                     _step_actions(plan, block)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
     lines += ["  ".join(c.ljust(n) for c, n in zip(r, widths, strict=True)).rstrip() for r in rows]
     return "\n".join(lines) + "\n"

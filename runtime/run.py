@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 # Built-in reference model defaults: small enough for a 2-core CPU (see README).
 REFERENCE_DEFAULTS = dict(steps=16, height=32, width=32, frames=8, guidance_scale=4.0)
 REFERENCE_PROMPT = "a red circle slowly moves right"
+# Untimed generations before timing each side of --compare-dense (dense, then the applied plan).
+COMPARE_WARMUP_RUNS = 1
 
 
 @dataclass
@@ -41,7 +43,7 @@ class RunConfig:
     device: str = "cpu"
     backend: str = "auto"
     compare_dense: bool = False
-    repeats: int = 1  # timed generations of each kind; medians are reported (first ones warm up)
+    repeats: int = 1  # timed generations of each kind; medians are reported
 
 
 def resolve_workload(config: RunConfig, plan: Plan | None) -> dict:
@@ -110,13 +112,19 @@ def generate(pipe, config: RunConfig, workload: dict) -> tuple[np.ndarray, dict]
     return frames, {"wall_s": wall, "step_s_median": float(np.median(per_step))}
 
 
-def timed_generations(pipe, config: RunConfig, workload: dict) -> tuple[np.ndarray, dict]:
-    """``config.repeats`` generations with one seed; frames of the last, median timings.
+def timed_generations(
+    pipe, config: RunConfig, workload: dict, warmup: int = 0
+) -> tuple[np.ndarray, dict]:
+    """``warmup`` untimed generations, then ``config.repeats`` timed ones with one seed; frames
+    of the last, median timings.
 
-    On a GPU the first generation pays for warm-up (kernel compilation, allocator growth);
-    the median of three or more leaves it out. Peak memory covers all of them.
+    The first generation of a model, and the first after a plan is applied, pays for warm-up
+    (allocator growth, kernel selection and compilation, lazy initialisation); comparisons warm
+    each side up so neither is timed cold. Peak memory covers all of them.
     """
     _reset_peak(config.device)
+    for _ in range(warmup):
+        generate(pipe, config, workload)
     runs = [generate(pipe, config, workload) for _ in range(config.repeats)]
     frames = runs[-1][0]
     walls = [timing["wall_s"] for _, timing in runs]
@@ -124,6 +132,7 @@ def timed_generations(pipe, config: RunConfig, workload: dict) -> tuple[np.ndarr
         "wall_s": float(np.median(walls)),
         "step_s_median": float(np.median([timing["step_s_median"] for _, timing in runs])),
         "wall_s_runs": walls,
+        "warmup_runs": warmup,
     }
     timings.update(_peak_memory(config.device))
     return frames, timings
@@ -146,11 +155,12 @@ def run_generation(config: RunConfig) -> dict:
     workload = resolve_workload(config, plan)
     pipe = load_pipeline(config.model, device=config.device)
     metrics: dict = {"config": {k: str(v) for k, v in asdict(config).items()}, "workload": workload}
+    warmup = COMPARE_WARMUP_RUNS if config.compare_dense else 0
     dense = None
     if config.compare_dense:
-        dense, metrics["dense"] = timed_generations(pipe, config, workload)
+        dense, metrics["dense"] = timed_generations(pipe, config, workload, warmup)
     handle = apply_plan(pipe, plan, backend=config.backend) if plan else None
-    frames, metrics["run"] = timed_generations(pipe, config, workload)
+    frames, metrics["run"] = timed_generations(pipe, config, workload, warmup)
     if handle:
         metrics["run"].update(handle.stats())
         handle.remove()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import numpy as np
 
 from ditplan.policy.plan import (
     AttentionSpec,
-    CacheGroup,
+    BlockRun,
+    Calibration,
     LayerPlan,
     ModelIdentity,
     Plan,
@@ -163,5 +165,20 @@ def sample_plan(steps: int = 6, cfg: bool = True) -> Plan:
         block_order=blocks,
         layers={b: LayerPlan(r, f"{b}.attn1", s)
                 for b, r, s in zip(blocks, roles, specs, strict=True)},
-        cache_groups=(CacheGroup(blocks[1:3], dict.fromkeys(contexts, mask)),),
+        runs=(BlockRun.from_masks(blocks[1:3], dict.fromkeys(contexts, mask)),),
     )
+
+
+def action_plan(steps: int = 8, cfg: bool = True, calibrated: bool = True) -> Plan:
+    """``sample_plan`` whose blocks 1-3 forecast on steps 3 and 6 and reuse on the other steps
+    after 1 that are not multiples of 4; uncond (with CFG) reuses on 4 and 5 too; calibrated."""
+    plan = sample_plan(steps=steps, cfg=cfg)
+    cond = "".join("C" if s < 2 or s % 4 == 0 else "F" if s % 3 == 0 else "R"
+                   for s in range(steps))
+    uncond = "".join("R" if s in (4, 5) else a for s, a in enumerate(cond))
+    schedule = {"cond": cond, "uncond": uncond} if cfg else {"cond": cond}
+    run = BlockRun(blocks=plan.block_order[1:], schedule=schedule, order=2)
+    calibration = Calibration(device="cpu", prompts=2, speedup=1.8, psnr_db=31.25, cosine=0.99,
+                              dense_s=9.0, plan_s=5.0, candidates=4) if calibrated else None
+    provenance = dataclasses.replace(plan.provenance, calibration=calibration)
+    return dataclasses.replace(plan, runs=(run,), provenance=provenance)
