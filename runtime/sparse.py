@@ -12,8 +12,7 @@ from torch import nn
 from ditplan.policy.plan import AttentionSpec
 from ditplan.runtime.adapters.base import get_adapter
 from ditplan.runtime.context import StepTracker, install_step_tracker, remove_step_tracker
-from ditplan.runtime.kernels import block_sparse_attention
-from ditplan.runtime.kernels.block_map import select_blocks
+from ditplan.runtime.kernels import select_and_attend
 from ditplan.runtime.kernels.registry import parse_backend
 from ditplan.runtime.permutation import TokenPermuter
 
@@ -44,10 +43,10 @@ class LayerRuntime:
         """Count one call that ran dense attention."""
         self.dense_calls = self.dense_calls + torch.ones((), device=device)
 
-    def record_sparse(self, block_map: torch.Tensor) -> None:
-        """Count one sparse call and the share of its block map that was computed."""
-        self.kept_sum = self.kept_sum + block_map.float().mean().detach()
-        self.sparse_calls = self.sparse_calls + torch.ones((), device=block_map.device)
+    def record_sparse(self, kept: torch.Tensor) -> None:
+        """Count one sparse call; `kept`'s mean is the share of block pairs it computed."""
+        self.kept_sum = self.kept_sum + kept.float().mean().detach()
+        self.sparse_calls = self.sparse_calls + torch.ones((), device=kept.device)
 
     def reset_stats(self) -> None:
         self.kept_sum, self.sparse_calls, self.dense_calls = 0.0, 0, 0
@@ -79,18 +78,18 @@ def sparse_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay
             "[B, C, F, H, W]"
         )
     forced = layer.permuter.forced(spec.block_size, spec.sink)
-    block_map = select_blocks(  # [B, H, Qb, Kb] bool
+    out, kept = select_and_attend(  # [B, H, S, D]; kept: its mean is the computed share
         q,
         k,
+        v,
         block_size=spec.block_size,
         density=spec.head_densities or spec.density,
         mass_threshold=spec.mass_threshold,
         forced=forced,
+        backend=layer.backend,
     )
-    layer.record_sparse(block_map)
-    return block_sparse_attention(
-        q, k, v, block_map, block_size=spec.block_size, backend=layer.backend
-    )
+    layer.record_sparse(kept)
+    return out
 
 
 def resolve_layer_specs(

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from . import dense, flex, torch_sparse  # noqa: F401  (import registers the backends)
+from . import dense, fa4, flex, torch_sparse  # noqa: F401  (import registers the backends)
+from .block_lists import lists_from_map, select_block_lists
 from .block_map import (
     ForcedBlocks,
     block_mean_scores,
@@ -20,7 +23,7 @@ from .permute import (
     tile_permutation_reference,
 )
 from .reference import expand_block_map, masked_attention_reference
-from .registry import Backend, check_attention_inputs, resolve_backend
+from .registry import Backend, check_attention_inputs, check_qkv, num_blocks, resolve_backend
 
 __all__ = [
     "Backend",
@@ -33,6 +36,8 @@ __all__ = [
     "invert_permutation",
     "masked_attention_reference",
     "permute_tokens",
+    "select_and_attend",
+    "select_block_lists",
     "select_blocks",
     "select_blocks_reference",
     "tile_permutation",
@@ -52,8 +57,9 @@ def block_sparse_attention(
             the last block may be partial (S need not be a multiple of block_size).
         block_size: 64 or 128.
         scale: softmax scale; 1/sqrt(D) when None.
-        backend: "auto" (flex on CUDA when available, else torch), "flex", "torch" or "dense".
-            A backend unavailable on the device falls back to "torch" with one warning.
+        backend: "auto" (fa4 on Hopper with flash-attn-4 installed, else flex on CUDA, else
+            torch), "fa4", "flex", "torch" or "dense". A backend unavailable on the device falls
+            back (fa4 -> flex -> torch) with one warning.
 
     Returns:
         [B, H, S, D] in q's dtype; a query row with no kept key gives 0.
@@ -64,3 +70,36 @@ def block_sparse_attention(
     check_attention_inputs(q, k, v, block_map, block_size)
     spec = resolve_backend(backend, q.device)
     return spec.fn(q, k, v, block_map, block_size=block_size, scale=scale)  # [B, H, S, D]
+
+
+def select_and_attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int,
+    density: float | Sequence[float] | None = None, mass_threshold: float | None = None,
+    forced: ForcedBlocks | None = None, backend: Backend | str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """select_blocks then block_sparse_attention; for fa4 the kept-block lists come straight
+    from top-k (no bool map).
+
+    Args:
+        q, k, v: [B, H, S, D], tokens in the order the forced blocks refer to.
+        block_size, density, mass_threshold, forced: as in select_blocks.
+        backend: as in block_sparse_attention.
+
+    Returns:
+        (out [B, H, S, D], kept): `kept` is a tensor whose mean is the share of block pairs
+        computed (the bool map [B, H, Qb, Kb], or per-row shares [B, H, Qb] from the lists).
+    """
+    spec = resolve_backend(backend, q.device)
+    if spec.name is Backend.FA4 and fa4.fa4_takes(q, k, v, block_size):
+        check_qkv(q, k, v, block_size)
+        if density is not None:
+            counts, indices = select_block_lists(q, k, block_size=block_size, density=density,
+                                                 forced=forced)  # [B, H, Qb], [B, H, Qb, W]
+        else:
+            counts, indices = lists_from_map(select_blocks(
+                q, k, block_size=block_size, mass_threshold=mass_threshold, forced=forced))
+        out = fa4.fa4_attention_from_lists(q, k, v, counts, indices)  # [B, H, S, D]
+        return out, counts.float() / num_blocks(q.shape[2], block_size)
+    block_map = select_blocks(q, k, block_size=block_size, density=density,
+                              mass_threshold=mass_threshold, forced=forced)  # [B, H, Qb, Kb]
+    return spec.fn(q, k, v, block_map, block_size=block_size, scale=None), block_map

@@ -35,6 +35,7 @@ class ForcedBlocks:
     cols: torch.Tensor
     diagonal: bool = True
     dense_rows: int = field(init=False)  # number of forced rows, counted once (a host sync)
+    row_pins: int = field(init=False)  # most forced blocks in one non-forced row (same sync)
     _pairs: torch.Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -47,6 +48,8 @@ class ForcedBlocks:
         if self.diagonal:
             pairs = pairs | torch.eye(pairs.shape[0], dtype=torch.bool, device=pairs.device)
         object.__setattr__(self, "_pairs", pairs)
+        free_rows = pairs[~self.rows.to(pairs.device)]  # [Qb - dense_rows, Kb]
+        object.__setattr__(self, "row_pins", int(free_rows.sum(-1).max()) if len(free_rows) else 0)
 
     def pairs(self, device: torch.device | str | None = None) -> torch.Tensor:
         """bool [Qb, Kb]: every forced block pair (rows, columns and the diagonal), built once

@@ -27,6 +27,7 @@ import functools
 
 import torch
 
+from .block_lists import lists_from_map
 from .registry import Backend, flex_is_available, register_backend, triton_selection_applies
 
 try:
@@ -54,23 +55,6 @@ def _keys_before(seq_len: int):
 
     mask_mod.__name__ = f"keys_before_{seq_len}"
     return mask_mod
-
-
-def _kv_blocks(block_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(counts [B|1, H|1, Qb] int32, indices [B|1, H|1, Qb, Kb] int32): each row's kept key
-    blocks first, ascending, then zeros (never read).
-
-    Compaction by a running count instead of a sort: each kept block goes to the slot given by
-    the number of kept blocks before it; dropped blocks all go to one spare column, cut off.
-    """
-    num_key_blocks = block_map.shape[-1]
-    counts = block_map.sum(dim=-1, dtype=torch.int32)
-    slots = torch.where(block_map, block_map.cumsum(dim=-1) - 1,
-                        num_key_blocks)  # int64 [.., Qb, Kb]: kept block's slot, spare if dropped
-    columns = torch.arange(num_key_blocks, dtype=torch.int32, device=block_map.device)
-    indices = block_map.new_zeros((*block_map.shape[:-1], num_key_blocks + 1), dtype=torch.int32)
-    indices.scatter_(-1, slots, columns.expand_as(slots))
-    return counts, indices[..., :num_key_blocks].contiguous()
 
 
 _RECOMPILE_LIMIT = 64
@@ -121,7 +105,7 @@ def _kv_lists(block_map: torch.Tensor, tail: bool):
     if tail:  # the partial last key block is listed apart
         full_map = block_map.clone()
         full_map[..., -1] = False
-    full_counts, full_indices = _kv_blocks(full_map)
+    full_counts, full_indices = lists_from_map(full_map)
     # Only the last key block can be partial, so its row lists are that one index (no sort).
     # The partial index tensor must be its own buffer: aliasing it with full_kv_indices breaks
     # inductor's CPU codegen.

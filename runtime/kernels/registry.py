@@ -21,6 +21,7 @@ class Backend(str, Enum):
     """Block-sparse attention backends; `auto` picks the best one available on the device."""
 
     AUTO = "auto"
+    FA4 = "fa4"
     FLEX = "flex"
     TORCH = "torch"
     DENSE = "dense"
@@ -38,6 +39,11 @@ class BackendSpec:
     fn: BackendFn
     is_available: Callable[[torch.device], bool]
     requirement: str
+    why_unavailable: Callable[[torch.device], str] | None = None  # a reason naming the device
+
+    def reason(self, device: torch.device) -> str:
+        """Why the backend can't run on `device` (its requirement unless it says more)."""
+        return self.why_unavailable(device) if self.why_unavailable else self.requirement
 
 
 _REGISTRY: dict[Backend, BackendSpec] = {}
@@ -49,12 +55,13 @@ def register_backend(
     *,
     is_available: Callable[[torch.device], bool] = lambda device: True,
     requirement: str = "",
+    why_unavailable: Callable[[torch.device], str] | None = None,
 ) -> Callable[[BackendFn], BackendFn]:
     """Decorator registering `fn` as backend `name` (availability is checked per device)."""
 
     def decorate(fn: BackendFn) -> BackendFn:
         backend = Backend(name)
-        _REGISTRY[backend] = BackendSpec(backend, fn, is_available, requirement)
+        _REGISTRY[backend] = BackendSpec(backend, fn, is_available, requirement, why_unavailable)
         return fn
 
     return decorate
@@ -90,6 +97,11 @@ def parse_backend(name: Backend | str) -> Backend:
         raise ValueError(f"unknown attention backend {name!r}; use one of {valid}") from None
 
 
+def backend_spec(name: Backend | str) -> BackendSpec:
+    """The registered backend `name` (whether or not it can run here)."""
+    return _REGISTRY[parse_backend(name)]
+
+
 def _log_once(level: int, message: str) -> None:
     # Logging is a graph break under torch.compile; decisions are logged by eager calls only.
     if torch.compiler.is_compiling() or message in _LOGGED:
@@ -98,25 +110,40 @@ def _log_once(level: int, message: str) -> None:
     logger.log(level, message)
 
 
-def resolve_backend(name: Backend | str, device: torch.device) -> BackendSpec:
-    """The backend to run on `device`: `auto` -> flex on CUDA if available, else torch.
+# What `auto` tries, fastest first; `torch` runs where none of them can. A backend asked for by
+# name falls back to the next one in this order that can run, else to `torch`.
+AUTO_ORDER = (Backend.FA4, Backend.FLEX)
 
-    A backend asked for by name but unavailable on the device falls back to `torch` with one
-    warning log line (per backend and device type), never an exception.
+
+def _first_available(order: tuple[Backend, ...], device: torch.device) -> Backend:
+    return next((b for b in order if _REGISTRY[b].is_available(device)), Backend.TORCH)
+
+
+def resolve_backend(name: Backend | str, device: torch.device) -> BackendSpec:
+    """The backend to run on `device`: `auto` -> fa4 on Hopper with flash-attn-4 installed, else
+    flex on CUDA if available, else torch (one log line, naming why a faster one was skipped).
+
+    A backend asked for by name but unavailable on the device falls back to the next available
+    one of AUTO_ORDER (fa4 -> flex), else `torch`, with one warning log line (per backend and
+    device type), never an exception.
     """
     backend = parse_backend(name)
     if backend is Backend.AUTO:
-        chosen = Backend.FLEX if _REGISTRY[Backend.FLEX].is_available(device) else Backend.TORCH
+        chosen = _first_available(AUTO_ORDER, device)
+        skipped = AUTO_ORDER[:AUTO_ORDER.index(chosen)] if chosen in AUTO_ORDER else ()
+        why = "".join(f" ({b.value}: {_REGISTRY[b].reason(device)})" for b in skipped)
         _log_once(logging.INFO, f"block_sparse_attention: backend auto -> {chosen.value} "
-                                f"on {device.type}")
+                                f"on {device.type}{why}")
         return _REGISTRY[chosen]
     spec = _REGISTRY[backend]
     if spec.is_available(device):
         return spec
+    later = AUTO_ORDER[AUTO_ORDER.index(backend) + 1:] if backend in AUTO_ORDER else ()
+    fallback = _first_available(later, device)
     _log_once(logging.WARNING, f"block_sparse_attention: backend {backend.value!r} is not "
-                               f"available on {device.type} ({spec.requirement}); "
-                               "falling back to 'torch'")
-    return _REGISTRY[Backend.TORCH]
+                               f"available on {device.type} ({spec.reason(device)}); "
+                               f"falling back to {fallback.value!r}")
+    return _REGISTRY[fallback]
 
 
 def check_block_size(block_size: int) -> None:
@@ -140,6 +167,13 @@ def check_attention_inputs(
         block_map: bool [B|1, H|1, ceil(S/block_size), ceil(S/block_size)], True = compute.
         block_size: 64 or 128.
     """
+    check_qkv(q, k, v, block_size)
+    check_block_map(block_map, q.shape[0], q.shape[1], q.shape[2], block_size, device=q.device)
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> None:
+    """ValueError unless q, k, v are [B, H, S, D] of one shape and floating dtype, S > 0, and
+    block_size is supported."""
     check_block_size(block_size)
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 4:
@@ -152,7 +186,6 @@ def check_attention_inputs(
                          f"{v.dtype}")
     if q.shape[2] == 0:
         raise ValueError("sequence length S must be positive")
-    check_block_map(block_map, q.shape[0], q.shape[1], q.shape[2], block_size, device=q.device)
 
 
 def check_block_map(

@@ -1,8 +1,9 @@
-"""Triton fast paths (CUDA, eager) for block selection: block means, top-n rows, BlockMask lists.
+"""Triton fast paths (CUDA, eager) for block selection: block means, top-n rows, kept-block lists.
 
 Each kernel has a PyTorch twin that stays the reference and the path everywhere else (CPU,
 other accelerators, under torch.compile): `block_map._block_means`, `block_map._top_n` with the
-forced regions, and `flex._kv_lists` (BlockMask lists with the partial-tail split). The
+forced regions, `flex._kv_lists` (BlockMask lists with the partial-tail split), and
+`block_lists._top_n_lists` (the top-n rows as sorted lists for the fa4 backend). The
 torch versions launch 5-15 small kernels each; at the Wan2.1-1.3B shape (12 heads, 256 blocks)
 they cost about 0.23 ms per layer on an H100, 7% of the sparse kernel (BENCHMARKS.md).
 Import this module only where `triton` is importable (registry.TRITON_IMPORTABLE).
@@ -46,11 +47,10 @@ def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 @triton.jit
-def _top_n_rows_kernel(scores_ptr, budgets_ptr, rows_ptr, cols_ptr, map_ptr, heads, num_blocks,
-                       DIAGONAL: tl.constexpr, NB: tl.constexpr):
-    # One program per (batch, head, query block) row: keep its forced blocks, then the best
-    # scored others up to the head's budget; a forced row keeps everything.
-    row = tl.program_id(0).to(tl.int64)
+def _row_keep(scores_ptr, budgets_ptr, rows_ptr, cols_ptr, row, heads, num_blocks,
+              DIAGONAL: tl.constexpr, NB: tl.constexpr):
+    # Kept key blocks of one (batch, head, query block) row: its forced blocks, then the best
+    # scored others up to the head's budget; a forced row keeps everything. -> (j, kept) [NB].
     i = row % num_blocks
     head = (row // num_blocks) % heads
     j = tl.arange(0, NB)
@@ -69,7 +69,35 @@ def _top_n_rows_kernel(scores_ptr, budgets_ptr, rows_ptr, cols_ptr, map_ptr, hea
     budget = tl.load(budgets_ptr + head)
     threshold = tl.sum(tl.where(j == budget - 1, ranked, 0))
     keep = (ranked_key >= threshold) | forced | (tl.load(rows_ptr + i) != 0)
-    tl.store(map_ptr + row * num_blocks + j, (keep & valid).to(tl.int8), mask=valid)
+    return j, keep & valid
+
+
+@triton.jit
+def _top_n_rows_kernel(scores_ptr, budgets_ptr, rows_ptr, cols_ptr, map_ptr, heads, num_blocks,
+                       DIAGONAL: tl.constexpr, NB: tl.constexpr):
+    # One program per (batch, head, query block) row: its kept blocks as a bool map row.
+    row = tl.program_id(0).to(tl.int64)
+    j, keep = _row_keep(scores_ptr, budgets_ptr, rows_ptr, cols_ptr, row, heads, num_blocks,
+                        DIAGONAL, NB)
+    tl.store(map_ptr + row * num_blocks + j, keep.to(tl.int8), mask=j < num_blocks)
+
+
+@triton.jit
+def _top_n_lists_kernel(scores_ptr, budgets_ptr, rows_ptr, cols_ptr, counts_ptr, indices_ptr,
+                        heads, num_blocks, width, DIAGONAL: tl.constexpr, NB: tl.constexpr):
+    # One program per row: its kept blocks as a count and an ascending index list (compaction
+    # by running count, so no sort), zeros after the count up to `width`.
+    row = tl.program_id(0).to(tl.int64)
+    j, keep = _row_keep(scores_ptr, budgets_ptr, rows_ptr, cols_ptr, row, heads, num_blocks,
+                        DIAGONAL, NB)
+    kept_int = keep.to(tl.int32)
+    count = tl.sum(kept_int)
+    slot = tl.cumsum(kept_int, axis=0) - 1
+    base = row * width
+    tl.store(indices_ptr + base + slot, j, mask=keep)
+    tl.store(indices_ptr + base + j, tl.zeros([NB], dtype=tl.int32),
+             mask=(j >= count) & (j < width))
+    tl.store(counts_ptr + row, count)
 
 
 @functools.cache
@@ -99,6 +127,22 @@ def top_n_map(scores: torch.Tensor, counts: tuple[int, ...], rows: torch.Tensor,
         DIAGONAL=diagonal, NB=triton.next_power_of_2(num_k), num_warps=4,
     )
     return out.view(torch.bool)
+
+
+def top_n_lists(scores: torch.Tensor, counts: tuple[int, ...], rows: torch.Tensor,
+                cols: torch.Tensor, diagonal: bool, width: int):
+    """The blocks top_n_map keeps, as lists: (counts int32 [B, H, Qb], indices int32
+    [B, H, Qb, width], each row's kept blocks ascending, then zeros); `width` must be at least
+    the longest row (Kb when a row is forced)."""
+    batch, heads, num_q, num_k = scores.shape
+    scores = scores.contiguous()
+    kept = torch.empty((batch, heads, num_q), dtype=torch.int32, device=scores.device)
+    indices = torch.empty((batch, heads, num_q, width), dtype=torch.int32, device=scores.device)
+    _top_n_lists_kernel[(batch * heads * num_q,)](
+        scores, _budgets(counts, scores.device), rows, cols, kept, indices, heads, num_k, width,
+        DIAGONAL=diagonal, NB=triton.next_power_of_2(num_k), num_warps=4,
+    )
+    return kept, indices
 
 
 @triton.jit

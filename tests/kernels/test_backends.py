@@ -162,12 +162,12 @@ def test_flex_block_mask_covers_exactly_the_map(seq, block_size, map_batch):
 
 
 def test_kv_blocks_list_each_rows_kept_blocks_first_in_ascending_order():
-    from ditplan.runtime.kernels.flex import _kv_blocks
+    from ditplan.runtime.kernels.block_lists import lists_from_map
 
     block_map = _random_map(2, 3, 640, 64)  # [2, 3, 10, 10]
     block_map[0, 0, 0] = False  # an empty row
     block_map[0, 0, 1] = True  # a full row
-    counts, indices = _kv_blocks(block_map)
+    counts, indices = lists_from_map(block_map)
     assert counts.dtype == indices.dtype == torch.int32 and indices.shape == block_map.shape
     for row, count, listed in zip(block_map.flatten(0, 2), counts.flatten(), indices.flatten(0, 2),
                                   strict=True):
@@ -231,8 +231,10 @@ def test_flex_does_not_recompile_across_block_maps():
 
 
 @pytest.mark.gpu
-def test_auto_picks_flex_on_cuda():
-    assert registry.resolve_backend("auto", torch.device("cuda")).name is registry.Backend.FLEX
+def test_auto_picks_flex_on_cuda_unless_fa4_runs():
+    fa4 = registry._REGISTRY[registry.Backend.FA4].is_available(torch.device("cuda"))
+    expected = registry.Backend.FA4 if fa4 else registry.Backend.FLEX
+    assert registry.resolve_backend("auto", torch.device("cuda")).name is expected
 
 
 @pytest.mark.gpu

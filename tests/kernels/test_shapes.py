@@ -75,8 +75,8 @@ def _call(q_shape=(1, 2, 100, 16), map_shape=(1, 2, 2, 2), **kwargs):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"backend": "triton"}, r"unknown attention backend 'triton'; use one of 'auto', 'flex', "
-                            r"'torch', 'dense'"),
+    ({"backend": "triton"}, r"unknown attention backend 'triton'; use one of 'auto', 'fa4', "
+                            r"'flex', 'torch', 'dense'"),
     ({"block_size": 32}, "use 64 or 128"),
     ({"q": torch.randn(2, 100, 16)}, r"q must be \[B, H, S, D\]"),
     ({"k": torch.randn(1, 2, 90, 16)}, "same"),
