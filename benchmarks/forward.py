@@ -1,7 +1,9 @@
 """Wan2.1-1.3B-shaped transformer forward (480p x 81 frames): dense vs block-mean sparse attention.
 
-Usage: python benchmarks/forward.py [--densities 0.5 0.2 0.1] [--compile] [--quick]
-Times every variant in the same run on the same card and prints ratios against dense.
+Usage: python benchmarks/forward.py [--densities 0.5 0.2 0.1] [--backends flex fa4] [--compile]
+       [--quick]
+Times every variant in the same run on the same card and prints ratios against dense; each
+backend named in --backends (default auto) gets its sparse rows, one it can't run here none.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from benchmarks.common import (
     time_ms,
 )
 from ditplan.policy.plan import AttentionSpec
+from ditplan.runtime.kernels.registry import backend_spec
 from ditplan.runtime.sparse import apply_sparse_attention
 
 QUICK_CONFIG = dict(
@@ -81,6 +84,8 @@ def main():
     parser.add_argument("--densities", type=float, nargs="+", default=[0.5, 0.2, 0.1])
     parser.add_argument("--tiles", nargs="+", default=["1,8,8", "1,1,1"])
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(model)")
+    parser.add_argument("--backends", nargs="+", default=["auto"],
+                        help="kernel backends of the sparse rows (auto, fa4, flex, torch)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke run)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", help="write the rows here")
@@ -90,15 +95,19 @@ def main():
     print(banner(), flush=True)
     model, inputs = build(args.quick, device, dtype)
     rows: list[dict] = []
-    variants = [("dense", None)] + [
-        (f"sparse d={d} tile={t}", AttentionSpec(density=d, tile=tuple(map(int, t.split(",")))))
+    backends = [b for b in args.backends if _runs_here(b, device)]
+    variants = [("dense", None, None)] + [
+        (f"sparse d={d} tile={t} {b}",
+         AttentionSpec(density=d, tile=tuple(map(int, t.split(",")))), b)
+        for b in backends
         for d in args.densities
         for t in args.tiles
     ]
-    for label, spec in variants:
-        handle = apply_sparse_attention(model, spec, backend="auto") if spec else None
+    compiled_labels = ["dense"] + [f"sparse d=0.2 tile={args.tiles[0]} {b}" for b in backends]
+    for label, spec, backend in variants:
+        handle = apply_sparse_attention(model, spec, backend=backend) if spec else None
         measure(model, inputs, label, rows, args.repeats)
-        if args.compile and label in ("dense", f"sparse d=0.2 tile={args.tiles[0]}"):
+        if args.compile and label in compiled_labels:
             compiled = torch.compile(model)
             start = time.perf_counter()
             compiling_calls = warm_up_compiled(compiled, inputs, device)
@@ -114,6 +123,17 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(banner=banner(), rows=rows), f, indent=1)
+
+
+def _runs_here(backend: str, device: str) -> bool:
+    """False (and says why) for a backend that would only fall back to another one here."""
+    if backend == "auto":
+        return True
+    spec = backend_spec(backend)
+    if spec.is_available(torch.device(device)):
+        return True
+    print(f"  backend {backend}: not timed ({spec.reason(torch.device(device))})", flush=True)
+    return False
 
 
 def report(rows):
