@@ -12,8 +12,11 @@ past S in a partial last block) only in the first block it visits, so lists must
 padded keys into the softmax without any error (tests/kernels/test_fa4_gpu.py checks both).
 
 Without autograd the kernel runs as the custom op `ditplan::fa4_block_sparse_attention`, opaque
-to an outer torch.compile: new lists each step reuse the graph, and the CuTe kernel compiles
-once per (dtype, head dim) in the process (about 3 s, no nvcc), not per sequence length.
+to an outer torch.compile: new lists each step reuse the graph. The CuTe kernel compiles in
+process on first use of a configuration (no nvcc); sequence lengths are not in its compile key.
+Only sm90 is enabled: on sm100 FA4 stages two 128-row query tiles, so its sparse query blocks
+are 256 rows, which ditplan's 128-token lists do not give (and no sm100 card was at hand).
+Measured on an H200: BENCHMARKS.md, "FlashAttention-4 backend (issue 14)".
 """
 
 from __future__ import annotations
