@@ -35,6 +35,27 @@ def register(subparsers) -> None:
     compile_.add_argument("--density", action="append", default=[], metavar="[BLOCK=]D",
                           help="force attention density D for one block, or for all blocks")
     compile_.add_argument("--no-cache", action="store_true", help="no layer caching")
+    compile_.add_argument("--min-psnr", type=float, default=None, metavar="DB",
+                          help="with --calibrate: the fastest plan measuring at least DB dB")
+    calibration = compile_.add_argument_group(
+        "calibration", "run the best candidates on this device against dense output (same "
+        "seeds) and choose by what they measure; the plan records it")
+    calibration.add_argument("--calibrate", action="store_true")
+    calibration.add_argument("--model", default=None,
+                             help="pipeline to calibrate on (default: the one profiled)")
+    calibration.add_argument("--device", default=None,
+                             help="torch device (default: cuda when available, else cpu)")
+    calibration.add_argument("--calibration-prompts", nargs="+", default=None, metavar="P",
+                             help="prompts, or a .txt file with one per line (default: the "
+                                  "profiling prompts; never use your evaluation prompts)")
+    calibration.add_argument("--calibration-seeds", type=int, nargs="+", default=[0])
+    calibration.add_argument("--candidates", type=int, default=12,
+                             help="candidate plans to measure (default 12)")
+    calibration.add_argument("--calibration-record", type=Path, default=None,
+                             help="JSONL of finished measurements, to resume (default: next "
+                                  "to --out)")
+    calibration.add_argument("--backend", default="auto",
+                             choices=["auto", "flex", "torch", "dense"])
     compile_.set_defaults(handler=run_compile_policy)
 
     plan = subparsers.add_parser("plan", help="inspect plan files")
@@ -66,7 +87,32 @@ def _parse_overrides(args: argparse.Namespace) -> dict:
             fixed = density
     return dict(roles=roles, all_roles=args.all_roles, densities=densities,
                 fixed_density=fixed, caching=not args.no_cache,
-                target_speedup=args.target_speedup)
+                target_speedup=args.target_speedup, min_psnr=args.min_psnr,
+                calibrate_candidates=args.candidates)
+
+
+def _calibrator(args: argparse.Namespace):
+    """The Calibrator for ``--calibrate`` (imports torch), else None."""
+    if not args.calibrate:
+        return None
+    if args.target_speedup is None and args.min_psnr is None:
+        raise ValueError("--calibrate needs --target-speedup X and/or --min-psnr DB")
+    from ditplan.profiler.commands import read_prompts
+    from ditplan.profiler.manifest import profiled_arguments
+    from ditplan.runtime.calibrate import CalibrationSetup, Calibrator
+
+    profiled = profiled_arguments(args.trace_dir)
+    prompts = (read_prompts(args.calibration_prompts) if args.calibration_prompts
+               else tuple(profiled.get("prompts") or ()))
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    setup = CalibrationSetup(
+        model=args.model or profiled.get("model") or "reference", prompts=prompts,
+        device=device, seeds=tuple(args.calibration_seeds), backend=args.backend,
+        record=args.calibration_record or args.out.with_suffix(".calibration.jsonl"),
+        warmup=1 if torch.device(device).type == "cuda" else 0)
+    return Calibrator(setup)
 
 
 def run_compile_policy(args: argparse.Namespace) -> int:
@@ -84,14 +130,20 @@ def run_compile_policy(args: argparse.Namespace) -> int:
         return 2
     try:
         config = CompilerConfig.from_name(args.quality, **overrides)
-        plan = compile_policy(args.trace_dir, config)
+        calibrate = _calibrator(args)
+        plan = compile_policy(args.trace_dir, config, calibrate=calibrate)
         save_plan(plan, args.out)
-    except (TraceError, CompilerError, PlanError) as exc:
+    except (TraceError, CompilerError, PlanError, ValueError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1
     prov = plan.provenance
-    sys.stdout.write(f"wrote {args.out}: predicted speedup {prov.predicted_speedup:.2f}x, "
-                     f"predicted error {prov.predicted_error:.4f}\n")
+    said = (f"wrote {args.out}: predicted speedup {prov.predicted_speedup:.2f}x, "
+            f"predicted error {prov.predicted_error:.4f}")
+    if prov.calibration is not None:
+        c = prov.calibration
+        said += (f"; measured {c.speedup:.2f}x at {c.psnr_db:.2f} dB on {c.device} "
+                 f"(best of {c.candidates} candidates)")
+    sys.stdout.write(said + "\n")
     return 0
 
 

@@ -1,10 +1,12 @@
-"""compile_policy: traces -> Plan (roles, sparsity, cache schedule, budget search)."""
+"""compile_policy: traces -> Plan (roles, sparsity, block runs; searched, optionally measured)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +17,8 @@ from ditplan.policy.cost import CostModel
 from ditplan.policy.load_profile import Profile, load_profile
 from ditplan.policy.plan import (
     AttentionSpec,
-    CacheGroup,
+    BlockRun,
+    Calibration,
     LayerPlan,
     ModelIdentity,
     Plan,
@@ -31,30 +34,46 @@ from ditplan.policy.schedule import (
     compute_mask,
     warmup_steps,
 )
+from ditplan.policy.search import build_run, run_choices
 from ditplan.policy.sparsity import choose_sparsity
 
 logger = logging.getLogger(__name__)
+# Measures candidate plans on the device they are for (see runtime/calibrate.py): one
+# Calibration per plan, in order. policy/ stays torch-free: the command injects it.
+Calibrator = Callable[[Sequence[Plan]], list[Calibration]]
+SEARCH_RECALLS = (None, 0.95)  # attention of step-level designs: dense, or sparse at this recall
 
 
 @dataclass(frozen=True)
 class Design:
-    """One candidate plan body with its predictions."""
+    """One candidate plan body with its predictions; ``label`` names its family member."""
 
     config: CompilerConfig
     layers: dict[str, LayerPlan]
-    groups: tuple[CacheGroup, ...]
+    runs: tuple[BlockRun, ...]
     speedup: float
     error: float
+    label: str = "preset"
+
+    @property
+    def family(self) -> str:
+        """The label without its numeric settings (one per scope, skip kind and CFG reuse)."""
+        return " ".join(w for w in self.label.split() if "=" not in w and "<=" not in w)
 
 
-def compile_policy(trace_dir: str | os.PathLike, config: CompilerConfig | None = None) -> Plan:
+def compile_policy(trace_dir: str | os.PathLike, config: CompilerConfig | None = None,
+                   calibrate: Calibrator | None = None) -> Plan:
     """Compile the traces in ``trace_dir`` into a Plan; same traces + config -> same plan.
 
     Args:
         trace_dir: a directory written by ``ditplan profile``.
-        config: compiler settings (default: the "balanced" preset). With ``target_speedup``
-            the compiler searches recall targets x cache intervals and keeps the candidate with
-            the least predicted error that reaches the target.
+        config: compiler settings (default: the "balanced" preset). With ``target_speedup`` or
+            ``min_psnr`` the compiler searches the plan space (preset designs over recall targets
+            x cache intervals, and step-level runs: whole stack or all but the first block,
+            reused or forecast, compute steps placed from the traces, CFG reuse).
+        calibrate: measures candidate plans on the device (``--calibrate``); then the choice
+            follows the measured speed and PSNR, which the plan records. Without it the choice
+            follows the predictions (and ``min_psnr``, a measured quantity, is refused).
     Returns:
         the validated Plan (normalized exactly as save/load would give it).
     Raises:
@@ -66,10 +85,114 @@ def compile_policy(trace_dir: str | os.PathLike, config: CompilerConfig | None =
     meta = profile.metadata
     cost = CostModel.for_model(meta.model_config, meta.workload.num_tokens, profile.densities,
                                profile.kept_fraction)
-    candidates = [config] if config.target_speedup is None else config.search_grid()
-    designs = [design(profile, decision.roles, c, cost) for c in candidates]
-    chosen = pick(designs, config.target_speedup)
-    return normalize_plan(assemble(profile, decision, chosen))
+    if config.target_speedup is None and config.min_psnr is None:
+        chosen = design(profile, decision.roles, config, cost)
+        return normalize_plan(assemble(profile, decision, chosen))
+    designs = search_designs(profile, decision.roles, config, cost)
+    if calibrate is None:
+        if config.min_psnr is not None:
+            raise CompilerError("--min-psnr is a measured quality: add --calibrate (it runs the "
+                                "best candidates on calibration prompts), or use --target-speedup")
+        return normalize_plan(assemble(profile, decision, pick(designs, config.target_speedup)))
+    shortlist = shortlist_for_calibration(designs, config)
+    plans = [normalize_plan(assemble(profile, decision, d)) for d in shortlist]
+    measured = calibrate(plans)
+    index = pick_measured(measured, config, [d.label for d in shortlist])
+    provenance = dataclasses.replace(plans[index].provenance, calibration=measured[index])
+    return normalize_plan(dataclasses.replace(plans[index], provenance=provenance))
+
+
+def search_designs(profile: Profile, roles: dict[str, str], config: CompilerConfig,
+                   cost: CostModel) -> list[Design]:
+    """Every candidate: the preset designs over the search grid, then step-level block runs
+    (each with dense attention and with sparse attention at SEARCH_RECALLS), deduplicated."""
+    designs = [design(profile, roles, c, cost) for c in config.search_grid()]
+    warmup = warmup_steps(_pooled_curves(profile), profile.steps, config)
+    for recall in SEARCH_RECALLS:
+        attention = (dataclasses.replace(config, caching=False, fixed_density=1.0)
+                     if recall is None else
+                     dataclasses.replace(config, caching=False, recall_target=recall))
+        layers = design(profile, roles, attention, cost).layers
+        if recall is not None and all(lp.attention.is_dense for lp in layers.values()):
+            continue  # the traces support no sparsity at this recall: same as dense
+        specs = {b: lp.attention for b, lp in layers.items()}
+        for choice in run_choices(profile, warmup):
+            runs = (build_run(profile, choice),)
+            label = choice.label + ("" if recall is None else f" recall={recall}")
+            designs.append(Design(config, layers, runs,
+                                  cost.predict_speedup(specs, runs, profile.steps,
+                                                       profile.contexts),
+                                  predicted_error(profile, specs, runs), label))
+    return _unique(designs)
+
+
+def _unique(designs: list[Design]) -> list[Design]:
+    seen, out = set(), []
+    for d in designs:
+        key = (tuple((r.blocks, tuple(sorted(r.schedule.items())), r.order) for r in d.runs),
+               tuple(sorted((b, lp.attention) for b, lp in d.layers.items())))
+        if key not in seen:
+            seen.add(key)
+            out.append(d)
+    return out
+
+
+def pareto_front(designs: list[Design]) -> list[Design]:
+    """Designs no other design beats in both predicted speedup and predicted error."""
+    ordered = sorted(designs, key=lambda d: (-d.speedup, d.error))
+    front, best_error = [], float("inf")
+    for d in ordered:
+        if d.error < best_error:
+            front.append(d)
+            best_error = d.error
+    return front
+
+
+def shortlist_for_calibration(designs: list[Design], config: CompilerConfig) -> list[Design]:
+    """At most ``config.calibrate_candidates`` designs worth measuring: with a target, those
+    predicted to reach 0.95 x of it, the best of each family first, then by predicted error;
+    else the predicted Pareto front, evenly spread over its speedups."""
+    n = config.calibrate_candidates
+    if config.target_speedup is not None:
+        pool = [d for d in designs if d.speedup >= 0.95 * config.target_speedup]
+        if not pool:
+            pick(designs, config.target_speedup)  # raises: says what is reachable
+        pool.sort(key=lambda d: (d.error, -d.speedup))
+        firsts = list({d.family: d for d in reversed(pool)}.values())
+        firsts.sort(key=lambda d: (d.error, -d.speedup))
+        chosen = firsts[:n]
+        chosen += [d for d in pool if d not in chosen][: n - len(chosen)]
+        return chosen
+    front = sorted(pareto_front(designs), key=lambda d: d.speedup)
+    if len(front) <= n:
+        return front
+    picks = sorted({round(i * (len(front) - 1) / (n - 1)) for i in range(n)})
+    return [front[i] for i in picks]
+
+
+def pick_measured(measured: Sequence[Calibration], config: CompilerConfig,
+                  labels: Sequence[str]) -> int:
+    """Index of the measured candidate to keep: with a target speedup, the best PSNR at or above
+    it (and at or above min_psnr when both are set); with min_psnr alone, the fastest meeting it.
+    """
+    for m, label in zip(measured, labels, strict=True):
+        logger.info("calibrated %s: %.2fx, %.2f dB", label, m.speedup, m.psnr_db)
+    target, floor = config.target_speedup, config.min_psnr
+    ok = [i for i, m in enumerate(measured)
+          if (target is None or m.speedup >= target) and (floor is None or m.psnr_db >= floor)]
+    if not ok:
+        fastest = max(measured, key=lambda m: m.speedup)
+        sharpest = max(measured, key=lambda m: m.psnr_db)
+        asked = " and ".join(x for x in (target and f"{target:.2f}x",
+                                         floor and f"{floor:.1f} dB") if x)
+        raise CompilerError(
+            f"no calibrated candidate reaches {asked}: of {len(measured)} measured, the fastest "
+            f"ran {fastest.speedup:.2f}x at {fastest.psnr_db:.1f} dB and the best kept "
+            f"{sharpest.psnr_db:.1f} dB at {sharpest.speedup:.2f}x; ask for what these reach"
+        )
+    if target is not None:
+        return max(ok, key=lambda i: (measured[i].psnr_db, measured[i].speedup))
+    return max(ok, key=lambda i: (measured[i].speedup, measured[i].psnr_db))
 
 
 def design(profile: Profile, roles: dict[str, str], config: CompilerConfig,
@@ -91,11 +214,11 @@ def design(profile: Profile, roles: dict[str, str], config: CompilerConfig,
         logger.debug("%s: %s, density %s (%s)", block, roles[block], choice.density, choice.reason)
         layers[block] = LayerPlan(role=roles[block], attention_module=attention[block],
                                   attention=spec)
-    groups = _cache_groups(profile, roles, config, warmup)
+    runs = _cache_groups(profile, roles, config, warmup)
     specs = {b: lp.attention for b, lp in layers.items()}
-    speedup = cost.predict_speedup(specs, groups, profile.steps, profile.contexts)
-    error = predicted_error(profile, specs, groups)
-    return Design(config, layers, groups, speedup, error)
+    speedup = cost.predict_speedup(specs, runs, profile.steps, profile.contexts)
+    error = predicted_error(profile, specs, runs)
+    return Design(config, layers, runs, speedup, error)
 
 
 def _pooled_curves(profile: Profile) -> list[np.ndarray]:
@@ -104,7 +227,7 @@ def _pooled_curves(profile: Profile) -> list[np.ndarray]:
 
 
 def _cache_groups(profile: Profile, roles: dict[str, str], config: CompilerConfig,
-                  warmup: int) -> tuple[CacheGroup, ...]:
+                  warmup: int) -> tuple[BlockRun, ...]:
     if not config.caching or config.t_max == 1:
         return ()
     if branches_differ(profile.output_change, config.cfg_divergence):
@@ -116,8 +239,7 @@ def _cache_groups(profile: Profile, roles: dict[str, str], config: CompilerConfi
     else:
         mask = compute_mask(_pooled_curves(profile)[0], warmup, config)
         masks = dict.fromkeys(profile.contexts, mask)
-    return tuple(CacheGroup(blocks=g, compute=dict(masks))
-                 for g in cache_groups(profile.blocks, roles))
+    return tuple(BlockRun.from_masks(g, masks) for g in cache_groups(profile.blocks, roles))
 
 
 def pick(designs: list[Design], target: float | None) -> Design:
@@ -126,11 +248,10 @@ def pick(designs: list[Design], target: float | None) -> Design:
         return designs[0]
     feasible = [d for d in designs if d.speedup >= target]
     if not feasible:
-        best = max(designs, key=lambda d: d.speedup)
+        best = max(designs, key=lambda d: (d.speedup, -d.error))
         raise CompilerError(
             f"target speedup {target:.2f}x is not reachable from these traces: the best "
-            f"predicted is {best.speedup:.2f}x (recall target {best.config.recall_target}, "
-            f"cache intervals {best.config.t_max}->{best.config.t_min}); ask for at most "
+            f"predicted is {best.speedup:.2f}x ({best.label}); ask for at most "
             f"{best.speedup:.2f}x, or override roles/densities with --role/--density"
         )
     return min(feasible, key=lambda d: (d.error, -d.speedup))
@@ -142,7 +263,8 @@ def assemble(profile: Profile, decision: RoleDecision, chosen: Design) -> Plan:
     work, settings = meta.workload, meta.profiler_settings
     provenance = Provenance(
         trace_hash=profile.trace_hash, compiler_version=_compiler_version(),
-        compiler_settings=chosen.config.to_settings(), roles=decision.classification,
+        compiler_settings={**chosen.config.to_settings(), "design": chosen.label},
+        roles=decision.classification,
         predicted_speedup=chosen.speedup, predicted_error=chosen.error,
     )
     dense = AttentionSpec(density=1.0, block_size=int(settings["block_size"]),
@@ -153,7 +275,7 @@ def assemble(profile: Profile, decision: RoleDecision, chosen: Design) -> Plan:
                           frames=work.frames, guidance_scale=work.guidance_scale, cfg=work.cfg,
                           tokens_grid=tuple(work.tokens_grid)),
         provenance=provenance, defaults=PlanDefaults(attention=dense),
-        block_order=profile.blocks, layers=chosen.layers, cache_groups=chosen.groups,
+        block_order=profile.blocks, layers=chosen.layers, runs=chosen.runs,
     )
 
 

@@ -46,6 +46,8 @@ class CompilerConfig:
     t_min: int = 2
     cfg_divergence: float = 0.2  # relative gap of the cond/uncond change curves for 2 schedules
     target_speedup: float | None = None
+    min_psnr: float | None = None  # with --calibrate: the fastest plan measuring at least this
+    calibrate_candidates: int = 12  # candidate plans --calibrate measures
     roles: dict[str, str] = field(default_factory=dict)
     all_roles: str | None = None
     densities: dict[str, float] = field(default_factory=dict)
@@ -61,6 +63,11 @@ class CompilerConfig:
             raise CompilerError(f"need 1 <= t_min <= t_max, got {self.t_min}, {self.t_max}")
         if self.target_speedup is not None and not self.target_speedup > 0:
             raise CompilerError(f"target speedup must be > 0, got {self.target_speedup}")
+        if self.min_psnr is not None and not 0 < self.min_psnr < 200:
+            raise CompilerError(f"min PSNR must be in (0, 200) dB, got {self.min_psnr}")
+        if self.calibrate_candidates < 1:
+            raise CompilerError(f"calibrate_candidates must be >= 1, got "
+                                f"{self.calibrate_candidates}")
         bad = {b: r for b, r in self.roles.items() if r not in ROLES}
         if bad or self.all_roles not in (None, *ROLES):
             raise CompilerError(f"roles must be one of {list(ROLES)}, got {bad or self.all_roles}")

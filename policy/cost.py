@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ditplan.policy.plan import AttentionSpec, CacheGroup
+from ditplan.policy.plan import AttentionSpec, BlockRun
 from ditplan.profiler.schema import ModelConfig
 
 SPARSE_FIXED = 0.011
@@ -77,19 +77,19 @@ class CostModel:
         realized = float(np.mean([self.realized_density(d) for d in heads]))
         return min(1.0, SELECTION_OVERHEAD + SPARSE_FIXED + SPARSE_SLOWDOWN * realized)
 
-    def predict_speedup(self, specs: Mapping[str, AttentionSpec], groups: Sequence[CacheGroup],
+    def predict_speedup(self, specs: Mapping[str, AttentionSpec], runs: Sequence[BlockRun],
                         steps: int, contexts: Sequence[str]) -> float:
         """Dense time / plan time over all steps and CFG contexts.
 
         Args:
             specs: block FQN -> AttentionSpec, every block.
-            groups: cache groups; a block is free where its group reuses the residual.
+            runs: block runs; a block is free where its run reuses or forecasts.
             steps: denoising steps.
             contexts: CFG contexts run per step.
         Returns:
             the predicted speedup (> 0).
         """
-        skipped = {b: g for g in groups for b in g.blocks}
+        skipped = {b: r for r in runs for b in r.blocks}
         plan_time = 0.0
         for block, spec in specs.items():
             sparse = self.other + self.attention * self.sparse_factor(spec)

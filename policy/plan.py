@@ -1,10 +1,12 @@
 """The plan contract (stdlib only): written by the policy compiler, read by the runtime.
 
 A ``Plan`` says, for one model and one workload, how each self-attention layer runs
-(``AttentionSpec``, looked up by the attention module's FQN) and which runs of background blocks
-skip their computation at which steps (``CacheGroup.compute[context][step]``). All decisions are
-static tables, so the runtime reads them without host syncs. JSON I/O lives in ``plan_io``;
-``save_plan``/``load_plan`` below are its entry points.
+(``AttentionSpec``, looked up by the attention module's FQN) and, for runs of consecutive blocks
+(up to the whole stack), what each CFG branch does at each denoising step: compute, reuse the
+cached residual, or forecast it (``BlockRun.schedule[context][step]`` in "C", "R", "F"). All
+decisions are static tables, so the runtime reads them without host syncs and every process
+decides alike. JSON I/O lives in ``plan_io``; ``save_plan``/``load_plan`` below are its entry
+points.
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-PLAN_SCHEMA_VERSION = "2.0"
+PLAN_SCHEMA_VERSION = "3.0"
 SUPPORTED_BLOCK_SIZES = (64, 128)
 ROLES = ("foreground", "background")
+COMPUTE, REUSE, FORECAST = "C", "R", "F"
+ACTIONS = (COMPUTE, REUSE, FORECAST)
+TARGETS = ("residual", "output")
+VARIABLES = ("step", "sigma")
 RECOMPILE = "recompile it with `ditplan compile-policy`"
 
 
@@ -125,6 +131,8 @@ class Workload:
     # Self-attention token grid (frames, height, width) the plan was profiled at; the runtime
     # refuses latents that give another grid.
     tokens_grid: tuple[int, int, int] | None = None
+    # The scheduler's sigma at each step [steps]; needed by runs that forecast in sigma.
+    sigmas: tuple[float, ...] | None = None
 
     @property
     def contexts(self) -> tuple[str, ...]:
@@ -143,8 +151,22 @@ class RoleClassification:
 
 
 @dataclass(frozen=True)
+class Calibration:
+    """What the plan measured on calibration prompts against dense output with the same seeds."""
+
+    device: str = field(metadata=_schema(minLength=1))
+    prompts: int = field(metadata=_schema(minimum=1))
+    speedup: float = field(metadata=_schema(exclusiveMinimum=0))
+    psnr_db: float
+    cosine: float
+    dense_s: float = field(metadata=_schema(exclusiveMinimum=0))
+    plan_s: float = field(metadata=_schema(exclusiveMinimum=0))
+    candidates: int = field(metadata=_schema(minimum=1))  # measured to choose this one
+
+
+@dataclass(frozen=True)
 class Provenance:
-    """Where the plan came from and what the compiler predicts for it."""
+    """Where the plan came from, what the compiler predicts for it, what calibration measured."""
 
     trace_hash: str
     compiler_version: str
@@ -152,6 +174,7 @@ class Provenance:
     roles: RoleClassification
     predicted_speedup: float = field(metadata=_schema(exclusiveMinimum=0))
     predicted_error: float = field(metadata=_schema(minimum=0))
+    calibration: Calibration | None = None
 
 
 @dataclass(frozen=True)
@@ -171,29 +194,59 @@ class LayerPlan:
 
 
 @dataclass(frozen=True)
-class CacheGroup:
-    """A run of consecutive background blocks skipped together by one cached residual.
+class BlockRun:
+    """Consecutive blocks that compute, reuse or forecast together, per CFG context and step.
 
-    ``compute[context][step]`` is True where the whole run is computed (and its residual
-    out - in refreshed); False where the run is skipped and the cached residual added.
+    ``schedule[context]`` has one letter per step: "C" computes the run (and refreshes its
+    history), "R" reuses the value of the last computed step, "F" forecasts it by a Taylor
+    expansion of order ``order`` (TaylorSeer's finite differences over the computed steps, in
+    step index or in sigma). ``target`` is what is cached: "residual" (out - in, added to the
+    run's current input) or "output" (the run's output itself, as TaylorSeer caches).
     """
 
     blocks: tuple[str, ...] = field(metadata=_schema(minItems=1))
-    compute: dict[str, tuple[bool, ...]]
+    schedule: dict[str, str] = field(metadata=_schema(
+        additionalProperties={"type": "string", "pattern": "^C[CRF]*$"}))
+    target: str = field(default="residual", metadata=_schema(enum=list(TARGETS)))
+    order: int = field(default=1, metadata=_schema(minimum=1, maximum=2))
+    variable: str = field(default="step", metadata=_schema(enum=list(VARIABLES)))
+
+    def __post_init__(self):
+        object.__setattr__(self, "blocks", tuple(self.blocks))
+        if self.target not in TARGETS or self.variable not in VARIABLES:
+            raise PlanError(f"run {self.name}: target must be one of {TARGETS} and variable one "
+                            f"of {VARIABLES}, got {self.target!r}, {self.variable!r}")
+        if self.order not in (1, 2):
+            raise PlanError(f"run {self.name}: forecast order must be 1 or 2, got {self.order}")
+
+    @classmethod
+    def from_masks(cls, blocks, masks: dict[str, tuple[bool, ...]], skip: str = REUSE,
+                   **options) -> BlockRun:
+        """A run computing where ``masks[context][step]`` is True, else ``skip`` ("R"/"F")."""
+        schedule = {c: "".join(COMPUTE if m else skip for m in mask) for c, mask in masks.items()}
+        return cls(blocks=tuple(blocks), schedule=schedule, **options)
 
     @property
     def name(self) -> str:
         return self.blocks[0] if len(self.blocks) == 1 else f"{self.blocks[0]}..{self.blocks[-1]}"
 
+    @property
+    def forecasts(self) -> bool:
+        return any(FORECAST in s for s in self.schedule.values())
+
+    def actions(self, context: str) -> str:
+        """The per-step actions of CFG context ``context`` ("cond"/"uncond")."""
+        if context not in self.schedule:
+            raise PlanError(f"run {self.name} has no schedule for context {context!r}")
+        return self.schedule[context]
+
     def compute_mask(self, context: str) -> tuple[bool, ...]:
-        """Returns the per-step compute mask of CFG context ``context`` ("cond"/"uncond")."""
-        if context not in self.compute:
-            raise PlanError(f"cache group {self.name} has no schedule for context {context!r}")
-        return self.compute[context]
+        """Per step: True where the run computes in ``context``."""
+        return tuple(a == COMPUTE for a in self.actions(context))
 
     def computes(self, step: int, context: str) -> bool:
-        """True when the run is computed at ``step`` in ``context``; False: reuse the residual."""
-        return self.compute_mask(context)[step]
+        """True when the run computes at ``step`` in ``context``; False: reuse or forecast."""
+        return self.actions(context)[step] == COMPUTE
 
 
 @dataclass(frozen=True)
@@ -209,16 +262,16 @@ class Plan:
     defaults: PlanDefaults
     block_order: tuple[str, ...] = field(metadata=_schema(minItems=1))
     layers: dict[str, LayerPlan]
-    cache_groups: tuple[CacheGroup, ...] = ()
+    runs: tuple[BlockRun, ...] = ()
     schema_version: str = field(
         default=PLAN_SCHEMA_VERSION, metadata=_schema(pattern=r"^[0-9]+\.[0-9]+$")
     )
 
     def __post_init__(self):
         object.__setattr__(self, "block_order", tuple(self.block_order))
-        object.__setattr__(self, "cache_groups", tuple(self.cache_groups))
+        object.__setattr__(self, "runs", tuple(self.runs))
         _check_layers(self)
-        _check_groups(self)
+        _check_runs(self)
         unknown = sorted(set(self.provenance.roles.margins) - set(self.block_order))
         if unknown:
             raise PlanError(f"provenance.roles.margins: unknown blocks {unknown}; {RECOMPILE}")
@@ -231,9 +284,9 @@ class Plan:
         """The spec of self-attention module ``module`` ("blocks.3.attn1"); defaults if unlisted."""
         return self.attention_specs().get(module, self.defaults.attention)
 
-    def cache_group_of(self, block: str) -> CacheGroup | None:
-        """The cache group containing block ``block``, or None if it is always computed."""
-        return next((g for g in self.cache_groups if block in g.blocks), None)
+    def run_of(self, block: str) -> BlockRun | None:
+        """The run containing block ``block``, or None if it is always computed."""
+        return next((r for r in self.runs if block in r.blocks), None)
 
 
 def _check_layers(plan: Plan) -> None:
@@ -262,37 +315,47 @@ def _check_layers(plan: Plan) -> None:
             )
 
 
-def _check_groups(plan: Plan) -> None:
+def _check_runs(plan: Plan) -> None:
     position = {b: i for i, b in enumerate(plan.block_order)}
     seen: set[str] = set()
-    for i, group in enumerate(plan.cache_groups):
-        where = f"cache_groups[{i}]"
-        for block in group.blocks:
-            if block not in position or plan.layers[block].role != "background":
-                raise PlanError(f"{where}.blocks: {block!r} is not a background block of the plan")
-        idx = [position[b] for b in group.blocks]
-        if idx != list(range(idx[0], idx[0] + len(idx))) or seen & set(group.blocks):
+    for i, run in enumerate(plan.runs):
+        where = f"runs[{i}]"
+        unknown = [b for b in run.blocks if b not in position]
+        if unknown:
+            raise PlanError(f"{where}.blocks: {unknown} are not blocks of the plan; {RECOMPILE}")
+        idx = [position[b] for b in run.blocks]
+        if idx != list(range(idx[0], idx[0] + len(idx))) or seen & set(run.blocks):
             raise PlanError(
-                f"{where}.blocks: {list(group.blocks)} must be consecutive in block_order and "
-                f"in no other group; {RECOMPILE}"
+                f"{where}.blocks: {list(run.blocks)} must be consecutive in block_order and "
+                f"in no other run; {RECOMPILE}"
             )
-        seen |= set(group.blocks)
-        _check_masks(group, plan.workload, where)
+        seen |= set(run.blocks)
+        _check_schedule(run, plan.workload, where)
 
 
-def _check_masks(group: CacheGroup, workload: Workload, where: str) -> None:
-    if set(group.compute) != set(workload.contexts):
+def _check_schedule(run: BlockRun, workload: Workload, where: str) -> None:
+    if set(run.schedule) != set(workload.contexts):
         raise PlanError(
-            f"{where}.compute: has contexts {sorted(group.compute)}, the workload (cfg="
+            f"{where}.schedule: has contexts {sorted(run.schedule)}, the workload (cfg="
             f"{workload.cfg}) needs exactly {list(workload.contexts)}; {RECOMPILE}"
         )
-    for context, mask in group.compute.items():
-        if len(mask) != workload.steps:
+    for context, actions in run.schedule.items():
+        if len(actions) != workload.steps:
             raise PlanError(
-                f"{where}.compute.{context}: {len(mask)} entries for {workload.steps} steps"
+                f"{where}.schedule.{context}: {len(actions)} steps for a {workload.steps}-step "
+                f"workload; {RECOMPILE}"
             )
-        if not mask[0]:
-            raise PlanError(f"{where}.compute.{context}: step 0 must compute (nothing is cached)")
+        bad = sorted(set(actions) - set(ACTIONS))
+        if bad or not actions.startswith(COMPUTE):
+            raise PlanError(
+                f"{where}.schedule.{context}: {actions!r} must be letters {'/'.join(ACTIONS)} "
+                "starting with C (step 0 computes: nothing is cached yet)"
+            )
+    if run.forecasts and run.variable == "sigma":
+        sigmas = workload.sigmas
+        if sigmas is None or len(sigmas) != workload.steps:
+            raise PlanError(f"{where}.variable: forecasting in sigma needs workload.sigmas with "
+                            f"one value per step; {RECOMPILE}")
 
 
 def save_plan(plan: Plan, path: str | os.PathLike) -> None:

@@ -2,8 +2,9 @@
 
 Canonical form: sorted keys, 2-space indent, floats rounded to FLOAT_DIGITS significant digits,
 no NaN/inf, final newline; so the same plan always gives the same bytes. Decoding runs the
-version policy (newer major refused, a newer minor's unknown fields dropped), then the committed
-JSON Schema, then the dataclasses' semantic checks; every failure is a PlanError naming the field.
+version policy (newer major refused, a newer minor's unknown fields dropped, a 2.x plan migrated:
+its background cache groups become reuse-only runs), then the committed JSON Schema, then the
+dataclasses' semantic checks; every failure is a PlanError naming the field.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 FLOAT_DIGITS = 6
 _VERSION = re.compile(r"([0-9]+)\.([0-9]+)")
 _UPGRADE = "upgrade ditplan (pip install -U ditplan)"
+MIGRATES_FROM = 2  # plans of this major are converted on load
 
 
 def _encode(value):
@@ -120,6 +122,8 @@ def _finite_float(text: str) -> float:
 def plan_from_dict(data) -> Plan:
     """Build a Plan from decoded JSON: version policy, JSON Schema, then semantic checks."""
     try:
+        if _major(data) == MIGRATES_FROM:
+            data = migrate_v2(data)
         minor_is_newer = _check_version(data)
         if minor_is_newer:
             data = _strip_unknown(data, Plan)
@@ -127,6 +131,34 @@ def plan_from_dict(data) -> Plan:
         return _build(Plan, data, "")
     except RecursionError as exc:
         raise PlanError("plan is nested too deeply to be a ditplan plan") from exc
+
+
+def _major(data) -> int | None:
+    text = data.get("schema_version") if isinstance(data, dict) else None
+    match = _VERSION.fullmatch(text) if isinstance(text, str) else None
+    return int(match[1]) if match else None
+
+
+def migrate_v2(data: dict) -> dict:
+    """A 2.x plan as 3.0: each background cache group becomes a run that reuses where the group
+    did not compute (the same execution); everything else is unchanged."""
+    data = dict(data)
+    groups = data.pop("cache_groups", [])
+    if not isinstance(groups, list):
+        raise PlanError(f"cache_groups: expected a list in a 2.x plan; {RECOMPILE}")
+    runs = []
+    for i, group in enumerate(groups):
+        try:
+            schedule = {c: "".join("C" if m else "R" for m in mask)
+                        for c, mask in group["compute"].items()}
+            runs.append({"blocks": group["blocks"], "schedule": schedule})
+        except (TypeError, KeyError, AttributeError) as exc:
+            raise PlanError(f"cache_groups[{i}]: malformed 2.x cache group ({exc}); "
+                            f"{RECOMPILE}") from None
+    data["runs"] = runs
+    data["schema_version"] = PLAN_SCHEMA_VERSION
+    logger.info("plan schema 2.x migrated to %s (cache groups -> reuse runs)", PLAN_SCHEMA_VERSION)
+    return data
 
 
 def _check_version(data) -> bool:

@@ -1,10 +1,12 @@
 """Predicted error of a plan: a ranking proxy built from the profiled traces.
 
 Per block evaluation (block x step x CFG context) the proxy adds: on sparse steps, the attention
-mass the layer's mask is expected to lose (1 - mean predicted recall at its density); on reuse
-steps, the relative-L1 change the skipped blocks' residuals accumulate since the group's last
-refresh. The total is divided by the number of block evaluations. It orders candidate plans by
-expected damage; it is not a pixel metric (PSNR/LPIPS need a run).
+mass the layer's mask is expected to lose (1 - mean predicted recall at its density); on steps a
+run skips, the relative-L1 change its blocks' residuals accumulate since the run last computed,
+times a prior for the skip kind (SKIP_ERROR: a forecast follows the trend, so it drifts less than
+a reuse). Each CFG branch is weighted by its share of the guided output (w and w - 1 of 2w - 1).
+The total is divided by the number of block evaluations. It orders candidate plans; it is not a
+pixel metric: ``compile-policy --calibrate`` measures PSNR by running the best candidates.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from ditplan.policy.load_profile import Profile
-from ditplan.policy.plan import AttentionSpec, CacheGroup
+from ditplan.policy.plan import COMPUTE, FORECAST, AttentionSpec, BlockRun
+from ditplan.policy.search import run_curve
 from ditplan.policy.sparsity import expected_recall, layer_recall_curve
 
 
@@ -33,35 +36,54 @@ def attention_loss(profile: Profile, layer: int, spec: AttentionSpec) -> float:
     return 1.0 - float(np.mean(recalls))
 
 
-def reuse_drift(profile: Profile, group: CacheGroup, context: str) -> float:
-    """Sum over steps of the residual change accumulated since the last refresh [scalar]."""
-    index = {b: i for i, b in enumerate(profile.blocks)}
-    c = profile.contexts.index(context)
-    change = profile.residual_change[c, [index[b] for b in group.blocks]].mean(axis=0)  # [T]
+# Drift of a skipped step relative to reusing the last value, by skip kind (a prior that
+# calibration checks; TaylorSeer reports order-1 forecasts several times closer than reuse).
+SKIP_ERROR = {"R": 1.0, "F1": 0.4, "F2": 0.3}
+
+
+def cfg_weights(profile: Profile) -> dict[str, float]:
+    """Share of each CFG context in the guided output u + w (c - u): w and |w - 1|, normalized."""
+    if len(profile.contexts) == 1:
+        return {profile.contexts[0]: 1.0}
+    w = profile.metadata.workload.guidance_scale
+    cond, uncond = abs(w), abs(w - 1.0)
+    return {"cond": cond / (cond + uncond), "uncond": uncond / (cond + uncond)}
+
+
+def run_drift(profile: Profile, run: BlockRun, context: str) -> float:
+    """Sum over skipped steps of the change accumulated since the run last computed [scalar],
+    each weighted by its skip kind's prior."""
+    change = run_curve(profile, run.blocks, profile.contexts.index(context))  # [T]
+    kind = {FORECAST: f"F{run.order}"}
     total, accumulated = 0.0, 0.0
-    for step, computed in enumerate(group.compute_mask(context)):
-        accumulated = 0.0 if computed else accumulated + float(np.nan_to_num(change[step]))
-        total += accumulated
+    for step, action in enumerate(run.actions(context)):
+        if action == COMPUTE:
+            accumulated = 0.0
+            continue
+        accumulated += float(change[step])
+        total += accumulated * SKIP_ERROR[kind.get(action, action)]
     return total
 
 
 def predicted_error(profile: Profile, specs: Mapping[str, AttentionSpec],
-                    groups: Sequence[CacheGroup]) -> float:
+                    runs: Sequence[BlockRun]) -> float:
     """Mean damage proxy per block evaluation of a candidate plan (see module docstring).
 
     Args:
         profile: the loaded traces.
         specs: block FQN -> AttentionSpec for every block.
-        groups: the plan's cache groups.
+        runs: the plan's block runs.
     Returns:
         the predicted error (>= 0).
     """
     steps, contexts = profile.steps, profile.contexts
+    weights = cfg_weights(profile)
     total = 0.0
     for layer, block in enumerate(profile.blocks):
         spec = specs[block]
         sparse = 0 if spec.is_dense else steps - len(spec.dense_steps)
         total += attention_loss(profile, layer, spec) * sparse * len(contexts)
-    for group in groups:
-        total += sum(reuse_drift(profile, group, c) for c in contexts) * len(group.blocks)
+    for run in runs:
+        drift = sum(run_drift(profile, run, c) * weights[c] * len(contexts) for c in contexts)
+        total += drift * len(run.blocks)
     return max(total, 0.0) / (len(profile.blocks) * steps * len(contexts))

@@ -89,6 +89,14 @@ class Manifest:
             raise
 
 
+def profiled_arguments(out_dir: str | os.PathLike) -> dict:
+    """The arguments a profile folder was made with ({} when it has no readable manifest)."""
+    try:
+        return dict(json.loads((Path(out_dir) / MANIFEST_NAME).read_text())["arguments"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
 def _readable_parquet(path: Path) -> bool:
     try:
         pq.read_metadata(path)

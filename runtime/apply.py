@@ -1,4 +1,4 @@
-"""apply_plan: check a plan against a live pipeline, install sparse attention and block caching."""
+"""apply_plan: check a plan against a live pipeline, install sparse attention and block runs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch import nn
 
 from ditplan.policy.plan import Plan, PlanError
 from ditplan.runtime.adapters.base import get_adapter
-from ditplan.runtime.cache import RunCacheState, install_block_cache, remove_block_cache
+from ditplan.runtime.cache import RunState, install_block_runs, remove_block_runs
 from ditplan.runtime.context import StepTracker, install_step_tracker, remove_step_tracker
 from ditplan.runtime.fingerprint import config_hash, weights_hash
 from ditplan.runtime.kernels.registry import parse_backend
@@ -32,7 +32,7 @@ class PlanHandle:
     transformer: nn.Module
     tracker: StepTracker
     layers: list[LayerRuntime]
-    runs: list[RunCacheState]
+    runs: list[RunState]
     num_blocks: int
     _originals: dict = field(repr=False)
     _hooks: list = field(repr=False)
@@ -51,22 +51,25 @@ class PlanHandle:
         restore_processors(self._originals)
         for hook in self._hooks:
             hook.remove()
-        remove_block_cache(self._blocks)
+        remove_block_runs(self._blocks)
         remove_step_tracker(self.transformer)
         self._originals, self._hooks, self._blocks = {}, [], {}
 
     def stats(self) -> dict:
-        """Achieved attention density and share of block evaluations skipped, since reset."""
+        """Since reset: achieved attention density, share of block evaluations skipped (reused
+        or forecast), share of run calls forecast, and the peak memory of cached run state."""
         calls = self.tracker.calls_seen
         densities = [
             d for d in (layer.achieved_density() for layer in self.layers) if d is not None
         ]
-        skipped = sum(
-            len(run.group.blocks) * (calls - len(run.computed_steps)) for run in self.runs
-        )
+        skipped = sum(len(r.run.blocks) * (calls - len(r.computed_steps)) for r in self.runs)
+        forecast = sum(len(r.run.blocks) * r.forecast_calls for r in self.runs)
+        evaluations = self.num_blocks * calls
         return {
             "attention_density": sum(densities) / len(densities) if densities else 1.0,
-            "blocks_skipped_share": skipped / (self.num_blocks * calls) if calls else 0.0,
+            "blocks_skipped_share": skipped / evaluations if calls else 0.0,
+            "blocks_forecast_share": forecast / evaluations if calls else 0.0,
+            "cache_memory_gib": sum(r.peak_bytes for r in self.runs) / 2**30,
         }
 
 
@@ -117,7 +120,8 @@ def apply_plan(
     """Execute ``plan`` on ``pipe`` (a diffusers pipeline, or its transformer).
 
     Checks identity and module names, then installs per-layer sparse attention and the cache
-    hooks of every background run; all per-step decisions are read from the plan.
+    hooks of every block run (compute, reuse or forecast per CFG branch and step); all per-step
+    decisions are read from the plan, so every process of a parallel run decides alike.
 
     Args:
         pipe: a pipeline with a ``.transformer``, or the transformer itself.
@@ -141,6 +145,7 @@ def apply_plan(
         transformer, adapter, specs, tracker, permuter, backend
     )
     blocks = dict(adapter.blocks(transformer))
-    runs = install_block_cache(blocks, plan.cache_groups, tracker, permuter)
-    logger.info("plan applied: %d sparse attention layers, %d cached runs", len(layers), len(runs))
+    runs = install_block_runs(blocks, plan.runs, tracker, permuter,
+                              positions=plan.workload.sigmas)
+    logger.info("plan applied: %d sparse attention layers, %d block runs", len(layers), len(runs))
     return PlanHandle(transformer, tracker, layers, runs, len(blocks), originals, hooks, blocks)

@@ -50,7 +50,7 @@ def tiny_wan_plan(
     """A valid plan for ``model`` (a tiny Wan): per-block densities, block 1 cached if asked."""
     from ditplan.policy.plan import (
         AttentionSpec,
-        CacheGroup,
+        BlockRun,
         LayerPlan,
         ModelIdentity,
         Plan,
@@ -67,7 +67,7 @@ def tiny_wan_plan(
     if cache_compute is not None:
         roles[-1] = "background"
         contexts = ("cond", "uncond") if cfg else ("cond",)
-        groups = (CacheGroup(blocks[-1:], dict.fromkeys(contexts, cache_compute)),)
+        groups = (BlockRun.from_masks(blocks[-1:], dict.fromkeys(contexts, cache_compute)),)
     specs = [
         AttentionSpec(
             density=d, block_size=block_size, tile=(1, 2, 2), sink=False, dense_steps=dense_steps
@@ -98,7 +98,7 @@ def tiny_wan_plan(
         layers={
             b: LayerPlan(r, f"{b}.attn1", s) for b, r, s in zip(blocks, roles, specs, strict=True)
         },
-        cache_groups=groups,
+        runs=groups,
     )
 
 

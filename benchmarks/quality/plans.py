@@ -95,4 +95,4 @@ def plan_method(family: str, setting: str, trace_dir: Callable[[], Path], preset
 def _is_dense(plan: Plan) -> bool:
     """True when applying the plan changes nothing: every layer dense, no cache groups."""
     dense = all(spec.is_dense for spec in plan.attention_specs().values())
-    return dense and not plan.cache_groups
+    return dense and not plan.runs

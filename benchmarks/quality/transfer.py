@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ditplan.policy.plan import AttentionSpec, CacheGroup, LayerPlan, ModelIdentity, Plan, Workload
-from ditplan.policy.schedule import cache_groups
+from ditplan.policy.plan import AttentionSpec, LayerPlan, ModelIdentity, Plan, Workload
 from ditplan.runtime.adapters.base import get_adapter
 from ditplan.runtime.fingerprint import config_hash
 
@@ -27,7 +26,7 @@ def transfer_plan(plan: Plan, transformer, *, steps: int, latents_shape: tuple[i
     """The plan's settings on ``transformer`` for ``steps`` steps on latents ``latents_shape``.
 
     Per-head densities are dropped (head counts differ; the layer density is their maximum).
-    A cache run's schedule is that of the source group of its first block.
+    Each source run maps to the blocks drawn from it, with its schedule resampled to the steps.
 
     Args:
         latents_shape: [B, C, F, H, W]; the workload records F, H, W in latent units.
@@ -41,12 +40,12 @@ def transfer_plan(plan: Plan, transformer, *, steps: int, latents_shape: tuple[i
     layers = {b: LayerPlan(role=plan.layers[source[b]].role, attention_module=a,
                            attention=_spec(plan.layers[source[b]].attention, steps_from))
               for b, a in zip(blocks, attention, strict=True)}
-    groups = []
-    for run in cache_groups(tuple(blocks), {b: lp.role for b, lp in layers.items()}):
-        group = plan.cache_group_of(source[run[0]])
-        if group is not None:
-            compute = {c: tuple(m[s] for s in steps_from) for c, m in group.compute.items()}
-            groups.append(CacheGroup(blocks=run, compute=compute))
+    runs = []
+    for run in plan.runs:
+        mapped = tuple(b for b in blocks if source[b] in run.blocks)
+        if mapped:
+            schedule = {c: "".join(a[s] for s in steps_from) for c, a in run.schedule.items()}
+            runs.append(dataclasses.replace(run, blocks=mapped, schedule=schedule))
     layout = adapter.token_layout(transformer, latents_shape)
     _, _, frames, height, width = latents_shape
     workload = Workload(steps=steps, height=height, width=width, frames=frames,
@@ -56,4 +55,4 @@ def transfer_plan(plan: Plan, transformer, *, steps: int, latents_shape: tuple[i
     return Plan(identity=ModelIdentity(type(transformer).__name__, config_hash(transformer)),
                 workload=workload, provenance=dataclasses.replace(plan.provenance, roles=roles),
                 defaults=plan.defaults, block_order=tuple(blocks), layers=layers,
-                cache_groups=tuple(groups))
+                runs=tuple(runs))

@@ -16,5 +16,5 @@ def test_quick_run_profiles_compiles_from_flags_and_times_every_variant(tmp_path
     assert cached["blocks_skipped_share"] > 0 and sparse["blocks_skipped_share"] == 0
     assert sparse["attention_density"] < 1.0  # sparse steps ran with fewer blocks than dense
     plan = load_plan(tmp_path / "plan_d0.2_+_caching.json")
-    assert plan.workload.steps == 5 and plan.cache_groups
+    assert plan.workload.steps == 5 and plan.runs
     assert (tmp_path / "rows.json").is_file()

@@ -39,9 +39,10 @@ def test_compile_then_show(traces, tmp_path, capsys):
     rows = {line.split()[0]: line for line in lines[4:]}
     assert list(rows) == list(plan.block_order)
     steps = plan.workload.steps
-    computed = sum(plan.cache_groups[0].compute_mask("cond"))
-    assert "foreground" in rows["blocks.0"] and f"{steps}/{steps}" in rows["blocks.0"]
-    assert f"{computed}/{steps} (group blocks.1..blocks.2)" in rows["blocks.1"]
+    actions = plan.runs[0].actions("cond")
+    assert "foreground" in rows["blocks.0"] and f"C{steps} R0 F0" in rows["blocks.0"]
+    counts = " ".join(f"{a}{actions.count(a)}" for a in "CRF")
+    assert f"{counts} (run blocks.1..blocks.2)" in rows["blocks.1"]
 
 
 def test_overrides_for_a_benchmark_plan(traces, tmp_path):
@@ -51,7 +52,7 @@ def test_overrides_for_a_benchmark_plan(traces, tmp_path):
             "--density", "0.2", "--density", "blocks.0=0.5"]
     assert run(argv) == 0
     plan = load_plan(out)
-    assert [g.blocks for g in plan.cache_groups] == [("blocks.2", "blocks.3")]
+    assert [g.blocks for g in plan.runs] == [("blocks.2", "blocks.3")]
     assert [plan.layers[b].attention.density for b in plan.block_order] == [0.5, 0.2, 0.2, 0.2]
 
 

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ditplan.policy.classify import classify_roles
-from ditplan.policy.compiler import compile_policy, design
+from ditplan.policy.compiler import compile_policy, search_designs
 from ditplan.policy.config import CompilerConfig, CompilerError
 from ditplan.policy.cost import CostModel
 from ditplan.policy.load_profile import load_profile
@@ -38,10 +38,10 @@ def test_known_answers(plan):
     assert 0.08 <= density["blocks.0"] <= 0.12 and 0.17 <= density["blocks.1"] <= 0.21
     assert density["blocks.3"] == 1.0 and density["blocks.5"] == 1.0
     assert plan.layers["blocks.0"].attention.dense_steps == (0, 1, 2)  # change settles at 3
-    assert [g.blocks for g in plan.cache_groups] == [("blocks.1", "blocks.2"), ("blocks.4",)]
-    mask = plan.cache_groups[0].compute_mask("cond")
+    assert [g.blocks for g in plan.runs] == [("blocks.1", "blocks.2"), ("blocks.4",)]
+    mask = plan.runs[0].compute_mask("cond")
     assert mask[:4] == (True,) * 4 and not all(mask) and mask[-2:] == (True, True)
-    assert plan.cache_groups[0].compute["uncond"] == mask  # branches agree
+    assert plan.runs[0].compute_mask("uncond") == mask  # branches agree
     assert plan.provenance.predicted_speedup > 1.0 and plan.provenance.predicted_error > 0
 
 
@@ -62,14 +62,20 @@ def test_presets_trade_speed_for_error(traces):
     assert speed == sorted(speed) and error == sorted(error) and speed[0] < speed[-1]
 
 
-def test_target_speedup_picks_least_error_that_reaches_it(traces, plan):
+def search_designs_for(traces):
+    """Every design the compiler searches for ``traces`` (balanced preset)."""
     base = CompilerConfig.from_name("balanced")
     profile = load_profile(traces)
     roles = classify_roles(profile, base).roles
     model = CostModel.for_model(profile.metadata.model_config,
                                 profile.metadata.workload.num_tokens, profile.densities,
                                 profile.kept_fraction)
-    designs = [design(profile, roles, c, model) for c in base.search_grid()]
+    return search_designs(profile, roles, base, model)
+
+
+def test_target_speedup_picks_least_error_that_reaches_it(traces, plan):
+    designs = search_designs_for(traces)
+    assert any(d.label != "preset" for d in designs)  # step-level runs are searched too
     target = float(np.median([d.speedup for d in designs]))
     chosen = compile_policy(traces, CompilerConfig.from_name("balanced", target_speedup=target))
     assert chosen.provenance.predicted_speedup >= target - 1e-5  # plan floats: 6 digits
@@ -84,21 +90,21 @@ def test_target_speedup_picks_least_error_that_reaches_it(traces, plan):
 def test_separate_schedules_when_cfg_branches_differ(tmp_path):
     spec = TraceSpec(layers=LAYERS[:3], uncond_decay=0.4, steps=16)
     plan = compile_policy(write_traces(tmp_path, spec), CompilerConfig.from_name("balanced"))
-    group = plan.cache_groups[0]
+    group = plan.runs[0]
     cond, uncond = group.compute_mask("cond"), group.compute_mask("uncond")
     assert cond != uncond and uncond.index(False) > cond.index(False)  # uncond warms up longer
 
 
 def test_without_cfg_only_cond(tmp_path):
     plan = compile_policy(write_traces(tmp_path, TraceSpec(layers=LAYERS[:3], cfg=False)))
-    assert plan.workload.contexts == ("cond",) and set(plan.cache_groups[0].compute) == {"cond"}
+    assert plan.workload.contexts == ("cond",) and set(plan.runs[0].schedule) == {"cond"}
 
 
 def test_role_and_density_overrides(traces):
     config = CompilerConfig.from_name("balanced", all_roles="foreground",
                                       roles={"blocks.5": "background"}, fixed_density=0.2)
     plan = compile_policy(traces, config)
-    assert [g.blocks for g in plan.cache_groups] == [("blocks.5",)]
+    assert [g.blocks for g in plan.runs] == [("blocks.5",)]
     assert {lp.attention.density for lp in plan.layers.values()} == {0.2}
 
 

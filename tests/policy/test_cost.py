@@ -6,7 +6,7 @@ import pytest
 
 from ditplan.policy import cost
 from ditplan.policy.cost import CostModel, block_flops
-from ditplan.policy.plan import AttentionSpec, CacheGroup
+from ditplan.policy.plan import AttentionSpec, BlockRun
 from ditplan.profiler.schema import ModelConfig
 
 BLOCKS = tuple(f"blocks.{i}" for i in range(30))
@@ -46,6 +46,6 @@ def test_speedup_of_dense_sparse_and_cached_plans():
         sparse, (), 10, ("cond",)) > 1.0
     # half the blocks skipped on half the steps: 1 / (1 - 0.25) of dense
     mask = tuple(s % 2 == 0 for s in range(10))
-    group = CacheGroup(BLOCKS[:15], {"cond": mask})
+    group = BlockRun.from_masks(BLOCKS[:15], {"cond": mask})
     assert model.predict_speedup(dense, (group,), 10, ("cond",)) == pytest.approx(1 / 0.75)
     assert cost.SPARSE_FIXED + cost.SPARSE_SLOWDOWN * 0.5 == pytest.approx(7.60 / 11.07, abs=0.01)

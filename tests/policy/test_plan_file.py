@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 
 from ditplan.policy import plan_io, plan_schema
-from ditplan.policy.plan import PLAN_SCHEMA_VERSION, AttentionSpec, CacheGroup, PlanError
+from ditplan.policy.plan import PLAN_SCHEMA_VERSION, AttentionSpec, BlockRun, PlanError
 from tests.policy.policy_factories import sample_plan
 
 
@@ -62,11 +62,50 @@ def test_runtime_lookups():
     assert spec.density == 0.3 and spec.density_for_head(0) == 0.1 and spec.dense_at(0)
     assert plan.attention_spec("blocks.9.attn1") == plan.defaults.attention
     assert set(plan.attention_specs()) == {f"blocks.{i}.attn1" for i in range(4)}
-    group = plan.cache_group_of("blocks.1")
-    assert group is plan.cache_group_of("blocks.2") and plan.cache_group_of("blocks.0") is None
-    assert [group.computes(s, "uncond") for s in range(6)] == [1, 1, 1, 0, 1, 0]
+    run = plan.run_of("blocks.1")
+    assert run is plan.run_of("blocks.2") and plan.run_of("blocks.0") is None
+    assert [run.computes(s, "uncond") for s in range(6)] == [1, 1, 1, 0, 1, 0]
+    assert run.actions("uncond") == "CCCRCR" and not run.forecasts
     with pytest.raises(PlanError, match="no schedule for context 'uncond'"):
-        sample_plan(cfg=False).cache_groups[0].computes(0, "uncond")
+        sample_plan(cfg=False).runs[0].computes(0, "uncond")
+
+
+def _as_v2(data: dict) -> dict:
+    """A 3.0 plan dict written back in the 2.0 format (cache groups of bool masks)."""
+    data = dict(data, schema_version="2.0")
+    data["cache_groups"] = [
+        {"blocks": r["blocks"], "compute": {c: [a == "C" for a in s]
+                                            for c, s in r["schedule"].items()}}
+        for r in data.pop("runs")]
+    return data
+
+
+def test_v2_plan_migrates_to_reuse_runs(tmp_path):
+    old = _as_v2(valid_dict())
+    plan = plan_io.load_plan(write_json(tmp_path / "old.json", old))
+    assert plan == sample_plan() and plan.schema_version == PLAN_SCHEMA_VERSION
+    broken = dict(old, cache_groups=[{"blocks": ["blocks.1"]}])
+    with pytest.raises(PlanError, match=r"cache_groups\[0\]: malformed 2.x"):
+        plan_io.load_plan(write_json(tmp_path / "bad.json", broken))
+    ancient = dict(old, schema_version="1.3")
+    with pytest.raises(PlanError, match="old plan format.*compile-policy"):
+        plan_io.load_plan(write_json(tmp_path / "ancient.json", ancient))
+
+
+def test_forecast_runs_validate_their_settings():
+    plan = sample_plan(steps=6)
+    run = plan.runs[0]
+    with pytest.raises(PlanError, match="order must be 1 or 2"):
+        dataclasses.replace(run, order=3)
+    with pytest.raises(PlanError, match="target must be one of"):
+        dataclasses.replace(run, target="input")
+    sigma = dataclasses.replace(run, schedule=dict.fromkeys(run.schedule, "CCFFCF"),
+                                variable="sigma")
+    with pytest.raises(PlanError, match="forecasting in sigma needs workload.sigmas"):
+        dataclasses.replace(plan, runs=(sigma,))
+    workload = dataclasses.replace(plan.workload, sigmas=(1.0, 0.8, 0.6, 0.4, 0.2, 0.1))
+    ok = dataclasses.replace(plan, runs=(sigma,), workload=workload)
+    assert ok.runs[0].forecasts and plan_io.normalize_plan(ok) == ok
 
 
 @pytest.mark.parametrize("text, match", [
@@ -103,9 +142,12 @@ def _edit(data, path, value=None, delete=False):
     (("workload", "steps"), "six", False, r"workload\.steps: 'six' is not of type 'integer'"),
     (("layers", "blocks.0", "attention", "density"), 1.5, False, "attention.density: 1.5"),
     (("layers", "blocks.0", "attention", "densty"), 0.2, False, "'densty' was unexpected"),
-    (("cache_groups", 0, "compute", "cond"), [True], False, r"compute\.cond: 1 entries for 6"),
-    (("cache_groups", 0, "compute", "cond", 0), False, False, "step 0 must compute"),
-    (("cache_groups", 0, "blocks"), ["blocks.0"], False, "not a background block"),
+    (("runs", 0, "schedule", "cond"), "C", False, r"schedule\.cond: 1 steps for a 6-step"),
+    (("runs", 0, "schedule", "cond"), "RCCCCC", False, r"does not match '\^C\[CRF\]\*\$'"),
+    (("runs", 0, "schedule", "cond"), "CCXCCC", False, r"does not match"),
+    (("runs", 0, "blocks"), ["blocks.9"], False, "not blocks of the plan"),
+    (("runs", 0, "order"), 3, False, "3 is greater than the maximum of 2"),
+    (("runs", 0, "target"), "input", False, "'input' is not one of"),
     (("block_order",), ["blocks.0"], False, "must list each key of layers"),
     (("layers", "blocks.0", "attention", "dense_steps"), [9], False, "past the workload"),
     (("layers", "blocks.2", "attention", "density"), 0.2, False, "must equal max"),
@@ -122,9 +164,9 @@ def test_nonconsecutive_group_is_refused():
     plan = sample_plan()
     layers = dict(plan.layers)
     layers["blocks.3"] = dataclasses.replace(layers["blocks.3"], role="background")
-    group = CacheGroup(("blocks.1", "blocks.3"), plan.cache_groups[0].compute)
+    group = BlockRun(("blocks.1", "blocks.3"), plan.runs[0].schedule)
     with pytest.raises(PlanError, match="consecutive in block_order"):
-        dataclasses.replace(plan, layers=layers, cache_groups=(group,))
+        dataclasses.replace(plan, layers=layers, runs=(group,))
 
 
 def test_version_policy(tmp_path):

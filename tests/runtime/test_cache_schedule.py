@@ -7,8 +7,8 @@ import torch
 from diffusers.models.cache_utils import CacheMixin
 from torch import nn
 
-from ditplan.policy.plan import CacheGroup
-from ditplan.runtime.cache import install_block_cache, remove_block_cache
+from ditplan.policy.plan import BlockRun
+from ditplan.runtime.cache import install_block_runs, remove_block_runs
 from ditplan.runtime.context import install_step_tracker, remove_step_tracker
 
 
@@ -66,10 +66,10 @@ def test_run_computes_exactly_on_its_mask_per_context(batched_cfg):
     }
     contexts = ["default"] if batched_cfg else ["cond", "uncond"]
     tracker = install_step_tracker(model)
-    group = CacheGroup(("blocks.1", "blocks.2"), compute)
-    (run,) = install_block_cache(named_blocks(model), [group], tracker)
+    group = BlockRun.from_masks(("blocks.1", "blocks.2"), compute)
+    (run,) = install_block_runs(named_blocks(model), [group], tracker)
     hidden, outputs = run_steps(model, 6, contexts)
-    remove_block_cache(named_blocks(model))
+    remove_block_runs(named_blocks(model))
     remove_step_tracker(model)
 
     for context in contexts:
@@ -92,14 +92,14 @@ def test_run_computes_exactly_on_its_mask_per_context(batched_cfg):
 def test_new_generation_recomputes_and_remove_restores():
     model = ToyModel()
     tracker = install_step_tracker(model)
-    group = CacheGroup(
+    group = BlockRun.from_masks(
         ("blocks.0", "blocks.1", "blocks.2", "blocks.3"), {"cond": [True, False]}
     )
-    (run,) = install_block_cache(named_blocks(model), [group], tracker)
+    (run,) = install_block_runs(named_blocks(model), [group], tracker)
     run_steps(model, 2, ["cond"])
     run_steps(model, 2, ["cond"])  # step 0 again: the stale residual must not be used
     assert run.computed_steps == [("cond", 0), ("cond", 0)]
-    remove_block_cache(named_blocks(model))
+    remove_block_runs(named_blocks(model))
     remove_step_tracker(model)
     hidden, t = torch.randn(2, 3, 4), torch.ones(1)
     torch.testing.assert_close(
@@ -111,8 +111,8 @@ def test_runs_must_be_consecutive_existing_blocks():
     model = ToyModel()
     tracker = install_step_tracker(model)
     with pytest.raises(ValueError, match="consecutive"):
-        install_block_cache(
-            named_blocks(model), [CacheGroup(("blocks.0", "blocks.2"), {})], tracker
+        install_block_runs(
+            named_blocks(model), [BlockRun(("blocks.0", "blocks.2"), {})], tracker
         )
     with pytest.raises(ValueError, match="does not have"):
-        install_block_cache(named_blocks(model), [CacheGroup(("blocks.7",), {})], tracker)
+        install_block_runs(named_blocks(model), [BlockRun(("blocks.7",), {})], tracker)

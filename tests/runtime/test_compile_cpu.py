@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch._dynamo
 
-from ditplan.policy.plan import AttentionSpec
+from ditplan.policy.plan import AttentionSpec, BlockRun
 from ditplan.runtime.apply import apply_plan
 from ditplan.runtime.sparse import apply_sparse_attention
 from tests.factories import run_cfg_steps, tiny_wan, tiny_wan_inputs, tiny_wan_plan
@@ -31,6 +33,29 @@ def test_plan_traces_without_breaks_and_second_generation_reuses_every_graph():
     for e, a, b in zip(eager, first, second, strict=True):
         torch.testing.assert_close(a, e, rtol=0, atol=0)  # eager backend: the same kernels
         torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_forecast_plan_compiles_once_and_matches_eager():
+    # Forecasting leaves the graph (as diffusers' TaylorSeer does: the offsets are host floats),
+    # so graph breaks are allowed there; a second generation must still compile nothing new.
+    torch._dynamo.reset()
+    model, inputs = tiny_wan(), tiny_wan_inputs(frames=3, height=16, width=24)
+    plan = tiny_wan_plan(model, steps=8, densities=(1.0, 1.0), dense_steps=())
+    run = BlockRun(("blocks.0", "blocks.1"), dict.fromkeys(("cond", "uncond"), "CCFCFFCF"))
+    handle = apply_plan(model, dataclasses.replace(plan, runs=(run,)), backend="dense")
+    eager = run_cfg_steps(model, inputs, 8)
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled = torch.compile(model, backend="eager")
+    first = run_cfg_steps(compiled, inputs, 8)
+    graphs_after_first = counters["stats"]["unique_graphs"]
+    second = run_cfg_steps(compiled, inputs, 8)
+    handle.remove()
+    assert counters["stats"]["unique_graphs"] == graphs_after_first  # no recompiles
+    for e, a, b in zip(eager, first, second, strict=True):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert not torch.equal(eager[4], eager[2])  # step 2 forecast differs from a reuse
 
 
 def test_compiling_before_any_eager_call_works_and_stops_compiling():

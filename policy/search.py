@@ -1,0 +1,136 @@
+"""The plan space the compiler searches: block runs x step schedules x CFG reuse x sparsity.
+
+A ``RunChoice`` describes one family member: which blocks form the run ("stack": every block,
+"tail": all but the first, as FirstBlockCache; background runs come from the preset designs),
+what a skipped step does (reuse, or a Taylor forecast of order 1 or 2), and where the computed
+steps go. Steps are placed from the traces, not at fixed intervals: after the warm-up, change is
+accumulated along the run's profiled step-change curve and the run computes whenever skipping
+once more would take the accumulated change past ``threshold`` (or after ``max_skip`` skips in a
+row); the last ``cooldown`` steps always compute. With ``uncond_every`` = k > 1 the
+unconditional branch computes only every k-th of those steps (CFG reuse).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ditplan.policy.load_profile import Profile
+from ditplan.policy.plan import COMPUTE, FORECAST, REUSE, BlockRun
+
+SCOPES = ("stack", "tail")
+# (skip action, forecast order) pairs searched
+SKIP_KINDS = ((REUSE, 1), (FORECAST, 1), (FORECAST, 2))
+THRESHOLD_SCALES = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)  # x the curve's mid-run plateau
+MAX_SKIPS = (2, 3, 5)
+UNCOND_EVERY = (1, 2, 3)
+COOLDOWNS = (0, 1)
+WARMUP_FRACTIONS = (0.1, 0.05)  # searched besides the warm-up the traces settle at
+
+
+@dataclass(frozen=True)
+class RunChoice:
+    """One point of the step-level plan space (see the module docstring)."""
+
+    scope: str
+    skip: str
+    order: int
+    threshold: float
+    max_skip: int
+    uncond_every: int
+    warmup: int
+    cooldown: int
+
+    @property
+    def label(self) -> str:
+        kind = "reuse" if self.skip == REUSE else f"forecast{self.order}"
+        cfg = f" uncond/{self.uncond_every}" if self.uncond_every > 1 else ""
+        return (f"{self.scope} {kind} t={self.threshold:.3g} skip<={self.max_skip} "
+                f"warmup={self.warmup} cooldown={self.cooldown}{cfg}")
+
+
+def run_blocks(profile: Profile, scope: str) -> tuple[str, ...]:
+    """The blocks of a ``scope`` run: all of them, or all but the first."""
+    blocks = profile.blocks if scope == "stack" else profile.blocks[1:]
+    if not blocks:
+        raise ValueError(f"scope {scope!r} leaves no blocks in a {len(profile.blocks)}-block model")
+    return blocks
+
+
+def run_curve(profile: Profile, blocks: tuple[str, ...], context: int) -> np.ndarray:
+    """Mean relative change [T] of the blocks' residuals vs the previous step (NaN at 0 -> 0)."""
+    index = [profile.blocks.index(b) for b in blocks]
+    return np.nan_to_num(profile.residual_change[context, index].mean(axis=0), nan=0.0)
+
+
+def place_computes(curve: np.ndarray, warmup: int, threshold: float, max_skip: int,
+                   cooldown: int) -> list[bool]:
+    """Per step [T]: compute or not, accumulating ``curve`` [T] between computes."""
+    steps = len(curve)
+    mask, accumulated, skipped = [], 0.0, 0
+    for step in range(steps):
+        fixed = step < max(warmup, 1) or step >= steps - cooldown
+        grown = accumulated + float(curve[step])
+        if fixed or grown > threshold or skipped >= max_skip:
+            mask.append(True)
+            accumulated, skipped = 0.0, 0
+        else:
+            mask.append(False)
+            accumulated, skipped = grown, skipped + 1
+    return mask
+
+
+def thin_uncond(cond_mask: list[bool], warmup: int, every: int) -> list[bool]:
+    """The unconditional branch computes every ``every``-th of cond's post-warm-up computes."""
+    out, seen = [], 0
+    for step, computes in enumerate(cond_mask):
+        if step < max(warmup, 1) or not computes:
+            out.append(computes)
+            continue
+        out.append(seen % every == 0)
+        seen += 1
+    return out
+
+
+def build_run(profile: Profile, choice: RunChoice) -> BlockRun:
+    """The BlockRun of ``choice`` with a schedule per CFG context from that context's curve."""
+    blocks = run_blocks(profile, choice.scope)
+    masks = {}
+    for c, context in enumerate(profile.contexts):
+        curve = run_curve(profile, blocks, c)
+        masks[context] = place_computes(curve, choice.warmup, choice.threshold, choice.max_skip,
+                                        choice.cooldown)
+    if "uncond" in masks and choice.uncond_every > 1:
+        masks["uncond"] = thin_uncond(masks["cond"], choice.warmup, choice.uncond_every)
+    schedule = {c: "".join(COMPUTE if m else choice.skip for m in mask)
+                for c, mask in masks.items()}
+    return BlockRun(blocks=blocks, schedule=schedule, order=choice.order,
+                    target="residual")
+
+
+def plateau_of(profile: Profile, scope: str) -> float:
+    """Median post-warm-up change per step of a scope's run, averaged over contexts."""
+    blocks = run_blocks(profile, scope)
+    curves = [run_curve(profile, blocks, c) for c in range(len(profile.contexts))]
+    middle = np.concatenate([c[max(1, len(c) // 4):] for c in curves])
+    return float(np.median(middle)) if len(middle) else 0.0
+
+
+def run_choices(profile: Profile, warmup: int) -> list[RunChoice]:
+    """Every step-level candidate for these traces (thresholds scaled to each scope's curve;
+    warm-ups: ``warmup``, where the traces settle, and the shorter WARMUP_FRACTIONS)."""
+    choices = []
+    uncond = UNCOND_EVERY if len(profile.contexts) > 1 else (1,)
+    warmups = sorted({warmup, *(max(1, math.ceil(f * profile.steps)) for f in WARMUP_FRACTIONS)})
+    for scope in SCOPES:
+        if scope == "tail" and len(profile.blocks) < 2:
+            continue
+        level = max(plateau_of(profile, scope), 1e-6)
+        for (skip, order), scale, max_skip, every, start, cooldown in itertools.product(
+                SKIP_KINDS, THRESHOLD_SCALES, MAX_SKIPS, uncond, warmups, COOLDOWNS):
+            choices.append(RunChoice(scope, skip, order, level * scale, max_skip, every,
+                                     start, cooldown))
+    return choices

@@ -1,0 +1,164 @@
+"""``compile-policy --calibrate``: measure candidate plans' speed and PSNR against dense output."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ditplan.policy.plan import Calibration, Plan
+from ditplan.policy.plan_io import plan_to_json
+from ditplan.runtime.apply import apply_plan
+from ditplan.runtime.loading import load_pipeline
+from ditplan.runtime.video_metrics import compare_videos
+
+logger = logging.getLogger(__name__)
+PSNR_CAP_DB = 100.0  # identical clips have infinite PSNR; a plan records at most this
+
+
+@dataclass(frozen=True)
+class CalibrationSetup:
+    """Where and on what candidates are measured.
+
+    prompts x seeds are generated in one batch per measurement (never the evaluation captions);
+    ``warmup`` untimed generations precede each timed one (GPU: kernel compilation, allocator);
+    ``record`` is a JSONL file of finished measurements, so an interrupted calibration resumes.
+    """
+
+    model: str
+    prompts: tuple[str, ...]
+    device: str
+    record: Path
+    seeds: tuple[int, ...] = (0,)
+    backend: str = "auto"
+    warmup: int = 0
+
+    def __post_init__(self):
+        if not self.prompts or not self.seeds:
+            raise ValueError("calibration needs at least one prompt and one seed")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+
+
+def _synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def generate_batch(pipe, setup: CalibrationSetup, plan: Plan) -> tuple[list[torch.Tensor], float]:
+    """Every prompt x seed in one call at the plan's workload.
+
+    Returns:
+        frames float [F, H, W, 3] in [0, 1] on the CPU, one per sample; and the wall seconds.
+    """
+    work = plan.workload
+    samples = [(p, s) for p in setup.prompts for s in setup.seeds]
+    generators = [torch.Generator().manual_seed(s) for _, s in samples]
+    _synchronize(setup.device)
+    start = time.perf_counter()
+    output = pipe(prompt=[p for p, _ in samples], num_inference_steps=work.steps,
+                  guidance_scale=work.guidance_scale, num_frames=work.frames,
+                  height=work.height, width=work.width, generator=generators, output_type="np")
+    _synchronize(setup.device)
+    seconds = time.perf_counter() - start
+    frames = np.asarray(output.frames)  # [N, F, H, W, 3]
+    return [torch.from_numpy(np.array(f, dtype=np.float32)) for f in frames], seconds
+
+
+def timed(pipe, setup: CalibrationSetup, plan: Plan) -> tuple[list[torch.Tensor], float]:
+    """``setup.warmup`` untimed generations, then one timed one (its frames and seconds)."""
+    for _ in range(setup.warmup):
+        generate_batch(pipe, setup, plan)
+    return generate_batch(pipe, setup, plan)
+
+
+def candidate_key(plan: Plan, setup: CalibrationSetup) -> str:
+    """Identifies a measurement: the plan's execution (not its provenance) and the setup."""
+    body = json.loads(plan_to_json(plan))
+    body.pop("provenance")
+    where = (setup.model, setup.prompts, setup.seeds, setup.device, setup.backend)
+    text = json.dumps([body, where], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _read_record(path: Path) -> dict[str, dict]:
+    if not path.is_file():
+        return {}
+    done = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            row = json.loads(line)
+            done[row["key"]] = row["calibration"]
+        except (ValueError, KeyError, TypeError):
+            logger.warning("%s:%d is not a calibration row; measured again", path, number)
+    return done
+
+
+def _append(path: Path, row: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:  # one whole line per finished candidate
+        f.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def similarity(frames: Sequence[torch.Tensor], dense: Sequence[torch.Tensor]) -> tuple[float,
+                                                                                         float]:
+    """Mean PSNR (capped at PSNR_CAP_DB) and mean cosine of each sample against dense."""
+    scores = [compare_videos(a, b) for a, b in zip(frames, dense, strict=True)]
+    psnr = statistics.fmean(min(s["psnr_db"], PSNR_CAP_DB) for s in scores)
+    return psnr, statistics.fmean(s["cosine"] for s in scores)
+
+
+class Calibrator:
+    """Measures plans on one loaded pipeline; call it with the candidate plans (one workload)."""
+
+    def __init__(self, setup: CalibrationSetup, pipe=None):
+        self.setup = setup
+        self.pipe = pipe if pipe is not None else load_pipeline(setup.model, device=setup.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self._dense: tuple[list[torch.Tensor], float] | None = None
+
+    def __call__(self, plans: Sequence[Plan]) -> list[Calibration]:
+        if len({p.workload for p in plans}) > 1:
+            raise ValueError("calibration candidates must share one workload")
+        done = _read_record(self.setup.record)
+        out = []
+        for plan in tqdm(plans, desc="calibrating", unit="plan"):
+            key = candidate_key(plan, self.setup)
+            if key not in done:
+                done[key] = asdict(self.measure(plan, len(plans)))
+                _append(self.setup.record, {"key": key, "calibration": done[key],
+                                            "design": plan.provenance.compiler_settings
+                                            .get("design", "")})
+            out.append(Calibration(**{**done[key], "candidates": len(plans)}))
+        return out
+
+    def dense(self, plan: Plan) -> tuple[list[torch.Tensor], float]:
+        """Dense frames and seconds at the plan's workload, measured once per calibrator."""
+        if self._dense is None:
+            generate_batch(self.pipe, self.setup, plan)  # the pipeline's first call is cold
+            self._dense = timed(self.pipe, self.setup, plan)
+        return self._dense
+
+    def measure(self, plan: Plan, candidates: int) -> Calibration:
+        """One candidate: apply, generate (timed), remove; compare with dense."""
+        dense_frames, dense_s = self.dense(plan)
+        handle = apply_plan(self.pipe, plan, backend=self.setup.backend)
+        try:
+            frames, plan_s = timed(self.pipe, self.setup, plan)
+        finally:
+            handle.remove()
+        psnr, cosine = similarity(frames, dense_frames)
+        name = (torch.cuda.get_device_name() if torch.device(self.setup.device).type == "cuda"
+                else self.setup.device)
+        return Calibration(device=name, prompts=len(self.setup.prompts), speedup=dense_s / plan_s,
+                           psnr_db=psnr, cosine=cosine, dense_s=dense_s, plan_s=plan_s,
+                           candidates=candidates)

@@ -1,0 +1,121 @@
+"""The step-level plan space and the measured choice (a fake calibrator: no torch here)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from ditplan.policy.compiler import compile_policy, pareto_front, pick_measured
+from ditplan.policy.config import CompilerConfig, CompilerError
+from ditplan.policy.plan import Calibration
+from ditplan.policy.search import place_computes, thin_uncond
+from tests.policy.policy_factories import LayerTruth, TraceSpec, write_traces
+
+LAYERS = (LayerTruth(True, 0.1), LayerTruth(False, 0.2), LayerTruth(False, 0.1),
+          LayerTruth(True, 0.1))
+
+
+@pytest.fixture(scope="module")
+def traces(tmp_path_factory):
+    return write_traces(tmp_path_factory.mktemp("traces"), TraceSpec(layers=LAYERS, steps=16))
+
+
+def place_reference(curve, warmup, threshold, max_skip, cooldown):
+    """Loop-free restatement: a step is skipped iff it is past warm-up, before cool-down, and
+    the change since the last compute including it stays within the threshold and skip cap."""
+    steps, mask, last = len(curve), [], 0
+    for s in range(steps):
+        since = curve[last + 1: s + 1].sum()
+        skip = (max(warmup, 1) <= s < steps - cooldown and since <= threshold
+                and s - last - 1 < max_skip)
+        mask.append(not skip)
+        last = s if not skip else last
+    return mask
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_compute_placement_follows_the_change_curve(seed):
+    rng = np.random.default_rng(seed)
+    curve = rng.uniform(0, 1, 20)
+    for threshold, max_skip, cooldown in ((0.5, 2, 0), (1.5, 3, 1), (10.0, 5, 2)):
+        got = place_computes(curve, 3, threshold, max_skip, cooldown)
+        assert got == place_reference(curve, 3, threshold, max_skip, cooldown)
+        assert all(got[:3]) and all(got[len(got) - cooldown:])
+    busy = place_computes(np.r_[np.full(10, 0.01), np.full(10, 1.0)], 1, 0.5, 5, 0)
+    assert sum(busy[10:]) > sum(busy[1:10])  # compute goes where the traces change
+
+
+def test_cfg_reuse_thins_the_unconditional_branch():
+    cond = [True, True, False, True, False, True, True, False, True]
+    assert thin_uncond(cond, 2, 2) == [True, True, False, True, False, False, True, False, False]
+    assert thin_uncond(cond, 2, 1) == cond
+
+
+def test_searched_plans_use_step_level_runs(traces):
+    plan = compile_policy(traces, CompilerConfig.from_name("balanced", target_speedup=2.0))
+    assert plan.provenance.predicted_speedup >= 2.0
+    (run,) = plan.runs
+    assert set("".join(run.schedule.values())) > {"C"}
+    assert plan.provenance.compiler_settings["design"].split()[0] in ("stack", "tail")
+
+
+def test_min_psnr_needs_calibration(traces):
+    with pytest.raises(CompilerError, match="--min-psnr is a measured quality: add --calibrate"):
+        compile_policy(traces, CompilerConfig.from_name("balanced", min_psnr=30))
+
+
+def _measured(speedup, psnr):
+    return Calibration(device="cpu", prompts=2, speedup=speedup, psnr_db=psnr, cosine=0.99,
+                       dense_s=2.0, plan_s=2.0 / speedup, candidates=3)
+
+
+def test_pick_measured_rules():
+    measured = [_measured(1.4, 36.0), _measured(2.1, 31.0), _measured(2.6, 27.0)]
+    labels = ["a", "b", "c"]
+    pick = lambda **kw: pick_measured(measured, CompilerConfig(**kw), labels)  # noqa: E731
+    assert pick(target_speedup=2.0) == 1  # best PSNR at >= 2x
+    assert pick(min_psnr=30.0) == 1  # fastest at >= 30 dB
+    assert pick(min_psnr=20.0) == 2
+    assert pick(target_speedup=1.2, min_psnr=35.0) == 0
+    with pytest.raises(CompilerError, match=r"reaches 3.00x: of 3 measured, the fastest ran "
+                                            r"2.60x at 27.0 dB and the best kept 36.0 dB"):
+        pick(target_speedup=3.0)
+
+
+def test_calibrated_compile_measures_a_shortlist_and_records_it(traces):
+    seen = []
+
+    def fake(plans):  # measured quality falls with the plan's share of skipped steps
+        seen.extend(plans)
+        out = []
+        for p in plans:
+            skipped = sum(a != "C" for r in p.runs for s in r.schedule.values() for a in s)
+            out.append(_measured(p.provenance.predicted_speedup * 0.9, 45.0 - skipped))
+        return out
+
+    config = CompilerConfig.from_name("balanced", min_psnr=35.0, calibrate_candidates=5)
+    plan = compile_policy(traces, config, calibrate=fake)
+    assert 1 < len(seen) <= 5
+    speeds = [p.provenance.predicted_speedup for p in seen]
+    assert speeds == sorted(speeds)  # spread over the predicted front
+    calib = plan.provenance.calibration
+    assert calib is not None and calib.psnr_db >= 35.0
+    measured = fake(list(seen))
+    ok = [0.9 * s for s, m in zip(speeds, measured, strict=True) if m.psnr_db >= 35.0]
+    assert calib.speedup == pytest.approx(max(ok), rel=1e-5)
+    plain = dataclasses.replace(plan.provenance, calibration=None)
+    assert plain.predicted_speedup == pytest.approx(calib.speedup / 0.9, rel=1e-5)
+
+
+def test_pareto_front_is_not_dominated(traces):
+    from tests.policy.test_compiler import search_designs_for
+
+    designs = search_designs_for(traces)
+    front = pareto_front(designs)
+    assert 1 < len(front) < len(designs)
+    for d in designs:  # every design is matched or beaten by a front member
+        assert any(f.speedup >= d.speedup and f.error <= d.error for f in front)
+    for f in front:
+        assert not any(d.speedup > f.speedup and d.error < f.error for d in designs)

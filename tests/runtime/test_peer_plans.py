@@ -1,0 +1,92 @@
+"""Peers' policies as plans reproduce diffusers' own hooks on the tiny reference pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
+
+from ditplan.policy.plan import BlockRun
+from ditplan.runtime.apply import apply_plan
+from tests.factories import tiny_reference_pipeline, tiny_wan_plan
+
+STEPS = 10
+PROMPTS = ["a red circle slowly moves right", "a blue square quickly moves up"]
+
+
+def _generate(pipe) -> torch.Tensor:
+    generators = [torch.Generator().manual_seed(i) for i in range(len(PROMPTS))]
+    return pipe(PROMPTS, num_inference_steps=STEPS, guidance_scale=4.0, num_frames=3, height=16,
+                width=16, generator=generators, output_type="latent").frames  # [B, 3, F, H, W]
+
+
+def _plan(pipe, run: BlockRun):
+    plan = tiny_wan_plan(pipe.transformer, steps=STEPS, densities=(1.0, 1.0), dense_steps=())
+    return replace(plan, runs=(run,))
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipeline = tiny_reference_pipeline()
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def taylorseer_schedule(warmup: int, interval: int) -> str:
+    """diffusers' TaylorSeer computes steps < warmup and those with (s - warmup - 1) % interval
+    == 0 (so step ``warmup`` itself is forecast)."""
+    return "".join("C" if s < warmup or (s - warmup - 1) % interval == 0 else "F"
+                   for s in range(STEPS))
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_taylorseer_as_a_plan_matches_diffusers(pipe, order):
+    transformer = pipe.transformer
+    dense = _generate(pipe)
+    transformer.enable_cache(TaylorSeerCacheConfig(
+        cache_interval=3, disable_cache_before_step=2, max_order=order,
+        taylor_factors_dtype=torch.float32, cache_identifiers=[r"blocks\.\d+"]))
+    try:
+        theirs = _generate(pipe)
+    finally:
+        transformer.disable_cache()
+    schedule = taylorseer_schedule(warmup=2, interval=3)
+    run = BlockRun(blocks=("blocks.0", "blocks.1"), schedule=dict.fromkeys(("cond", "uncond"),
+                   schedule), target="output", order=order)
+    handle = apply_plan(pipe, _plan(pipe, run))
+    try:
+        ours = _generate(pipe)
+        stats = handle.stats()
+    finally:
+        handle.remove()
+    assert schedule.count("F") == 5 and stats["blocks_forecast_share"] == pytest.approx(0.5)
+    assert (theirs - dense).abs().max() > 1e-3  # the forecast really changed the output
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert stats["cache_memory_gib"] > 0
+
+
+def test_fixed_first_block_cache_schedule_matches_diffusers(pipe):
+    transformer = pipe.transformer
+    calls, tail_ran = [0], []
+    counter = transformer.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    tail = transformer.blocks[1].ffn.register_forward_hook(lambda *_: tail_ran.append(calls[0]))
+    transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+    try:
+        theirs = _generate(pipe)
+    finally:
+        transformer.disable_cache()
+        counter.remove()
+        tail.remove()
+    # calls alternate cond, uncond per step: call n is step (n - 1) // 2
+    masks = {c: [2 * s + 1 + i in tail_ran for s in range(STEPS)]
+             for i, c in enumerate(("cond", "uncond"))}
+    assert not all(masks["cond"]) and masks["cond"][0]  # FirstBlockCache skipped some steps
+    run = BlockRun.from_masks(("blocks.1",), masks)
+    handle = apply_plan(pipe, _plan(pipe, run))
+    try:
+        ours = _generate(pipe)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
