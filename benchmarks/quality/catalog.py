@@ -18,17 +18,24 @@ from benchmarks.quality.methods import (
     dense_repeat,
     rainfusion,
 )
-from benchmarks.quality.plans import plan_method, profilingdit_overrides, r_attn_roles
+from benchmarks.quality.plans import (
+    calibrated_method,
+    plan_method,
+    profilingdit_overrides,
+    r_attn_roles,
+)
 from benchmarks.quality.window import static_window
 
 FULL_GRID = dict(
-    presets=("high", "balanced", "fast"), targets=(1.5, 2.0, 3.0),
+    presets=("high", "balanced", "fast"), targets=(1.5, 2.0, 3.0), calibrated=(1.5, 2.0, 3.0),
+    candidates=12,
     ablation_presets=("balanced", "fast"), densities=(0.5, 0.2, 0.1), intervals=(2, 4, 6),
     fbc=(0.05, 0.1, 0.2), pab=(2, 3, 4), faster=(2, 3, 4), taylor=(2, 3, 5),
     mag=(0.03, 0.06, 0.12, 0.24),
 )
 QUICK_GRID = dict(
-    presets=("balanced", "fast"), targets=(1.5,), ablation_presets=("fast",), densities=(0.2,),
+    presets=("balanced", "fast"), targets=(1.5,), calibrated=(1.5,), candidates=2,
+    ablation_presets=("fast",), densities=(0.2,),
     intervals=(2,), fbc=(0.1,), pab=(2,), faster=(2,), taylor=(2,), mag=(0.06,),
 )
 FBC_AT_SCALE = ("its skip decisions depend on the model's outputs, which random weights make "
@@ -47,6 +54,8 @@ class CatalogContext:
     timesteps: list[float]
     mag_ratios: list[float]
     trace_dir: Callable[[], Path]
+    calibrator: Callable  # pipe -> Calibrator measuring candidate plans on calibration prompts
+    plans_dir: Path  # calibrated plans are saved here (the scale run maps them)
     adapt: Callable | None = None  # plan -> plan for another model (speed at scale)
 
 
@@ -54,8 +63,15 @@ def build_methods(ctx: CatalogContext, quick: bool) -> list[Method]:
     """dense repeat, ditplan presets, diffusers' caches, published baselines, then ditplan's
     speed targets and ablations (the order a time-limited, resumable run covers them in)."""
     grid = QUICK_GRID if quick else FULL_GRID
-    return [dense_repeat(), *_ditplan_presets(ctx, grid), *_diffusers(ctx, grid),
-            *_published(ctx, grid), *_ditplan_variants(ctx, grid)]
+    return [dense_repeat(), *_ditplan_calibrated(ctx, grid), *_ditplan_presets(ctx, grid),
+            *_diffusers(ctx, grid), *_published(ctx, grid), *_ditplan_variants(ctx, grid)]
+
+
+def _ditplan_calibrated(ctx: CatalogContext, grid: dict) -> list[Method]:
+    return [calibrated_method(t, ctx.trace_dir, calibrator=ctx.calibrator,
+                              plans_dir=ctx.plans_dir, backend=ctx.backend,
+                              candidates=grid["candidates"], adapt=ctx.adapt)
+            for t in grid["calibrated"]]
 
 
 class UnknownMethodError(ValueError):

@@ -18,14 +18,21 @@ from benchmarks.quality.methods import Method, method_row
 from benchmarks.quality.plans import profile_traces
 from benchmarks.quality.results import QUALITY_FILE, ResultStore, environment
 from benchmarks.quality.workload import Workload
+from ditplan.runtime.calibrate import CalibrationSetup, Calibrator
 from ditplan.runtime.loading import load_pipeline
-from ditplan.runtime.reference.attributes import SpriteAttributes, captions_for, heldout_attributes
+from ditplan.runtime.reference.attributes import (
+    SpriteAttributes,
+    captions_for,
+    heldout_attributes,
+    sample_attributes,
+)
 from ditplan.runtime.reference.scoring import score_clips, summarize
 from ditplan.runtime.video_metrics import compare_videos
 
 logger = logging.getLogger(__name__)
 
 CALIBRATION_PROMPT = "a red circle slowly moves right"  # a training caption, as profiling uses
+CALIBRATION_CAPTIONS = 8  # training-distribution captions --calibrate measures plans on
 BATCHED = "|batched"  # quality rows of batched runs do not mix with older per-sample rows
 TIMED_CALLS = 1  # batched generations timed per method after the warm-up (GPU: ~8 s each)
 CAPTION_KEYS = ("caption_accuracy", "colour_accuracy", "shape_accuracy", "direction_cos_mean")
@@ -174,6 +181,13 @@ def run_quality(config: QualityConfig) -> list[dict]:
     return store.current()
 
 
+def calibration_captions(n: int) -> tuple[str, ...]:
+    """``n`` captions from the training distribution (held-out combinations excluded), so the
+    plans are calibrated on prompts disjoint from the evaluation captions."""
+    attributes = sample_attributes(n, torch.Generator().manual_seed(2026), max_sprites=2)
+    return tuple(captions_for(attributes))
+
+
 def catalog_context(pipe, config: QualityConfig, **overrides) -> CatalogContext:
     """Timesteps, MagCache ratios (calibrated now) and a lazy trace folder for the catalog."""
     workload = config.workload
@@ -184,8 +198,14 @@ def catalog_context(pipe, config: QualityConfig, **overrides) -> CatalogContext:
     ratios = caches.calibrate_mag_cache(pipe, calibration_run, workload.steps)
     traces = functools.cache(
         lambda: profile_traces(pipe, workload, config.out / "traces", config.device))
+    setup = CalibrationSetup(
+        model=config.model, prompts=calibration_captions(CALIBRATION_CAPTIONS),
+        device=config.device, record=config.out / "calibration.jsonl", backend=config.backend,
+        warmup=1 if torch.device(config.device).type == "cuda" else 0)
     fields = dict(steps=workload.steps, block_size=workload.block_size, tile=workload.tile,
                   backend=config.backend, dtype=pipe.transformer.dtype,
                   timesteps=caches.scheduler_timesteps(pipe.scheduler, workload.steps),
-                  mag_ratios=ratios, trace_dir=traces)
+                  mag_ratios=ratios, trace_dir=traces,
+                  calibrator=lambda target: Calibrator(setup, pipe=target),
+                  plans_dir=config.out / "plans")
     return CatalogContext(**{**fields, **overrides})

@@ -14,7 +14,7 @@ from benchmarks.quality.workload import Workload
 from ditplan.policy.compiler import compile_policy
 from ditplan.policy.config import CompilerConfig, CompilerError
 from ditplan.policy.load_profile import load_profile
-from ditplan.policy.plan import Plan
+from ditplan.policy.plan import Plan, load_plan, save_plan
 from ditplan.runtime.apply import apply_plan
 
 logger = logging.getLogger(__name__)
@@ -90,6 +90,45 @@ def plan_method(family: str, setting: str, trace_dir: Callable[[], Path], preset
                          reset=handle.reset)
 
     return Method(family, setting, install, {"preset": preset, **(params or {})}, notes)
+
+
+def calibrated_method(target: float, trace_dir: Callable[[], Path], *, calibrator: Callable,
+                      plans_dir: Path, backend: str, candidates: int,
+                      adapt: Callable[[Plan, object], Plan] | None = None) -> Method:
+    """``compile-policy --target-speedup T --calibrate`` as a user runs it: the best measured of
+    ``candidates`` plans on calibration prompts (training captions, never the evaluation ones).
+
+    ``calibrator(pipe)`` gives the Calibrator. The chosen plan is saved in ``plans_dir``; the
+    speed-at-scale run (``adapt``) maps that saved plan, since random weights measure nothing.
+    """
+    saved = plans_dir / f"calibrated-{target:g}x.json"
+
+    def install(pipe) -> Installed:
+        if adapt is not None:
+            if not saved.is_file():
+                raise NotApplicable(f"{saved} is missing: run the quality part first")
+            plan = adapt(load_plan(saved), transformer_of(pipe))
+        else:
+            config = CompilerConfig.from_name("balanced", target_speedup=target,
+                                              calibrate_candidates=candidates)
+            try:
+                plan = compile_policy(trace_dir(), config, calibrate=calibrator(pipe))
+            except CompilerError as error:
+                raise NotApplicable(str(error)) from error
+            save_plan(plan, saved)
+        handle = apply_plan(pipe, plan, backend=backend)
+        prov = plan.provenance
+        recorded = {"predicted_speedup": prov.predicted_speedup, "design":
+                    prov.compiler_settings.get("design", "")}
+        if prov.calibration is not None:
+            recorded.update(calibrated_speedup=prov.calibration.speedup,
+                            calibrated_psnr_db=prov.calibration.psnr_db)
+        return Installed(undo=handle.remove, stats=lambda: {**handle.stats(), **recorded},
+                         reset=handle.reset)
+
+    return Method("ditplan-calibrated", f"target={target:g}x", install,
+                  {"target_speedup": target, "candidates": candidates},
+                  "compile-policy --calibrate on training captions (disjoint from evaluation)")
 
 
 def _is_dense(plan: Plan) -> bool:

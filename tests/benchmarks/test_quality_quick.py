@@ -13,11 +13,13 @@ from benchmarks.quality.results import read_rows
 FAMILIES = {
     "dense", "ditplan", "ditplan-sparse-only", "ditplan-cache-only", "rainfusion2",
     "window-static", "profilingdit", "diffusers-fbc", "diffusers-pab", "diffusers-fastercache",
-    "diffusers-taylorseer", "diffusers-magcache",
+    "diffusers-taylorseer", "diffusers-magcache", "ditplan-calibrated",
 }
 # A tiny random model attends uniformly, so no density keeps the recall the presets ask for and
 # the sparse-only ablation compiles to an all-dense plan: the harness reports it not applicable.
 MAY_BE_DENSE = {"ditplan-sparse-only"}
+# Two calibrated candidates on a busy 2-core CPU may both measure under the 1.5x asked for.
+MAY_MISS = {"ditplan-calibrated": "no calibrated candidate reaches"}
 # 4 frames x 16 x 16 px -> 4 x 8 x 8 tokens = 4 blocks of 64; 4 steps with CFG (quick preset).
 WORKLOAD = ["--frames", "4", "--height", "16", "--width", "16", "--block-size", "64"]
 
@@ -44,10 +46,12 @@ def test_every_family_ran_with_finite_metrics(out):
     assert not [(r["method"], r.get("reason")) for r in rows if r["status"] == "failed"]
     ok = [r for r in rows if r["status"] == "ok"]
     ran = {r["family"] for r in ok}
-    assert FAMILIES - MAY_BE_DENSE <= ran <= FAMILIES
+    assert FAMILIES - MAY_BE_DENSE - set(MAY_MISS) <= ran <= FAMILIES
     for row in rows:
         if row["family"] in MAY_BE_DENSE and row["status"] != "ok":
             assert "keeps every layer dense" in row["reason"], row
+        if row["family"] in MAY_MISS and row["status"] != "ok":
+            assert MAY_MISS[row["family"]] in row["reason"], row
     for row in ok:
         assert _finite(row["speedup"]) and row["speedup"] > 0, row["method"]
         assert 0.0 <= row["caption_accuracy"] <= 1.0

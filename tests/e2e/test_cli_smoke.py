@@ -19,9 +19,8 @@ def _run(model_dir, out, *args: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def plan_path(model_dir, tmp_path_factory):
-    work = tmp_path_factory.mktemp("flow")
-    traces = work / "traces"
+def traces_dir(model_dir, tmp_path_factory):
+    traces = tmp_path_factory.mktemp("flow") / "traces"
     profile = [
         "profile",
         "--model",
@@ -42,7 +41,13 @@ def plan_path(model_dir, tmp_path_factory):
         *WORKLOAD,
     ]
     assert main(profile) == 0
-    plan = work / "plan.json"
+    return traces
+
+
+@pytest.fixture(scope="module")
+def plan_path(traces_dir):
+    traces = traces_dir
+    plan = traces.parent / "plan.json"
     assert main(["compile-policy", str(traces), "--out", str(plan), "--quality", "fast"]) == 0
     return plan
 
@@ -116,3 +121,35 @@ def test_missing_ffmpeg_keeps_metrics_and_frames(model_dir, tmp_path, capsys, mo
     assert "pip install imageio-ffmpeg" in capsys.readouterr().err
     assert (out / "metrics.json").exists() and (out / "frames.png").exists()
     assert not list(out.glob("*.mp4*"))  # no partial video
+
+
+def test_calibrated_compile_measures_candidates_and_resumes(model_dir, traces_dir, tmp_path,
+                                                            capsys, monkeypatch):
+    plan = tmp_path / "calibrated.json"
+    argv = ["compile-policy", str(traces_dir), "--out", str(plan), "--min-psnr", "5",
+            "--calibrate", "--model", str(model_dir), "--device", "cpu", "--candidates", "3",
+            "--calibration-prompts", "a blue square quickly moves up"]
+    assert main(argv) == 0
+    said = capsys.readouterr().out
+    assert "measured" in said and "best of 3 candidates" in said
+    calibration = json.loads(plan.read_text())["provenance"]["calibration"]
+    assert calibration["prompts"] == 1 and calibration["psnr_db"] >= 5
+    record = tmp_path / "calibrated.calibration.jsonl"
+    assert len(record.read_text().splitlines()) == 3
+    # resumed: every candidate is read back, nothing is generated again
+    from ditplan.runtime import calibrate
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished candidate was measured again")
+
+    monkeypatch.setattr(calibrate.Calibrator, "measure", refuse)
+    again = tmp_path / "again.json"
+    assert main([*argv[:3], str(again), *argv[4:], "--calibration-record", str(record)]) == 0
+    assert json.loads(again.read_text())["provenance"]["calibration"] == calibration
+
+
+def test_calibrate_needs_a_target(traces_dir, tmp_path, capsys):
+    argv = ["compile-policy", str(traces_dir), "--out", str(tmp_path / "p.json"), "--calibrate"]
+    assert main(argv) == 1
+    assert "--calibrate needs --target-speedup" in capsys.readouterr().err
+    assert not (tmp_path / "p.json").exists()
