@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.quality import caches
+from benchmarks.quality.cachedit import cachedit_methods
 from benchmarks.quality.methods import (
     RAINFUSION_DENSE_FRACTION,
     Method,
@@ -28,13 +29,14 @@ from benchmarks.quality.window import static_window
 
 FULL_GRID = dict(
     presets=("high", "balanced", "fast"), targets=(1.5, 2.0, 3.0), calibrated=(1.5, 2.0, 3.0),
-    candidates=12,
+    candidates=8, cachedit=(0.08, 0.12, 0.24),
     ablation_presets=("balanced", "fast"), densities=(0.5, 0.2, 0.1), intervals=(2, 4, 6),
     fbc=(0.05, 0.1, 0.2), pab=(2, 3, 4), faster=(2, 3, 4), taylor=(2, 3, 5),
     mag=(0.03, 0.06, 0.12, 0.24),
 )
 QUICK_GRID = dict(
     presets=("balanced", "fast"), targets=(1.5,), calibrated=(1.5,), candidates=2,
+    cachedit=(0.24,),
     ablation_presets=("fast",), densities=(0.2,),
     intervals=(2,), fbc=(0.1,), pab=(2,), faster=(2,), taylor=(2,), mag=(0.06,),
 )
@@ -64,7 +66,8 @@ def build_methods(ctx: CatalogContext, quick: bool) -> list[Method]:
     speed targets and ablations (the order a time-limited, resumable run covers them in)."""
     grid = QUICK_GRID if quick else FULL_GRID
     return [dense_repeat(), *_ditplan_calibrated(ctx, grid), *_ditplan_presets(ctx, grid),
-            *_diffusers(ctx, grid), *_published(ctx, grid), *_ditplan_variants(ctx, grid)]
+            *_diffusers(ctx, grid), *cachedit_methods(ctx, grid["cachedit"]),
+            *_published(ctx, grid), *_ditplan_variants(ctx, grid)]
 
 
 def _ditplan_calibrated(ctx: CatalogContext, grid: dict) -> list[Method]:
