@@ -4,7 +4,8 @@ Per block evaluation (block x step x CFG context) the proxy adds: on sparse step
 mass the layer's mask is expected to lose (1 - mean predicted recall at its density); on steps a
 run skips, the relative-L1 change its blocks' residuals accumulate since the run last computed,
 times a prior for the skip kind (SKIP_ERROR: a forecast follows the trend, so it drifts less than
-a reuse). Each CFG branch is weighted by its share of the guided output (w and w - 1 of 2w - 1).
+a reuse, but its extrapolation error also grows with the steps since the last compute: times
+that count). Each CFG branch is weighted by its share of the guided output (w and w - 1 of 2w - 1).
 The total is divided by the number of block evaluations. It orders candidate plans; it is not a
 pixel metric: ``compile-policy --calibrate`` measures PSNR by running the best candidates.
 """
@@ -55,13 +56,16 @@ def run_drift(profile: Profile, run: BlockRun, context: str) -> float:
     each weighted by its skip kind's prior."""
     change = run_curve(profile, run.blocks, profile.contexts.index(context))  # [T]
     kind = {FORECAST: f"F{run.order}"}
-    total, accumulated = 0.0, 0.0
+    total, accumulated, gap = 0.0, 0.0, 0
     for step, action in enumerate(run.actions(context)):
         if action == COMPUTE:
-            accumulated = 0.0
+            accumulated, gap = 0.0, 0
             continue
         accumulated += float(change[step])
-        total += accumulated * SKIP_ERROR[kind.get(action, action)]
+        gap += 1
+        # a forecast's extrapolation error grows with its distance from the last compute
+        stretch = gap if action == FORECAST else 1
+        total += accumulated * SKIP_ERROR[kind.get(action, action)] * stretch
     return total
 
 

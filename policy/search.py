@@ -24,9 +24,12 @@ from ditplan.policy.plan import COMPUTE, FORECAST, REUSE, BlockRun
 SCOPES = ("stack", "tail")
 # (skip action, forecast order) pairs searched
 SKIP_KINDS = ((REUSE, 1), (FORECAST, 1), (FORECAST, 2))
+# Forecast variables: the step index (TaylorSeer), and sigma where the traces record it (a
+# shifted flow schedule's steps are unevenly spaced in sigma)
+VARIABLES = ("step", "sigma")
 THRESHOLD_SCALES = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)  # x the curve's mid-run plateau
-MAX_SKIPS = (2, 3, 5)
-UNCOND_EVERY = (1, 2, 3)
+MAX_SKIPS = (2, 3, 4, 5)
+UNCOND_EVERY = (1, 2)
 COOLDOWNS = (0, 1)
 WARMUP_FRACTIONS = (0.1, 0.05)  # searched besides the warm-up the traces settle at
 
@@ -43,10 +46,12 @@ class RunChoice:
     uncond_every: int
     warmup: int
     cooldown: int
+    variable: str = "step"
 
     @property
     def label(self) -> str:
         kind = "reuse" if self.skip == REUSE else f"forecast{self.order}"
+        kind += "-sigma" if self.variable == "sigma" else ""
         cfg = f" uncond/{self.uncond_every}" if self.uncond_every > 1 else ""
         return (f"{self.scope} {kind} t={self.threshold:.3g} skip<={self.max_skip} "
                 f"warmup={self.warmup} cooldown={self.cooldown}{cfg}")
@@ -108,7 +113,7 @@ def build_run(profile: Profile, choice: RunChoice) -> BlockRun:
     schedule = {c: "".join(COMPUTE if m else choice.skip for m in mask)
                 for c, mask in masks.items()}
     return BlockRun(blocks=blocks, schedule=schedule, order=choice.order,
-                    target="residual")
+                    target="residual", variable=choice.variable)
 
 
 def plateau_of(profile: Profile, scope: str) -> float:
@@ -125,12 +130,16 @@ def run_choices(profile: Profile, warmup: int) -> list[RunChoice]:
     choices = []
     uncond = UNCOND_EVERY if len(profile.contexts) > 1 else (1,)
     warmups = sorted({warmup, *(max(1, math.ceil(f * profile.steps)) for f in WARMUP_FRACTIONS)})
+    variables = VARIABLES if profile.metadata.workload.sigmas else VARIABLES[:1]
     for scope in SCOPES:
         if scope == "tail" and len(profile.blocks) < 2:
             continue
         level = max(plateau_of(profile, scope), 1e-6)
-        for (skip, order), scale, max_skip, every, start, cooldown in itertools.product(
-                SKIP_KINDS, THRESHOLD_SCALES, MAX_SKIPS, uncond, warmups, COOLDOWNS):
+        for (skip, order), scale, max_skip, every, start, cooldown, variable in (
+                itertools.product(SKIP_KINDS, THRESHOLD_SCALES, MAX_SKIPS, uncond, warmups,
+                                  COOLDOWNS, variables)):
+            if variable == "sigma" and skip == REUSE:
+                continue  # a reuse has no variable
             choices.append(RunChoice(scope, skip, order, level * scale, max_skip, every,
-                                     start, cooldown))
+                                     start, cooldown, variable))
     return choices

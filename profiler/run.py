@@ -17,6 +17,7 @@ finished, so an interrupted run resumes with the next unit.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -86,7 +87,7 @@ def profile_pipeline(config: ProfileConfig, *, pipe=None) -> list[Path]:
     todo = [u for u in units if not manifest.is_finished(unit_name(u[0], u[2]))]
     logger.info("profiling %d of %d (prompt, seed) units in %s mode", len(todo), len(units), mode)
     passes = 2 if mode == "sample" else 1
-    static = _static_metadata(pipe.transformer, config, mode) if todo else {}
+    static = _static_metadata(pipe, config, mode) if todo else {}
     with tqdm(total=len(todo) * config.steps * passes, desc="profile", unit="step",
               disable=not config.progress) as bar:
         for prompt_index, prompt, seed in todo:
@@ -161,14 +162,25 @@ def _chain(callbacks: list[Callable]) -> Callable:
     return on_step_end
 
 
-def _static_metadata(transformer, config: ProfileConfig, mode: str) -> dict:
+def scheduler_sigmas(scheduler, steps: int) -> tuple[float, ...] | None:
+    """The sigma of each of ``steps`` steps (a copy of the scheduler is set), or None when the
+    scheduler has no sigmas."""
+    scheduler = copy.deepcopy(scheduler)
+    scheduler.set_timesteps(steps, device="cpu")
+    sigmas = getattr(scheduler, "sigmas", None)
+    return None if sigmas is None else tuple(float(s) for s in sigmas[:steps])
+
+
+def _static_metadata(pipe, config: ProfileConfig, mode: str) -> dict:
+    transformer = pipe.transformer
     settings = config.recorder_settings().to_metadata()
     method = (foreground.GROUND_TRUTH_METHOD if mode == "clip"
               else foreground.ESTIMATE_METHOD)
     settings.update(mode=mode, foreground=method, dtype=config.dtype)
     return dict(fingerprint=ModelFingerprint(**model_fingerprint(transformer, with_weights=True)),
                 settings=settings, versions=library_versions(),
-                adapter=get_adapter(transformer), transformer=transformer)
+                adapter=get_adapter(transformer), transformer=transformer,
+                sigmas=scheduler_sigmas(pipe.scheduler, config.steps))
 
 
 def _metadata(run_id: str, static: dict, recorder: ProfileRecorder,
@@ -176,7 +188,8 @@ def _metadata(run_id: str, static: dict, recorder: ProfileRecorder,
     model = static["adapter"].model_config(static["transformer"], recorder.text_len)
     workload = Workload(steps=config.steps, height=config.height, width=config.width,
                         frames=config.frames, guidance_scale=config.guidance_scale,
-                        cfg=config.cfg, tokens_grid=recorder.layout.grid)
+                        cfg=config.cfg, tokens_grid=recorder.layout.grid,
+                        sigmas=static["sigmas"])
     return TraceMetadata(run_id=run_id, fingerprint=static["fingerprint"],
                          model_config=ModelConfig(**model), workload=workload,
                          profiler_settings=static["settings"],

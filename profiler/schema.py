@@ -151,9 +151,13 @@ class Workload:
     guidance_scale: float
     cfg: bool
     tokens_grid: tuple[int, int, int]
+    # The scheduler's sigma at each step [steps] (traces from before 2026-11-30 lack it: None)
+    sigmas: tuple[float, ...] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "tokens_grid", tuple(self.tokens_grid))
+        if self.sigmas is not None:
+            object.__setattr__(self, "sigmas", tuple(float(s) for s in self.sigmas))
 
     @property
     def num_tokens(self) -> int:

@@ -32,7 +32,7 @@ from ditplan.runtime.video_metrics import compare_videos
 logger = logging.getLogger(__name__)
 
 CALIBRATION_PROMPT = "a red circle slowly moves right"  # a training caption, as profiling uses
-CALIBRATION_CAPTIONS = 8  # training-distribution captions --calibrate measures plans on
+CALIBRATION_CAPTIONS = 16  # training-distribution captions --calibrate measures plans on
 BATCHED = "|batched"  # quality rows of batched runs do not mix with older per-sample rows
 TIMED_CALLS = 1  # batched generations timed per method after the warm-up (GPU: ~8 s each)
 CAPTION_KEYS = ("caption_accuracy", "colour_accuracy", "shape_accuracy", "direction_cos_mean")
@@ -182,9 +182,9 @@ def run_quality(config: QualityConfig) -> list[dict]:
 
 
 def calibration_captions(n: int) -> tuple[str, ...]:
-    """``n`` captions from the training distribution (held-out combinations excluded), so the
-    plans are calibrated on prompts disjoint from the evaluation captions."""
-    attributes = sample_attributes(n, torch.Generator().manual_seed(2026), max_sprites=2)
+    """``n`` single-sprite captions like the evaluation ones, but from the training distribution
+    (held-out combinations excluded), so calibration never sees an evaluation caption."""
+    attributes = sample_attributes(n, torch.Generator().manual_seed(2026), max_sprites=1)
     return tuple(captions_for(attributes))
 
 

@@ -16,6 +16,11 @@ def resample_steps(new_steps: int, old_steps: int) -> list[int]:
     return [min(old_steps - 1, round(s * scale)) for s in range(new_steps)]
 
 
+def _resampled(sigmas, steps_from) -> tuple[float, ...] | None:
+    """The source schedule's sigmas at the source steps each target step is drawn from."""
+    return None if sigmas is None else tuple(sigmas[s] for s in steps_from)
+
+
 def _spec(spec: AttentionSpec, source: list[int]) -> AttentionSpec:
     dense = tuple(s for s, old in enumerate(source) if old in spec.dense_steps)
     return dataclasses.replace(spec, dense_steps=dense, head_densities=None)
@@ -50,7 +55,8 @@ def transfer_plan(plan: Plan, transformer, *, steps: int, latents_shape: tuple[i
     _, _, frames, height, width = latents_shape
     workload = Workload(steps=steps, height=height, width=width, frames=frames,
                         guidance_scale=guidance_scale, cfg=guidance_scale > 1,
-                        tokens_grid=layout.grid)
+                        tokens_grid=layout.grid, sigmas=_resampled(plan.workload.sigmas,
+                                                                   steps_from))
     roles = dataclasses.replace(plan.provenance.roles, margins={})
     return Plan(identity=ModelIdentity(type(transformer).__name__, config_hash(transformer)),
                 workload=workload, provenance=dataclasses.replace(plan.provenance, roles=roles),

@@ -119,3 +119,18 @@ def test_pareto_front_is_not_dominated(traces):
         assert any(f.speedup >= d.speedup and f.error <= d.error for f in front)
     for f in front:
         assert not any(d.speedup > f.speedup and d.error < f.error for d in designs)
+
+
+def test_sigma_forecasts_are_searched_only_where_traces_record_sigmas(traces):
+    from ditplan.policy.load_profile import load_profile
+    from ditplan.policy.search import run_choices
+
+    profile = load_profile(traces)
+    assert profile.metadata.workload.sigmas is None
+    assert {c.variable for c in run_choices(profile, 2)} == {"step"}
+    work = dataclasses.replace(profile.metadata.workload, sigmas=tuple(np.linspace(1, 0.1, 16)))
+    with_sigmas = dataclasses.replace(profile, metadata=dataclasses.replace(
+        profile.metadata, workload=work))
+    choices = run_choices(with_sigmas, 2)
+    assert {c.variable for c in choices} == {"step", "sigma"}
+    assert all(c.skip == "F" for c in choices if c.variable == "sigma")

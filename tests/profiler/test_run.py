@@ -38,6 +38,9 @@ def test_clip_mode_writes_every_table_matching_the_schema(tmp_path, reference_pi
     assert meta.workload.tokens_grid == (4, 8, 8) and meta.workload.cfg
     assert meta.profiler_settings["mode"] == "clip"
     assert meta.fingerprint.weights_hash is not None
+    reference_pipe.scheduler.set_timesteps(STEPS)
+    expected = reference_pipe.scheduler.sigmas[:STEPS].tolist()
+    assert meta.workload.sigmas == pytest.approx(expected) and expected[0] > expected[-1] > 0
     stats = traces.tables["attention_stats"]
     fraction = stats["foreground_fraction"].to_pylist()
     assert min(fraction) > 0 and len(set(fraction)) == 1  # ground truth: one mask per clip

@@ -116,3 +116,30 @@ def test_runs_must_be_consecutive_existing_blocks():
         )
     with pytest.raises(ValueError, match="does not have"):
         install_block_runs(named_blocks(model), [BlockRun(("blocks.7",), {})], tracker)
+
+
+@pytest.mark.parametrize("variable", ["sigma", "step"])
+def test_forecast_in_sigma_is_exact_for_a_residual_linear_in_sigma(variable):
+    # The toy residual of blocks 1..2 is affine in t, and t is set to a multiple of sigma: with
+    # unevenly spaced sigmas an order-1 forecast in sigma is exact, one in step index is not.
+    sigmas = (1.0, 0.9, 0.75, 0.55, 0.3, 0.05)
+    model = ToyModel()
+    tracker = install_step_tracker(model)
+    run = BlockRun(("blocks.1", "blocks.2"), {"cond": "CCFFCF"}, variable=variable)
+    (state,) = install_block_runs(named_blocks(model), [run], tracker, positions=sigmas)
+    hidden = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
+    outputs = []
+    for step, sigma in enumerate(sigmas):
+        with model.cache_context("cond", step_index=step):
+            outputs.append(model(hidden, torch.full((1,), 10.0 * sigma)))
+    remove_block_runs(named_blocks(model))
+    remove_step_tracker(model)
+    assert state.forecast_calls == 3
+    exact = [reference_output(model, hidden, torch.full((1,), 10.0 * s), False, None)
+             for s in sigmas]
+    errors = [float((o - e).abs().max()) for o, e in zip(outputs, exact, strict=True)]
+    assert errors[0] == errors[1] == errors[4] == 0.0  # computed steps
+    if variable == "sigma":
+        assert max(errors) < 1e-4
+    else:
+        assert min(errors[2], errors[3], errors[5]) > 1e-2
