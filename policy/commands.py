@@ -55,7 +55,7 @@ def register(subparsers) -> None:
                              help="JSONL of finished measurements, to resume (default: next "
                                   "to --out)")
     calibration.add_argument("--backend", default="auto",
-                             choices=["auto", "flex", "torch", "dense"])
+                             choices=["auto", "fa4", "flex", "torch", "dense"])
     compile_.set_defaults(handler=run_compile_policy)
 
     plan = subparsers.add_parser("plan", help="inspect plan files")

@@ -57,7 +57,7 @@ class Design:
     runs: tuple[BlockRun, ...]
     speedup: float
     error: float
-    label: str = "preset"
+    label: str
 
     @property
     def family(self) -> str:
@@ -120,7 +120,7 @@ def search_designs(profile: Profile, roles: dict[str, str], config: CompilerConf
         if recall is not None and all(lp.attention.is_dense for lp in layers.values()):
             continue  # the traces support no sparsity at this recall: same as dense
         specs = {b: lp.attention for b, lp in layers.items()}
-        for choice in run_choices(profile, warmup):
+        for choice in run_choices(profile, warmup, config.search_sigma):
             runs = (build_run(profile, choice),)
             label = choice.label + ("" if recall is None else f" recall={recall}")
             designs.append(Design(config, layers, runs,
@@ -223,7 +223,9 @@ def design(profile: Profile, roles: dict[str, str], config: CompilerConfig,
     specs = {b: lp.attention for b, lp in layers.items()}
     speedup = cost.predict_speedup(specs, runs, profile.steps, profile.contexts)
     error = predicted_error(profile, specs, runs)
-    return Design(config, layers, runs, speedup, error)
+    label = (f"background recall={config.recall_target} refresh={config.t_max}->{config.t_min}"
+             if config.caching else f"attention-only recall={config.recall_target}")
+    return Design(config, layers, runs, speedup, error, label)
 
 
 def _pooled_curves(profile: Profile) -> list[np.ndarray]:

@@ -48,6 +48,7 @@ class CompilerConfig:
     target_speedup: float | None = None
     min_psnr: float | None = None  # with --calibrate: the fastest plan measuring at least this
     calibrate_candidates: int = 12  # candidate plans --calibrate measures
+    search_sigma: bool = False  # also search forecasts in sigma (traces with sigmas only)
     roles: dict[str, str] = field(default_factory=dict)
     all_roles: str | None = None
     densities: dict[str, float] = field(default_factory=dict)

@@ -24,8 +24,10 @@ from ditplan.policy.plan import COMPUTE, FORECAST, REUSE, BlockRun
 SCOPES = ("stack", "tail")
 # (skip action, forecast order) pairs searched
 SKIP_KINDS = ((REUSE, 1), (FORECAST, 1), (FORECAST, 2))
-# Forecast variables: the step index (TaylorSeer), and sigma where the traces record it (a
-# shifted flow schedule's steps are unevenly spaced in sigma)
+# Forecast variables: the step index (TaylorSeer), and, when asked (CompilerConfig.search_sigma)
+# and the traces record it, sigma. On the reference model's shifted flow schedule every sigma
+# forecast measured 1-3 dB under its step-index twin (2-core CPU, 16 steps; BENCHMARKS.md), so
+# sigma is not searched by default.
 VARIABLES = ("step", "sigma")
 THRESHOLD_SCALES = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)  # x the curve's mid-run plateau
 MAX_SKIPS = (2, 3, 4, 5)
@@ -124,13 +126,14 @@ def plateau_of(profile: Profile, scope: str) -> float:
     return float(np.median(middle)) if len(middle) else 0.0
 
 
-def run_choices(profile: Profile, warmup: int) -> list[RunChoice]:
+def run_choices(profile: Profile, warmup: int, sigma: bool = False) -> list[RunChoice]:
     """Every step-level candidate for these traces (thresholds scaled to each scope's curve;
-    warm-ups: ``warmup``, where the traces settle, and the shorter WARMUP_FRACTIONS)."""
+    warm-ups: ``warmup``, where the traces settle, and the shorter WARMUP_FRACTIONS; forecasts
+    in sigma too with ``sigma`` when the traces record sigmas)."""
     choices = []
     uncond = UNCOND_EVERY if len(profile.contexts) > 1 else (1,)
     warmups = sorted({warmup, *(max(1, math.ceil(f * profile.steps)) for f in WARMUP_FRACTIONS)})
-    variables = VARIABLES if profile.metadata.workload.sigmas else VARIABLES[:1]
+    variables = VARIABLES if sigma and profile.metadata.workload.sigmas else VARIABLES[:1]
     for scope in SCOPES:
         if scope == "tail" and len(profile.blocks) < 2:
             continue

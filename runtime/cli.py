@@ -38,7 +38,7 @@ def _add_run(subparsers) -> None:
     p.add_argument("--frames", type=_positive_int)
     p.add_argument("--guidance-scale", type=_positive_float)
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--backend", default="auto", choices=["auto", "flex", "torch", "dense"])
+    p.add_argument("--backend", default="auto", choices=["auto", "fa4", "flex", "torch", "dense"])
     p.add_argument("--out", type=Path, default=Path("out"), help="output folder")
     p.add_argument(
         "--compare-dense",

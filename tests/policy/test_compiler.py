@@ -75,7 +75,7 @@ def search_designs_for(traces):
 
 def test_target_speedup_picks_least_error_that_reaches_it(traces, plan):
     designs = search_designs_for(traces)
-    assert any(d.label != "preset" for d in designs)  # step-level runs are searched too
+    assert any(d.family in ("stack forecast1", "tail reuse") for d in designs)  # step-level too
     target = float(np.median([d.speedup for d in designs]))
     chosen = compile_policy(traces, CompilerConfig.from_name("balanced", target_speedup=target))
     assert chosen.provenance.predicted_speedup >= target - 1e-5  # plan floats: 6 digits

@@ -131,6 +131,7 @@ def test_sigma_forecasts_are_searched_only_where_traces_record_sigmas(traces):
     work = dataclasses.replace(profile.metadata.workload, sigmas=tuple(np.linspace(1, 0.1, 16)))
     with_sigmas = dataclasses.replace(profile, metadata=dataclasses.replace(
         profile.metadata, workload=work))
-    choices = run_choices(with_sigmas, 2)
+    assert {c.variable for c in run_choices(with_sigmas, 2)} == {"step"}  # not by default
+    choices = run_choices(with_sigmas, 2, sigma=True)
     assert {c.variable for c in choices} == {"step", "sigma"}
     assert all(c.skip == "F" for c in choices if c.variable == "sigma")

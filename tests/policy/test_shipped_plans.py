@@ -1,0 +1,49 @@
+"""The shipped calibrated plan is one the compiler searches from the shipped traces, and says
+what calibration measured."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ditplan.policy.classify import classify_roles
+from ditplan.policy.compiler import search_designs
+from ditplan.policy.config import CompilerConfig
+from ditplan.policy.cost import CostModel
+from ditplan.policy.load_profile import load_profile
+from ditplan.policy.plan_io import load_plan
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
+TRACES = ARTIFACTS / "traces" / "ditplan-ref-t2v"
+CALIBRATED = ARTIFACTS / "plans" / "ditplan-ref-t2v-calibrated.json"
+
+
+@pytest.fixture(scope="module")
+def plan():
+    return load_plan(CALIBRATED)
+
+
+def test_calibrated_plan_records_its_measurement(plan):
+    calibration = plan.provenance.calibration
+    assert calibration is not None and calibration.device == "cpu"
+    assert calibration.psnr_db >= plan.provenance.compiler_settings["min_psnr"]
+    assert calibration.speedup >= 1.5 and calibration.candidates > 1
+
+
+def test_calibrated_plan_is_a_design_of_the_shipped_traces(plan):
+    profile = load_profile(TRACES)
+    assert plan.provenance.trace_hash == profile.trace_hash
+    settings = dict(plan.provenance.compiler_settings)
+    settings.pop("design")
+    config = CompilerConfig(**settings)
+    roles = classify_roles(profile, config).roles
+    meta = profile.metadata
+    cost = CostModel.for_model(meta.model_config, meta.workload.num_tokens, profile.densities,
+                               profile.kept_fraction)
+    designs = [d for d in search_designs(profile, roles, config, cost)
+               if d.label == plan.provenance.compiler_settings["design"]]
+    assert len(designs) == 1, "the compiler no longer searches this plan: recalibrate it"
+    assert designs[0].runs == plan.runs
+    assert {b: lp.attention for b, lp in designs[0].layers.items()} == {
+        b: lp.attention for b, lp in plan.layers.items()}
