@@ -47,3 +47,12 @@ def test_calibrated_plan_is_a_design_of_the_shipped_traces(plan):
     assert designs[0].runs == plan.runs
     assert {b: lp.attention for b, lp in designs[0].layers.items()} == {
         b: lp.attention for b, lp in plan.layers.items()}
+
+
+@pytest.mark.parametrize("target", [2.0, 3.0])
+def test_shipped_traces_reach_2x_and_3x_targets(target):
+    from ditplan.policy.compiler import compile_policy
+
+    plan = compile_policy(TRACES, CompilerConfig.from_name("balanced", target_speedup=target))
+    assert plan.provenance.predicted_speedup >= target
+    assert any(set("".join(r.schedule.values())) - {"C"} for r in plan.runs)
