@@ -13,19 +13,28 @@ from ditplan.runtime.sparse import apply_sparse_attention
 from tests.factories import run_cfg_steps, tiny_wan, tiny_wan_inputs, tiny_wan_plan
 
 
+def _eager_then_compiled_twice(model, plan, generate):
+    """Outputs of ``generate(model)`` eagerly, then compiled twice, with ``plan`` applied; and
+    the graph count after the first compiled generation. Returns (eager, first, second, graphs).
+    """
+    handle = apply_plan(model, plan, backend="dense")  # the backend without host syncs on CPU
+    eager = generate(model)
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(model, backend="eager")
+    first = generate(compiled)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    second = generate(compiled)
+    handle.remove()
+    return eager, first, second, graphs
+
+
 def test_plan_traces_without_breaks_and_second_generation_reuses_every_graph():
     torch._dynamo.reset()
     model, inputs = tiny_wan(), tiny_wan_inputs(frames=3, height=16, width=24)
     plan = tiny_wan_plan(model, steps=6, cache_compute=(True, False, True, False, False, True))
-    handle = apply_plan(model, plan, backend="dense")  # the backend without host syncs on CPU
-    eager = run_cfg_steps(model, inputs, 6)
+    eager, first, second, graphs_after_first = _eager_then_compiled_twice(
+        model, plan, lambda m: run_cfg_steps(m, inputs, 6))
     counters = torch._dynamo.utils.counters
-    counters.clear()
-    compiled = torch.compile(model, backend="eager")
-    first = run_cfg_steps(compiled, inputs, 6)
-    graphs_after_first = counters["stats"]["unique_graphs"]
-    second = run_cfg_steps(compiled, inputs, 6)
-    handle.remove()
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] == graphs_after_first  # no recompiles
     # At most one graph per CFG context x (dense or sparse) x (compute or reuse): 2 x 2 x 2.
@@ -42,20 +51,27 @@ def test_forecast_plan_compiles_once_and_matches_eager():
     model, inputs = tiny_wan(), tiny_wan_inputs(frames=3, height=16, width=24)
     plan = tiny_wan_plan(model, steps=8, densities=(1.0, 1.0), dense_steps=())
     run = BlockRun(("blocks.0", "blocks.1"), dict.fromkeys(("cond", "uncond"), "CCFCFFCF"))
-    handle = apply_plan(model, dataclasses.replace(plan, runs=(run,)), backend="dense")
-    eager = run_cfg_steps(model, inputs, 8)
-    counters = torch._dynamo.utils.counters
-    counters.clear()
-    compiled = torch.compile(model, backend="eager")
-    first = run_cfg_steps(compiled, inputs, 8)
-    graphs_after_first = counters["stats"]["unique_graphs"]
-    second = run_cfg_steps(compiled, inputs, 8)
-    handle.remove()
-    assert counters["stats"]["unique_graphs"] == graphs_after_first  # no recompiles
+
+    def generate(m):  # the timestep moves, so the residuals change from step to step
+        outs = []
+        with torch.no_grad():
+            for step in range(8):
+                for context in ("cond", "uncond"):
+                    with m.cache_context(context, step_index=step):
+                        t = torch.tensor([900 - 100 * step])
+                        outs.append(m(**{**inputs, "timestep": t}).sample)
+        return outs
+
+    eager, first, second, graphs = _eager_then_compiled_twice(
+        model, dataclasses.replace(plan, runs=(run,)), generate)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # no recompiles
     for e, a, b in zip(eager, first, second, strict=True):
         torch.testing.assert_close(a, e, rtol=0, atol=0)
         torch.testing.assert_close(b, a, rtol=0, atol=0)
-    assert not torch.equal(eager[4], eager[2])  # step 2 forecast differs from a reuse
+    with torch.no_grad(), model.cache_context("cond", step_index=2):
+        computed = model(**{**inputs, "timestep": torch.tensor([700])}).sample
+    forecast, previous = eager[4], eager[2]  # cond at step 2 (forecast) and step 1 (computed)
+    assert 0 < (forecast - computed).abs().max() < (previous - computed).abs().max()
 
 
 def test_compiling_before_any_eager_call_works_and_stops_compiling():
