@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from ditplan.runtime.reference.attributes import (
+from ditplan.reference.attributes import (
     COLOURS,
     DIRECTIONS,
     SHAPES,
@@ -25,8 +25,8 @@ from ditplan.runtime.reference.attributes import (
     SpriteAttributes,
     clause,
 )
-from ditplan.runtime.reference.clips import ClipBatch, ClipSpec, render_clips
-from ditplan.runtime.reference.flow import noisy_sample
+from ditplan.reference.clips import ClipBatch, ClipSpec, render_clips
+from ditplan.reference.flow import noisy_sample
 
 _COMBINATIONS = itertools.product(*(range(len(t)) for t in (COLOURS, SHAPES, DIRECTIONS, SPEEDS)))
 _CLAUSES = {clause(*combo): combo for combo in _COMBINATIONS}  # one sprite's words -> indices

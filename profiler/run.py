@@ -55,7 +55,7 @@ def run_id_of(identity: dict) -> str:
 
 def resolve_mode(mode: str, pipe) -> str:
     """'clip' or 'sample': auto picks clip for the reference pipeline; clip needs it."""
-    from ditplan.runtime.reference.pipeline import ReferenceVideoPipeline
+    from ditplan.reference.pipeline import ReferenceVideoPipeline
 
     is_reference = isinstance(pipe, ReferenceVideoPipeline)
     if mode == "clip" and not is_reference:
@@ -127,7 +127,7 @@ def _profile_unit(pipe, config: ProfileConfig, mode: str, prompt: str, seed: int
 
 def _clip_inputs(pipe, config: ProfileConfig, prompt: str, seed: int, call: dict):
     """Ground-truth mask [tokens] and the teacher-forcing callback; sets call['latents']."""
-    from ditplan.runtime.reference.clips import ClipSpec
+    from ditplan.reference.clips import ClipSpec
 
     device = pipe.transformer.device
     spec = ClipSpec(frames=config.frames, height=config.height, width=config.width)

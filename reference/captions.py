@@ -14,7 +14,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from ditplan.runtime.reference.attributes import caption_vocabulary
+from ditplan.reference.attributes import caption_vocabulary
 
 PAD = "<pad>"
 PAD_ID = 0

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ditplan.runtime.reference.attributes import (
+from ditplan.reference.attributes import (
     SHAPES,
     SpriteAttributes,
     captions_for,
@@ -14,7 +14,7 @@ from ditplan.runtime.reference.attributes import (
     direction_table,
     sample_attributes,
 )
-from ditplan.runtime.reference.backgrounds import render_backgrounds
+from ditplan.reference.backgrounds import render_backgrounds
 
 REFERENCE_SIZE = 48.0  # sizes and speeds below are in pixels of a 48-pixel frame, then scaled
 

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 
 from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 
-from ditplan.runtime.reference.attributes import caption_vocabulary
-from ditplan.runtime.reference.captions import CaptionEncoder
-from ditplan.runtime.reference.clips import ClipSpec
+from ditplan.reference.attributes import caption_vocabulary
+from ditplan.reference.captions import CaptionEncoder
+from ditplan.reference.clips import ClipSpec
 
 MODEL_NAME = "ditplan-ref-t2v"
 

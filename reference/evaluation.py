@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ditplan.runtime.reference.attributes import SpriteAttributes, captions_for, heldout_attributes
-from ditplan.runtime.reference.clips import ClipSpec, render_clips
-from ditplan.runtime.reference.pipeline import ReferenceVideoPipeline
-from ditplan.runtime.reference.scoring import score_clips, summarize, to_frames
+from ditplan.reference.attributes import SpriteAttributes, captions_for, heldout_attributes
+from ditplan.reference.clips import ClipSpec, render_clips
+from ditplan.reference.pipeline import ReferenceVideoPipeline
+from ditplan.reference.scoring import score_clips, summarize, to_frames
 
 logger = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ import torch
 from diffusers import WanTransformer3DModel
 from safetensors.torch import load_file
 
-from ditplan.runtime.reference.captions import CaptionEncoder
-from ditplan.runtime.reference.checkpoint import LOSS_FILE, Checkpoint, CheckpointError
-from ditplan.runtime.reference.config import ModelPreset, build_scheduler
-from ditplan.runtime.reference.pipeline import ReferenceVideoPipeline
+from ditplan.reference.captions import CaptionEncoder
+from ditplan.reference.checkpoint import LOSS_FILE, Checkpoint, CheckpointError
+from ditplan.reference.config import ModelPreset, build_scheduler
+from ditplan.reference.pipeline import ReferenceVideoPipeline
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from ditplan.runtime.reference.captions import CaptionEncoder
+from ditplan.reference.captions import CaptionEncoder
 
 OUTPUT_TYPES = ("pt", "np", "pil", "latent")
 

@@ -17,14 +17,14 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ditplan.runtime.reference.attributes import (
+from ditplan.reference.attributes import (
     COLOUR_NAMES,
     SHAPES,
     SpriteAttributes,
     colour_table,
     direction_table,
 )
-from ditplan.runtime.reference.clips import rasterize_sprites
+from ditplan.reference.clips import rasterize_sprites
 
 FG_THRESHOLD = 0.1  # data margin: palette vs background differ by >= 0.18 (attributes.COLOURS)
 MIN_PIXELS = 6  # smaller components are noise, not sprites

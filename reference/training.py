@@ -20,27 +20,27 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ditplan.runtime.reference.checkpoint import (
+from ditplan.reference.checkpoint import (
     Checkpoint,
     CheckpointError,
     is_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
-from ditplan.runtime.reference.clips import generate_clips
-from ditplan.runtime.reference.config import (
+from ditplan.reference.clips import generate_clips
+from ditplan.reference.config import (
     ModelPreset,
     build_caption_encoder,
     build_transformer,
     get_preset,
 )
-from ditplan.runtime.reference.export import (
+from ditplan.reference.export import (
     MODEL_INDEX_FILE,
     export_pipeline,
     load_export,
     shipped_dtypes,
 )
-from ditplan.runtime.reference.flow import (
+from ditplan.reference.flow import (
     NUM_TRAIN_TIMESTEPS,
     noisy_sample,
     sample_sigmas,

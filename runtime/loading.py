@@ -27,7 +27,7 @@ def _pipeline_class(path: Path):
         index.is_file()
         and json.loads(index.read_text()).get("_class_name") == "ReferenceVideoPipeline"
     ):
-        from ditplan.runtime.reference.pipeline import ReferenceVideoPipeline
+        from ditplan.reference.pipeline import ReferenceVideoPipeline
 
         return ReferenceVideoPipeline
     from diffusers import DiffusionPipeline

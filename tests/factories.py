@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers import WanTransformer3DModel
 
-from ditplan.runtime.reference.config import SMOKE
+from ditplan.reference.config import SMOKE
 
 # The reference model's 2-layer smoke preset: 2 heads of 16, 3 channels, 16-dim text.
 TINY_WAN_CONFIG = dict(SMOKE.transformer)
@@ -104,12 +104,12 @@ def tiny_wan_plan(
 
 def tiny_reference_pipeline():
     """The reference pipeline at the 2-layer SMOKE preset, random weights, fp32 on CPU."""
-    from ditplan.runtime.reference.config import (
+    from ditplan.reference.config import (
         build_caption_encoder,
         build_scheduler,
         build_transformer,
     )
-    from ditplan.runtime.reference.pipeline import ReferenceVideoPipeline
+    from ditplan.reference.pipeline import ReferenceVideoPipeline
 
     torch.manual_seed(0)
     return ReferenceVideoPipeline(

@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CHECK = """
 import importlib.resources as r, sys
-import ditplan.policy, ditplan.profiler, ditplan.runtime
+import ditplan.policy, ditplan.profiler, ditplan.reference, ditplan.runtime
 assert 'torch' not in sys.modules, 'package imports must stay lazy'
 assert (r.files('ditplan.policy') / 'plan.schema.json').is_file()
 models = r.files('ditplan.artifacts') / 'models' / 'ditplan-ref-t2v'

@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     import torch
 
-    from ditplan.runtime.reference.evaluation import eval_settings, evaluate
-    from ditplan.runtime.reference.pipeline import ReferenceVideoPipeline
+    from ditplan.reference.evaluation import eval_settings, evaluate
+    from ditplan.reference.pipeline import ReferenceVideoPipeline
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[

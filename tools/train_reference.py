@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     import torch
 
-    from ditplan.runtime.reference.training import TrainConfig, Trainer
+    from ditplan.reference.training import TrainConfig, Trainer
 
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True

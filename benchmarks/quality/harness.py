@@ -18,15 +18,15 @@ from benchmarks.quality.methods import Method, method_row
 from benchmarks.quality.plans import profile_traces
 from benchmarks.quality.results import QUALITY_FILE, ResultStore, environment
 from benchmarks.quality.workload import Workload
-from ditplan.runtime.calibrate import CalibrationSetup, Calibrator
-from ditplan.runtime.loading import load_pipeline
-from ditplan.runtime.reference.attributes import (
+from ditplan.reference.attributes import (
     SpriteAttributes,
     captions_for,
     heldout_attributes,
     sample_attributes,
 )
-from ditplan.runtime.reference.scoring import score_clips, summarize
+from ditplan.reference.scoring import score_clips, summarize
+from ditplan.runtime.calibrate import CalibrationSetup, Calibrator
+from ditplan.runtime.loading import load_pipeline
 from ditplan.runtime.video_metrics import compare_videos
 
 logger = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ditplan.profiler.config import ProfileConfig
-from ditplan.runtime.reference.pipeline import ReferenceVideoPipeline
+from ditplan.reference.pipeline import ReferenceVideoPipeline
 from tests.factories import tiny_reference_pipeline
 
 

@@ -11,8 +11,8 @@ from ditplan.profiler.clip_inputs import (
     parse_reference_caption,
     reference_clip,
 )
-from ditplan.runtime.reference.attributes import captions_for, sample_attributes
-from ditplan.runtime.reference.clips import ClipSpec
+from ditplan.reference.attributes import captions_for, sample_attributes
+from ditplan.reference.clips import ClipSpec
 
 
 def test_captions_round_trip_through_the_parser():

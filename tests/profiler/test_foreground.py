@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ditplan.profiler import foreground as fgm
-from ditplan.runtime.reference.clips import ClipSpec, generate_clips
+from ditplan.reference.clips import ClipSpec, generate_clips
 
 
 def test_pool_mask_to_tokens_hand_computed():

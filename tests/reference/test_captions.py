@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ditplan.runtime.reference.attributes import caption_vocabulary, captions_for, sample_attributes
-from ditplan.runtime.reference.captions import (
+from ditplan.reference.attributes import caption_vocabulary, captions_for, sample_attributes
+from ditplan.reference.captions import (
     PAD_ID,
     CaptionEncoder,
     CaptionTokenizer,

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import torch
 
-from ditplan.runtime.reference.attributes import (
+from ditplan.reference.attributes import (
     COLOURS,
     DIRECTIONS,
     SHAPES,
@@ -19,7 +19,7 @@ from ditplan.runtime.reference.attributes import (
     heldout_combinations,
     sample_attributes,
 )
-from ditplan.runtime.reference.clips import ClipSpec, _reflect, generate_clips, rasterize_sprites
+from ditplan.reference.clips import ClipSpec, _reflect, generate_clips, rasterize_sprites
 
 SPEC = ClipSpec(frames=8, height=32, width=32)
 

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from ditplan.runtime.reference.config import (
+from ditplan.reference.config import (
     MODEL_NAME,
     SMOKE,
     build_caption_encoder,
     build_scheduler,
     build_transformer,
 )
-from ditplan.runtime.reference.pipeline import ReferenceVideoPipeline
+from ditplan.reference.pipeline import ReferenceVideoPipeline
 
 PROMPTS = ["a red circle slowly moves left", "a blue square quickly moves toward the upper right"]
 SMALL = dict(num_inference_steps=2, num_frames=3, height=8, width=12)

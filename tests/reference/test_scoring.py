@@ -10,17 +10,17 @@ import pytest
 import torch
 from PIL import Image
 
-from ditplan.runtime.reference.attributes import SHAPES, SpriteAttributes, heldout_attributes
-from ditplan.runtime.reference.clips import ClipSpec, rasterize_sprites, render_clips
-from ditplan.runtime.reference.config import (
+from ditplan.reference.attributes import SHAPES, SpriteAttributes, heldout_attributes
+from ditplan.reference.clips import ClipSpec, rasterize_sprites, render_clips
+from ditplan.reference.config import (
     SMOKE,
     build_caption_encoder,
     build_scheduler,
     build_transformer,
 )
-from ditplan.runtime.reference.evaluation import eval_settings, evaluate
-from ditplan.runtime.reference.pipeline import ReferenceVideoPipeline
-from ditplan.runtime.reference.scoring import score_clips, shape_ious, summarize, to_frames
+from ditplan.reference.evaluation import eval_settings, evaluate
+from ditplan.reference.pipeline import ReferenceVideoPipeline
+from ditplan.reference.scoring import score_clips, shape_ious, summarize, to_frames
 
 EVAL_SPEC = ClipSpec(bounce_prob=0.0)
 

@@ -14,17 +14,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ditplan.runtime.reference import export as export_module
-from ditplan.runtime.reference.checkpoint import (
+from ditplan.reference import export as export_module
+from ditplan.reference.checkpoint import (
     Checkpoint,
     CheckpointError,
     load_checkpoint,
     plan_shards,
     save_checkpoint,
 )
-from ditplan.runtime.reference.flow import noisy_sample, sample_sigmas, shift_sigmas
-from ditplan.runtime.reference.pipeline import ReferenceVideoPipeline
-from ditplan.runtime.reference.training import (
+from ditplan.reference.flow import noisy_sample, sample_sigmas, shift_sigmas
+from ditplan.reference.pipeline import ReferenceVideoPipeline
+from ditplan.reference.training import (
     TrainConfig,
     Trainer,
     learning_rate,
@@ -217,7 +217,7 @@ def test_rectified_flow_endpoints_and_sigma_distribution():
 
 
 def test_reference_preset_meets_the_size_and_workload_limits():
-    from ditplan.runtime.reference.config import REFERENCE, build_caption_encoder, build_transformer
+    from ditplan.reference.config import REFERENCE, build_caption_encoder, build_transformer
 
     assert REFERENCE.transformer["num_layers"] >= 8
     assert REFERENCE.video_tokens() == 9216  # >= 8,192 required at the evaluation workload
