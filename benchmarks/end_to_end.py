@@ -30,7 +30,8 @@ from benchmarks.forward import build
 from benchmarks.quality.scale import Denoiser
 from ditplan.policy.compiler import compile_policy
 from ditplan.policy.config import CompilerConfig
-from ditplan.policy.plan import Plan, save_plan
+from ditplan.policy.plan import Plan
+from ditplan.policy.plan_io import save_plan
 from ditplan.profiler.config import RecorderSettings
 from ditplan.profiler.recorders import ProfileRecorder
 from ditplan.profiler.schema import ModelConfig, ModelFingerprint, TraceMetadata, Workload

@@ -5,13 +5,12 @@ A ``Plan`` says, for one model and one workload, how each self-attention layer r
 (up to the whole stack), what each CFG branch does at each denoising step: compute, reuse the
 cached residual, or forecast it (``BlockRun.schedule[context][step]`` in "C", "R", "F"). All
 decisions are static tables, so the runtime reads them without host syncs and every process
-decides alike. JSON I/O lives in ``plan_io``; ``save_plan``/``load_plan`` below are its entry
-points.
+decides alike. This module does not read or write files: JSON I/O (``save_plan``,
+``load_plan``) lives in ``plan_io``, which imports this one and never the other way round.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 PLAN_SCHEMA_VERSION = "3.0"
@@ -357,16 +356,3 @@ def _check_schedule(run: BlockRun, workload: Workload, where: str) -> None:
             raise PlanError(f"{where}.variable: forecasting in sigma needs workload.sigmas with "
                             f"one value per step; {RECOMPILE}")
 
-
-def save_plan(plan: Plan, path: str | os.PathLike) -> None:
-    """Write ``plan`` as canonical JSON, atomically (same plan -> byte-identical file)."""
-    from ditplan.policy.plan_io import save_plan as _save
-
-    _save(plan, path)
-
-
-def load_plan(path: str | os.PathLike) -> Plan:
-    """Read and validate a plan file; any problem raises PlanError naming the field."""
-    from ditplan.policy.plan_io import load_plan as _load
-
-    return _load(path)

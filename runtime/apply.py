@@ -125,7 +125,7 @@ def apply_plan(
 
     Args:
         pipe: a pipeline with a ``.transformer``, or the transformer itself.
-        plan: a loaded :class:`Plan` (see ``ditplan.policy.plan.load_plan``).
+        plan: a loaded :class:`Plan` (see ``ditplan.policy.plan_io.load_plan``).
         backend: attention kernel backend (``auto``, ``flex``, ``torch``, ``dense``).
         check_weights: also compare the weights hash when the plan records one.
 

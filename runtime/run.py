@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ditplan.policy.plan import Plan, PlanError, load_plan
+from ditplan.policy.plan import Plan, PlanError
+from ditplan.policy.plan_io import load_plan
 from ditplan.runtime.apply import apply_plan
 from ditplan.runtime.loading import REFERENCE, load_pipeline
 from ditplan.runtime.outputs import to_uint8, write_contact_sheet, write_json, write_video

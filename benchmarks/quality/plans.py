@@ -14,7 +14,8 @@ from benchmarks.quality.workload import Workload
 from ditplan.policy.compiler import compile_policy
 from ditplan.policy.config import CompilerConfig, CompilerError
 from ditplan.policy.load_profile import load_profile
-from ditplan.policy.plan import Plan, load_plan, save_plan
+from ditplan.policy.plan import Plan
+from ditplan.policy.plan_io import load_plan, save_plan
 from ditplan.runtime.apply import apply_plan
 
 logger = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from benchmarks.end_to_end import main
-from ditplan.policy.plan import load_plan
+from ditplan.policy.plan_io import load_plan
 
 
 def test_quick_run_profiles_compiles_from_flags_and_times_every_variant(tmp_path):

@@ -204,3 +204,12 @@ def test_policy_package_never_imports_torch():
             "import ditplan.policy.show; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_plan_contract_does_not_import_its_reader():
+    """plan.py holds the dataclasses only; plan_io (the reader) imports it, never the reverse."""
+    code = ("import sys, ditplan.policy.plan; "
+            "print('ditplan.policy.plan_io' in sys.modules, "
+            "'ditplan.policy.plan_schema' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False False"

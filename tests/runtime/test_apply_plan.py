@@ -7,7 +7,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from ditplan.policy.plan import PlanError, load_plan, save_plan
+from ditplan.policy.plan import PlanError
+from ditplan.policy.plan_io import load_plan, save_plan
 from ditplan.runtime.apply import apply_plan
 from ditplan.runtime.fingerprint import weights_hash
 from tests.factories import tiny_wan, tiny_wan_inputs, tiny_wan_plan
