@@ -62,13 +62,16 @@ class PlanHandle:
         densities = [
             d for d in (layer.achieved_density() for layer in self.layers) if d is not None
         ]
-        skipped = sum(len(r.run.blocks) * (calls - len(r.computed_steps)) for r in self.runs)
+        # a batched-CFG call evaluates each block once per branch
+        branch_calls = max((r.branch_calls for r in self.runs), default=calls)
+        skipped = sum(len(r.run.blocks) * (r.branch_calls - len(r.computed_steps))
+                      for r in self.runs)
         forecast = sum(len(r.run.blocks) * r.forecast_calls for r in self.runs)
-        evaluations = self.num_blocks * calls
+        evaluations = self.num_blocks * branch_calls
         return {
             "attention_density": sum(densities) / len(densities) if densities else 1.0,
-            "blocks_skipped_share": skipped / evaluations if calls else 0.0,
-            "blocks_forecast_share": forecast / evaluations if calls else 0.0,
+            "blocks_skipped_share": skipped / evaluations if evaluations else 0.0,
+            "blocks_forecast_share": forecast / evaluations if evaluations else 0.0,
             "cache_memory_gib": sum(r.peak_bytes for r in self.runs) / 2**30,
         }
 
@@ -115,7 +118,8 @@ def _check_step(state, plan: Plan) -> None:
 
 
 def apply_plan(
-    pipe, plan: Plan, *, backend: str = "auto", check_weights: bool = True
+    pipe, plan: Plan, *, backend: str = "auto", check_weights: bool = True,
+    cfg_batch_order: tuple[str, ...] = ("uncond", "cond"),
 ) -> PlanHandle:
     """Execute ``plan`` on ``pipe`` (a diffusers pipeline, or its transformer).
 
@@ -128,6 +132,9 @@ def apply_plan(
         plan: a loaded :class:`Plan` (see ``ditplan.policy.plan_io.load_plan``).
         backend: attention kernel backend (``auto``, ``flex``, ``torch``, ``dense``).
         check_weights: also compare the weights hash when the plan records one.
+        cfg_batch_order: for pipelines that batch CFG into one call (no ``cache_context``):
+            the branches stacked along the batch, in order (diffusers' convention:
+            unconditional first). Each part then follows its own branch's schedule.
 
     Returns:
         A :class:`PlanHandle`; ``handle.remove()`` restores the transformer exactly.
@@ -146,6 +153,7 @@ def apply_plan(
     )
     blocks = dict(adapter.blocks(transformer))
     runs = install_block_runs(blocks, plan.runs, tracker, permuter,
-                              positions=plan.workload.sigmas)
+                              positions=plan.workload.sigmas,
+                              batch_order=cfg_batch_order if plan.workload.cfg else None)
     logger.info("plan applied: %d sparse attention layers, %d block runs", len(layers), len(runs))
     return PlanHandle(transformer, tracker, layers, runs, len(blocks), originals, hooks, blocks)

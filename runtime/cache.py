@@ -74,20 +74,32 @@ class TaylorHistory:
 
 
 class RunState:
-    """Histories of one run per CFG context, and the decision its blocks share for this call."""
+    """Histories of one run per CFG branch, and the decision its blocks share for this call.
+
+    A call normally carries one branch (the pipeline's ``cache_context``). A call outside every
+    context the plan schedules, with ``batch_order`` set, carries the branches stacked along the
+    batch (batched CFG, e.g. ("uncond", "cond")): each branch part then follows its own schedule,
+    and when only some parts compute, the run's blocks see only those parts of the batch.
+    """
 
     def __init__(self, run: BlockRun, tracker: StepTracker, permuter: TokenPermuter | None,
-                 positions: Sequence[float] | None = None):
+                 positions: Sequence[float] | None = None,
+                 batch_order: tuple[str, ...] | None = None):
         self.run = run
         self.tracker = tracker
         self.permuter = permuter
         self.positions = positions  # the Taylor variable per step (sigmas); None: step index
+        self.batch_order = batch_order
         # per context, one action letter per step (tuples: dynamo cannot subscript a str)
         self.actions = {c: tuple(a) for c, a in run.schedule.items()}
         self.histories: dict[str, TaylorHistory] = {}
-        self.action = COMPUTE
-        self.run_input: torch.Tensor | None = None
-        self.computed_steps: list[tuple[str, int]] = []  # (context, step) where the run computed
+        self.branches: tuple[str, ...] = ()  # this call's branches, in batch order
+        self.branch_actions: tuple[str, ...] = ()
+        self.full_batch = 0
+        self.run_input: torch.Tensor | None = None  # [b, S, C], the computing parts
+        self.replaced: list[torch.Tensor | None] = []  # per branch part: its output if skipped
+        self.computed_steps: list[tuple[str, int]] = []  # (branch, step) where the run computed
+        self.branch_calls = 0
         self.forecast_calls = 0
         self.peak_bytes = 0
 
@@ -95,54 +107,112 @@ class RunState:
     def permuted(self) -> bool:
         return self.permuter is not None and self.permuter.active
 
-    def begin(self) -> None:
-        """Called at the run's first block: compute, reuse or forecast in this call."""
-        state = self.tracker.state
-        if state.step == 0:
-            self.histories.pop(state.context, None)  # a new generation starts
-        planned = self._planned(state)
-        self.action = planned if state.context in self.histories else COMPUTE
-        if self.action == COMPUTE:
-            self.computed_steps.append((state.context, state.step))
-        elif self.action == FORECAST:
-            self.forecast_calls += 1
+    @property
+    def computing(self) -> bool:
+        return COMPUTE in self.branch_actions
 
-    def _planned(self, state) -> str:
-        # A call outside "cond"/"uncond" (batched CFG, no cache_context) follows the cond plan.
-        actions = self.actions.get(state.context, self.actions.get(FALLBACK_CONTEXT))
-        return COMPUTE if actions is None or state.step >= len(actions) else actions[state.step]
+    @property
+    def partial(self) -> bool:
+        """Some branch parts of this call compute and others do not (batched CFG only)."""
+        return self.computing and any(a != COMPUTE for a in self.branch_actions)
+
+    def begin(self) -> None:
+        """Called at the run's first block: each branch of the call computes, reuses or
+        forecasts."""
+        state = self.tracker.state
+        batched = state.context not in self.actions and self.batch_order is not None
+        self.branches = self.batch_order if batched else (state.context,)
+        actions = []
+        for branch in self.branches:
+            if state.step == 0:
+                self.histories.pop(branch, None)  # a new generation starts
+            planned = self._planned(branch, state.step)
+            action = planned if branch in self.histories else COMPUTE
+            if action == COMPUTE:
+                self.computed_steps.append((branch, state.step))
+            elif action == FORECAST:
+                self.forecast_calls += 1
+            actions.append(action)
+        self.branch_actions = tuple(actions)
+        self.branch_calls += len(self.branches)
+
+    def _planned(self, branch: str, step: int) -> str:
+        # A call outside the scheduled contexts without batch_order follows the cond plan.
+        actions = self.actions.get(branch, self.actions.get(FALLBACK_CONTEXT))
+        return COMPUTE if actions is None or step >= len(actions) else actions[step]
 
     def _position(self) -> float:
         step = self.tracker.state.step
         return float(self.positions[step] if self.positions is not None else step)
 
-    def _history(self) -> TaylorHistory:
-        history = self.histories[self.tracker.state.context]
+    def _history(self, branch: str) -> TaylorHistory:
+        history = self.histories[branch]
         if history.permuted != self.permuted:
             index = self.permuter.perm if self.permuted else self.permuter.inverse
             history.reorder(index, self.permuted)
         return history
 
-    def replacement(self, run_input: torch.Tensor) -> torch.Tensor:
-        """The run's output [B, S, C] on a reuse or forecast call, from its input [B, S, C]."""
-        history = self._history()
-        if self.action == FORECAST:
-            value = history.predict(self._position(), run_input.dtype)
+    def _replacement(self, branch: str, action: str, part: torch.Tensor) -> torch.Tensor:
+        """A skipped branch part's run output [b, S, C] from its run input [b, S, C]."""
+        history = self._history(branch)
+        if action == FORECAST:
+            value = history.predict(self._position(), part.dtype)
         else:
-            value = history.factors[0].to(run_input.dtype)
-        return run_input + value if self.run.target == "residual" else value
+            value = history.factors[0].to(part.dtype)
+        return part + value if self.run.target == "residual" else value
 
-    def store(self, run_output: torch.Tensor) -> None:
-        """Called at the run's last block on a compute call: refresh the history."""
-        context = self.tracker.state.context
-        value = run_output - self.run_input if self.run.target == "residual" else run_output
-        if context not in self.histories:
-            order = self.run.order if self.run.forecasts else 0
-            dtype = torch.float32 if order else None
-            self.histories[context] = TaylorHistory(order, dtype, self.permuted)
-        self._history().update(value, self._position())
+    def _parts(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return x.chunk(len(self.branches)) if len(self.branches) > 1 else (x,)
+
+    def enter(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """At the first block, with the run input [B, S, C]: keeps the computing parts as
+        ``run_input`` and returns None, or returns the run's whole output when none computes."""
+        self.full_batch = hidden.shape[0]
+        parts = self._parts(hidden)
+        self.replaced = [None if a == COMPUTE else self._replacement(b, a, p)
+                         for b, a, p in zip(self.branches, self.branch_actions, parts,
+                                            strict=True)]
+        computing = [p for p, a in zip(parts, self.branch_actions, strict=True) if a == COMPUTE]
+        if not computing:
+            return _cat(self.replaced)
+        self.run_input = hidden if len(computing) == len(parts) else _cat(computing)
+        return None
+
+    def batch_slice(self, args: tuple, kwargs: dict, hidden_arg: int) -> tuple[tuple, dict]:
+        """The computing branch parts of every other batch-sized block argument."""
+        def cut(i, x):
+            if i == hidden_arg or not torch.is_tensor(x) or x.shape[0] != self.full_batch:
+                return x
+            keep = [p for p, a in zip(self._parts(x), self.branch_actions, strict=True)
+                    if a == COMPUTE]
+            return _cat(keep)
+
+        return (tuple(cut(i, x) for i, x in enumerate(args)),
+                {k: cut(None, x) for k, x in kwargs.items()})
+
+    def leave(self, run_output: torch.Tensor) -> torch.Tensor:
+        """At the last block: refresh the computed branches' histories; the full output."""
+        index = [i for i, a in enumerate(self.branch_actions) if a == COMPUTE]
+        outputs = run_output.chunk(len(index)) if len(index) > 1 else (run_output,)
+        inputs = self.run_input.chunk(len(index)) if len(index) > 1 else (self.run_input,)
+        for i, out, inp in zip(index, outputs, inputs, strict=True):
+            self._store(self.branches[i], out, inp)
         self.run_input = None
         self.peak_bytes = max(self.peak_bytes, self.nbytes)
+        if not self.partial:
+            return run_output
+        parts = list(self.replaced)
+        for i, out in zip(index, outputs, strict=True):
+            parts[i] = out
+        return _cat(parts)
+
+    def _store(self, branch: str, run_output: torch.Tensor, run_input: torch.Tensor) -> None:
+        value = run_output - run_input if self.run.target == "residual" else run_output
+        if branch not in self.histories:
+            order = self.run.order if self.run.forecasts else 0
+            dtype = torch.float32 if order else None
+            self.histories[branch] = TaylorHistory(order, dtype, self.permuted)
+        self._history(branch).update(value, self._position())
 
     @property
     def nbytes(self) -> int:
@@ -155,8 +225,13 @@ class RunState:
     def reset(self) -> None:
         self.histories.clear()
         self.computed_steps.clear()
+        self.branch_calls = 0
         self.forecast_calls = 0
         self.peak_bytes = 0
+
+
+def _cat(parts: list) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class BlockRunHook(ModelHook):
@@ -172,18 +247,26 @@ class BlockRunHook(ModelHook):
         self.hidden_out = hidden_out
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
-        hidden = args[self.hidden_arg]  # [B, S, C]
-        first = self.position in ("first", "only")
-        if first:
-            self.state.begin()
-            if self.state.action == COMPUTE:
-                self.state.run_input = hidden
-        if self.state.action != COMPUTE:
-            return self.state.replacement(hidden) if first else hidden
+        state = self.state
+        if self.position in ("first", "only"):
+            state.begin()
+            skipped = state.enter(args[self.hidden_arg])  # hidden: [B, S, C]
+            if skipped is not None:
+                return skipped
+            args = (*args[: self.hidden_arg], state.run_input, *args[self.hidden_arg + 1:])
+        elif not state.computing:
+            return args[self.hidden_arg]  # the first block already gave the run's output
+        if state.partial:
+            args, kwargs = state.batch_slice(args, kwargs, self.hidden_arg)
         output = self.fn_ref.original_forward(*args, **kwargs)
-        if self.position in ("last", "only"):
-            self.state.store(self.hidden_out(output))
-        return output
+        if self.position not in ("last", "only"):
+            return output
+        hidden = self.hidden_out(output)
+        if state.partial and hidden is not output:
+            raise NotImplementedError("batched CFG with branches on different schedules needs "
+                                      "blocks that return their hidden states alone")
+        full = state.leave(hidden)
+        return full if state.partial else output
 
     def reset_state(self, module: nn.Module) -> nn.Module:
         self.state.clear_history()
@@ -203,6 +286,7 @@ def install_block_runs(
     permuter: TokenPermuter | None = None,
     *,
     positions: Sequence[float] | None = None,
+    batch_order: tuple[str, ...] | None = None,
     hidden_arg: int = 0,
     hidden_out: Callable = lambda output: output,
 ) -> list[RunState]:
@@ -210,6 +294,8 @@ def install_block_runs(
 
     Args:
         positions: the sigma of each step, for runs that forecast in sigma.
+        batch_order: the CFG branches a call without a scheduled context stacks along its
+            batch (batched CFG); None: such a call follows the cond schedule whole.
     Returns:
         The run states (``computed_steps`` records which (context, step) computed).
     """
@@ -217,7 +303,8 @@ def install_block_runs(
     states = []
     for run in runs:
         _check_consecutive(run.blocks, order)
-        state = RunState(run, tracker, permuter, positions if run.variable == "sigma" else None)
+        state = RunState(run, tracker, permuter, positions if run.variable == "sigma" else None,
+                         batch_order)
         for i, name in enumerate(run.blocks):
             hook = BlockRunHook(state, _position(i, len(run.blocks)), hidden_arg, hidden_out)
             HookRegistry.check_if_exists_or_initialize(blocks[name]).register_hook(hook, CACHE_HOOK)

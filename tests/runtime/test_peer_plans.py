@@ -90,3 +90,43 @@ def test_fixed_first_block_cache_schedule_matches_diffusers(pipe):
     finally:
         handle.remove()
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_cfg_follows_each_branch_schedule():
+    # CFG reuse in one batched call [uncond; cond] equals the same plan on separate calls
+    from tests.factories import tiny_wan, tiny_wan_inputs
+
+    model = tiny_wan()
+    steps = 6
+    schedule = {"cond": "CCFCRC", "uncond": "CRRCFF"}
+    run = BlockRun(("blocks.0", "blocks.1"), schedule, order=1)
+    plan = replace(tiny_wan_plan(model, steps=steps, densities=(1.0, 1.0), dense_steps=()),
+                   runs=(run,))
+    cond, uncond = tiny_wan_inputs(seed=1), tiny_wan_inputs(seed=2)
+    uncond["hidden_states"] = cond["hidden_states"]
+    timesteps = [torch.tensor([900 - 150 * s]) for s in range(steps)]
+
+    handle = apply_plan(model, plan)
+    separate = []
+    with torch.no_grad():
+        for step, t in enumerate(timesteps):
+            outs = {}
+            for context, inputs in (("uncond", uncond), ("cond", cond)):
+                with model.cache_context(context, step_index=step):
+                    outs[context] = model(**{**inputs, "timestep": t}).sample
+            separate.append(torch.cat([outs["uncond"], outs["cond"]]))
+    stats_separate = handle.stats()
+    handle.remove()
+
+    handle = apply_plan(model, plan)
+    batched = []
+    with torch.no_grad():
+        for t in timesteps:
+            inputs = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+            batched.append(model(**{**inputs, "timestep": t.repeat(2)}).sample)
+    stats_batched = handle.stats()
+    handle.remove()
+    for a, b in zip(batched, separate, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert stats_batched["blocks_skipped_share"] == stats_separate["blocks_skipped_share"]
+    assert stats_batched["blocks_skipped_share"] == pytest.approx(6 / 12)
