@@ -44,7 +44,8 @@ class CalibrationSetup:
 
     def __post_init__(self):
         if not self.prompts or not self.seeds:
-            raise ValueError("calibration needs at least one prompt and one seed")
+            raise ValueError("calibration needs at least one prompt and one seed: pass "
+                             "--calibration-prompts (the traces record no profiling prompts)")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
 
