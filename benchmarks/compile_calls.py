@@ -18,7 +18,7 @@ import torch
 from benchmarks.common import banner
 from benchmarks.forward import build, call_counting_graphs
 from ditplan.policy.plan import AttentionSpec
-from ditplan.runtime.sparse import apply_sparse_attention
+from ditplan.runtime.apply import apply_sparse_attention
 
 
 def main() -> None:

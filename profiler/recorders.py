@@ -16,7 +16,7 @@ from torch import nn
 from ditplan.profiler import metrics
 from ditplan.profiler.config import RecorderSettings
 from ditplan.profiler.rows import TraceRows
-from ditplan.runtime.adapters.base import TokenLayout, get_adapter
+from ditplan.runtime.adapters.base import get_adapter
 from ditplan.runtime.context import (
     DEFAULT_CONTEXT,
     StepState,
@@ -24,6 +24,7 @@ from ditplan.runtime.context import (
     remove_step_tracker,
 )
 from ditplan.runtime.kernels.block_map import forced_blocks
+from ditplan.runtime.layout import TokenLayout
 from ditplan.runtime.permutation import TokenPermuter
 
 logger = logging.getLogger(__name__)

@@ -1,13 +1,14 @@
-"""apply_plan: check a plan against a live pipeline, install sparse attention and block runs."""
+"""apply_plan / apply_sparse_attention: check a plan fits a live pipeline, install it, undo it."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from torch import nn
 
-from ditplan.policy.plan import Plan, PlanError
+from ditplan.policy.plan import AttentionSpec, Plan, PlanError
 from ditplan.runtime.adapters.base import get_adapter
 from ditplan.runtime.cache import RunState, install_block_runs, remove_block_runs
 from ditplan.runtime.context import StepTracker, install_step_tracker, remove_step_tracker
@@ -157,3 +158,51 @@ def apply_plan(
                               batch_order=cfg_batch_order if plan.workload.cfg else None)
     logger.info("plan applied: %d sparse attention layers, %d block runs", len(layers), len(runs))
     return PlanHandle(transformer, tracker, layers, runs, len(blocks), originals, hooks, blocks)
+
+
+class SparseAttentionHandle:
+    """Undo handle returned by :func:`apply_sparse_attention`."""
+
+    def __init__(self, transformer: nn.Module, originals: dict, runtimes: list, hooks: list):
+        self.transformer = transformer
+        self.layers = runtimes
+        self._originals = originals
+        self._hooks = hooks
+
+    def remove(self) -> None:
+        """Restore the original processors and forward exactly."""
+        restore_processors(self._originals)
+        for hook in self._hooks:
+            hook.remove()
+        remove_step_tracker(self.transformer)
+        self._originals, self._hooks = {}, []
+
+
+def apply_sparse_attention(
+    transformer: nn.Module,
+    settings: AttentionSpec | Mapping[str, AttentionSpec],
+    *,
+    backend: str = "auto",
+    num_inference_steps: int | None = None,
+) -> SparseAttentionHandle:
+    """Install block-mean sparse attention on every self-attention layer of ``transformer``.
+
+    Args:
+        transformer: a supported diffusers transformer (see ``get_adapter``).
+        settings: one :class:`AttentionSpec` for all layers, or a mapping from self-attention
+            module name (e.g. ``"blocks.3.attn1"``) to spec; unnamed layers stay dense.
+        backend: kernel backend (``auto``, ``flex``, ``torch``, ``dense``).
+        num_inference_steps: wraps the call count into steps when the pipeline does not pass
+            ``step_index`` through ``cache_context``.
+
+    Returns:
+        A handle whose ``remove()`` restores the transformer.
+    """
+    adapter = get_adapter(transformer)
+    names = [name for name, _ in adapter.attention_layers(transformer)]
+    specs = resolve_layer_specs(names, settings)
+    permuter = TokenPermuter(shared_tile(specs))
+    backend = parse_backend(backend)
+    tracker = install_step_tracker(transformer, num_inference_steps)
+    installed = install_sparse_layers(transformer, adapter, specs, tracker, permuter, backend)
+    return SparseAttentionHandle(transformer, *installed)

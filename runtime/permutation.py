@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from ditplan.runtime.adapters.base import TokenLayout
 from ditplan.runtime.kernels.block_map import ForcedBlocks, forced_blocks
 from ditplan.runtime.kernels.permute import (
     first_frame_mask,
     invert_permutation,
     tile_permutation,
 )
+from ditplan.runtime.layout import TokenLayout
 
 
 class TokenPermuter:

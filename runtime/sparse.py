@@ -10,10 +10,8 @@ import torch
 from torch import nn
 
 from ditplan.policy.plan import AttentionSpec
-from ditplan.runtime.adapters.base import get_adapter
-from ditplan.runtime.context import StepTracker, install_step_tracker, remove_step_tracker
+from ditplan.runtime.context import StepTracker
 from ditplan.runtime.kernels import select_and_attend
-from ditplan.runtime.kernels.registry import parse_backend
 from ditplan.runtime.permutation import TokenPermuter
 
 logger = logging.getLogger(__name__)
@@ -149,51 +147,3 @@ def install_sparse_layers(
 def restore_processors(originals: Mapping[nn.Module, object]) -> None:
     for attn, processor in originals.items():
         attn.set_processor(processor)
-
-
-class SparseAttentionHandle:
-    """Undo handle returned by :func:`apply_sparse_attention`."""
-
-    def __init__(self, transformer: nn.Module, originals: dict, runtimes: list, hooks: list):
-        self.transformer = transformer
-        self.layers = runtimes
-        self._originals = originals
-        self._hooks = hooks
-
-    def remove(self) -> None:
-        """Restore the original processors and forward exactly."""
-        restore_processors(self._originals)
-        for hook in self._hooks:
-            hook.remove()
-        remove_step_tracker(self.transformer)
-        self._originals, self._hooks = {}, []
-
-
-def apply_sparse_attention(
-    transformer: nn.Module,
-    settings: AttentionSpec | Mapping[str, AttentionSpec],
-    *,
-    backend: str = "auto",
-    num_inference_steps: int | None = None,
-) -> SparseAttentionHandle:
-    """Install block-mean sparse attention on every self-attention layer of ``transformer``.
-
-    Args:
-        transformer: a supported diffusers transformer (see :func:`get_adapter`).
-        settings: one :class:`AttentionSpec` for all layers, or a mapping from self-attention
-            module name (e.g. ``"blocks.3.attn1"``) to spec; unnamed layers stay dense.
-        backend: kernel backend (``auto``, ``flex``, ``torch``, ``dense``).
-        num_inference_steps: wraps the call count into steps when the pipeline does not pass
-            ``step_index`` through ``cache_context``.
-
-    Returns:
-        A handle whose ``remove()`` restores the transformer.
-    """
-    adapter = get_adapter(transformer)
-    names = [name for name, _ in adapter.attention_layers(transformer)]
-    specs = resolve_layer_specs(names, settings)
-    permuter = TokenPermuter(shared_tile(specs))
-    backend = parse_backend(backend)
-    tracker = install_step_tracker(transformer, num_inference_steps)
-    installed = install_sparse_layers(transformer, adapter, specs, tracker, permuter, backend)
-    return SparseAttentionHandle(transformer, *installed)

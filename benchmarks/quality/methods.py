@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ditplan.policy.plan import AttentionSpec
-from ditplan.runtime.sparse import apply_sparse_attention
+from ditplan.runtime.apply import apply_sparse_attention
 
 # RainFusion2.0 as published: nominal density 0.2 (80% sparsity, MindIE-SD's recommended start
 # for video), first-frame sink, no profiling; the deployments keep about the first 20% of steps

@@ -2,46 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from torch import nn
 
+    from ditplan.runtime.layout import TokenLayout
     from ditplan.runtime.permutation import TokenPermuter
     from ditplan.runtime.sparse import LayerRuntime
 
-
-@dataclass(frozen=True)
-class TokenLayout:
-    """Where the tokens of one self-attention sequence come from.
-
-    ``frames``, ``height`` and ``width`` are the video token grid (after patching); ``text_len``
-    text tokens sit before the video when ``text_first`` else after it (0 for cross-attention
-    models such as Wan).
-    """
-
-    frames: int
-    height: int
-    width: int
-    text_len: int = 0
-    text_first: bool = False
-
-    def __post_init__(self):
-        if min(self.frames, self.height, self.width) < 1 or self.text_len < 0:
-            raise ValueError(f"token layout must have a non-empty video grid, got {self}")
-
-    @property
-    def grid(self) -> tuple[int, int, int]:
-        return (self.frames, self.height, self.width)
-
-    @property
-    def video_tokens(self) -> int:
-        return self.frames * self.height * self.width
-
-    @property
-    def seq_len(self) -> int:
-        return self.video_tokens + self.text_len
+# Transformer class name -> the module whose import registers its adapter. Looked up by name and
+# imported on demand, so this contract imports no family (and no family imports it back in a
+# circle), and a diffusers without one family's class still serves the others.
+FAMILY_MODULES = {"WanTransformer3DModel": "ditplan.runtime.adapters.wan"}
 
 
 class ModelAdapter(Protocol):
@@ -87,12 +61,12 @@ def register_adapter(*transformer_classes: type):
 
 def get_adapter(transformer: nn.Module) -> ModelAdapter:
     """The adapter for ``transformer``'s class; a clear error names the supported classes."""
-    from ditplan.runtime.adapters import wan  # noqa: F401  (registers the Wan family)
-
     for cls in type(transformer).__mro__:
+        if cls.__name__ in FAMILY_MODULES:
+            importlib.import_module(FAMILY_MODULES[cls.__name__])
         if cls in _ADAPTERS:
             return _ADAPTERS[cls]
-    supported = sorted(c.__name__ for c in _ADAPTERS)
+    supported = sorted(FAMILY_MODULES)
     raise ValueError(
         f"ditplan has no adapter for {type(transformer).__name__}; supported transformer "
         f"classes: {', '.join(supported)}"

@@ -6,7 +6,8 @@ import torch
 from diffusers import WanTransformer3DModel
 from torch import nn
 
-from ditplan.runtime.adapters.base import TokenLayout, register_adapter
+from ditplan.runtime.adapters.base import register_adapter
+from ditplan.runtime.layout import TokenLayout
 from ditplan.runtime.permutation import TokenPermuter
 from ditplan.runtime.sparse import LayerRuntime, sparse_self_attention
 

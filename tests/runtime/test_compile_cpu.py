@@ -8,8 +8,7 @@ import torch
 import torch._dynamo
 
 from ditplan.policy.plan import AttentionSpec, BlockRun
-from ditplan.runtime.apply import apply_plan
-from ditplan.runtime.sparse import apply_sparse_attention
+from ditplan.runtime.apply import apply_plan, apply_sparse_attention
 from tests.factories import run_cfg_steps, tiny_wan, tiny_wan_inputs, tiny_wan_plan
 
 

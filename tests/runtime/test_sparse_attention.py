@@ -8,9 +8,9 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from ditplan.policy.plan import AttentionSpec
 from ditplan.runtime.adapters.wan import wan_self_attention_qkv
+from ditplan.runtime.apply import apply_sparse_attention
 from ditplan.runtime.kernels.block_map import forced_blocks, select_blocks_reference
 from ditplan.runtime.kernels.reference import masked_attention_reference
-from ditplan.runtime.sparse import apply_sparse_attention
 from tests.factories import tiny_wan, tiny_wan_inputs
 
 # 3 frames x 8 x 12 tokens = 288 tokens: 5 blocks of 64 (the last one partial).
