@@ -1,7 +1,8 @@
 """End to end at scale: a plan (sparse attention + background caching) on the Wan2.1-1.3B-shaped
 transformer (random weights, 480p x 81 frames), N denoising steps with CFG, vs dense in one run.
 
-    python -m benchmarks.end_to_end --out DIR [--steps 50] [--density 0.2] [--json out.json]
+    python -m benchmarks.end_to_end --out DIR [--steps 50] [--density 0.2] [--step-target 3]
+        [--json out.json]
     python -m benchmarks.end_to_end --out DIR --quick        # CPU smoke run, tiny model
 
 Random weights give no meaningful roles or densities, so the plan is made like this:
@@ -11,7 +12,10 @@ Random weights give no meaningful roles or densities, so the plan is made like t
 2. compile it with roles and density set by flags: every layer at --density (share of block
    pairs computed, sink included), every block background except --foreground, caching on; the
    compiler derives dense warm-up and the cache schedule from the trace's change curves. A
-   sparse-only plan (same flags, no caching) separates the two effects;
+   sparse-only plan (same flags, no caching) separates the two effects, and a third plan asks
+   the compiler for --step-target X with the same density: its search combines step-level
+   block runs (whole-stack or all-but-first reuse/forecast schedules) with sparse attention on
+   the steps that compute;
 3. time dense and each plan (eager, after a flex warm-up), report per-step and total time,
    speedup, achieved density, share of block evaluations skipped, and peak memory.
 """
@@ -67,9 +71,9 @@ def profile_schedule(model, inputs: dict, steps: int, out: Path, pixels: dict) -
     return out
 
 
-def plans_from_flags(trace: Path, blocks: int, density: float, foreground: list[int]
-                     ) -> dict[str, Plan]:
-    """The flag-made plans: sparse + caching, and sparse only."""
+def plans_from_flags(trace: Path, blocks: int, density: float, foreground: list[int],
+                     step_target: float) -> dict[str, Plan]:
+    """The flag-made plans: sparse + caching, sparse only, and sparse + searched step runs."""
     roles = {f"blocks.{i}": "foreground" for i in foreground if i < blocks}
     common = dict(all_roles="background", roles=roles, fixed_density=density)
     return {
@@ -77,6 +81,8 @@ def plans_from_flags(trace: Path, blocks: int, density: float, foreground: list[
             trace, CompilerConfig.from_name("fast", **common)),
         f"plan d={density}, sparse only": compile_policy(
             trace, CompilerConfig.from_name("fast", caching=False, **common)),
+        f"plan d={density} + step runs {step_target:g}x": compile_policy(
+            trace, CompilerConfig.from_name("fast", target_speedup=step_target, **common)),
     }
 
 
@@ -99,6 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--density", type=float, default=0.2)
     p.add_argument("--foreground", type=int, nargs="*", default=[0, 29],
                    help="block indices kept foreground (always computed)")
+    p.add_argument("--step-target", type=float, default=3.0, metavar="X",
+                   help="predicted speedup the searched step-run plan must reach")
     p.add_argument("--quick", action="store_true", help="tiny model on CPU (smoke run)")
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args(argv)
@@ -110,7 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     trace = profile_schedule(model, inputs, args.steps, args.out / "trace", pixels)
     print(f"profiled {args.steps} steps in {time.perf_counter() - start:.0f} s", flush=True)
-    plans = plans_from_flags(trace, len(model.blocks), args.density, args.foreground)
+    plans = plans_from_flags(trace, len(model.blocks), args.density, args.foreground,
+                             args.step_target)
     for name, plan in plans.items():
         save_plan(plan, args.out / f"{name.replace(' ', '_').replace('=', '')}.json")
     denoise = Denoiser(model, inputs, args.steps)

@@ -109,20 +109,24 @@ def compile_policy(trace_dir: str | os.PathLike, config: CompilerConfig | None =
 def search_designs(profile: Profile, roles: dict[str, str], config: CompilerConfig,
                    cost: CostModel) -> list[Design]:
     """Every candidate: the preset designs over the search grid, then step-level block runs
-    (each with dense attention and with sparse attention at SEARCH_RECALLS), deduplicated."""
+    (each with dense attention and with sparse attention at SEARCH_RECALLS, or with the
+    densities the settings force), deduplicated."""
     designs = [design(profile, roles, c, cost) for c in config.search_grid()]
     warmup = warmup_steps(_pooled_curves(profile), profile.steps, config)
-    for recall in SEARCH_RECALLS:
+    forced = config.fixed_density is not None or bool(config.densities)
+    for recall in (config.recall_target,) if forced else SEARCH_RECALLS:
         attention = (dataclasses.replace(config, caching=False, fixed_density=1.0)
                      if recall is None else
                      dataclasses.replace(config, caching=False, recall_target=recall))
         layers = design(profile, roles, attention, cost).layers
-        if recall is not None and all(lp.attention.is_dense for lp in layers.values()):
+        if not forced and recall is not None and all(
+                lp.attention.is_dense for lp in layers.values()):
             continue  # the traces support no sparsity at this recall: same as dense
         specs = {b: lp.attention for b, lp in layers.items()}
+        suffix = " densities=given" if forced else f" recall={recall}" if recall else ""
         for choice in run_choices(profile, warmup, config.search_sigma):
             runs = (build_run(profile, choice),)
-            label = choice.label + ("" if recall is None else f" recall={recall}")
+            label = choice.label + suffix
             designs.append(Design(config, layers, runs,
                                   cost.predict_speedup(specs, runs, profile.steps,
                                                        profile.contexts),

@@ -135,3 +135,10 @@ def test_sigma_forecasts_are_searched_only_where_traces_record_sigmas(traces):
     choices = run_choices(with_sigmas, 2, sigma=True)
     assert {c.variable for c in choices} == {"step", "sigma"}
     assert all(c.skip == "F" for c in choices if c.variable == "sigma")
+
+
+def test_forced_densities_hold_in_step_level_designs(traces):
+    config = CompilerConfig.from_name("balanced", fixed_density=0.2, target_speedup=2.5)
+    plan = compile_policy(traces, config)
+    assert {lp.attention.density for lp in plan.layers.values()} == {0.2}
+    assert plan.runs and plan.provenance.compiler_settings["design"].endswith("densities=given")
