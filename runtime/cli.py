@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -93,9 +94,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def launched_as_ranks() -> int:
+    """The process count of a multi-process launch (torchrun, mpirun, SLURM ...), else 1."""
+    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        try:
+            size = int(os.environ.get(name, "1"))
+        except ValueError:
+            continue
+        if size > 1:
+            return size
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    ranks = launched_as_ranks()
+    if ranks > 1:  # every rank would write the same outputs: refuse before any work
+        print(f"ditplan {args.command}: error: launched as {ranks} processes (torchrun or "
+              "similar), but ditplan runs in one process per command for now (context "
+              "parallelism is issue 16); run it without torchrun", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

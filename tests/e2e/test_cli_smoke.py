@@ -153,3 +153,16 @@ def test_calibrate_needs_a_target(traces_dir, tmp_path, capsys):
     assert main(argv) == 1
     assert "--calibrate needs --target-speedup" in capsys.readouterr().err
     assert not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.parametrize("variable", ["WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"])
+def test_a_multi_process_launch_is_refused_before_any_work(tmp_path, capsys, monkeypatch,
+                                                            variable):
+    monkeypatch.setenv(variable, "2")
+    out = tmp_path / "run"
+    assert _run("reference", out, "--prompt", PROMPT, "--device", "cpu", *WORKLOAD) == 2
+    assert "launched as 2 processes" in capsys.readouterr().err
+    assert not out.exists()
+    monkeypatch.setenv(variable, "1")
+    assert main(["plan", "show", str(tmp_path / "missing.json")]) != 0  # refused as usual
+    assert "launched as" not in capsys.readouterr().err
