@@ -49,6 +49,9 @@ def register(subparsers) -> None:
                              help="prompts, or a .txt file with one per line (default: the "
                                   "profiling prompts; never use your evaluation prompts)")
     calibration.add_argument("--calibration-seeds", type=int, nargs="+", default=[0])
+    calibration.add_argument("--calibration-repeats", type=int, default=1, metavar="N",
+                             help="timed generations per candidate, median kept (a noisy "
+                                  "host: 3)")
     calibration.add_argument("--candidates", type=int, default=12,
                              help="candidate plans to measure (default 12)")
     calibration.add_argument("--calibration-record", type=Path, default=None,
@@ -111,7 +114,8 @@ def _calibrator(args: argparse.Namespace):
         model=args.model or profiled.get("model") or "reference", prompts=prompts,
         device=device, seeds=tuple(args.calibration_seeds), backend=args.backend,
         record=args.calibration_record or args.out.with_suffix(".calibration.jsonl"),
-        warmup=1 if torch.device(device).type == "cuda" else 0)
+        warmup=1 if torch.device(device).type == "cuda" else 0,
+        repeats=args.calibration_repeats)
     return Calibrator(setup)
 
 

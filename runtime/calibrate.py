@@ -30,7 +30,8 @@ class CalibrationSetup:
     """Where and on what candidates are measured.
 
     prompts x seeds are generated in one batch per measurement (never the evaluation captions);
-    ``warmup`` untimed generations precede each timed one (GPU: kernel compilation, allocator);
+    ``warmup`` untimed generations precede the ``repeats`` timed ones, whose median time counts
+    (GPU: kernel compilation, allocator; a busy CPU: repeats smooth its noise);
     ``record`` is a JSONL file of finished measurements, so an interrupted calibration resumes.
     """
 
@@ -41,13 +42,15 @@ class CalibrationSetup:
     seeds: tuple[int, ...] = (0,)
     backend: str = "auto"
     warmup: int = 0
+    repeats: int = 1
 
     def __post_init__(self):
         if not self.prompts or not self.seeds:
             raise ValueError("calibration needs at least one prompt and one seed: pass "
                              "--calibration-prompts (the traces record no profiling prompts)")
-        if self.warmup < 0:
-            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.warmup < 0 or self.repeats < 1:
+            raise ValueError(f"need warmup >= 0 and repeats >= 1, got {self.warmup}, "
+                             f"{self.repeats}")
 
 
 def _synchronize(device: str) -> None:
@@ -76,10 +79,12 @@ def generate_batch(pipe, setup: CalibrationSetup, plan: Plan) -> tuple[list[torc
 
 
 def timed(pipe, setup: CalibrationSetup, plan: Plan) -> tuple[list[torch.Tensor], float]:
-    """``setup.warmup`` untimed generations, then one timed one (its frames and seconds)."""
+    """``setup.warmup`` untimed generations, then ``setup.repeats`` timed ones: the last one's
+    frames and the median seconds."""
     for _ in range(setup.warmup):
         generate_batch(pipe, setup, plan)
-    return generate_batch(pipe, setup, plan)
+    runs = [generate_batch(pipe, setup, plan) for _ in range(setup.repeats)]
+    return runs[-1][0], statistics.median(seconds for _, seconds in runs)
 
 
 def candidate_key(plan: Plan, setup: CalibrationSetup) -> str:
@@ -87,6 +92,8 @@ def candidate_key(plan: Plan, setup: CalibrationSetup) -> str:
     body = json.loads(plan_to_json(plan))
     body.pop("provenance")
     where = (setup.model, setup.prompts, setup.seeds, setup.device, setup.backend)
+    if setup.repeats > 1:  # keys of single-run measurements stay as they were
+        where += (setup.repeats,)
     text = json.dumps([body, where], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
