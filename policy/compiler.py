@@ -40,7 +40,7 @@ from ditplan.policy.sparsity import choose_sparsity
 logger = logging.getLogger(__name__)
 # Measures candidate plans on the device they are for (see runtime/calibrate.py): one
 # Calibration per plan, in order. policy/ stays torch-free: the command injects it.
-Calibrator = Callable[[Sequence[Plan]], list[Calibration]]
+MeasurePlans = Callable[[Sequence[Plan]], list[Calibration]]
 SEARCH_RECALLS = (None, 0.95)  # attention of step-level designs: dense, or sparse at this recall
 # Candidates measured for a target are predicted to beat it by this factor: the FLOP model leaves
 # out per-call work outside the blocks and the forecasts, so a plan predicted at the target
@@ -66,7 +66,7 @@ class Design:
 
 
 def compile_policy(trace_dir: str | os.PathLike, config: CompilerConfig | None = None,
-                   calibrate: Calibrator | None = None) -> Plan:
+                   calibrate: MeasurePlans | None = None) -> Plan:
     """Compile the traces in ``trace_dir`` into a Plan; same traces + config -> same plan.
 
     Args:
