@@ -52,6 +52,9 @@ def register(subparsers) -> None:
     calibration.add_argument("--calibration-repeats", type=int, default=1, metavar="N",
                              help="timed generations per candidate, median kept (a noisy "
                                   "host: 3)")
+    calibration.add_argument("--refine", type=int, default=0, metavar="ROUNDS",
+                             help="then move single compute steps of the best plan, 4 measured "
+                                  "neighbours a round, keeping what measures better (default 0)")
     calibration.add_argument("--candidates", type=int, default=12,
                              help="candidate plans to measure (default 12)")
     calibration.add_argument("--calibration-record", type=Path, default=None,
@@ -91,7 +94,7 @@ def _parse_overrides(args: argparse.Namespace) -> dict:
     return dict(roles=roles, all_roles=args.all_roles, densities=densities,
                 fixed_density=fixed, caching=not args.no_cache,
                 target_speedup=args.target_speedup, min_psnr=args.min_psnr,
-                calibrate_candidates=args.candidates)
+                calibrate_candidates=args.candidates, refine_rounds=args.refine)
 
 
 def _calibrator(args: argparse.Namespace):

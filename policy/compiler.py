@@ -28,6 +28,7 @@ from ditplan.policy.plan import (
 )
 from ditplan.policy.plan_io import normalize_plan
 from ditplan.policy.quality import predicted_error
+from ditplan.policy.refine import refine
 from ditplan.policy.schedule import (
     branches_differ,
     cache_groups,
@@ -103,7 +104,23 @@ def compile_policy(trace_dir: str | os.PathLike, config: CompilerConfig | None =
     measured = calibrate(plans)
     index = pick_measured(measured, config, [d.label for d in shortlist])
     provenance = dataclasses.replace(plans[index].provenance, calibration=measured[index])
-    return normalize_plan(dataclasses.replace(plans[index], provenance=provenance))
+    chosen = normalize_plan(dataclasses.replace(plans[index], provenance=provenance))
+    if not config.refine_rounds:
+        return chosen
+    best, calibration, extra = refine(
+        chosen, profile, calibrate, lambda new, old: _better(new, old, config),
+        config.refine_rounds, config.refine_candidates)
+    calibration = dataclasses.replace(calibration, candidates=len(plans) + extra)
+    provenance = dataclasses.replace(best.provenance, calibration=calibration)
+    return normalize_plan(dataclasses.replace(best, provenance=provenance))
+
+
+def _better(new: Calibration, old: Calibration, config: CompilerConfig) -> bool:
+    """A refined plan replaces the current one when it measures a higher PSNR and still meets
+    the requested speedup and PSNR."""
+    return (new.psnr_db > old.psnr_db
+            and (config.target_speedup is None or new.speedup >= config.target_speedup)
+            and (config.min_psnr is None or new.psnr_db >= config.min_psnr))
 
 
 def search_designs(profile: Profile, roles: dict[str, str], config: CompilerConfig,

@@ -49,6 +49,8 @@ class CompilerConfig:
     min_psnr: float | None = None  # with --calibrate: the fastest plan measuring at least this
     calibrate_candidates: int = 12  # candidate plans --calibrate measures
     search_sigma: bool = False  # also search forecasts in sigma (traces with sigmas only)
+    refine_rounds: int = 0  # after calibration: rounds of moving single compute steps
+    refine_candidates: int = 4  # neighbours measured per refine round
     roles: dict[str, str] = field(default_factory=dict)
     all_roles: str | None = None
     densities: dict[str, float] = field(default_factory=dict)
@@ -66,6 +68,9 @@ class CompilerConfig:
             raise CompilerError(f"target speedup must be > 0, got {self.target_speedup}")
         if self.min_psnr is not None and not 0 < self.min_psnr < 200:
             raise CompilerError(f"min PSNR must be in (0, 200) dB, got {self.min_psnr}")
+        if self.refine_rounds < 0 or self.refine_candidates < 1:
+            raise CompilerError(f"need refine_rounds >= 0 and refine_candidates >= 1, got "
+                                f"{self.refine_rounds}, {self.refine_candidates}")
         if self.calibrate_candidates < 1:
             raise CompilerError(f"calibrate_candidates must be >= 1, got "
                                 f"{self.calibrate_candidates}")
