@@ -26,11 +26,11 @@ class TaylorHistory:
     ``factors[k]`` [B, S, C] approximates the k-th derivative of the value in the run's
     variable (step index or sigma) at ``position``, the last computed step's; factor k + 1 is
     (new factor k - previous factor k) / (position gap), as diffusers' TaylorSeer updates it.
+    Order 0 (reuse) keeps the value in its own dtype; forecasting factors are float32.
     """
 
-    def __init__(self, order: int, dtype: torch.dtype | None, permuted: bool):
+    def __init__(self, order: int, permuted: bool):
         self.order = order
-        self.dtype = dtype  # None: the value's own dtype
         self.permuted = permuted
         self.factors: list[torch.Tensor] = []
         self.position: float | None = None
@@ -45,13 +45,12 @@ class TaylorHistory:
     @torch.compiler.disable
     def _update_taylor(self, value: torch.Tensor, position: float) -> None:
         # Out of the compiled graph (as diffusers' TaylorSeer): the position gaps are host floats
-        value = value.to(self.dtype)
-        new = [value]
+        new = [value.float()]
         if self.position is not None:
             gap = position - self.position
             for previous in self.factors[: self.order]:
-                new.append((new[-1] - previous.to(value.dtype)) / gap)
-        self.factors = [f.to(self.dtype) if self.dtype else f for f in new]
+                new.append((new[-1] - previous) / gap)
+        self.factors = new
         self.position = position
 
     @torch.compiler.disable  # the offset is a host float: no per-offset recompiles
@@ -162,7 +161,7 @@ class RunState:
         return part + value if self.run.target == "residual" else value
 
     def _parts(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return x.chunk(len(self.branches)) if len(self.branches) > 1 else (x,)
+        return _split(x, len(self.branches))
 
     def enter(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """At the first block, with the run input [B, S, C]: keeps the computing parts as
@@ -193,8 +192,7 @@ class RunState:
     def leave(self, run_output: torch.Tensor) -> torch.Tensor:
         """At the last block: refresh the computed branches' histories; the full output."""
         index = [i for i, a in enumerate(self.branch_actions) if a == COMPUTE]
-        outputs = run_output.chunk(len(index)) if len(index) > 1 else (run_output,)
-        inputs = self.run_input.chunk(len(index)) if len(index) > 1 else (self.run_input,)
+        outputs, inputs = _split(run_output, len(index)), _split(self.run_input, len(index))
         for i, out, inp in zip(index, outputs, inputs, strict=True):
             self._store(self.branches[i], out, inp)
         self.run_input = None
@@ -210,8 +208,7 @@ class RunState:
         value = run_output - run_input if self.run.target == "residual" else run_output
         if branch not in self.histories:
             order = self.run.order if self.run.forecasts else 0
-            dtype = torch.float32 if order else None
-            self.histories[branch] = TaylorHistory(order, dtype, self.permuted)
+            self.histories[branch] = TaylorHistory(order, self.permuted)
         self._history(branch).update(value, self._position())
 
     @property
@@ -232,6 +229,11 @@ class RunState:
 
 def _cat(parts: list) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _split(x: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
+    # [n * b, ...] -> n tensors [b, ...] along the batch (no op for one part)
+    return x.chunk(parts) if parts > 1 else (x,)
 
 
 class BlockRunHook(ModelHook):
