@@ -63,7 +63,7 @@ class Design:
     @property
     def family(self) -> str:
         """The label without its numeric settings (one per scope, skip kind and CFG reuse)."""
-        return " ".join(w for w in self.label.split() if "=" not in w and "<=" not in w)
+        return " ".join(w for w in self.label.split() if "=" not in w)
 
 
 def compile_policy(trace_dir: str | os.PathLike, config: CompilerConfig | None = None,
@@ -103,16 +103,20 @@ def compile_policy(trace_dir: str | os.PathLike, config: CompilerConfig | None =
     plans = [normalize_plan(assemble(profile, decision, d)) for d in shortlist]
     measured = calibrate(plans)
     index = pick_measured(measured, config, [d.label for d in shortlist])
-    provenance = dataclasses.replace(plans[index].provenance, calibration=measured[index])
-    chosen = normalize_plan(dataclasses.replace(plans[index], provenance=provenance))
+    chosen = _with_calibration(plans[index], measured[index])
     if not config.refine_rounds:
         return chosen
     best, calibration, extra = refine(
         chosen, profile, calibrate, lambda new, old: _better(new, old, config),
         config.refine_rounds, config.refine_candidates)
-    calibration = dataclasses.replace(calibration, candidates=len(plans) + extra)
-    provenance = dataclasses.replace(best.provenance, calibration=calibration)
-    return normalize_plan(dataclasses.replace(best, provenance=provenance))
+    return _with_calibration(best, dataclasses.replace(calibration,
+                                                       candidates=len(plans) + extra))
+
+
+def _with_calibration(plan: Plan, calibration: Calibration) -> Plan:
+    """``plan`` recording what calibration measured for it."""
+    provenance = dataclasses.replace(plan.provenance, calibration=calibration)
+    return normalize_plan(dataclasses.replace(plan, provenance=provenance))
 
 
 def _better(new: Calibration, old: Calibration, config: CompilerConfig) -> bool:
@@ -132,10 +136,9 @@ def search_designs(profile: Profile, roles: dict[str, str], config: CompilerConf
     warmup = warmup_steps(_pooled_curves(profile), profile.steps, config)
     forced = config.fixed_density is not None or bool(config.densities)
     for recall in (config.recall_target,) if forced else SEARCH_RECALLS:
-        attention = (dataclasses.replace(config, caching=False, fixed_density=1.0)
-                     if recall is None else
-                     dataclasses.replace(config, caching=False, recall_target=recall))
-        layers = design(profile, roles, attention, cost).layers
+        attention = (dataclasses.replace(config, fixed_density=1.0) if recall is None else
+                     dataclasses.replace(config, recall_target=recall))
+        layers = layer_plans(profile, roles, attention, warmup)
         if not forced and recall is not None and all(
                 lp.attention.is_dense for lp in layers.values()):
             continue  # the traces support no sparsity at this recall: same as dense
@@ -225,6 +228,19 @@ def design(profile: Profile, roles: dict[str, str], config: CompilerConfig,
            cost: CostModel) -> Design:
     """Build one candidate: warm-up, per-layer attention specs, cache groups, predictions."""
     warmup = warmup_steps(_pooled_curves(profile), profile.steps, config)
+    layers = layer_plans(profile, roles, config, warmup)
+    runs = _cache_groups(profile, roles, config, warmup)
+    specs = {b: lp.attention for b, lp in layers.items()}
+    speedup = cost.predict_speedup(specs, runs, profile.steps, profile.contexts)
+    error = predicted_error(profile, specs, runs)
+    label = (f"background recall={config.recall_target} refresh={config.t_max}->{config.t_min}"
+             if config.caching else f"attention-only recall={config.recall_target}")
+    return Design(config, layers, runs, speedup, error, label)
+
+
+def layer_plans(profile: Profile, roles: dict[str, str], config: CompilerConfig,
+                warmup: int) -> dict[str, LayerPlan]:
+    """Each block's role and self-attention spec (sparse after ``warmup`` dense steps)."""
     sparse_steps = np.arange(profile.steps) >= warmup
     settings = profile.metadata.profiler_settings
     attention = profile.metadata.model_config.self_attention
@@ -240,13 +256,7 @@ def design(profile: Profile, roles: dict[str, str], config: CompilerConfig,
         logger.debug("%s: %s, density %s (%s)", block, roles[block], choice.density, choice.reason)
         layers[block] = LayerPlan(role=roles[block], attention_module=attention[block],
                                   attention=spec)
-    runs = _cache_groups(profile, roles, config, warmup)
-    specs = {b: lp.attention for b, lp in layers.items()}
-    speedup = cost.predict_speedup(specs, runs, profile.steps, profile.contexts)
-    error = predicted_error(profile, specs, runs)
-    label = (f"background recall={config.recall_target} refresh={config.t_max}->{config.t_min}"
-             if config.caching else f"attention-only recall={config.recall_target}")
-    return Design(config, layers, runs, speedup, error, label)
+    return layers
 
 
 def _pooled_curves(profile: Profile) -> list[np.ndarray]:
