@@ -6,12 +6,10 @@ import hashlib
 import json
 import logging
 import statistics
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -19,6 +17,7 @@ from ditplan.policy.plan import Calibration, Plan
 from ditplan.policy.plan_io import plan_to_json
 from ditplan.runtime.apply import apply_plan
 from ditplan.runtime.loading import load_pipeline
+from ditplan.runtime.run import generate_samples
 from ditplan.runtime.video_metrics import compare_videos
 
 logger = logging.getLogger(__name__)
@@ -53,29 +52,12 @@ class CalibrationSetup:
                              f"{self.repeats}")
 
 
-def _synchronize(device: str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def generate_batch(pipe, setup: CalibrationSetup, plan: Plan) -> tuple[list[torch.Tensor], float]:
-    """Every prompt x seed in one call at the plan's workload.
-
-    Returns:
-        frames float [F, H, W, 3] in [0, 1] on the CPU, one per sample; and the wall seconds.
-    """
-    work = plan.workload
+    """Every prompt x seed in one call at the plan's workload: frames [F, H, W, 3] per sample
+    (CPU, in [0, 1]) and the wall seconds."""
     samples = [(p, s) for p in setup.prompts for s in setup.seeds]
-    generators = [torch.Generator().manual_seed(s) for _, s in samples]
-    _synchronize(setup.device)
-    start = time.perf_counter()
-    output = pipe(prompt=[p for p, _ in samples], num_inference_steps=work.steps,
-                  guidance_scale=work.guidance_scale, num_frames=work.frames,
-                  height=work.height, width=work.width, generator=generators, output_type="np")
-    _synchronize(setup.device)
-    seconds = time.perf_counter() - start
-    frames = np.asarray(output.frames)  # [N, F, H, W, 3]
-    return [torch.from_numpy(np.array(f, dtype=np.float32)) for f in frames], seconds
+    return generate_samples(pipe, [p for p, _ in samples], [s for _, s in samples],
+                            plan.workload, setup.device)
 
 
 def timed(pipe, setup: CalibrationSetup, plan: Plan) -> tuple[list[torch.Tensor], float]:

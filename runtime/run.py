@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import resource
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -78,9 +79,32 @@ def resolve_workload(config: RunConfig, plan: Plan | None) -> dict:
     return planned
 
 
-def _synchronize(device: str) -> None:
+def synchronize(device: str) -> None:
+    """Wait for the device's queued work (a no-op off CUDA), so wall-clock timings are whole."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+def generate_samples(pipe, prompts: Sequence[str], seeds: Sequence[int], work,
+                     device: str) -> tuple[list[torch.Tensor], float]:
+    """Prompt i with noise seed i, all in one batched call, timed.
+
+    Args:
+        work: the generation settings (``steps``, ``guidance_scale``, ``frames``, ``height``,
+            ``width``: a plan's or a benchmark's workload).
+    Returns:
+        frames float [F, H, W, 3] in [0, 1] on the CPU, one per sample; and the wall seconds.
+    """
+    generators = [torch.Generator().manual_seed(s) for s in seeds]  # CPU noise on every device
+    synchronize(device)
+    start = time.perf_counter()
+    output = pipe(prompt=list(prompts), num_inference_steps=work.steps,
+                  guidance_scale=work.guidance_scale, num_frames=work.frames,
+                  height=work.height, width=work.width, generator=generators, output_type="np")
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    frames = np.asarray(output.frames)  # [N, F, H, W, 3]
+    return [torch.from_numpy(np.array(f, dtype=np.float32)) for f in frames], seconds
 
 
 def generate(pipe, config: RunConfig, workload: dict) -> tuple[np.ndarray, dict]:
@@ -88,12 +112,12 @@ def generate(pipe, config: RunConfig, workload: dict) -> tuple[np.ndarray, dict]
     step_times: list[float] = []
 
     def on_step_end(pipeline, step, timestep, tensors):
-        _synchronize(config.device)
+        synchronize(config.device)
         step_times.append(time.perf_counter())
         return {}
 
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
-    _synchronize(config.device)
+    synchronize(config.device)
     start = time.perf_counter()
     output = pipe(
         prompt=config.prompt or REFERENCE_PROMPT,
@@ -106,7 +130,7 @@ def generate(pipe, config: RunConfig, workload: dict) -> tuple[np.ndarray, dict]
         output_type="np",
         callback_on_step_end=on_step_end,
     )
-    _synchronize(config.device)
+    synchronize(config.device)
     wall = time.perf_counter() - start
     per_step = np.diff([start, *step_times]) if step_times else np.array([wall])
     frames = to_uint8(np.asarray(output.frames[0]))

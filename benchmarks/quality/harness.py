@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import logging
 import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from ditplan.reference.attributes import (
 from ditplan.reference.scoring import score_clips, summarize
 from ditplan.runtime.calibrate import CalibrationSetup, Calibrator
 from ditplan.runtime.loading import load_pipeline
+from ditplan.runtime.run import generate_samples
 from ditplan.runtime.video_metrics import compare_videos
 
 logger = logging.getLogger(__name__)
@@ -86,26 +86,14 @@ def held_out_samples(captions: int,
     return samples, picked
 
 
-def _synchronize(device: str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def generate(pipe, samples: list[Sample], workload: Workload, device: str):
     """Every sample in one batched call (each with its own noise seed).
 
     Returns:
         frames float [F, H, W, 3] in [0, 1] on the CPU, one per sample; and the wall seconds.
     """
-    generators = [torch.Generator().manual_seed(s.seed) for s in samples]  # CPU noise
-    _synchronize(device)
-    start = time.perf_counter()
-    frames = pipe([s.caption for s in samples], num_inference_steps=workload.steps,
-                  guidance_scale=workload.guidance_scale, num_frames=workload.frames,
-                  height=workload.height, width=workload.width, generator=generators,
-                  output_type="pt").frames  # [N, F, H, W, 3]
-    _synchronize(device)
-    return [f.float().cpu() for f in frames], time.perf_counter() - start
+    return generate_samples(pipe, [s.caption for s in samples], [s.seed for s in samples],
+                            workload, device)
 
 
 def measure(pipe, samples: list[Sample], config: QualityConfig, before_timing=None) -> Measured:
