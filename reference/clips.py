@@ -14,7 +14,7 @@ from ditplan.reference.attributes import (
     direction_table,
     sample_attributes,
 )
-from ditplan.reference.backgrounds import render_backgrounds
+from ditplan.reference.backgrounds import BackgroundStyle, render_backgrounds
 
 REFERENCE_SIZE = 48.0  # sizes and speeds below are in pixels of a 48-pixel frame, then scaled
 
@@ -23,9 +23,9 @@ REFERENCE_SIZE = 48.0  # sizes and speeds below are in pixels of a 48-pixel fram
 class ClipSpec:
     """What a clip looks like. Sizes and speeds are given for a 48 x 48 frame and scale with it.
 
-    A sprite covers any pixel for at most 2 * radius / speed + 1 < 8 of 16 frames (radius <= 5,
-    speed >= 1.6 px/frame per axis), so the temporal median of a clip is its background: the pixel
-    scorer relies on this.
+    A sprite covers any pixel for at most 2 * radius / speed + 1 frames, under half the clip
+    (defaults: radius <= 5, speed >= 1.6 px/frame per axis, < 8 of 16 frames), so the temporal
+    median of a clip is its background: the pixel scorer relies on this.
     """
 
     frames: int = 16
@@ -38,6 +38,7 @@ class ClipSpec:
     slow_speed: tuple[float, float] = (1.6, 1.9)  # px per frame along each moving axis
     fast_speed: tuple[float, float] = (2.2, 2.5)
     bounce_prob: float = 0.2  # share of sprites whose start allows hitting a border
+    background: BackgroundStyle = BackgroundStyle()
 
     @property
     def scale(self) -> float:
@@ -169,7 +170,8 @@ def render_clips(
     if attributes.colour.device.type != generator.device.type:
         raise ValueError(
             f"attributes on {attributes.colour.device} but generator on {generator.device}")
-    background = render_backgrounds(attributes.batch_size, spec.height, spec.width, generator)
+    background = render_backgrounds(attributes.batch_size, spec.height, spec.width, generator,
+                                    spec.background)
     centers, radius, bounced = _trajectories(attributes, spec, generator)
     full = rasterize_sprites(centers, radius, attributes.shape, spec.height, spec.width)
     video, visible = _composite(background, full, attributes)

@@ -7,6 +7,8 @@ frame the largest 8-connected foreground component, re-thresholded at half its o
 "the sprite"; its shape is the template (drawn by the generator's rasterizer into the same box)
 it overlaps best. The scores assume one sprite per clip; the held-out evaluation set is
 single-sprite for that reason, and `count_ok` reports whether exactly one object was drawn.
+Every pixel constant holds at any frame size: the smallest object (MIN_PIXELS on a 48-pixel
+frame) grows with the frame's area, as the sprites do (clips.ClipSpec).
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ from ditplan.reference.attributes import (
     colour_table,
     direction_table,
 )
-from ditplan.reference.clips import rasterize_sprites
+from ditplan.reference.clips import REFERENCE_SIZE, rasterize_sprites
 
 FG_THRESHOLD = 0.1  # data margin: palette vs background differ by >= 0.18 (attributes.COLOURS)
-MIN_PIXELS = 6  # smaller components are noise, not sprites
+MIN_PIXELS = 6  # smaller components are noise, not sprites (on a 48-pixel frame: min_pixels)
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 # A box of w pixels fits radii in (w/2 - 1/2, w/2] depending on the sub-pixel position of the
 # sprite; templates are tried at a few radii in that range (plus w/2 for blurry samples).
@@ -57,7 +59,7 @@ class _FrameBlob:
     centroid: np.ndarray  # [2] (x, y)
     shape_iou: np.ndarray  # [num_shapes] IoU with each shape drawn into the blob's box
     touches_border: bool
-    objects: int  # components of at least MIN_PIXELS
+    objects: int  # components of at least min_pixels of the frame
     mask: np.ndarray  # bool [H, W] the blob's pixels
 
 
@@ -79,6 +81,13 @@ def segment_foreground(frames: torch.Tensor, threshold: float = FG_THRESHOLD) ->
     return background_difference(frames) > threshold
 
 
+def min_pixels(height: int, width: int) -> int:
+    """The smallest object at a frame size: MIN_PIXELS scaled with the area of frames larger than
+    48 x 48 (11 px at 64 x 64), MIN_PIXELS on smaller ones."""
+    scale = min(height, width) / REFERENCE_SIZE
+    return max(MIN_PIXELS, round(MIN_PIXELS * scale * scale))
+
+
 def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     labels, _ = ndimage.label(mask, structure=_EIGHT_CONNECTED)
     return labels, np.bincount(labels.ravel())[1:]
@@ -95,7 +104,8 @@ def _half_contrast_blob(diff: np.ndarray, coarse: np.ndarray) -> np.ndarray:
 
 def _blob(frame: np.ndarray, diff: np.ndarray) -> _FrameBlob | None:
     labels, sizes = _components(diff > FG_THRESHOLD)
-    if len(sizes) == 0 or sizes.max() < MIN_PIXELS:
+    least = min_pixels(*diff.shape)
+    if len(sizes) == 0 or sizes.max() < least:
         return None
     largest = _half_contrast_blob(diff, labels == (np.argmax(sizes) + 1))
     ys, xs = np.nonzero(largest)
@@ -107,7 +117,7 @@ def _blob(frame: np.ndarray, diff: np.ndarray) -> _FrameBlob | None:
         centroid=np.array([xs.mean() + 0.5, ys.mean() + 0.5]),
         shape_iou=shape_ious(largest, (top, bottom, left, right)),
         touches_border=bool(top == 0 or left == 0 or bottom == h - 1 or right == w - 1),
-        objects=int((sizes >= MIN_PIXELS).sum()),
+        objects=int((sizes >= least).sum()),
         mask=largest,
     )
 
