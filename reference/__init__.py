@@ -2,7 +2,8 @@
 
 Modules: attributes (palette, shapes, motions, captions, held-out set), backgrounds, clips (the
 generator), captions (tokenizer + CaptionEncoder), pipeline (ReferenceVideoPipeline), config
-(presets), flow (rectified-flow math), checkpoint, export, training, scoring, evaluation.
+(presets: the shipped model, its long-sequence variant, a smoke one), curriculum (clip size by
+training step), flow (rectified-flow math), checkpoint, export, training, scoring, evaluation.
 Public names below are imported lazily so that importing this package does not import diffusers.
 """
 

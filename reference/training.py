@@ -1,11 +1,14 @@
 """Rectified-flow training of the reference DiT on procedurally generated clips, resumable.
 
 Data are generated on the training device every step from a seed derived from (run seed, global
-step), so a resumed run sees exactly the batches an uninterrupted one would. Checkpoints hold
-the weights in their shipped dtypes, AdamW's second moment in bf16 (see `Trainer.checkpoint`
-for why), the step, the loss curve and the hyperparameters. A run can also resume from an
-exported pipeline folder (weights + training_state.json + loss.csv, no optimizer state): AdamW
-then restarts from zero moments and the learning rate re-warms (see `learning_rate`).
+step), and the clip size of a step comes from the run's curriculum, so a resumed run sees exactly
+the batches an uninterrupted one would. Checkpoints hold the weights in their shipped dtypes,
+AdamW's second moment in bf16 unless the checkpoint is lean (see `Trainer.checkpoint` for why),
+the step, the loss curve and the hyperparameters. A run can also resume from an exported
+pipeline folder (weights + training_state.json + loss.csv, no optimizer state), or a lean
+checkpoint: AdamW then restarts from zero moments and the learning rate re-warms (see
+`learning_rate`). A fine-tune starts from another model's weights (`TrainConfig.init`, e.g. the
+long preset from the shipped reference export) at step 0 with its own schedule and loss curve.
 """
 
 from __future__ import annotations
@@ -27,13 +30,14 @@ from ditplan.reference.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from ditplan.reference.clips import generate_clips
+from ditplan.reference.clips import ClipSpec, generate_clips
 from ditplan.reference.config import (
     ModelPreset,
     build_caption_encoder,
     build_transformer,
     get_preset,
 )
+from ditplan.reference.curriculum import check_patch, clip_spec_at, parse_curriculum
 from ditplan.reference.export import (
     MODEL_INDEX_FILE,
     export_pipeline,
@@ -66,6 +70,7 @@ class TrainConfig:
     out: Path
     preset: str = "reference"
     resume: Path | None = None
+    init: Path | None = None  # fine-tune: start from these weights at step 0 (unless resuming)
     export: Path | None = None
     batch_size: int = 32
     lr: float = 5e-4
@@ -86,6 +91,12 @@ class TrainConfig:
     # Frames per training clip instead of the preset's (same size and speeds per frame): a
     # curriculum stage on short clips costs ~4x less attention per clip at half the frames.
     clip_frames: int | None = None
+    # Clip sizes by global step, 'FxHxW:STEP,...' (see curriculum.parse_curriculum); after the
+    # last stage, the preset's clips (with clip_frames).
+    curriculum: str | None = None
+    # Checkpoints without AdamW state (weights only, ~20 MB for the reference architecture), so a
+    # device call carries less; each resume then restarts AdamW and re-warms the lr.
+    lean_checkpoint: bool = False
     compile: bool = True
     device: str | None = None  # default: cuda if available, else cpu
 
@@ -126,6 +137,9 @@ class Trainer:
         self.clip_spec = self.preset.clip
         if config.clip_frames is not None:
             self.clip_spec = dataclasses.replace(self.clip_spec, frames=config.clip_frames)
+        self.stages = parse_curriculum(config.curriculum)
+        check_patch(self.stages, tuple(self.preset.transformer["patch_size"]))
+        self._logged_spec = None  # the clip spec last announced in the log
         torch.manual_seed(config.seed)  # parameter init only; data use explicit generators
         self.transformer = build_transformer(self.preset).to(self.device).train()
         self.text_encoder = build_caption_encoder(self.preset).to(self.device).train()
@@ -137,10 +151,11 @@ class Trainer:
         self.step = 0
         self.train_seconds = 0.0
         self.restarted_at: int | None = None  # step at which AdamW last restarted from zero
+        self.initialised_from: dict | None = None  # the fine-tune's source model, if any
         self.loss_csv = LOSS_HEADER
         self.model = self.transformer
-        if config.compile:
-            self.model = torch.compile(self.transformer)
+        if config.compile:  # static shapes: a curriculum stage recompiles, specialised again
+            self.model = torch.compile(self.transformer, dynamic=False)
         self.amp = self.device.type == "cuda"
 
     def _make_optimizer(self) -> torch.optim.AdamW:
@@ -152,7 +167,8 @@ class Trainer:
                                  fused=self.device.type == "cuda")
 
     def checkpoint(self) -> Checkpoint:
-        """The training state, ~37 MiB in 3 shards for the reference preset.
+        """The training state, ~37 MiB in 3 shards for the reference preset (~19 MiB in 2 if
+        lean).
 
         Transformer weights are stored as they ship (bf16, diffusers' fp32 modules in fp32; a
         bf16 rounding per resume perturbs them less than one optimizer step does), the caption
@@ -160,21 +176,27 @@ class Trainer:
         0.9 it has a ~10-step memory, so restarting it at zero only ramps the first ~10 updates
         after a resume, while storing it would add 18 MB: too close to the 60 MiB a GPU run may
         return, and over the 64 MiB working tree once the 20 MB shipped export sits beside it.
+        A lean checkpoint drops exp_avg_sq too (beta2 = 0.99: a ~100-step memory, rebuilt during
+        the re-warm), for device calls that also carry wheels beside the shipped export.
         """
         dtypes = {f"transformer.{n}": d for n, d in shipped_dtypes(self.transformer).items()}
         tensors = {name: p.detach().to(dtypes.get(name, torch.float32))
                    for name, p in self.named_params}
-        for name, p in self.named_params:
-            state = self.optimizer.state.get(p, {})
-            if "exp_avg_sq" in state:
-                tensors[MOMENT_PREFIX + name] = state["exp_avg_sq"].to(torch.bfloat16)
+        if not self.config.lean_checkpoint:
+            for name, p in self.named_params:
+                state = self.optimizer.state.get(p, {})
+                if "exp_avg_sq" in state:
+                    tensors[MOMENT_PREFIX + name] = state["exp_avg_sq"].to(torch.bfloat16)
         return Checkpoint(tensors=tensors, state=self.training_state(), loss_csv=self.loss_csv)
 
     def training_state(self) -> dict:
         """The JSON-able record beside the weights in checkpoints and exports."""
-        return {"step": self.step, "train_seconds": self.train_seconds,
-                "preset": self.preset.name, "optimizer_restarted_at": self.restarted_at,
-                "config": _jsonable(self.config)}
+        state = {"step": self.step, "train_seconds": self.train_seconds,
+                 "preset": self.preset.name, "optimizer_restarted_at": self.restarted_at,
+                 "config": _jsonable(self.config)}
+        if self.initialised_from is not None:
+            state["initialised_from"] = self.initialised_from
+        return state
 
     def learning_rate(self, step: int) -> float:
         """The schedule's learning rate at `step`, with the re-warm after an optimizer restart."""
@@ -188,6 +210,7 @@ class Trainer:
         self.train_seconds = float(ckpt.state["train_seconds"])
         self.loss_csv = ckpt.loss_csv or LOSS_HEADER
         self.restarted_at = ckpt.state.get("optimizer_restarted_at")
+        self.initialised_from = ckpt.state.get("initialised_from")
         with torch.no_grad():
             for name, p in self.named_params:
                 p.copy_(ckpt.tensors[name])
@@ -198,11 +221,27 @@ class Trainer:
         if not any(name.startswith(MOMENT_PREFIX) for name in ckpt.tensors):
             self._restart_optimizer()
 
+    def initialise(self, ckpt: Checkpoint, source: str | Path) -> None:
+        """Starts a fine-tune from `ckpt`'s weights (any preset of the same architecture): step 0,
+        fresh AdamW (the warmup ramps it), an empty loss curve; the source is recorded in the
+        training state."""
+        self._check_shapes(ckpt)
+        with torch.no_grad():
+            for name, p in self.named_params:
+                p.copy_(ckpt.tensors[name])
+        self.initialised_from = {"source": str(source), "preset": ckpt.state.get("preset"),
+                                 "step": ckpt.state.get("step")}
+        logger.info("initialised from %s (preset %s, step %s)", source,
+                    ckpt.state.get("preset"), ckpt.state.get("step"))
+
     def _check_compatible(self, ckpt: Checkpoint) -> None:
         if ckpt.state.get("preset") != self.preset.name:
             raise ResumeMismatchError(f"checkpoint preset {ckpt.state.get('preset')!r} differs "
                                       f"from --preset {self.preset.name!r}")
         self._warn_changed(ckpt.state.get("config", {}))
+        self._check_shapes(ckpt)
+
+    def _check_shapes(self, ckpt: Checkpoint) -> None:
         missing = [n for n, _ in self.named_params if n not in ckpt.tensors]
         if missing:
             raise ResumeMismatchError(
@@ -230,15 +269,23 @@ class Trainer:
 
     def _warn_changed(self, saved: dict) -> None:
         current = _jsonable(self.config)
-        for key in ("lr", "total_steps", "warmup_steps", "batch_size", "seed"):
+        for key in ("lr", "total_steps", "warmup_steps", "batch_size", "seed", "curriculum"):
             if key in saved and saved[key] != current[key]:
                 logger.warning("%s changed on resume: %s -> %s", key, saved[key], current[key])
+
+    def spec_at(self, step: int) -> ClipSpec:
+        """The clips that global `step` trains on: the curriculum's stage, else the preset's."""
+        return clip_spec_at(self.clip_spec, self.stages, step)
 
     def _batch(self, step: int):
         """Clips, token ids (caption dropout applied) and the noise/sigma generator for `step`."""
         seed = self.config.seed * 1_000_003 + step
-        clips = generate_clips(self.config.batch_size, seed, device=self.device,
-                               spec=self.clip_spec)
+        spec = self.spec_at(step)
+        if spec != self._logged_spec:
+            logger.info("step %d: clips of %d frames x %d x %d px", step, spec.frames,
+                        spec.height, spec.width)
+            self._logged_spec = spec
+        clips = generate_clips(self.config.batch_size, seed, device=self.device, spec=spec)
         host = torch.Generator().manual_seed(seed + _AUX_SEED_OFFSET)
         ids = self.text_encoder.tokenizer.encode(clips.captions)  # ids: [B, L] on the host
         dropped = torch.rand(ids.shape[0], generator=host) < self.config.caption_dropout
@@ -279,6 +326,8 @@ class Trainer:
         """Trains until max_steps or the time budget, saves, and exports if asked."""
         if self.config.resume is not None:
             self.load(load_resume_source(self.config.resume))
+        elif self.config.init is not None:
+            self.initialise(load_resume_source(self.config.init), self.config.init)
         first_step = self.step
         _TrainLoop(self).run()
         if self.step > first_step:
@@ -352,8 +401,10 @@ class _TrainLoop:
         rate = self.window_steps * self.t.config.batch_size / max(seconds, 1e-9)
         self.t.loss_csv += (f"{self.t.step},{self.t.train_seconds:.1f},{loss:.6f},{lr:.3e},"
                             f"{grad:.4f},{rate:.1f}\n")
-        logger.info("step %d  loss %.4f  lr %.2e  grad %.3f  %.0f clips/s  %.0f s elapsed",
-                    self.t.step, loss, lr, grad, rate, time.monotonic() - self.t.started_at)
+        peak = (f"  {torch.cuda.max_memory_allocated(self.t.device) / 2**30:.1f} GiB peak"
+                if self.t.device.type == "cuda" else "")
+        logger.info("step %d  loss %.4f  lr %.2e  grad %.3f  %.0f clips/s  %.0f s elapsed%s",
+                    self.t.step, loss, lr, grad, rate, time.monotonic() - self.t.started_at, peak)
         self.loss_sum.zero_()
         self.grad_sum.zero_()
         self.window_steps = 0

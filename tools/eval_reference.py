@@ -5,6 +5,8 @@
 
 Writes <out>/eval_results.json (caption following, motion coherence, background statistics
 for the samples and for data clips of the same captions) and <out>/sample_grid.png.
+The clips (size, sprite speeds, backgrounds) are the preset's the model was trained with, read
+from its training_state.json (--preset to choose; --frames/--height/--width change the size).
 The attention-concentration statistic of issue 3 is not computed here (it needs the kernels).
 """
 
@@ -16,6 +18,8 @@ import logging
 import sys
 from pathlib import Path
 
+PRESETS = ("reference", "long", "smoke")
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -26,9 +30,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, help="only the first N held-out captions")
-    p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--height", type=int, default=48)
-    p.add_argument("--width", type=int, default=48)
+    p.add_argument("--preset", choices=PRESETS,
+                   help="whose clips to evaluate on (default: the model's training_state.json "
+                        "preset, else reference)")
+    p.add_argument("--frames", type=int, help="default: the preset's")
+    p.add_argument("--height", type=int, help="default: the preset's")
+    p.add_argument("--width", type=int, help="default: the preset's")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on cuda, else fp32")
     args = p.parse_args(argv)
@@ -36,7 +43,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"{args.model} is not a pipeline folder (no model_index.json)")
     if args.limit is not None and not 1 <= args.limit <= 64:
         p.error("--limit must be in 1..64")
+    if args.preset is None:
+        args.preset = trained_preset(args.model)
     return args
+
+
+def trained_preset(model: Path) -> str:
+    """The preset recorded in `model`/training_state.json; "reference" if there is none."""
+    record = model / "training_state.json"
+    preset = json.loads(record.read_text()).get("preset") if record.is_file() else None
+    return preset if preset in PRESETS else "reference"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     import torch
 
-    from ditplan.reference.evaluation import eval_settings, evaluate
+    from ditplan.reference.config import get_preset
+    from ditplan.reference.evaluation import eval_clip, eval_settings, evaluate
     from ditplan.reference.pipeline import ReferenceVideoPipeline
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -52,9 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
     pipe = ReferenceVideoPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
+    size = {k: getattr(args, k) for k in ("frames", "height", "width")
+            if getattr(args, k) is not None}
     settings = eval_settings(steps=args.steps, guidance_scales=tuple(args.guidance),
                              batch_size=args.batch_size, seed=args.seed, limit=args.limit,
-                             frames=args.frames, height=args.height, width=args.width)
+                             clip=eval_clip(get_preset(args.preset).clip), **size)
     results = evaluate(pipe, args.out, settings)
     summary = {"data": results["data"],
                **{g: r["samples"] for g, r in results["by_guidance"].items()}}
