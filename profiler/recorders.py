@@ -16,7 +16,7 @@ from torch import nn
 from ditplan.profiler import metrics
 from ditplan.profiler.config import RecorderSettings
 from ditplan.profiler.rows import TraceRows
-from ditplan.runtime.adapters.base import get_adapter
+from ditplan.runtime.adapters.base import block_io, get_adapter
 from ditplan.runtime.context import (
     DEFAULT_CONTEXT,
     StepState,
@@ -24,25 +24,12 @@ from ditplan.runtime.context import (
     remove_step_tracker,
 )
 from ditplan.runtime.kernels.block_map import forced_blocks
-from ditplan.runtime.layout import TokenLayout
+from ditplan.runtime.layout import AttnCall, BlockStreams, TokenLayout
 from ditplan.runtime.permutation import TokenPermuter
 
 logger = logging.getLogger(__name__)
 
 CONTEXT_NAMES = {"cond": "cond", "uncond": "uncond", DEFAULT_CONTEXT: "cond"}
-
-
-def self_attention_qkv_fn(adapter):
-    """The adapter's q/k/v computation for self-attention: fn(attn, hidden_states, rotary_emb)."""
-    fn = getattr(adapter, "self_attention_qkv", None)
-    if fn is not None:
-        return fn
-    if getattr(adapter, "family", None) == "wan":
-        from ditplan.runtime.adapters.wan import wan_self_attention_qkv
-
-        return wan_self_attention_qkv
-    raise ValueError(f"the {adapter.family!r} adapter cannot compute self-attention q/k/v; "
-                     "the profiler supports the Wan family")
 
 
 class AttentionRecorderProcessor:
@@ -60,7 +47,10 @@ class AttentionRecorderProcessor:
         if (encoder_hidden_states is None and attention_mask is None
                 and self.recorder.call.record_attention):
             with torch.no_grad():
-                self.recorder.record_attention(self.layer, attn, hidden_states, rotary_emb)
+                call = self.recorder.adapter.attention_call(
+                    attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb,
+                    **kwargs)
+                self.recorder.record_attention(self.layer, call)
         return out
 
 
@@ -118,7 +108,6 @@ class ProfileRecorder:
         self.transformer = transformer
         self.settings = settings
         self.adapter = get_adapter(transformer)
-        self.qkv = self_attention_qkv_fn(self.adapter)
         self.block_of = {attn: block for block, attn in
                          self.adapter.model_config(transformer, 0)["self_attention"].items()}
         self.num_inference_steps = num_inference_steps
@@ -151,9 +140,10 @@ class ProfileRecorder:
             self._originals[attn] = attn.processor
             attn.set_processor(AttentionRecorderProcessor(attn.processor, self.block_of[name],
                                                           self))
+        io = block_io(self.adapter, self.transformer)
         for name, block in self.adapter.blocks(self.transformer):
-            self._handles.append(block.register_forward_hook(self._block_hook(name),
-                                                             with_kwargs=True))
+            hook = self._block_hook(name, io[name].bind(block.forward))
+            self._handles.append(block.register_forward_hook(hook, with_kwargs=True))
 
     def remove(self) -> None:
         """Restore the original processors and remove every hook."""
@@ -178,8 +168,8 @@ class ProfileRecorder:
         latents = args[0] if args else kwargs["hidden_states"]  # [B, C, F, H, W]
         text = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")  # [B, L, C]
         self.text_len = 0 if text is None else int(text.shape[1])
-        self.layout = self.adapter.token_layout(module, tuple(latents.shape))
-        self._permuter.begin(self.layout, latents.device, active=True)
+        self.layout = self.adapter.token_layout(module, args, kwargs)
+        self._permuter.begin(self.layout, latents.device)
 
     def _on_step(self, state: StepState) -> None:
         if state.context not in CONTEXT_NAMES:
@@ -188,10 +178,10 @@ class ProfileRecorder:
         self.call = CallState(state.step, CONTEXT_NAMES[state.context], self.layout,
                               self._permuter, self.settings, self.foreground)
 
-    def record_attention(self, layer: str, attn, hidden_states, rotary_emb) -> None:
+    def record_attention(self, layer: str, attention: AttnCall) -> None:
         """Statistics of one self-attention call (called by AttentionRecorderProcessor)."""
         call, settings = self.call, self.settings
-        q, k, _ = self.qkv(attn, hidden_states, rotary_emb)  # [B, H, S, D]
+        q, k, _ = (x.transpose(1, 2) for x in attention.joint())  # [B, H, S, D]
         q, k = q[:, :, call.perm], k[:, :, call.perm]  # tiled order, as the runtime sees them
         summary = metrics.attention_summary(q, k, block_size=settings.block_size,
                                             tile_rows=settings.tile_rows)
@@ -210,10 +200,10 @@ class ProfileRecorder:
         self.rows.add_attention(call.step, call.cfg, layer, stats.mean(0), recall.mean(0),
                                 block_map)
 
-    def _block_hook(self, name: str):
+    def _block_hook(self, name: str, streams: BlockStreams):
         def hook(module, args, kwargs, output):
-            hidden_in = args[0] if args else kwargs["hidden_states"]  # [B, S, C]
-            hidden_out = output[0] if isinstance(output, tuple) else output
+            hidden_in = streams.video_input(args, kwargs)  # [B, S, C]
+            hidden_out = streams.video_output(output)
             self._record_change(name, hidden_out.detach() - hidden_in.detach())
 
         return hook

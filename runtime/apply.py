@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ditplan.policy.plan import AttentionSpec, Plan, PlanError
-from ditplan.runtime.adapters.base import get_adapter
+from ditplan.runtime.adapters.base import block_io, get_adapter
 from ditplan.runtime.cache import RunState, install_block_runs, remove_block_runs
 from ditplan.runtime.context import StepTracker, install_step_tracker, remove_step_tracker
 from ditplan.runtime.fingerprint import config_hash, weights_hash
@@ -154,6 +154,7 @@ def apply_plan(
     )
     blocks = dict(adapter.blocks(transformer))
     runs = install_block_runs(blocks, plan.runs, tracker, permuter,
+                              io=block_io(adapter, transformer),
                               positions=plan.workload.sigmas,
                               batch_order=cfg_batch_order if plan.workload.cfg else None)
     logger.info("plan applied: %d sparse attention layers, %d block runs", len(layers), len(runs))

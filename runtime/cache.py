@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -14,6 +14,7 @@ from ditplan.policy.plan import COMPUTE, FORECAST, BlockRun
 from ditplan.runtime.context import StepTracker
 
 if TYPE_CHECKING:
+    from ditplan.runtime.layout import BlockStreams, StreamIO
     from ditplan.runtime.permutation import TokenPermuter
 
 CACHE_HOOK = "ditplan_block_cache"
@@ -241,29 +242,29 @@ class BlockRunHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, state: RunState, position: str, hidden_arg: int, hidden_out: Callable):
+    def __init__(self, state: RunState, position: str, streams: BlockStreams):
         super().__init__()
         self.state = state
         self.position = position  # "first", "middle", "last" or "only"
-        self.hidden_arg = hidden_arg
-        self.hidden_out = hidden_out
+        self.streams = streams
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
-        state = self.state
+        state, streams = self.state, self.streams
         if self.position in ("first", "only"):
             state.begin()
-            skipped = state.enter(args[self.hidden_arg])  # hidden: [B, S, C]
+            skipped = state.enter(streams.video_input(args, kwargs))  # hidden: [B, S, C]
             if skipped is not None:
                 return skipped
-            args = (*args[: self.hidden_arg], state.run_input, *args[self.hidden_arg + 1:])
+            args, kwargs = streams.with_video_input(args, kwargs, state.run_input)
         elif not state.computing:
-            return args[self.hidden_arg]  # the first block already gave the run's output
+            # the first block already gave the run's output
+            return streams.video_input(args, kwargs)
         if state.partial:
-            args, kwargs = state.batch_slice(args, kwargs, self.hidden_arg)
+            args, kwargs = state.batch_slice(args, kwargs, streams.video.position)
         output = self.fn_ref.original_forward(*args, **kwargs)
         if self.position not in ("last", "only"):
             return output
-        hidden = self.hidden_out(output)
+        hidden = streams.video_output(output)
         if state.partial and hidden is not output:
             raise NotImplementedError("batched CFG with branches on different schedules needs "
                                       "blocks that return their hidden states alone")
@@ -287,14 +288,14 @@ def install_block_runs(
     tracker: StepTracker,
     permuter: TokenPermuter | None = None,
     *,
+    io: Mapping[str, StreamIO],
     positions: Sequence[float] | None = None,
     batch_order: tuple[str, ...] | None = None,
-    hidden_arg: int = 0,
-    hidden_out: Callable = lambda output: output,
 ) -> list[RunState]:
     """Install hooks for each run; ``blocks`` maps block name to module in execution order.
 
     Args:
+        io: each block's stream IO by name (which argument and output carry hidden states).
         positions: the sigma of each step, for runs that forecast in sigma.
         batch_order: the CFG branches a call without a scheduled context stacks along its
             batch (batched CFG); None: such a call follows the cond schedule whole.
@@ -308,7 +309,11 @@ def install_block_runs(
         state = RunState(run, tracker, permuter, positions if run.variable == "sigma" else None,
                          batch_order)
         for i, name in enumerate(run.blocks):
-            hook = BlockRunHook(state, _position(i, len(run.blocks)), hidden_arg, hidden_out)
+            if io[name].text is not None:
+                raise NotImplementedError(f"block run over {name}, a block with a text stream: "
+                                          "runs cache the video stream only so far")
+            streams = io[name].bind(blocks[name].forward)
+            hook = BlockRunHook(state, _position(i, len(run.blocks)), streams)
             HookRegistry.check_if_exists_or_initialize(blocks[name]).register_hook(hook, CACHE_HOOK)
         states.append(state)
     return states

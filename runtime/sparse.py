@@ -1,4 +1,4 @@
-"""Per-layer block-mean sparse self-attention: settings resolution, the core op, apply/remove."""
+"""Per-layer block-mean sparse self-attention: settings, the core op, processors, apply/remove."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch import nn
 from ditplan.policy.plan import AttentionSpec
 from ditplan.runtime.context import StepTracker
 from ditplan.runtime.kernels import select_and_attend
-from ditplan.runtime.permutation import TokenPermuter
+from ditplan.runtime.permutation import TokenPermuter, install_permute_points
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,34 @@ def sparse_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay
     return out
 
 
+class SparseProcessorBase:
+    """An attention processor running block-mean sparse attention on ``layer``'s sparse steps.
+
+    Each family subclasses it with an explicit ``__call__`` copying the original processor's
+    parameter list (diffusers drops keywords a processor does not declare) that hands its
+    self-attention calls, arguments unchanged, to :meth:`run`.
+    """
+
+    def __init__(self, original, layer: LayerRuntime, adapter):
+        self.original = original
+        self.layer = layer
+        self.adapter = adapter
+
+    def run(self, attn: nn.Module, hidden_states: torch.Tensor, *args):
+        """Dense steps: the original processor; sparse steps: the adapter's q/k/v, the sparse
+        op on [video | text], the adapter's output projection."""
+        if not self.layer.sparse_now():
+            self.layer.record_dense(hidden_states.device)
+            return self.original(attn, hidden_states, *args)
+        call = self.adapter.attention_call(attn, hidden_states, *args)
+        if call.key_valid is not None:
+            raise NotImplementedError(f"{self.layer.name}: the sparse kernels do not take key "
+                                      "padding (key_valid) yet")
+        q, k, v = (x.transpose(1, 2) for x in call.joint())  # [B, H, S, D]
+        out = sparse_self_attention(q, k, v, self.layer).transpose(1, 2)  # [B, S, H, D]
+        return self.adapter.attention_return(attn, call, *call.split(out))
+
+
 def resolve_layer_specs(
     names: list[str], settings: AttentionSpec | Mapping[str, AttentionSpec]
 ) -> dict[str, AttentionSpec]:
@@ -124,7 +152,8 @@ def install_sparse_layers(
     permuter: TokenPermuter,
     backend: str,
 ) -> tuple[dict[nn.Module, object], list[LayerRuntime], list]:
-    """Swap in sparse processors for every non-dense layer and install the permutation hooks.
+    """Swap in the adapter's sparse processor for every non-dense layer and install the
+    permute points (a static permutation, see :class:`TokenPermuter`).
 
     Returns:
         (original processors by module, the layers' runtimes, removable hook handles).
@@ -136,12 +165,9 @@ def install_sparse_layers(
         runtime = LayerRuntime(name, specs[name], tracker, permuter, backend)
         runtimes.append(runtime)
         originals[attn] = attn.processor
-        attn.set_processor(adapter.make_processor(attn, runtime))
+        attn.set_processor(adapter.processor_class(attn.processor, runtime, adapter))
         logger.debug("%s: sparse attention %s", name, runtime.spec)
-    hooks = adapter.install_permutation(
-        transformer, permuter, lambda: any(r.sparse_now() for r in runtimes)
-    )
-    return originals, runtimes, hooks
+    return originals, runtimes, install_permute_points(transformer, adapter, permuter)
 
 
 def restore_processors(originals: Mapping[nn.Module, object]) -> None:

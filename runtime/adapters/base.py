@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from ditplan.runtime.layout import AttnCall, PermutePoint, StreamIO, TokenLayout
+
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
-    from ditplan.runtime.layout import TokenLayout
-    from ditplan.runtime.permutation import TokenPermuter
-    from ditplan.runtime.sparse import LayerRuntime
+    from ditplan.runtime.sparse import SparseProcessorBase
 
 # Transformer class name -> the module whose import registers its adapter. Looked up by name and
 # imported on demand, so this contract imports no family (and no family imports it back in a
@@ -18,30 +20,68 @@ if TYPE_CHECKING:
 FAMILY_MODULES = {"WanTransformer3DModel": "ditplan.runtime.adapters.wan"}
 
 
+@dataclass(frozen=True)
+class BlockList:
+    """One ``nn.ModuleList`` of transformer blocks: its attribute, its kind and its streams.
+
+    ``kind`` is "video" (video tokens only, cross-attention to text), "dual" (separate video
+    and text streams) or "single" (one joint stream).
+    """
+
+    attr: str
+    kind: str
+    io: StreamIO
+
+    def named(self, transformer: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The list's blocks by fully-qualified name, in execution order."""
+        return [(f"{self.attr}.{i}", b) for i, b in enumerate(getattr(transformer, self.attr))]
+
+
 class ModelAdapter(Protocol):
     """Everything model-specific ditplan needs; one implementation per model family."""
 
     family: str
+    processor_class: type[SparseProcessorBase]  # its __call__ has the original's signature
 
-    def attention_layers(self, transformer: nn.Module) -> list[tuple[str, nn.Module]]:
-        """Self-attention modules by fully-qualified name, in execution order."""
+    def block_lists(self, transformer: nn.Module) -> list[BlockList]:
+        """The transformer's block lists, in execution order."""
 
     def blocks(self, transformer: nn.Module) -> list[tuple[str, nn.Module]]:
-        """Transformer blocks by fully-qualified name, in execution order (cache units)."""
+        """All blocks by fully-qualified name, in execution order (= a plan's block_order)."""
 
-    def token_layout(
-        self, transformer: nn.Module, hidden_states_shape: tuple[int, ...]
-    ) -> TokenLayout:
-        """The self-attention token layout for a transformer input of this shape."""
+    def attention_layers(self, transformer: nn.Module) -> list[tuple[str, nn.Module]]:
+        """Self- or joint-attention modules by fully-qualified name, in execution order."""
+
+    def token_layout(self, transformer: nn.Module, args: tuple, kwargs: dict) -> TokenLayout:
+        """The self-attention token layout of a transformer forward called with these inputs."""
+
+    def permute_points(self, transformer: nn.Module) -> list[PermutePoint]:
+        """Where token-ordered tensors enter and leave the transformer."""
+
+    def attention_call(self, attn: nn.Module, *native_args) -> AttnCall:
+        """q, k, v per stream of a self-attention call, from the processor's own arguments."""
+
+    def attention_return(
+        self, attn: nn.Module, call: AttnCall, out_video: torch.Tensor,
+        out_text: torch.Tensor | None,
+    ):
+        """The processor's native return value from the attention output per stream
+        ([B, S, H, D] each)."""
 
     def model_config(self, transformer: nn.Module, text_len: int) -> dict:
         """Facts for the cost model: profiler.schema.ModelConfig's fields."""
 
-    def make_processor(self, attn: nn.Module, layer: LayerRuntime) -> object:
-        """A diffusers-compatible attention processor running ``layer``'s settings."""
+    def cp_plan(self, transformer: nn.Module) -> dict | None:
+        """diffusers' context-parallel plan; None: context parallelism is refused."""
 
-    def install_permutation(self, transformer: nn.Module, permuter: TokenPermuter) -> list:
-        """Hooks that permute tokens once per forward; returns removable handles."""
+    def experts(self, pipe) -> list[str]:
+        """The pipeline attributes holding this family's transformers."""
+
+
+def block_io(adapter: ModelAdapter, transformer: nn.Module) -> dict[str, StreamIO]:
+    """Each block's stream IO by block name."""
+    return {name: blocks.io for blocks in adapter.block_lists(transformer)
+            for name, _ in blocks.named(transformer)}
 
 
 _ADAPTERS: dict[type, ModelAdapter] = {}

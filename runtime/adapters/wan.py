@@ -1,4 +1,4 @@
-"""Wan family adapter (Wan2.1/2.2, the reference model): names, token layout, processor."""
+"""Wan family adapter (Wan2.1/2.2, the reference model): names, token layout, q/k/v, processor."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import torch
 from diffusers import WanTransformer3DModel
 from torch import nn
 
-from ditplan.runtime.adapters.base import register_adapter
-from ditplan.runtime.layout import TokenLayout
-from ditplan.runtime.permutation import TokenPermuter
-from ditplan.runtime.sparse import LayerRuntime, sparse_self_attention
+from ditplan.runtime.adapters.base import BlockList, register_adapter
+from ditplan.runtime.layout import AttnCall, PermutePoint, StreamIO, TokenLayout
+from ditplan.runtime.permutation import TokenPermuter, install_permute_points
+from ditplan.runtime.sparse import SparseProcessorBase
 
 
 def apply_wan_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -24,19 +24,6 @@ def apply_wan_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     out[..., 0::2] = x1 * cos - x2 * sin
     out[..., 1::2] = x1 * sin + x2 * cos
     return out.type_as(x)
-
-
-def reorder_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x[:, index]`` for hidden states [B, S, C], written into ``x`` itself in inference.
-
-    The transformer's forward still holds the tensor it passes to the first block (and to the
-    output norm), so a permuted copy would keep a second hidden-state tensor alive through that
-    block (96 MiB at Wan2.1-1.3B 480p x 81; measured +0.09 GiB forward peak). In place, only a
-    transient gather buffer exists. With autograd on or under torch.compile it stays a copy.
-    """
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return x[:, index]
-    return x.copy_(x[:, index])
 
 
 def wan_self_attention_qkv(attn: nn.Module, hidden_states: torch.Tensor, rotary_emb):
@@ -59,29 +46,16 @@ def wan_self_attention_qkv(attn: nn.Module, hidden_states: torch.Tensor, rotary_
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
-class WanSparseAttnProcessor:
-    """Wan self-attention: the original processor when dense, block-mean sparse otherwise."""
-
-    def __init__(self, original, layer: LayerRuntime):
-        self.original = original
-        self.layer = layer
+class WanSparseAttnProcessor(SparseProcessorBase):
+    """WanAttnProcessor's parameters; self-attention calls go to the sparse runner."""
 
     def __call__(
         self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None
     ):
+        args = (hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         if encoder_hidden_states is not None or attention_mask is not None:
-            return self.original(
-                attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb
-            )
-        if not self.layer.sparse_now():
-            self.layer.record_dense(hidden_states.device)
-            return self.original(
-                attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb
-            )
-        q, k, v = wan_self_attention_qkv(attn, hidden_states, rotary_emb)  # [B, H, S, D]
-        out = sparse_self_attention(q, k, v, self.layer)  # [B, H, S, D]
-        out = out.transpose(1, 2).flatten(2, 3).type_as(q)  # [B, S, H*D]
-        return attn.to_out[1](attn.to_out[0](out))
+            return self.original(attn, *args)
+        return self.run(attn, *args)
 
 
 @register_adapter(WanTransformer3DModel)
@@ -89,24 +63,59 @@ class WanAdapter:
     """WanTransformer3DModel: blocks ``blocks.{i}``, self-attention ``blocks.{i}.attn1``."""
 
     family = "wan"
+    processor_class = WanSparseAttnProcessor
+
+    def block_lists(self, transformer) -> list[BlockList]:
+        return [BlockList("blocks", "video", StreamIO(video="hidden_states"))]
+
+    def blocks(self, transformer):
+        return [named for blocks in self.block_lists(transformer)
+                for named in blocks.named(transformer)]
 
     def attention_layers(self, transformer):
         return [(f"blocks.{i}.attn1", block.attn1) for i, block in enumerate(transformer.blocks)]
 
-    def blocks(self, transformer):
-        return [(f"blocks.{i}", block) for i, block in enumerate(transformer.blocks)]
+    def token_layout(self, transformer, args, kwargs=None) -> TokenLayout:
+        """The layout of a forward called with ``(args, kwargs)``: latents [B, C, F, H, W].
 
-    def token_layout(self, transformer, hidden_states_shape) -> TokenLayout:
-        if len(hidden_states_shape) != 5:
-            raise ValueError(
-                f"Wan expects latents [B, C, F, H, W], got shape {tuple(hidden_states_shape)}"
-            )
-        _, _, frames, height, width = hidden_states_shape
+        benchmarks/ still passes a latents shape as ``args`` alone (the interface before
+        design step 1); that call form goes when they pass the forward's inputs.
+        """
+        if kwargs is None:
+            shape = tuple(args)
+        else:
+            shape = tuple((args[0] if args else kwargs["hidden_states"]).shape)
+        if len(shape) != 5:
+            raise ValueError(f"Wan expects latents [B, C, F, H, W], got shape {shape}")
+        _, _, frames, height, width = shape
         p_t, p_h, p_w = transformer.config.patch_size
         return TokenLayout(frames // p_t, height // p_h, width // p_w)
 
+    def permute_points(self, transformer) -> list[PermutePoint]:
+        return [
+            PermutePoint("", "model_input", "timestep", 1),  # [B, S] per token (TI2V), not [B]
+            PermutePoint("rope", "module_output", 0, 1),  # cos [1, S, 1, D]
+            PermutePoint("rope", "module_output", 1, 1),  # sin [1, S, 1, D]
+            PermutePoint("blocks.0", "module_input", "hidden_states", 1),  # [B, S, C]
+            PermutePoint("proj_out", "unpermute_output", None, 1),  # [B, S, C_out * p]
+        ]
+
+    def attention_call(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None
+    ) -> AttnCall:
+        q, k, v = wan_self_attention_qkv(attn, hidden_states, rotary_emb)  # [B, H, S, D]
+        return AttnCall(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, S, H, D]
+
+    def attention_return(self, attn, call: AttnCall, out_video, out_text) -> torch.Tensor:
+        out = out_video.flatten(2, 3).type_as(call.q_v)  # [B, S, H, D] -> [B, S, H*D]
+        return attn.to_out[1](attn.to_out[0](out))
+
     def model_config(self, transformer, text_len: int) -> dict:
-        """The transformer facts a cost model needs (profiler.schema.ModelConfig's fields)."""
+        """The transformer facts a cost model needs (profiler.schema.ModelConfig's fields).
+
+        ``text_len`` is the cross-attention text length (the token layout has no text: Wan's
+        self-attention sees video tokens only).
+        """
         config = transformer.config
         blocks = [name for name, _ in self.blocks(transformer)]
         return dict(
@@ -122,40 +131,15 @@ class WanAdapter:
             self_attention={name: f"{name}.attn1" for name in blocks},
         )
 
-    def make_processor(self, attn, layer: LayerRuntime):
-        return WanSparseAttnProcessor(attn.processor, layer)
+    def cp_plan(self, transformer) -> dict | None:
+        return None  # context parallelism comes with design step 2
+
+    def experts(self, pipe) -> list[str]:
+        """The pipeline's transformers: Wan2.2 A14B adds ``transformer_2`` (low-noise expert)."""
+        return [name for name in ("transformer", "transformer_2")
+                if getattr(pipe, name, None) is not None]
 
     def install_permutation(self, transformer, permuter: TokenPermuter, should_permute) -> list:
-        """Permute hidden states and rotary tables once per forward; undo before the output norm."""
-
-        def on_rope(module, args, output):
-            latents = args[0]  # [B, C, F, H, W]
-            layout = self.token_layout(transformer, latents.shape)
-            permuter.begin(layout, latents.device, should_permute())
-            if not permuter.active:
-                return output
-            return tuple(table[:, permuter.perm] for table in output)  # [1, S, 1, D] each
-
-        def on_first_block(module, args):
-            if not permuter.active:
-                return args
-            return (reorder_tokens(args[0], permuter.perm), *args[1:])  # hidden_states [B, S, C]
-
-        def on_every_block(module, args):
-            temb = args[2]
-            if not permuter.active or temb.ndim != 4:  # per-token timesteps (Wan2.2 TI2V)
-                return args
-            return (*args[:2], permuter.permute_once(temb), *args[3:])
-
-        def on_norm_out(module, args):
-            if not permuter.active:
-                return args
-            return (reorder_tokens(args[0], permuter.inverse), *args[1:])
-
-        hooks = [
-            transformer.rope.register_forward_hook(on_rope),
-            transformer.blocks[0].register_forward_pre_hook(on_first_block),
-            transformer.norm_out.register_forward_pre_hook(on_norm_out),
-        ]
-        hooks += [block.register_forward_pre_hook(on_every_block) for block in transformer.blocks]
-        return hooks
+        """The interface before design step 1, still called by benchmarks/quality/window.py:
+        the permute points; the permutation is static now, so ``should_permute`` is unused."""
+        return install_permute_points(transformer, self, permuter)

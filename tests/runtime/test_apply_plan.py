@@ -48,7 +48,8 @@ def test_remove_restores_bitwise_after_sparse_and_cached_steps():
     handle = apply_plan(model, plan, backend="torch")
     outs = _steps(model, inputs, 4, context="cond")
     handle.remove()
-    assert torch.equal(outs[0], expected)  # step 0: dense and computed
+    # step 0: dense and computed, on permuted tokens (equal up to summation order)
+    torch.testing.assert_close(outs[0], expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(outs[1], expected, atol=1e-4)  # sparse blocks.0, cached blocks.1
     assert torch.equal(_steps(model, inputs, 1)[0], expected)
     assert (
@@ -115,8 +116,8 @@ def test_other_grid_and_too_many_steps_are_refused():
     handle.remove()
 
 
-def test_cached_residual_follows_the_token_order_across_dense_and_sparse_steps():
-    """Step 0 is dense (tokens unpermuted), step 1 permuted: the reused residual must follow."""
+def test_cached_residual_in_permuted_order_equals_the_unpermuted_one():
+    """Computed at dense step 0 and reused at sparse step 1, with and without a tile."""
     model, inputs = tiny_wan(), tiny_wan_inputs(**INPUTS)
     outputs = {}
     for tile in [(1, 1, 1), (1, 2, 2)]:

@@ -10,6 +10,7 @@ from torch import nn
 from ditplan.policy.plan import BlockRun
 from ditplan.runtime.cache import install_block_runs, remove_block_runs
 from ditplan.runtime.context import install_step_tracker, remove_step_tracker
+from ditplan.runtime.layout import StreamIO
 
 
 class ToyBlock(nn.Module):
@@ -34,8 +35,21 @@ class ToyModel(nn.Module, CacheMixin):
         return hidden
 
 
+class KeywordToyModel(ToyModel):
+    """Calls its blocks by keyword, as FLUX does."""
+
+    def forward(self, hidden, t):
+        for block in self.blocks:
+            hidden = block(hidden=hidden, t=t)
+        return hidden
+
+
 def named_blocks(model):
     return {f"blocks.{i}": b for i, b in enumerate(model.blocks)}
+
+
+def toy_io(model):
+    return dict.fromkeys(named_blocks(model), StreamIO(video="hidden"))
 
 
 def reference_output(model, hidden, t, steps_reused, cached_residual):
@@ -67,7 +81,7 @@ def test_run_computes_exactly_on_its_mask_per_context(batched_cfg):
     contexts = ["default"] if batched_cfg else ["cond", "uncond"]
     tracker = install_step_tracker(model)
     group = BlockRun.from_masks(("blocks.1", "blocks.2"), compute)
-    (run,) = install_block_runs(named_blocks(model), [group], tracker)
+    (run,) = install_block_runs(named_blocks(model), [group], tracker, io=toy_io(model))
     hidden, outputs = run_steps(model, 6, contexts)
     remove_block_runs(named_blocks(model))
     remove_step_tracker(model)
@@ -95,7 +109,7 @@ def test_new_generation_recomputes_and_remove_restores():
     group = BlockRun.from_masks(
         ("blocks.0", "blocks.1", "blocks.2", "blocks.3"), {"cond": [True, False]}
     )
-    (run,) = install_block_runs(named_blocks(model), [group], tracker)
+    (run,) = install_block_runs(named_blocks(model), [group], tracker, io=toy_io(model))
     run_steps(model, 2, ["cond"])
     run_steps(model, 2, ["cond"])  # step 0 again: the stale residual must not be used
     assert run.computed_steps == [("cond", 0), ("cond", 0)]
@@ -107,15 +121,43 @@ def test_new_generation_recomputes_and_remove_restores():
     )
 
 
+def test_keyword_called_blocks_follow_the_same_schedule():
+    compute = {"cond": [True, False, True, False]}
+    outputs, computed = {}, {}
+    for model in (ToyModel(), KeywordToyModel()):
+        tracker = install_step_tracker(model)
+        group = BlockRun.from_masks(("blocks.1", "blocks.2"), compute)
+        (run,) = install_block_runs(named_blocks(model), [group], tracker, io=toy_io(model))
+        _, outputs[type(model)] = run_steps(model, 4, ["cond"])
+        computed[type(model)] = run.computed_steps
+        remove_block_runs(named_blocks(model))
+        remove_step_tracker(model)
+    assert computed[KeywordToyModel] == computed[ToyModel] == [("cond", 0), ("cond", 2)]
+    for keyword, positional in zip(outputs[KeywordToyModel]["cond"], outputs[ToyModel]["cond"],
+                                   strict=True):
+        torch.testing.assert_close(keyword, positional, rtol=0, atol=0)
+
+
+def test_runs_over_two_stream_blocks_are_refused():
+    model = ToyModel()
+    tracker = install_step_tracker(model)
+    two_streams = dict.fromkeys(named_blocks(model), StreamIO("hidden", "t", ("text", "video")))
+    with pytest.raises(NotImplementedError, match="text stream"):
+        install_block_runs(named_blocks(model), [BlockRun(("blocks.1",), {})], tracker,
+                           io=two_streams)
+
+
 def test_runs_must_be_consecutive_existing_blocks():
     model = ToyModel()
     tracker = install_step_tracker(model)
     with pytest.raises(ValueError, match="consecutive"):
         install_block_runs(
-            named_blocks(model), [BlockRun(("blocks.0", "blocks.2"), {})], tracker
+            named_blocks(model), [BlockRun(("blocks.0", "blocks.2"), {})], tracker,
+            io=toy_io(model),
         )
     with pytest.raises(ValueError, match="does not have"):
-        install_block_runs(named_blocks(model), [BlockRun(("blocks.7",), {})], tracker)
+        install_block_runs(named_blocks(model), [BlockRun(("blocks.7",), {})], tracker,
+                           io=toy_io(model))
 
 
 @pytest.mark.parametrize("variable", ["sigma", "step"])
@@ -126,7 +168,8 @@ def test_forecast_in_sigma_is_exact_for_a_residual_linear_in_sigma(variable):
     model = ToyModel()
     tracker = install_step_tracker(model)
     run = BlockRun(("blocks.1", "blocks.2"), {"cond": "CCFFCF"}, variable=variable)
-    (state,) = install_block_runs(named_blocks(model), [run], tracker, positions=sigmas)
+    (state,) = install_block_runs(named_blocks(model), [run], tracker, io=toy_io(model),
+                                  positions=sigmas)
     hidden = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
     outputs = []
     for step, sigma in enumerate(sigmas):
