@@ -153,7 +153,7 @@ def apply_plan(
         transformer, adapter, specs, tracker, permuter, backend
     )
     blocks = dict(adapter.blocks(transformer))
-    runs = install_block_runs(blocks, plan.runs, tracker, permuter,
+    runs = install_block_runs(blocks, plan.runs, tracker,
                               io=block_io(adapter, transformer),
                               positions=plan.workload.sigmas,
                               batch_order=cfg_batch_order if plan.workload.cfg else None)

@@ -15,7 +15,6 @@ from ditplan.runtime.context import StepTracker
 
 if TYPE_CHECKING:
     from ditplan.runtime.layout import BlockStreams, StreamIO
-    from ditplan.runtime.permutation import TokenPermuter
 
 CACHE_HOOK = "ditplan_block_cache"
 FALLBACK_CONTEXT = "cond"
@@ -30,9 +29,8 @@ class TaylorHistory:
     Order 0 (reuse) keeps the value in its own dtype; forecasting factors are float32.
     """
 
-    def __init__(self, order: int, permuted: bool):
+    def __init__(self, order: int):
         self.order = order
-        self.permuted = permuted
         self.factors: list[torch.Tensor] = []
         self.position: float | None = None
 
@@ -63,11 +61,6 @@ class TaylorHistory:
             out = out + factor.to(dtype) * (offset**k / math.factorial(k))
         return out
 
-    def reorder(self, index: torch.Tensor, permuted: bool) -> None:
-        """Move the factors to another token order (``index`` gathers along the sequence)."""
-        self.factors = [f[:, index] for f in self.factors]
-        self.permuted = permuted
-
     @property
     def nbytes(self) -> int:
         return sum(f.numel() * f.element_size() for f in self.factors)
@@ -82,12 +75,11 @@ class RunState:
     and when only some parts compute, the run's blocks see only those parts of the batch.
     """
 
-    def __init__(self, run: BlockRun, tracker: StepTracker, permuter: TokenPermuter | None,
+    def __init__(self, run: BlockRun, tracker: StepTracker,
                  positions: Sequence[float] | None = None,
                  batch_order: tuple[str, ...] | None = None):
         self.run = run
         self.tracker = tracker
-        self.permuter = permuter
         self.positions = positions  # the Taylor variable per step (sigmas); None: step index
         self.batch_order = batch_order
         # per context, one action letter per step (tuples: dynamo cannot subscript a str)
@@ -102,10 +94,6 @@ class RunState:
         self.branch_calls = 0
         self.forecast_calls = 0
         self.peak_bytes = 0
-
-    @property
-    def permuted(self) -> bool:
-        return self.permuter is not None and self.permuter.active
 
     @property
     def computing(self) -> bool:
@@ -145,16 +133,9 @@ class RunState:
         step = self.tracker.state.step
         return float(self.positions[step] if self.positions is not None else step)
 
-    def _history(self, branch: str) -> TaylorHistory:
-        history = self.histories[branch]
-        if history.permuted != self.permuted:
-            index = self.permuter.perm if self.permuted else self.permuter.inverse
-            history.reorder(index, self.permuted)
-        return history
-
     def _replacement(self, branch: str, action: str, part: torch.Tensor) -> torch.Tensor:
         """A skipped branch part's run output [b, S, C] from its run input [b, S, C]."""
-        history = self._history(branch)
+        history = self.histories[branch]
         if action == FORECAST:
             value = history.predict(self._position(), part.dtype)
         else:
@@ -209,8 +190,8 @@ class RunState:
         value = run_output - run_input if self.run.target == "residual" else run_output
         if branch not in self.histories:
             order = self.run.order if self.run.forecasts else 0
-            self.histories[branch] = TaylorHistory(order, self.permuted)
-        self._history(branch).update(value, self._position())
+            self.histories[branch] = TaylorHistory(order)
+        self.histories[branch].update(value, self._position())
 
     @property
     def nbytes(self) -> int:
@@ -286,7 +267,6 @@ def install_block_runs(
     blocks: Mapping[str, nn.Module],
     runs: Sequence[BlockRun],
     tracker: StepTracker,
-    permuter: TokenPermuter | None = None,
     *,
     io: Mapping[str, StreamIO],
     positions: Sequence[float] | None = None,
@@ -306,7 +286,7 @@ def install_block_runs(
     states = []
     for run in runs:
         _check_consecutive(run.blocks, order)
-        state = RunState(run, tracker, permuter, positions if run.variable == "sigma" else None,
+        state = RunState(run, tracker, positions if run.variable == "sigma" else None,
                          batch_order)
         for i, name in enumerate(run.blocks):
             if io[name].text is not None:
