@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from ditplan.policy.plan import AttentionSpec, LayerPlan, ModelIdentity, Plan, Workload
 from ditplan.runtime.adapters.base import get_adapter
 from ditplan.runtime.fingerprint import config_hash
@@ -51,7 +53,8 @@ def transfer_plan(plan: Plan, transformer, *, steps: int, latents_shape: tuple[i
         if mapped:
             schedule = {c: "".join(a[s] for s in steps_from) for c, a in run.schedule.items()}
             runs.append(dataclasses.replace(run, blocks=mapped, schedule=schedule))
-    layout = adapter.token_layout(transformer, latents_shape)
+    latents = torch.empty(latents_shape, device="meta")  # the forward's input, no storage
+    layout = adapter.token_layout(transformer, (), {"hidden_states": latents})
     _, _, frames, height, width = latents_shape
     workload = Workload(steps=steps, height=height, width=width, frames=frames,
                         guidance_scale=guidance_scale, cfg=guidance_scale > 1,

@@ -19,7 +19,7 @@ from ditplan.runtime.adapters.base import get_adapter
 from ditplan.runtime.adapters.wan import wan_self_attention_qkv
 from ditplan.runtime.context import StepTracker, install_step_tracker, remove_step_tracker
 from ditplan.runtime.kernels import block_sparse_attention
-from ditplan.runtime.permutation import TokenPermuter
+from ditplan.runtime.permutation import TokenPermuter, install_permute_points
 from ditplan.runtime.sparse import restore_processors
 
 _TIE = 1e-3  # weight of the Euclidean tie-break: far below the 1/size spacing of centroids
@@ -152,7 +152,7 @@ def static_window(density: float, *, steps: int, block_size: int, tile: tuple[in
         for _, attn in adapter.attention_layers(transformer):
             originals[attn] = attn.processor
             attn.set_processor(StaticWindowProcessor(attn.processor, window))
-        hooks = adapter.install_permutation(transformer, window.permuter, window.sparse_now)
+        hooks = install_permute_points(transformer, adapter, window.permuter)
 
         def undo() -> None:
             restore_processors(originals)

@@ -69,7 +69,12 @@ class ModelAdapter(Protocol):
         ([B, S, H, D] each)."""
 
     def model_config(self, transformer: nn.Module, text_len: int) -> dict:
-        """Facts for the cost model: profiler.schema.ModelConfig's fields."""
+        """Facts for the cost model: profiler.schema.ModelConfig's fields.
+
+        ``text_len`` is the length of the forward's text input (``encoder_hidden_states``
+        tokens, as the profiler saw it): the keys of cross-attention (Wan), the text part of
+        a joint sequence (then equal to :attr:`TokenLayout.text_len`).
+        """
 
     def cp_plan(self, transformer: nn.Module) -> dict | None:
         """diffusers' context-parallel plan; None: context parallelism is refused."""

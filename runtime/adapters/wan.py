@@ -8,7 +8,6 @@ from torch import nn
 
 from ditplan.runtime.adapters.base import BlockList, register_adapter
 from ditplan.runtime.layout import AttnCall, PermutePoint, StreamIO, TokenLayout
-from ditplan.runtime.permutation import TokenPermuter, install_permute_points
 from ditplan.runtime.sparse import SparseProcessorBase
 
 
@@ -75,16 +74,9 @@ class WanAdapter:
     def attention_layers(self, transformer):
         return [(f"blocks.{i}.attn1", block.attn1) for i, block in enumerate(transformer.blocks)]
 
-    def token_layout(self, transformer, args, kwargs=None) -> TokenLayout:
-        """The layout of a forward called with ``(args, kwargs)``: latents [B, C, F, H, W].
-
-        benchmarks/ still passes a latents shape as ``args`` alone (the interface before
-        design step 1); that call form goes when they pass the forward's inputs.
-        """
-        if kwargs is None:
-            shape = tuple(args)
-        else:
-            shape = tuple((args[0] if args else kwargs["hidden_states"]).shape)
+    def token_layout(self, transformer, args, kwargs) -> TokenLayout:
+        """The layout of a forward called with ``(args, kwargs)``: latents [B, C, F, H, W]."""
+        shape = tuple((args[0] if args else kwargs["hidden_states"]).shape)
         if len(shape) != 5:
             raise ValueError(f"Wan expects latents [B, C, F, H, W], got shape {shape}")
         _, _, frames, height, width = shape
@@ -138,8 +130,3 @@ class WanAdapter:
         """The pipeline's transformers: Wan2.2 A14B adds ``transformer_2`` (low-noise expert)."""
         return [name for name in ("transformer", "transformer_2")
                 if getattr(pipe, name, None) is not None]
-
-    def install_permutation(self, transformer, permuter: TokenPermuter, should_permute) -> list:
-        """The interface before design step 1, still called by benchmarks/quality/window.py:
-        the permute points; the permutation is static now, so ``should_permute`` is unused."""
-        return install_permute_points(transformer, self, permuter)
