@@ -37,7 +37,8 @@ class RecorderSettings:
     per tile of the exact computation (None: from a 1 GiB budget). attention_steps: the steps
     whose attention statistics are computed (None: every step); the exact statistics cost
     ~20x a forward, so long schedules at full size profile a few steps (step change is
-    recorded at every step regardless).
+    recorded at every step regardless). sketch_size: values per residual sketch (0: none), the
+    compiler's record of each block's trajectory for replaying forecasts.
     """
 
     block_size: int = 128
@@ -48,6 +49,7 @@ class RecorderSettings:
     map_steps: tuple[int, ...] = ()
     tile_rows: int | None = None
     attention_steps: tuple[int, ...] | None = None  # steps with attention statistics; None: all
+    sketch_size: int = 256
 
     def __post_init__(self):
         if self.attention_steps is not None:
@@ -73,6 +75,8 @@ class RecorderSettings:
                  f"map steps must be non-negative step indices; got {self.map_steps}")
         _require(self.tile_rows is None or self.tile_rows >= 1,
                  f"tile_rows must be a positive int or None; got {self.tile_rows}")
+        _require(isinstance(self.sketch_size, int) and 0 <= self.sketch_size <= 65536,
+                 f"sketch size must be an int in 0..65536; got {self.sketch_size!r}")
 
     def to_metadata(self) -> dict:
         """The settings as the trace files record them (schema.REQUIRED_SETTINGS included)."""
@@ -81,6 +85,7 @@ class RecorderSettings:
             "densities": list(self.densities), "attn_threshold": self.attn_threshold,
             "map_steps": list(self.map_steps), "diagonal": True,
             "attention_steps": None if self.attention_steps is None else list(self.attention_steps),
+            "sketch_size": self.sketch_size,
         }
 
 
@@ -114,6 +119,7 @@ class ProfileConfig:
     map_steps: tuple[int, ...] | None = None
     tile_rows: int | None = None
     attention_steps: tuple[int, ...] | None = None
+    sketch_size: int = 256
     progress: bool = field(default=True, compare=False)
 
     def __post_init__(self):
@@ -158,7 +164,7 @@ class ProfileConfig:
         return RecorderSettings(
             block_size=self.block_size, tile=self.tile, sink=self.sink, densities=self.densities,
             attn_threshold=self.attn_threshold, map_steps=map_steps, tile_rows=self.tile_rows,
-            attention_steps=self.attention_steps,
+            attention_steps=self.attention_steps, sketch_size=self.sketch_size,
         )
 
     def resolved(self) -> ProfileConfig:
