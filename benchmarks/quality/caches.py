@@ -99,14 +99,17 @@ def faster_cache(skip_range: int, **common) -> Method:
                                     attention_weight=0.3), notes=FASTER_NOTE, **common)
 
 
-def taylorseer(interval: int, *, warmup: int, dtype: torch.dtype, **common) -> Method:
-    """TaylorSeer: first-order forecast of every block's output between full steps."""
+def taylorseer(interval: int, *, warmup: int, dtype: torch.dtype, name_warmup: bool = False,
+               **common) -> Method:
+    """TaylorSeer: first-order forecast of every block's output between full steps (the name
+    states the warm-up when ``name_warmup``: settings beside the default warm-up)."""
     def make(clock):
         return TaylorSeerCacheConfig(cache_interval=interval, disable_cache_before_step=warmup,
                                      max_order=1, taylor_factors_dtype=dtype,
                                      cache_identifiers=[r"blocks\.\d+"])
 
-    return cache_method("diffusers-taylorseer", f"interval={interval}", make,
+    setting = f"interval={interval}" + (f",warmup={warmup}" if name_warmup else "")
+    return cache_method("diffusers-taylorseer", setting, make,
                         params=dict(cache_interval=interval, disable_cache_before_step=warmup,
                                     max_order=1), notes=TAYLOR_NOTE, **common)
 

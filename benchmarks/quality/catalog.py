@@ -29,16 +29,18 @@ from benchmarks.quality.window import static_window
 
 FULL_GRID = dict(
     presets=("high", "balanced", "fast"), targets=(1.5, 2.0, 3.0), calibrated=(1.5, 2.0, 3.0),
-    candidates=8, cachedit=(0.08, 0.12, 0.24),
+    candidates=12, cachedit=(0.08, 0.12, 0.24),
     ablation_presets=("balanced", "fast"), densities=(0.5, 0.2, 0.1), intervals=(2, 4, 6),
     fbc=(0.05, 0.1, 0.2), pab=(2, 3, 4), faster=(2, 3, 4), taylor=(2, 3, 5),
+    taylor_long_warmup=((2, 0.25), (2, 0.35)),  # (interval, warm-up share): points near 1.5x
     mag=(0.03, 0.06, 0.12, 0.24),
 )
 QUICK_GRID = dict(
     presets=("balanced", "fast"), targets=(1.5,), calibrated=(1.5,), candidates=2,
     cachedit=(0.24,),
     ablation_presets=("fast",), densities=(0.2,),
-    intervals=(2,), fbc=(0.1,), pab=(2,), faster=(2,), taylor=(2,), mag=(0.06,),
+    intervals=(2,), fbc=(0.1,), pab=(2,), faster=(2,), taylor=(2,), taylor_long_warmup=(),
+    mag=(0.06,),
 )
 FBC_AT_SCALE = ("its skip decisions depend on the model's outputs, which random weights make "
                 "meaningless")
@@ -136,6 +138,9 @@ def _diffusers(ctx: CatalogContext, grid: dict) -> list[Method]:
     methods += [caches.faster_cache(s, **common) for s in grid["faster"]]
     methods += [caches.taylorseer(i, warmup=warmup, dtype=ctx.dtype, **common)
                 for i in grid["taylor"]]
+    methods += [caches.taylorseer(i, warmup=math.ceil(share * ctx.steps), dtype=ctx.dtype,
+                                  name_warmup=True, **common)
+                for i, share in grid["taylor_long_warmup"]]
     methods += [caches.mag_cache(t, ratios=ctx.mag_ratios, **common) for t in grid["mag"]]
     return methods
 
