@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -14,6 +15,14 @@ from ditplan.runtime.cache import RunState, install_block_runs, remove_block_run
 from ditplan.runtime.context import StepTracker, install_step_tracker, remove_step_tracker
 from ditplan.runtime.fingerprint import config_hash, weights_hash
 from ditplan.runtime.kernels.registry import parse_backend
+from ditplan.runtime.parallel import (
+    check_parallel_config,
+    check_same_on_ranks,
+    enable,
+    mean_over_ranks,
+    refuse_parallel_model,
+    ulysses_group,
+)
 from ditplan.runtime.permutation import TokenPermuter
 from ditplan.runtime.sparse import (
     LayerRuntime,
@@ -24,6 +33,8 @@ from ditplan.runtime.sparse import (
 )
 
 logger = logging.getLogger(__name__)
+
+CHECK_RANKS = "DITPLAN_CHECK_RANKS"  # "1": ranks compare their per-call decisions (debug)
 
 
 @dataclass
@@ -38,6 +49,7 @@ class PlanHandle:
     _originals: dict = field(repr=False)
     _hooks: list = field(repr=False)
     _blocks: dict = field(repr=False)
+    group: object = field(default=None, repr=False)  # the Ulysses ranks' process group, if any
 
     def reset(self) -> None:
         """Forget cached residuals, step counts and statistics (a new generation)."""
@@ -49,6 +61,8 @@ class PlanHandle:
             layer.reset_stats()
 
     def remove(self) -> None:
+        """Restore the processors and remove ditplan's hooks; diffusers' context parallelism,
+        when parallel= enabled it, stays (diffusers cannot undo it)."""
         restore_processors(self._originals)
         for hook in self._hooks:
             hook.remove()
@@ -58,11 +72,17 @@ class PlanHandle:
 
     def stats(self) -> dict:
         """Since reset: achieved attention density, share of block evaluations skipped (reused
-        or forecast), share of run calls forecast, and the peak memory of cached run state."""
+        or forecast), share of run calls forecast, and the peak memory of cached run state.
+
+        Under context parallelism the density is averaged over the ranks (each selects for its
+        own heads; a collective, so call it on every rank) and the cache memory is this
+        rank's (each holds its tokens' share)."""
         calls = self.tracker.calls_seen
         densities = [
             d for d in (layer.achieved_density() for layer in self.layers) if d is not None
         ]
+        if self.group is not None:
+            densities = mean_over_ranks(densities, self.group)
         # a batched-CFG call evaluates each block once per branch
         branch_calls = max((r.branch_calls for r in self.runs), default=calls)
         skipped = sum(len(r.run.blocks) * (r.branch_calls - len(r.computed_steps))
@@ -120,13 +140,14 @@ def _check_step(state, plan: Plan) -> None:
 
 def apply_plan(
     pipe, plan: Plan, *, backend: str = "auto", check_weights: bool = True,
-    cfg_batch_order: tuple[str, ...] = ("uncond", "cond"),
+    cfg_batch_order: tuple[str, ...] = ("uncond", "cond"), parallel=None,
 ) -> PlanHandle:
     """Execute ``plan`` on ``pipe`` (a diffusers pipeline, or its transformer).
 
     Checks identity and module names, then installs per-layer sparse attention and the cache
     hooks of every block run (compute, reuse or forecast per CFG branch and step); all per-step
-    decisions are read from the plan, so every process of a parallel run decides alike.
+    decisions are read from the plan, so every process of a parallel run decides alike
+    (``DITPLAN_CHECK_RANKS=1`` compares them across ranks at every call and run).
 
     Args:
         pipe: a pipeline with a ``.transformer``, or the transformer itself.
@@ -136,13 +157,19 @@ def apply_plan(
         cfg_batch_order: for pipelines that batch CFG into one call (no ``cache_context``):
             the branches stacked along the batch, in order (diffusers' convention:
             unconditional first). Each part then follows its own branch's schedule.
+        parallel: a diffusers ``ContextParallelConfig(ulysses_degree=N)``: ditplan installs
+            the plan, then makes the transformer context-parallel itself (never call
+            ``enable_parallelism`` first). Every rank must call this with the same plan.
 
     Returns:
-        A :class:`PlanHandle`; ``handle.remove()`` restores the transformer exactly.
+        A :class:`PlanHandle`; ``handle.remove()`` restores the transformer exactly (but for
+        context parallelism, which stays).
     """
     transformer = _transformer_of(pipe)
     adapter = get_adapter(transformer)
     check_plan_fits(plan, transformer, adapter, check_weights=check_weights)
+    refuse_parallel_model(transformer)
+    cp_plan = None if parallel is None else check_parallel_config(parallel, transformer, adapter)
     backend = parse_backend(backend)
     names = [name for name, _ in adapter.attention_layers(transformer)]
     specs = resolve_layer_specs(names, {n: plan.attention_spec(n) for n in names})
@@ -157,8 +184,39 @@ def apply_plan(
                               io=block_io(adapter, transformer),
                               positions=plan.workload.sigmas,
                               batch_order=cfg_batch_order if plan.workload.cfg else None)
+    handle = PlanHandle(transformer, tracker, layers, runs, len(blocks), originals, hooks, blocks)
+    if parallel is not None:
+        handle.group = _enable_parallel(handle, transformer, parallel, cp_plan, adapter)
+        if os.environ.get(CHECK_RANKS) == "1":
+            _check_ranks(tracker, runs, handle.group)
     logger.info("plan applied: %d sparse attention layers, %d block runs", len(layers), len(runs))
-    return PlanHandle(transformer, tracker, layers, runs, len(blocks), originals, hooks, blocks)
+    return handle
+
+
+def _enable_parallel(handle, transformer: nn.Module, config, cp_plan: dict, adapter):
+    """Context parallelism over ditplan's installation (removed again when enabling fails);
+    the Ulysses process group."""
+    try:
+        handle._hooks.extend(enable(transformer, config, cp_plan, adapter))
+    except BaseException:
+        handle.remove()
+        raise
+    return ulysses_group(transformer._parallel_config)
+
+
+def _check_ranks(tracker: StepTracker, runs: list[RunState], group) -> None:
+    """Debug: every rank compares its (context, step) at each transformer call and each
+    run's actions once decided (before the run's blocks enter any collective)."""
+    tracker.listeners.append(
+        lambda state: check_same_on_ranks(f"call {state.context} step {state.step}", group))
+    for index, run in enumerate(runs):
+        def begin(run=run, decide=run.begin, index=index):
+            decide()
+            state = tracker.state
+            check_same_on_ranks(f"run {index} {state.context} step {state.step}: "
+                                f"{run.branches} {run.branch_actions}", group)
+
+        run.begin = begin
 
 
 class SparseAttentionHandle:
@@ -185,6 +243,7 @@ def apply_sparse_attention(
     *,
     backend: str = "auto",
     num_inference_steps: int | None = None,
+    parallel=None,
 ) -> SparseAttentionHandle:
     """Install block-mean sparse attention on every self-attention layer of ``transformer``.
 
@@ -195,15 +254,22 @@ def apply_sparse_attention(
         backend: kernel backend (``auto``, ``flex``, ``torch``, ``dense``).
         num_inference_steps: wraps the call count into steps when the pipeline does not pass
             ``step_index`` through ``cache_context``.
+        parallel: a diffusers ``ContextParallelConfig(ulysses_degree=N)`` enabled after the
+            installation (as in :func:`apply_plan`).
 
     Returns:
-        A handle whose ``remove()`` restores the transformer.
+        A handle whose ``remove()`` restores the transformer (but for context parallelism).
     """
     adapter = get_adapter(transformer)
     names = [name for name, _ in adapter.attention_layers(transformer)]
     specs = resolve_layer_specs(names, settings)
+    refuse_parallel_model(transformer)
+    cp_plan = None if parallel is None else check_parallel_config(parallel, transformer, adapter)
     permuter = TokenPermuter(shared_tile(specs))
     backend = parse_backend(backend)
     tracker = install_step_tracker(transformer, num_inference_steps)
     installed = install_sparse_layers(transformer, adapter, specs, tracker, permuter, backend)
-    return SparseAttentionHandle(transformer, *installed)
+    handle = SparseAttentionHandle(transformer, *installed)
+    if parallel is not None:
+        _enable_parallel(handle, transformer, parallel, cp_plan, adapter)
+    return handle

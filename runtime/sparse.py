@@ -12,6 +12,7 @@ from torch import nn
 from ditplan.policy.plan import AttentionSpec
 from ditplan.runtime.context import StepTracker
 from ditplan.runtime.kernels import select_and_attend
+from ditplan.runtime.parallel import is_ulysses, ulysses_attention
 from ditplan.runtime.permutation import TokenPermuter, install_permute_points
 
 logger = logging.getLogger(__name__)
@@ -55,12 +56,15 @@ class LayerRuntime:
         return None if calls == 0 else (float(self.kept_sum) + float(self.dense_calls)) / calls
 
 
-def sparse_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: LayerRuntime):
+def sparse_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: LayerRuntime,
+                          heads: slice = slice(None)):
     """Block-mean selection then block-sparse attention, with the layer's settings.
 
     Args:
         q, k, v: [B, H, S, D], tokens in the permuter's current order.
         layer: the layer's runtime settings.
+        heads: which of the layer's heads q, k, v hold (a rank's share under Ulysses), for
+            per-head densities.
 
     Returns:
         [B, H, S, D] attention output.
@@ -81,7 +85,7 @@ def sparse_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay
         k,
         v,
         block_size=spec.block_size,
-        density=spec.head_densities or spec.density,
+        density=spec.head_densities[heads] if spec.head_densities else spec.density,
         mass_threshold=spec.mass_threshold,
         forced=forced,
         backend=layer.backend,
@@ -96,12 +100,28 @@ class SparseProcessorBase:
     Each family subclasses it with an explicit ``__call__`` copying the original processor's
     parameter list (diffusers drops keywords a processor does not declare) that hands its
     self-attention calls, arguments unchanged, to :meth:`run`.
+
+    Under diffusers' context parallelism ``enable_parallelism`` sets :attr:`_parallel_config`;
+    the original processor gets it too (its dense steps then run diffusers' Ulysses attention)
+    and the sparse steps run the sparse op inside the same all-to-all.
     """
 
     def __init__(self, original, layer: LayerRuntime, adapter):
         self.original = original
         self.layer = layer
         self.adapter = adapter
+        self._config = None
+
+    @property
+    def _parallel_config(self):
+        """diffusers' ParallelConfig of the model, or None (one process)."""
+        return self._config
+
+    @_parallel_config.setter
+    def _parallel_config(self, config) -> None:
+        self._config = config
+        if hasattr(self.original, "_parallel_config"):
+            self.original._parallel_config = config
 
     def run(self, attn: nn.Module, hidden_states: torch.Tensor, *args):
         """Dense steps: the original processor; sparse steps: the adapter's q/k/v, the sparse
@@ -113,9 +133,20 @@ class SparseProcessorBase:
         if call.key_valid is not None:
             raise NotImplementedError(f"{self.layer.name}: the sparse kernels do not take key "
                                       "padding (key_valid) yet")
-        q, k, v = (x.transpose(1, 2) for x in call.joint())  # [B, H, S, D]
-        out = sparse_self_attention(q, k, v, self.layer).transpose(1, 2)  # [B, S, H, D]
+        q, k, v = call.joint()  # [B, S, H, D]; S: this rank's tokens under Ulysses
+        if is_ulysses(self._config):
+            if call.q_t is not None:
+                raise NotImplementedError(f"{self.layer.name}: joint text-video attention under "
+                                          "context parallelism is not supported yet")
+            out = ulysses_attention(q, k, v, self._config, self._attend)  # [B, S, H, D]
+        else:
+            out = self._attend(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
         return self.adapter.attention_return(attn, call, *call.split(out))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                heads: slice = slice(None)) -> torch.Tensor:
+        """The sparse op on [B, h, S, D] for the layer's heads ``heads``."""
+        return sparse_self_attention(q, k, v, self.layer, heads)
 
 
 def resolve_layer_specs(

@@ -1,5 +1,5 @@
 """Shared fixtures: seeded RNG, a device fixture (CPU always, CUDA when present), a saved tiny
-reference pipeline."""
+reference pipeline, two gloo ranks."""
 
 from __future__ import annotations
 
@@ -42,3 +42,13 @@ def model_dir(tmp_path_factory):
     from tests.factories import saved_tiny_reference_pipeline
 
     return saved_tiny_reference_pipeline(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="session")
+def gloo_ranks():
+    """Two CPU processes in one gloo group for context-parallel tests, closed at the end."""
+    from tests.gloo import GlooRanks
+
+    ranks = GlooRanks(world=2)
+    yield ranks
+    ranks.close()

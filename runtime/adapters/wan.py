@@ -124,7 +124,9 @@ class WanAdapter:
         )
 
     def cp_plan(self, transformer) -> dict | None:
-        return None  # context parallelism comes with design step 2
+        """diffusers' own plan: split ``rope``'s tables, ``blocks.0``'s hidden states and a
+        per-token timestep along the tokens, gather at ``proj_out``."""
+        return transformer._cp_plan
 
     def experts(self, pipe) -> list[str]:
         """The pipeline's transformers: Wan2.2 A14B adds ``transformer_2`` (low-noise expert)."""

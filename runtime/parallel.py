@@ -1,0 +1,173 @@
+"""Context parallelism through diffusers' Ulysses: refusals, enabling it, the op across ranks."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ditplan.policy.plan import PlanError
+
+# diffusers versions whose private Ulysses names (TemplatedUlyssesAttention.apply's argument
+# list, ContextParallelConfig._ulysses_mesh/_ulysses_local_rank) this module was checked against.
+DIFFUSERS_RANGE = ((0, 36), (0, 43))
+
+# attend(q, k, v, heads) on [B, h, S, D] each: attention of the whole sequence for the heads
+# ``heads`` (a slice of the model's heads) -> [B, h, S, D]
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, slice], torch.Tensor]
+
+
+def check_diffusers_version(version: str | None = None) -> None:
+    """Refuse a diffusers outside :data:`DIFFUSERS_RANGE` (its private CP names may differ)."""
+    if version is None:
+        import diffusers
+
+        version = diffusers.__version__
+    numbers = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+    (low, high) = DIFFUSERS_RANGE
+    if not low <= numbers < high:
+        raise PlanError(
+            f"context parallelism with ditplan needs diffusers >= {'.'.join(map(str, low))}, "
+            f"< {'.'.join(map(str, high))} (it calls diffusers' Ulysses attention, a private "
+            f"API); this is diffusers {version}. Install a version in that range or run on "
+            "one GPU"
+        )
+
+
+def check_parallel_config(config, transformer: nn.Module, adapter) -> dict:
+    """Refuse what ditplan cannot run under context parallelism; the adapter's CP plan.
+
+    Checked before anything is installed, so a refusal leaves the model as it was.
+    """
+    from diffusers import ContextParallelConfig
+
+    check_diffusers_version()
+    if not isinstance(config, ContextParallelConfig):
+        raise PlanError(f"parallel= takes a diffusers ContextParallelConfig, got "
+                        f"{type(config).__name__}")
+    if config.ring_degree > 1:
+        raise PlanError(f"ring attention (ring_degree={config.ring_degree}) is refused: block "
+                        "selection needs every key of the sequence on one rank; use "
+                        "ContextParallelConfig(ulysses_degree=N)")
+    if config.ulysses_anything:
+        raise PlanError("ulysses_anything is refused: the sparse op needs every rank to hold "
+                        "the same number of heads and tokens; use ulysses_degree=N with N "
+                        "dividing the head count and the token count")
+    degree = config.ulysses_degree
+    heads = {attn.heads for _, attn in adapter.attention_layers(transformer)}
+    uneven = sorted(h for h in heads if h % degree)
+    if uneven:
+        raise PlanError(f"{uneven[0]} attention heads do not split over ulysses_degree={degree} "
+                        "ranks; use a degree that divides the head count")
+    cp_plan = adapter.cp_plan(transformer)
+    if cp_plan is None:
+        raise PlanError(f"context parallelism is not supported for {type(transformer).__name__} "
+                        "yet; run it on one GPU")
+    if not (dist.is_available() and dist.is_initialized()):
+        raise PlanError("context parallelism needs torch.distributed initialised: launch with "
+                        "torchrun --nproc-per-node N and call "
+                        "torch.distributed.init_process_group first")
+    return cp_plan
+
+
+def refuse_parallel_model(transformer: nn.Module) -> None:
+    """A model made parallel before ditplan is installed would attend per rank: refuse it."""
+    if getattr(transformer, "_parallel_config", None) is not None:
+        raise PlanError(
+            f"this {type(transformer).__name__} already runs under diffusers' parallelism: "
+            "ditplan must be installed first; pass parallel= to apply_plan (or "
+            "apply_sparse_attention) instead of calling enable_parallelism first"
+        )
+
+
+def enable(transformer: nn.Module, config, cp_plan: dict, adapter) -> list:
+    """Make ``transformer`` context-parallel, after ditplan's hooks and processors.
+
+    Returns:
+        removable handles of the hooks added here (a token-count check per forward).
+    """
+    transformer.enable_parallelism(config=config, cp_plan=cp_plan)
+    degree = config.ulysses_degree
+
+    def check_tokens(module, args, kwargs):
+        layout = adapter.token_layout(module, args, kwargs)
+        for what, count in (("video", layout.video_tokens), ("text", layout.text_len)):
+            if count % degree:
+                raise PlanError(f"{count} {what} tokens do not split over ulysses_degree="
+                                f"{degree} ranks; choose a size whose token count they divide")
+
+    return [transformer.register_forward_pre_hook(check_tokens, with_kwargs=True, prepend=True)]
+
+
+def is_ulysses(config) -> bool:
+    """True when ``config`` (a processor's diffusers ParallelConfig, or None) runs Ulysses."""
+    cp = getattr(config, "context_parallel_config", None)
+    return cp is not None and cp.ulysses_degree > 1
+
+
+def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config,
+                      attend: Attend) -> torch.Tensor:
+    """Self-attention of the rank's tokens through diffusers' Ulysses all-to-all.
+
+    After the all-to-all each rank holds the whole sequence, in the order the tokens had before
+    the split, for its ``H / W`` heads; ``attend`` computes those heads and the reverse
+    all-to-all brings the rank's tokens back with every head.
+
+    Args:
+        q, k, v: [B, S / W, H, D], this rank's tokens.
+        config: the processor's diffusers ParallelConfig.
+        attend: the attention of the whole sequence for a slice of heads.
+
+    Returns:
+        [B, S / W, H, D].
+    """
+    from diffusers.models.attention_dispatch import TemplatedUlyssesAttention
+
+    rank = config.context_parallel_config._ulysses_local_rank
+
+    def forward_op(ctx, query, key, value, *args, **kwargs):
+        heads = query.shape[2]  # query, key, value: [B, S, H / W, D]
+        out = attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                     slice(rank * heads, (rank + 1) * heads))  # [B, H / W, S, D]
+        return out.transpose(1, 2).contiguous()  # [B, S, H / W, D]
+
+    return TemplatedUlyssesAttention.apply(q, k, v, None, 0.0, False, None, False, False,
+                                           forward_op, None, config)
+
+
+def ulysses_group(config):
+    """The process group of ``config``'s (a diffusers ParallelConfig) Ulysses ranks."""
+    return config.context_parallel_config._ulysses_mesh.get_group()
+
+
+def _collective_device(group) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def mean_over_ranks(values: list[float], group) -> list[float]:
+    """Each value averaged over the group's ranks (a collective: every rank calls it)."""
+    if not values:
+        return []
+    tensor = torch.tensor(values, dtype=torch.float64, device=_collective_device(group))
+    dist.all_reduce(tensor, group=group)
+    return (tensor / dist.get_world_size(group)).tolist()
+
+
+def check_same_on_ranks(text: str, group) -> None:
+    """Raise on every rank when ranks describe this point differently (a collective).
+
+    Args:
+        text: this rank's description of a decision all ranks must share.
+    """
+    checksum = torch.tensor([zlib.crc32(text.encode())], dtype=torch.int64,
+                            device=_collective_device(group))
+    gathered = [torch.empty_like(checksum) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, checksum, group=group)
+    if len({int(c) for c in gathered}) > 1:
+        raise RuntimeError(f"ranks diverged: rank {dist.get_rank(group)} decided {text!r}, "
+                           "another rank decided otherwise (DITPLAN_CHECK_RANKS)")

@@ -1,0 +1,247 @@
+"""Plans under diffusers' context parallelism (Ulysses over 2 gloo ranks) equal one process."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+import pytest
+import torch
+from diffusers import ContextParallelConfig
+
+from ditplan.policy.plan import AttentionSpec, BlockRun, PlanError
+from ditplan.runtime.apply import CHECK_RANKS, apply_plan, apply_sparse_attention
+from ditplan.runtime.kernels.permute import tile_permutation
+from ditplan.runtime.parallel import check_diffusers_version
+from ditplan.runtime.sparse import SparseProcessorBase
+from tests.factories import tiny_wan, tiny_wan_inputs, tiny_wan_plan
+
+HEADS = 4  # 2 per rank
+GRID = dict(frames=3, height=16, width=24)  # 3 x 8 x 12 = 288 tokens, 96 a frame: the split
+# at token 144 falls mid-frame 1
+TOKENS, SPLIT = 288, 144
+TILE = (2, 4, 4)  # tiles span frames 0 and 1: permuted tokens cross the rank boundary
+SPARSE = AttentionSpec(density=0.6, head_densities=(0.2, 0.6, 0.4, 0.3), block_size=64,
+                       tile=TILE, sink=False)
+DENSE = AttentionSpec(density=1.0)
+# two runs: one starting at blocks.0 (split by diffusers' hook outside it), one after it
+RUNS = (BlockRun(("blocks.0", "blocks.1"), {"cond": "CRR", "uncond": "CCR"}),
+        BlockRun(("blocks.2",), {"cond": "CRC", "uncond": "CCF"}))
+
+
+def model(layers: int = 2):
+    return tiny_wan(0, num_attention_heads=HEADS, attention_head_dim=8, num_layers=layers)
+
+
+def plan_for(transformer, spec: AttentionSpec, runs: tuple = (), steps: int = 1):
+    plan = tiny_wan_plan(transformer, steps=steps, densities=(1.0,) * len(transformer.blocks))
+    layers = {name: dataclasses.replace(layer, attention=spec)
+              for name, layer in plan.layers.items()}
+    return dataclasses.replace(plan, layers=layers, runs=runs)
+
+
+def ulysses() -> ContextParallelConfig:
+    return ContextParallelConfig(ulysses_degree=2)
+
+
+def forward(transformer, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():  # under CP diffusers' hooks take tuples, not output dataclasses
+        return transformer(**inputs, return_dict=False)[0]
+
+
+def cfg_steps(transformer, inputs: dict, steps: int) -> list[torch.Tensor]:
+    outs = []
+    for step in range(steps):
+        for context in ("cond", "uncond"):
+            with transformer.cache_context(context, step_index=step):
+                outs.append(forward(transformer, inputs))
+    return outs
+
+
+def carries_config(transformer) -> bool:
+    """Every self-attention processor, and the original a sparse one wraps, has the config."""
+    config = transformer._parallel_config
+    processors = [block.attn1.processor for block in transformer.blocks]
+    originals = [p.original for p in processors if isinstance(p, SparseProcessorBase)]
+    return bool(originals) and all(p._parallel_config is config
+                                   for p in processors + originals)
+
+
+# Functions run on each of the two ranks (importable by name for the spawned processes).
+
+def rank_dense():
+    inputs = tiny_wan_inputs(**GRID)
+    single = forward(model(), inputs)
+    dense_plan = model()
+    apply_plan(dense_plan, plan_for(dense_plan, DENSE), parallel=ulysses())
+    dense_steps = model()  # sparse layers on a dense step: the wrapped original runs Ulysses
+    apply_plan(dense_steps, plan_for(dense_steps, dataclasses.replace(SPARSE, dense_steps=(0,))),
+               parallel=ulysses())
+    return single, forward(dense_plan, inputs), forward(dense_steps, inputs)
+
+
+def rank_sparse():
+    inputs = tiny_wan_inputs(**GRID)
+    dense = forward(model(), inputs)
+    one = model()
+    handle = apply_plan(one, plan_for(one, SPARSE), backend="torch")
+    single, single_stats = forward(one, inputs), handle.stats()
+    two = model()
+    handle = apply_plan(two, plan_for(two, SPARSE), backend="torch", parallel=ulysses())
+    parallel = forward(two, inputs)
+    return dict(dense=dense, single=single, parallel=parallel, single_stats=single_stats,
+                parallel_stats=handle.stats(), configured=carries_config(two))
+
+
+def rank_cache(diverge: bool = False):
+    inputs = tiny_wan_inputs(**GRID)
+    spec = dataclasses.replace(SPARSE, dense_steps=(0,))
+    one = model(layers=3)
+    handle = apply_plan(one, plan_for(one, spec, steps=3), backend="torch")  # without runs
+    uncached = cfg_steps(one, inputs, 3)
+    handle.remove()
+    handle = apply_plan(one, plan_for(one, spec, RUNS, steps=3), backend="torch")
+    single, single_stats = cfg_steps(one, inputs, 3), handle.stats()
+    two = model(layers=3)
+    os.environ[CHECK_RANKS] = "1"
+    try:
+        handle = apply_plan(two, plan_for(two, spec, RUNS, steps=3), backend="torch",
+                            parallel=ulysses())
+        if diverge and torch.distributed.get_rank() == 1:
+            handle.runs[0].actions = {c: ("C",) * 3 for c in ("cond", "uncond")}
+        try:
+            parallel = cfg_steps(two, inputs, 3)
+        except RuntimeError as error:
+            return str(error)
+    finally:
+        del os.environ[CHECK_RANKS]
+    return dict(uncached=uncached, single=single, parallel=parallel, single_stats=single_stats,
+                parallel_stats=handle.stats(),
+                computed=[run.computed_steps for run in handle.runs])
+
+
+def rank_remove():
+    inputs = tiny_wan_inputs(**GRID)
+    single = forward(model(), inputs)
+    planned = model()
+    handle = apply_plan(planned, plan_for(planned, SPARSE), backend="torch", parallel=ulysses())
+    sparse = forward(planned, inputs)
+    handle.remove()
+    removed = forward(planned, inputs)
+    plain = model()
+    plain.enable_parallelism(config=ulysses())
+    return dict(single=single, sparse=sparse, removed=removed, plain=forward(plain, inputs),
+                processors=[type(b.attn1.processor).__name__ for b in planned.blocks])
+
+
+def rank_enable_first():
+    transformer = model()
+    transformer.enable_parallelism(config=ulysses())
+    processors = [b.attn1.processor for b in transformer.blocks]
+    errors = []
+    for apply in (lambda: apply_plan(transformer, plan_for(transformer, SPARSE)),
+                  lambda: apply_sparse_attention(transformer, SPARSE, parallel=ulysses())):
+        with pytest.raises(PlanError) as error:
+            apply()
+        errors.append(str(error.value))
+    untouched = processors == [b.attn1.processor for b in transformer.blocks]
+    return errors, untouched
+
+
+def rank_odd_tokens():
+    transformer = model()
+    apply_plan(transformer, plan_for(transformer, SPARSE), parallel=ulysses())
+    with pytest.raises(PlanError) as error:
+        forward(transformer, tiny_wan_inputs(frames=3, height=6, width=10))  # 45 tokens
+    return str(error.value)
+
+
+def test_premise_permuted_tokens_cross_the_rank_boundary():
+    perm = tile_permutation((3, 8, 12), TILE)
+    assert perm.numel() == TOKENS
+    assert perm[:SPLIT].max() >= SPLIT  # rank 0 holds tokens rank 1 holds unpermuted
+
+
+def test_dense_under_parallelism_equals_one_process(gloo_ranks):
+    for single, dense_plan, dense_steps in gloo_ranks.run(rank_dense):
+        torch.testing.assert_close(dense_plan, single, rtol=0, atol=1e-6)
+        # permuted dense steps: equal up to float summation order
+        torch.testing.assert_close(dense_steps, single, rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_under_parallelism_equals_sparse_one_process(gloo_ranks):
+    for rank in gloo_ranks.run(rank_sparse):
+        assert rank["configured"]
+        assert (rank["single"] - rank["dense"]).abs().max() > 1e-3  # really sparse
+        torch.testing.assert_close(rank["parallel"], rank["single"], rtol=1e-5, atol=1e-5)
+        # each rank selects for its own heads; stats() averages them over the ranks
+        single = rank["single_stats"]["attention_density"]
+        assert single < 0.9
+        assert rank["parallel_stats"]["attention_density"] == pytest.approx(single, abs=1e-6)
+
+
+def test_cache_runs_under_parallelism_equal_one_process(gloo_ranks):
+    for rank in gloo_ranks.run(rank_cache):
+        assert rank["computed"] == [[("cond", 0), ("uncond", 0), ("uncond", 1)],
+                                    [("cond", 0), ("uncond", 0), ("uncond", 1), ("cond", 2)]]
+        assert (rank["single"][2] - rank["uncached"][2]).abs().max() > 1e-4  # runs reuse
+        for parallel, single in zip(rank["parallel"], rank["single"], strict=True):
+            torch.testing.assert_close(parallel, single, rtol=1e-5, atol=1e-5)
+        for key in ("blocks_skipped_share", "blocks_forecast_share"):
+            assert rank["parallel_stats"][key] == rank["single_stats"][key] > 0
+
+
+def test_ranks_that_decide_differently_fail_together(gloo_ranks):
+    # rank 1 computes where rank 0 reuses: both stop before the run enters a collective
+    for message in gloo_ranks.run(rank_cache, True):
+        assert "ranks diverged" in message and "run 0 cond step 1" in message
+
+
+def test_remove_leaves_plain_context_parallelism(gloo_ranks):
+    for rank in gloo_ranks.run(rank_remove):
+        assert (rank["sparse"] - rank["removed"]).abs().max() > 1e-3
+        assert rank["processors"] == ["WanAttnProcessor"] * 2
+        torch.testing.assert_close(rank["removed"], rank["plain"], rtol=0, atol=0)
+        torch.testing.assert_close(rank["plain"], rank["single"], rtol=0, atol=1e-6)
+
+
+def test_parallelism_enabled_first_is_refused(gloo_ranks):
+    for errors, untouched in gloo_ranks.run(rank_enable_first):
+        assert untouched
+        for message in errors:
+            assert "pass parallel= to apply_plan" in message
+
+
+def test_tokens_that_do_not_split_evenly_are_refused(gloo_ranks):
+    for message in gloo_ranks.run(rank_odd_tokens):
+        assert "45 video tokens do not split over ulysses_degree=2" in message
+
+
+@pytest.mark.parametrize("config, message", [
+    (ContextParallelConfig(ring_degree=2), "ring attention (ring_degree=2) is refused"),
+    (ContextParallelConfig(ulysses_degree=2, ulysses_anything=True), "ulysses_anything"),
+    (ContextParallelConfig(ulysses_degree=3), "4 attention heads do not split over "
+                                              "ulysses_degree=3"),
+    ("ulysses", "takes a diffusers ContextParallelConfig"),
+    (ContextParallelConfig(ulysses_degree=2), "needs torch.distributed initialised"),
+])
+def test_unsupported_parallelism_is_refused_before_anything_is_installed(config, message):
+    transformer = model()
+    processors = [b.attn1.processor for b in transformer.blocks]
+    for apply in (lambda: apply_plan(transformer, plan_for(transformer, SPARSE), parallel=config),
+                  lambda: apply_sparse_attention(transformer, SPARSE, parallel=config)):
+        with pytest.raises(PlanError, match=re.escape(message)):
+            apply()
+        assert processors == [b.attn1.processor for b in transformer.blocks]
+        apply_plan(transformer, plan_for(transformer, SPARSE)).remove()  # nothing was left
+
+
+@pytest.mark.parametrize("version, ok", [("0.42.1", True), ("0.36.0", True), ("0.43.0", False),
+                                         ("0.35.2", False), ("1.0.0.dev0", False)])
+def test_diffusers_versions_outside_the_checked_range_are_refused(version, ok):
+    if ok:
+        check_diffusers_version(version)
+    else:
+        with pytest.raises(PlanError, match=f"this is diffusers {version}"):
+            check_diffusers_version(version)
