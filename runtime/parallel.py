@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import zlib
 from collections.abc import Callable
 
@@ -70,7 +71,22 @@ def check_parallel_config(config, transformer: nn.Module, adapter) -> dict:
         raise PlanError("context parallelism needs torch.distributed initialised: launch with "
                         "torchrun --nproc-per-node N and call "
                         "torch.distributed.init_process_group first")
+    _load_warning_once()
     return cp_plan
+
+
+def _load_warning_once() -> None:
+    """diffusers' context-parallel hooks log through ``Logger.warning_once``, a method only
+    ``transformers`` adds to the standard logger (on import): Wan with a [B] timestep would
+    fail at its first forward without it. Pipelines with a text encoder have imported it."""
+    if hasattr(logging.Logger, "warning_once"):
+        return
+    try:
+        import transformers  # noqa: F401  (defines logging.Logger.warning_once)
+    except ImportError as error:
+        raise PlanError("diffusers' context parallelism needs the transformers package (its "
+                        "hooks log through Logger.warning_once, which transformers defines): "
+                        "pip install transformers") from error
 
 
 def refuse_parallel_model(transformer: nn.Module) -> None:

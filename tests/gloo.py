@@ -75,6 +75,7 @@ class GlooRanks:
 
 
 def _serve(rank: int, world: int, store: str, pipe) -> None:
+    import functools
     import logging
 
     import torch
@@ -82,7 +83,7 @@ def _serve(rank: int, world: int, store: str, pipe) -> None:
 
     torch.accelerator.device_count = lambda: 1
     if not hasattr(logging.Logger, "warning_once"):
-        logging.Logger.warning_once = logging.Logger.warning
+        logging.Logger.warning_once = functools.lru_cache(None)(logging.Logger.warning)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
+import sys
 
 import pytest
 import torch
@@ -157,6 +159,21 @@ def rank_odd_tokens():
     return str(error.value)
 
 
+def rank_without_transformers():
+    """diffusers' CP hooks need Logger.warning_once, which only transformers defines."""
+    shim = logging.Logger.warning_once  # the test ranks' stand-in (tests/gloo.py)
+    del logging.Logger.warning_once
+    sys.modules["transformers"] = None  # as if not installed: importing it fails
+    try:
+        transformer = model()
+        with pytest.raises(PlanError) as error:
+            apply_plan(transformer, plan_for(transformer, SPARSE), parallel=ulysses())
+        return str(error.value), transformer._parallel_config is None
+    finally:
+        del sys.modules["transformers"]
+        logging.Logger.warning_once = shim
+
+
 def test_premise_permuted_tokens_cross_the_rank_boundary():
     perm = tile_permutation((3, 8, 12), TILE)
     assert perm.numel() == TOKENS
@@ -211,6 +228,11 @@ def test_parallelism_enabled_first_is_refused(gloo_ranks):
         assert untouched
         for message in errors:
             assert "pass parallel= to apply_plan" in message
+
+
+def test_missing_transformers_is_refused_before_enabling(gloo_ranks):
+    for message, not_parallel in gloo_ranks.run(rank_without_transformers):
+        assert "pip install transformers" in message and not_parallel
 
 
 def test_tokens_that_do_not_split_evenly_are_refused(gloo_ranks):

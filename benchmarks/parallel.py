@@ -1,0 +1,176 @@
+"""Context parallelism at the Wan2.1-1.3B shape (random weights, 480p x 81 frames): dense and
+sparse attention, one GPU against W GPUs (diffusers' Ulysses), in one torchrun.
+
+    torchrun --nproc-per-node 2 -m benchmarks.parallel [--density 0.2] [--steps N]
+        [--repeats 5] [--json out.json]
+    --quick: the tiny model on CPU over gloo (a smoke run; the test suite runs it in 2 ranks)
+
+Every rank first times the model alone on its own GPU (the 1-GPU rows; the ranks run them
+side by side, each on its own card). Then ditplan installs sparse attention (every layer at
+--density) with parallel=ContextParallelConfig(ulysses_degree=W) and the ranks time it
+together; remove() leaves diffusers' plain context parallelism, timed as dense on W GPUs (a
+parallel model takes no second installation, so the sparse row comes first). Each time is one
+transformer forward (median of --repeats after 2 warm-ups, the slowest rank's); --steps N also
+times one N-step CFG denoising loop per variant (warm from the forwards). The W-GPU outputs are
+compared with the 1-GPU ones of the same variant (bf16: equal within rounding, not bitwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from diffusers import ContextParallelConfig
+
+from benchmarks.common import banner, peak_memory_gib, time_ms
+from benchmarks.forward import build
+from benchmarks.quality.scale import Denoiser
+from ditplan.policy.plan import AttentionSpec
+from ditplan.runtime.apply import apply_sparse_attention
+
+
+def setup() -> torch.device:
+    """Join the launch's process group (NCCL on GPUs, gloo on CPU); this rank's device."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if not hasattr(logging.Logger, "warning_once"):
+        # diffusers 0.42's CP hooks log through Logger.warning_once, which only transformers
+        # defines; a bare transformer run without it would fail at the first forward.
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            logging.Logger.warning_once = functools.lru_cache(None)(logging.Logger.warning)
+    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+
+
+def shared_model(quick: bool, device: torch.device):
+    """The model and inputs of benchmarks.forward, rank 0's weights and inputs on every rank."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    model, inputs = build(quick, device.type, dtype)
+    for tensor in [*model.parameters(), *model.buffers(),
+                   *(x for x in inputs.values() if torch.is_tensor(x))]:
+        dist.broadcast(tensor.data, src=0)
+    return model, inputs
+
+
+class Timer:
+    """Times the model as it is now: a forward, and with ``steps`` a denoising loop."""
+
+    def __init__(self, model, inputs: dict, steps: int, repeats: int):
+        self.model, self.inputs, self.repeats = model, inputs, repeats
+        self.denoise = Denoiser(model, inputs, steps) if steps else None
+        if self.denoise is not None:
+            dist.broadcast(self.denoise.text["uncond"], src=0)  # drawn on each rank
+
+    def forward(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(**self.inputs)[0]  # [1, C, F, H, W]
+
+    def measure(self, variant: str, gpus: int, layers=()) -> dict:
+        """The row of the model as installed now; ``layers``: its sparse layers' runtimes."""
+        dist.barrier()
+        ms = _over_ranks(time_ms(self.forward, repeats=self.repeats), dist.ReduceOp.MAX)
+        row = dict(variant=variant, gpus=gpus, ms=ms, peak_gib=peak_memory_gib(self.forward),
+                   out=self.forward().float().cpu())
+        if self.denoise is not None:  # warm already: one timed loop
+            dist.barrier()
+            start = time.perf_counter()
+            out = self.denoise()  # [1, C, F, H, W]
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            row.update(loop_s=_over_ranks(time.perf_counter() - start, dist.ReduceOp.MAX),
+                       loop_out=out.float().cpu())
+        densities = [d for d in (layer.achieved_density() for layer in layers) if d is not None]
+        if densities:  # each rank selects for its own heads
+            row["density"] = _over_ranks(sum(densities) / len(densities), dist.ReduceOp.SUM) \
+                / dist.get_world_size()
+        return row
+
+
+def _over_ranks(value: float, op) -> float:
+    tensor = torch.tensor([value], dtype=torch.float64,
+                          device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(tensor, op=op)
+    return float(tensor)
+
+
+def run(args) -> list[dict]:
+    """All rows, in the order measured (every rank returns them)."""
+    device = setup()
+    world = dist.get_world_size()
+    model, inputs = shared_model(args.quick, device)
+    timer = Timer(model, inputs, args.steps, args.repeats)
+    spec = AttentionSpec(density=args.density)
+    sparse = f"sparse d={args.density:g}"
+    rows = [timer.measure("dense", 1)]
+    handle = apply_sparse_attention(model, spec, backend=args.backend)
+    rows.append(timer.measure(sparse, 1, handle.layers))
+    handle.remove()
+    handle = apply_sparse_attention(model, spec, backend=args.backend,
+                                    parallel=ContextParallelConfig(ulysses_degree=world))
+    rows.append(timer.measure(sparse, world, handle.layers))
+    handle.remove()  # plain context parallelism stays
+    rows.append(timer.measure("dense", world))
+    return rows
+
+
+def report(rows: list[dict]) -> list[dict]:
+    """Print the table; the rows with ratios and differences, without tensors."""
+    single = {r["variant"]: r for r in rows if r["gpus"] == 1}
+    dense = {r["gpus"]: r for r in rows if r["variant"] == "dense"}
+    loops = "loop_s" in rows[0]
+    print(f"\n{'variant':<16} {'GPUs':>4} {'ms/forward':>11} {'vs dense':>9} {'vs 1 GPU':>9} "
+          f"{'density':>8} {'peak GiB':>9} {'max|diff| vs 1 GPU':>19}"
+          + (f" {'loop s':>8} {'loop max|diff|':>15}" if loops else ""))
+    table = []
+    for r in rows:
+        one = single[r["variant"]]
+        diff = (r["out"] - one["out"]).abs().max().item()
+        row = {k: v for k, v in r.items() if k not in ("out", "loop_out")}
+        row.update(vs_dense=dense[r["gpus"]]["ms"] / r["ms"], vs_one_gpu=one["ms"] / r["ms"],
+                   max_abs_diff=diff)
+        line = (f"{r['variant']:<16} {r['gpus']:>4} {r['ms']:>11.1f} {row['vs_dense']:>8.2f}x "
+                f"{row['vs_one_gpu']:>8.2f}x {r.get('density', 1.0):>8.3f} "
+                f"{r['peak_gib']:>9.2f} {diff:>19.2e}")
+        if loops:
+            row["loop_max_abs_diff"] = (r["loop_out"] - one["loop_out"]).abs().max().item()
+            line += f" {r['loop_s']:>8.1f} {row['loop_max_abs_diff']:>15.2e}"
+        print(line, flush=True)
+        table.append(row)
+    return table
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--density", type=float, default=0.2, help="every layer's density")
+    p.add_argument("--steps", type=int, default=0,
+                   help="also time one N-step CFG denoising loop per variant")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="tiny model on CPU (smoke run)")
+    p.add_argument("--json", help="rank 0 writes the rows here")
+    args = p.parse_args(argv)
+    rows = run(args)
+    if dist.get_rank() != 0:
+        return []
+    print(banner(), f"| {dist.get_world_size()} ranks", flush=True)
+    table = report(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(banner=banner(), rows=table), f, indent=1)
+    return table
+
+
+if __name__ == "__main__":
+    main()
+    dist.destroy_process_group()
