@@ -193,6 +193,19 @@ def apply_plan(
     return handle
 
 
+def enable_parallel(pipe, parallel) -> None:
+    """Context parallelism without a plan (dense attention), through ditplan's refusals.
+
+    Args:
+        pipe: a pipeline with a ``.transformer``, or the transformer itself.
+        parallel: a diffusers ``ContextParallelConfig(ulysses_degree=N)``.
+    """
+    transformer = _transformer_of(pipe)
+    adapter = get_adapter(transformer)
+    refuse_parallel_model(transformer)
+    enable(transformer, parallel, check_parallel_config(parallel, transformer, adapter), adapter)
+
+
 def _enable_parallel(handle, transformer: nn.Module, config, cp_plan: dict, adapter):
     """Context parallelism over ditplan's installation (removed again when enabling fails);
     the Ulysses process group."""

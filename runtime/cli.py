@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -53,17 +52,40 @@ def _add_run(subparsers) -> None:
         help="generate this many times (each of dense and the plan) and report median times; "
         "on a GPU use 3 or more so warm-up and kernel compilation are left out",
     )
+    p.add_argument(
+        "--nproc",
+        type=_positive_int,
+        default=1,
+        help="run as N processes (torchrun, one GPU each) with diffusers' context parallelism "
+        "(Ulysses, degree N); rank 0 writes the outputs. Under torchrun, leave it out",
+    )
     p.set_defaults(handler=_run)
 
 
 def _run(args) -> int:
+    from ditplan.runtime.launch import LaunchError, detect_launch, relaunch, without_option
+
+    launch = detect_launch()
+    if args.nproc > 1:
+        if launch is not None:
+            raise LaunchError(f"--nproc {args.nproc} launches torchrun itself, but this process "
+                              f"is already rank {launch.rank} of {launch.world}: drop --nproc "
+                              "under torchrun")
+        return relaunch(args.nproc, without_option(args.argv, "--nproc"))
     import torch
 
+    from ditplan.runtime.launch import joined
     from ditplan.runtime.run import RunConfig, run_generation
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     fields = {k: getattr(args, k) for k in RunConfig.__dataclass_fields__}
-    metrics = run_generation(RunConfig(**fields))
+    if launch is None:
+        metrics = run_generation(RunConfig(**fields))
+    else:
+        with joined(launch, args.device) as device:
+            metrics = run_generation(RunConfig(**{**fields, "device": device}), launch)
+        if not launch.writes_outputs:
+            return 0
     run = metrics["run"]
     line = f"wrote {args.out}/video.mp4: {run['wall_s']:.1f} s, {run['step_s_median']:.2f} s/step"
     if args.repeats > 1:
@@ -94,26 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def launched_as_ranks() -> int:
-    """The process count of a multi-process launch (torchrun, mpirun, SLURM ...), else 1."""
-    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
-        try:
-            size = int(os.environ.get(name, "1"))
-        except ValueError:
-            continue
-        if size > 1:
-            return size
-    return 1
-
-
 def main(argv: list[str] | None = None) -> int:
+    from ditplan.runtime.launch import launched_as_ranks
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     ranks = launched_as_ranks()
-    if ranks > 1:  # every rank would write the same outputs: refuse before any work
+    if ranks > 1 and args.command != "run":  # every rank would write the same outputs
         print(f"ditplan {args.command}: error: launched as {ranks} processes (torchrun or "
-              "similar), but ditplan runs in one process per command for now (context "
-              "parallelism is issue 16); run it without torchrun", file=sys.stderr)
+              f"similar), but {args.command} runs in one process (only `ditplan run` runs "
+              "under context parallelism; plans made on one GPU serve any number); run it "
+              "without torchrun", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,

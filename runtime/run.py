@@ -14,7 +14,8 @@ import torch
 
 from ditplan.policy.plan import Plan, PlanError
 from ditplan.policy.plan_io import load_plan
-from ditplan.runtime.apply import apply_plan
+from ditplan.runtime.apply import apply_plan, enable_parallel
+from ditplan.runtime.launch import Launch
 from ditplan.runtime.loading import REFERENCE, load_pipeline
 from ditplan.runtime.outputs import to_uint8, write_contact_sheet, write_json, write_video
 from ditplan.runtime.video_metrics import compare_videos
@@ -174,21 +175,38 @@ def _reset_peak(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def run_generation(config: RunConfig) -> dict:
-    """Generate one video with ``config.plan`` applied; write video, contact sheet, metrics."""
+def run_generation(config: RunConfig, launch: Launch | None = None) -> dict:
+    """Generate one video with ``config.plan`` applied; write video, contact sheet, metrics.
+
+    Under a torchrun ``launch`` every rank runs this with the same seed, the transformer runs
+    context-parallel over the ranks (Ulysses) and rank 0 alone writes the files. The plan's
+    generations come first and dense (``--compare-dense``) second, after ``remove()``: a
+    parallel model takes no plan afterwards.
+    """
     plan = load_plan(config.plan) if config.plan else None
     workload = resolve_workload(config, plan)
     pipe = load_pipeline(config.model, device=config.device)
     metrics: dict = {"config": {k: str(v) for k, v in asdict(config).items()}, "workload": workload}
+    parallel = None
+    if launch is not None:
+        from diffusers import ContextParallelConfig
+
+        parallel = ContextParallelConfig(ulysses_degree=launch.world)
+        metrics["parallel"] = {"ranks": launch.world, "ulysses_degree": launch.world}
+        pipe.set_progress_bar_config(disable=not launch.writes_outputs)
     warmup = COMPARE_WARMUP_RUNS if config.compare_dense else 0
+    handle = apply_plan(pipe, plan, backend=config.backend, parallel=parallel) if plan else None
+    if handle is None and parallel is not None:
+        enable_parallel(pipe, parallel)
+    frames, metrics["run"] = timed_generations(pipe, config, workload, warmup)
+    if handle:
+        metrics["run"].update(handle.stats())  # under a launch, a collective of all ranks
+        handle.remove()
     dense = None
     if config.compare_dense:
         dense, metrics["dense"] = timed_generations(pipe, config, workload, warmup)
-    handle = apply_plan(pipe, plan, backend=config.backend) if plan else None
-    frames, metrics["run"] = timed_generations(pipe, config, workload, warmup)
-    if handle:
-        metrics["run"].update(handle.stats())
-        handle.remove()
+    if launch is not None and not launch.writes_outputs:
+        return metrics
     if dense is not None:
         metrics["speedup_vs_dense"] = metrics["dense"]["wall_s"] / metrics["run"]["wall_s"]
         metrics["step_speedup_vs_dense"] = (

@@ -74,16 +74,23 @@ class GlooRanks:
         self._dir.cleanup()
 
 
-def _serve(rank: int, world: int, store: str, pipe) -> None:
+def apply_cpu_shims() -> None:
+    """diffusers 0.42.1's two CPU workarounds, in this process (test processes only)."""
     import functools
     import logging
 
     import torch
+
+    torch.accelerator.device_count = lambda: 1  # 0 on a CPU-only host: enable_parallelism / 0
+    if not hasattr(logging.Logger, "warning_once"):  # what importing transformers adds
+        logging.Logger.warning_once = functools.lru_cache(None)(logging.Logger.warning)
+
+
+def _serve(rank: int, world: int, store: str, pipe) -> None:
+    import torch
     import torch.distributed as dist
 
-    torch.accelerator.device_count = lambda: 1
-    if not hasattr(logging.Logger, "warning_once"):
-        logging.Logger.warning_once = functools.lru_cache(None)(logging.Logger.warning)
+    apply_cpu_shims()
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))

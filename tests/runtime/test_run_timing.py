@@ -15,20 +15,22 @@ WORKLOAD = dict(steps=4, height=16, width=16, frames=2, guidance_scale=4.0)
 
 class FakeGenerations:
     """Stands in for ``run.generate``: the first generation of a process (10 s) and the first
-    after a plan is applied (3 s) are cold; later ones take 1 s on either side: true speedup 1."""
+    after a plan is applied or removed (3 s) are cold; later ones take 1 s on either side: true
+    speedup 1."""
 
     def __init__(self):
         self.events: list[str] = []
 
     def generate(self, pipe, config, workload):
-        wall = 10.0 if not self.events else 3.0 if self.events[-1] == "apply" else 1.0
+        wall = (10.0 if "generate" not in self.events
+                else 3.0 if self.events[-1] in ("apply", "remove") else 1.0)
         self.events.append("generate")
         frames = np.zeros((workload["frames"], workload["height"], workload["width"], 3), np.uint8)
         return frames, {"wall_s": wall, "step_s_median": wall / workload["steps"]}
 
-    def apply_plan(self, pipe, plan, backend):
+    def apply_plan(self, pipe, plan, backend, parallel):
         self.events.append("apply")
-        return SimpleNamespace(stats=dict, remove=lambda: None)
+        return SimpleNamespace(stats=dict, remove=lambda: self.events.append("remove"))
 
 
 @pytest.fixture
@@ -50,7 +52,7 @@ def test_compare_dense_warms_each_side_before_timing(fake, tmp_path, repeats):
                            repeats=repeats)
     metrics = run.run_generation(config)
     side = ["generate"] * (run.COMPARE_WARMUP_RUNS + repeats)
-    assert fake.events == [*side, "apply", *side]
+    assert fake.events == ["apply", *side, "remove", *side]  # the plan first: see run_generation
     assert metrics["speedup_vs_dense"] == pytest.approx(1.0)  # timed cold: 3.3x
     assert metrics["step_speedup_vs_dense"] == pytest.approx(1.0)
     saved = json.loads((tmp_path / "metrics.json").read_text())
@@ -60,5 +62,5 @@ def test_compare_dense_warms_each_side_before_timing(fake, tmp_path, repeats):
 
 def test_a_plain_run_does_not_warm_up(fake, tmp_path):
     metrics = run.run_generation(run.RunConfig(out=tmp_path, plan=tmp_path / "plan.json"))
-    assert fake.events == ["apply", "generate"]
+    assert fake.events == ["apply", "generate", "remove"]
     assert metrics["run"]["warmup_runs"] == 0 and "dense" not in metrics
