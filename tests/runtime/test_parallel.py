@@ -96,6 +96,16 @@ def rank_sparse():
                 parallel_stats=handle.stats(), configured=carries_config(two))
 
 
+def rank_per_token_timesteps():
+    """Wan2.2 TI2V's [B, S] timestep: permuted at the model input, then split by diffusers."""
+    inputs = {**tiny_wan_inputs(**GRID), "timestep": (torch.arange(TOKENS) * 37 % 1000)[None]}
+    one = model()
+    apply_plan(one, plan_for(one, SPARSE), backend="torch")
+    two = model()
+    apply_plan(two, plan_for(two, SPARSE), backend="torch", parallel=ulysses())
+    return forward(one, inputs), forward(two, inputs)
+
+
 def rank_cache(diverge: bool = False):
     inputs = tiny_wan_inputs(**GRID)
     spec = dataclasses.replace(SPARSE, dense_steps=(0,))
@@ -196,6 +206,11 @@ def test_sparse_under_parallelism_equals_sparse_one_process(gloo_ranks):
         single = rank["single_stats"]["attention_density"]
         assert single < 0.9
         assert rank["parallel_stats"]["attention_density"] == pytest.approx(single, abs=1e-6)
+
+
+def test_per_token_timesteps_under_parallelism_equal_one_process(gloo_ranks):
+    for single, parallel in gloo_ranks.run(rank_per_token_timesteps):
+        torch.testing.assert_close(parallel, single, rtol=1e-5, atol=1e-5)
 
 
 def test_cache_runs_under_parallelism_equal_one_process(gloo_ranks):
