@@ -14,7 +14,6 @@ import numpy as np
 from ditplan.policy.classify import RoleDecision, classify_roles
 from ditplan.policy.config import CompilerConfig, CompilerError
 from ditplan.policy.cost import CostModel
-from ditplan.policy.greedy import greedy_runs
 from ditplan.policy.load_profile import Profile, load_profile
 from ditplan.policy.plan import (
     AttentionSpec,
@@ -135,10 +134,6 @@ def search_designs(profile: Profile, roles: dict[str, str], config: CompilerConf
     densities the settings force), deduplicated."""
     designs = [design(profile, roles, c, cost) for c in config.search_grid()]
     warmup = warmup_steps(_pooled_curves(profile), profile.steps, config)
-    step_runs = [(c.label, build_run(profile, c))
-                 for c in run_choices(profile, warmup, config.search_sigma)]
-    if profile.sketches is not None:
-        step_runs += greedy_runs(profile)
     forced = config.fixed_density is not None or bool(config.densities)
     for recall in (config.recall_target,) if forced else SEARCH_RECALLS:
         attention = (dataclasses.replace(config, fixed_density=1.0) if recall is None else
@@ -149,12 +144,13 @@ def search_designs(profile: Profile, roles: dict[str, str], config: CompilerConf
             continue  # the traces support no sparsity at this recall: same as dense
         specs = {b: lp.attention for b, lp in layers.items()}
         suffix = " densities=given" if forced else f" recall={recall}" if recall else ""
-        for label, run in step_runs:
-            runs = (run,)
+        for choice in run_choices(profile, warmup, config.search_sigma):
+            runs = (build_run(profile, choice),)
+            label = choice.label + suffix
             designs.append(Design(config, layers, runs,
                                   cost.predict_speedup(specs, runs, profile.steps,
                                                        profile.contexts),
-                                  predicted_error(profile, specs, runs), label + suffix))
+                                  predicted_error(profile, specs, runs), label))
     return _unique(designs)
 
 

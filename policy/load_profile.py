@@ -7,16 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from ditplan.profiler.schema import (
-    CONTEXTS,
-    INPUT_LAYER,
-    OUTPUT_LAYER,
-    TraceError,
-    TraceMetadata,
-    read_traces,
-)
+from ditplan.profiler.schema import CONTEXTS, OUTPUT_LAYER, TraceError, TraceMetadata, read_traces
 
 REQUIRED_TABLES = ("attention_stats", "attention_recall", "step_change")
 # Per-layer foreground statistics, each oriented so that larger means "attends to foreground".
@@ -40,9 +32,6 @@ class Profile:
     sample_step: np.ndarray  # [N]
     residual_change: np.ndarray  # [C, L, T] mean rel-L1 of block residuals vs previous step
     output_change: np.ndarray  # [C, T] mean rel-L1 of the model output vs previous step
-    # [P, C, L + 1, T, m] per profiled prompt x seed: each block's residual sketch, then the
-    # first block's input's (None: traces profiled without sketches)
-    sketches: np.ndarray | None = None
 
     @property
     def steps(self) -> int:
@@ -73,14 +62,11 @@ def load_profile(trace_dir: str | os.PathLike) -> Profile:
     pred, oracle, kept, sample_step = _recall_arrays(recall, blocks, meta.model_config.num_heads,
                                                      densities)
     residual, output = _change_arrays(change, blocks, contexts, meta.workload.steps)
-    sketch = traces.tables.get("residual_sketch")
-    sketches = (None if sketch is None or not sketch.num_rows else
-                _sketch_array(sketch, blocks, contexts, meta.workload.steps))
     return Profile(
         metadata=meta, trace_hash=traces.content_hash, blocks=blocks, contexts=contexts,
         densities=densities, features=_layer_features(stats, blocks), recall_predicted=pred,
         recall_oracle=oracle, kept_fraction=kept, sample_step=sample_step,
-        residual_change=residual, output_change=output, sketches=sketches,
+        residual_change=residual, output_change=output,
     )
 
 
@@ -157,25 +143,3 @@ def _change_arrays(table: pa.Table, blocks, contexts, steps: int):
     if np.isnan(mean[:, :, 1:]).any():
         raise TraceError("step_change: some (context, layer, step >= 1) rows are missing")
     return mean[:, :-1, :], mean[:, -1, :]
-
-
-def _sketch_array(table: pa.Table, blocks, contexts, steps: int) -> np.ndarray:
-    """[P, C, L + 1, T, m] from the residual_sketch rows (P: run x prompt x seed)."""
-    names = (*blocks, INPUT_LAYER)
-    _check_keys("residual_sketch", table, names, contexts, steps)
-    lengths = set(pc.list_value_length(table["sketch"]).to_pylist())
-    if len(lengths) != 1:
-        raise TraceError(f"residual_sketch: sketches of different lengths {sorted(lengths)}; "
-                         "re-profile with one --sketch-size")
-    (size,) = lengths
-    unit = np.asarray(pc.binary_join_element_wise(
-        table["run_id"], pc.cast(table["prompt_index"], pa.string()),
-        pc.cast(table["seed"], pa.string()), "/").dictionary_encode()
-        .combine_chunks().indices)
-    index = (unit, _codes(table, "cfg", contexts), _codes(table, "layer", names),
-             np.asarray(table["step"], dtype=np.int64))
-    out = np.full((unit.max() + 1, len(contexts), len(names), steps, size), np.nan, np.float32)
-    out[index] = np.asarray(table["sketch"].combine_chunks().flatten()).reshape(-1, size)
-    if np.isnan(out).any():
-        raise TraceError("residual_sketch: some (prompt, context, layer, step) rows are missing")
-    return out

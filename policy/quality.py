@@ -2,16 +2,12 @@
 
 Per block evaluation (block x step x CFG context) the proxy adds: on sparse steps, the attention
 mass the layer's mask is expected to lose (1 - mean predicted recall at its density); on steps a
-run skips, its error. With residual sketches in the traces that error is replayed: the run's
-schedule applied to the sketched dense trajectory (policy/forecast.py) gives what the run would
-emit, and the error is its distance from the true value relative to the stack output's norm,
-weighted by the step's share of the sampler's path (|sigma_t - sigma_t+1|), counted once per
-block. Without sketches it is a drift model: the relative-L1 change the run's residuals
-accumulate since it last computed, times a prior for the skip kind (SKIP_ERROR), times the steps
-since the last compute for forecasts. Each CFG branch is weighted by its share of the guided
-output (w and w - 1 of 2w - 1). The total is divided by the number of block evaluations. It
-orders candidate plans; it is not a pixel metric: ``compile-policy --calibrate`` measures PSNR by
-running the best candidates.
+run skips, the relative-L1 change its blocks' residuals accumulate since the run last computed,
+times a prior for the skip kind (SKIP_ERROR: a forecast follows the trend, so it drifts less than
+a reuse, but its extrapolation error also grows with the steps since the last compute: times
+that count). Each CFG branch is weighted by its share of the guided output (w and w - 1 of 2w - 1).
+The total is divided by the number of block evaluations. It orders candidate plans; it is not a
+pixel metric: ``compile-policy --calibrate`` measures PSNR by running the best candidates.
 """
 
 from __future__ import annotations
@@ -20,7 +16,6 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ditplan.policy.forecast import replay
 from ditplan.policy.load_profile import Profile
 from ditplan.policy.plan import COMPUTE, FORECAST, AttentionSpec, BlockRun
 from ditplan.policy.search import run_curve
@@ -74,45 +69,6 @@ def run_drift(profile: Profile, run: BlockRun, context: str) -> float:
     return total
 
 
-def step_weights(profile: Profile) -> np.ndarray:
-    """Each step's share of the sampler's path [T], mean 1: |sigma_t - sigma_t+1| (the last
-    step goes to 0), or uniform when the traces record no sigmas."""
-    sigmas = profile.metadata.workload.sigmas
-    if not sigmas:
-        return np.ones(profile.steps)
-    path = np.abs(np.diff(np.append(np.asarray(sigmas, dtype=np.float64), 0.0)))
-    return path / path.mean()
-
-
-def replay_inputs(profile: Profile, run: BlockRun, context: str
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """The run's dense value per prompt and step [P, T, m] (its residual, or its output) and
-    the stack output's norm [P, T], from the sketches (needs ``profile.sketches``)."""
-    sketch = profile.sketches[:, profile.contexts.index(context)]  # [P, L + 1, T, m]
-    index = [profile.blocks.index(b) for b in run.blocks]
-    value = sketch[:, index].sum(axis=1)  # the run's residual
-    if run.target == "output":  # its output: the stack input plus every residual up to it
-        value = value + sketch[:, -1] + sketch[:, :index[0]].sum(axis=1)
-    return value, np.linalg.norm(sketch.sum(axis=1), axis=-1)
-
-
-def schedule_error(profile: Profile, run: BlockRun, actions: str, value: np.ndarray,
-                   scale: np.ndarray, weights: np.ndarray) -> float:
-    """Sum over steps of ``actions`` replayed on ``value`` [P, T, m]: the error's norm relative
-    to ``scale`` [P, T], averaged over prompts, times the step ``weights`` [T]."""
-    positions = profile.metadata.workload.sigmas if run.variable == "sigma" else None
-    emitted = replay(value.swapaxes(0, 1), actions, run.order, positions).swapaxes(0, 1)
-    error = np.linalg.norm(emitted - value, axis=-1) / np.maximum(scale, 1e-12)  # [P, T]
-    return float((error.mean(axis=0) * weights).sum())
-
-
-def replayed_error(profile: Profile, run: BlockRun, context: str) -> float:
-    """The run's replayed error in ``context`` (schedule_error of its own schedule)."""
-    value, scale = replay_inputs(profile, run, context)
-    return schedule_error(profile, run, run.actions(context), value, scale,
-                          step_weights(profile))
-
-
 def predicted_error(profile: Profile, specs: Mapping[str, AttentionSpec],
                     runs: Sequence[BlockRun]) -> float:
     """Mean damage proxy per block evaluation of a candidate plan (see module docstring).
@@ -132,10 +88,6 @@ def predicted_error(profile: Profile, specs: Mapping[str, AttentionSpec],
         sparse = 0 if spec.is_dense else steps - len(spec.dense_steps)
         total += attention_loss(profile, layer, spec) * sparse * len(contexts)
     for run in runs:
-        if profile.sketches is not None:  # an error of the whole stack output: every block
-            error = sum(replayed_error(profile, run, c) * weights[c] for c in contexts)
-            total += error * len(contexts) * len(profile.blocks)
-            continue
         drift = sum(run_drift(profile, run, c) * weights[c] * len(contexts) for c in contexts)
         total += drift * len(run.blocks)
     return max(total, 0.0) / (len(profile.blocks) * steps * len(contexts))

@@ -23,7 +23,6 @@ from ditplan.policy.plan import Workload as PlanWorkload
 from ditplan.profiler.schema import (
     CONTEXTS,
     DENSITY_GRID,
-    INPUT_LAYER,
     OUTPUT_LAYER,
     ModelConfig,
     ModelFingerprint,
@@ -54,10 +53,6 @@ class TraceSpec:
     cfg: bool = True
     uncond_decay: float = 1.5  # decay rate of the uncond change curves (1.5: branches agree)
     late_rise: bool = True
-    # residual sketches of this size (0: none): each block's residual moves on a line in step
-    # index, except a spike at ``sketch_spike`` (a step no forecast can see coming)
-    sketch_size: int = 0
-    sketch_spike: int | None = None
     fingerprint: ModelFingerprint = field(
         default_factory=lambda: ModelFingerprint("WanTransformer3DModel", "cfg-abc123", None)
     )
@@ -132,27 +127,7 @@ def _tables(spec: TraceSpec, prompt: int, run_id: str, rng: np.random.Generator)
         for layer in [f"blocks.{i}" for i in range(len(spec.layers))] + [OUTPUT_LAYER]:
             change.append({**key, "layer": layer, "rel_l1": value * (1 + 0.02 * rng.random()),
                            "cos_dist": value / 10})
-    tables = {"attention_stats": stats, "attention_recall": recall, "step_change": change}
-    if spec.sketch_size:
-        tables["residual_sketch"] = _sketch_rows(spec, prompt, run_id, rng)
-    return tables
-
-
-def _sketch_rows(spec: TraceSpec, prompt: int, run_id: str, rng: np.random.Generator):
-    layers = [f"blocks.{i}" for i in range(len(spec.layers))]
-    shape = (len(layers) + 1, spec.sketch_size)
-    base, slope = rng.standard_normal(shape), 0.05 * rng.standard_normal(shape)
-    base[-1] *= 10.0  # the stack input dominates the stack output's norm
-    slope[-1] = 0.0
-    spike = rng.standard_normal(shape) * 0.5
-    rows = []
-    for key in _keys(spec, prompt, run_id):
-        value = base + slope * key["step"]
-        if key["step"] == spec.sketch_spike:
-            value = value + spike
-        for layer, sketch in zip([*layers, INPUT_LAYER], value, strict=True):
-            rows.append({**key, "layer": layer, "sketch": sketch.tolist()})
-    return rows
+    return {"attention_stats": stats, "attention_recall": recall, "step_change": change}
 
 
 def write_traces(directory: Path, spec: TraceSpec, run_id: str = "run0", seed: int = 0) -> Path:
