@@ -52,9 +52,6 @@ def register(subparsers) -> None:
                         "cost ~20x a forward, so at full size profile a few, e.g. 0 24 49)")
     p.add_argument("--attn-threshold", type=float, default=_DEFAULTS.attn_threshold,
                    help="high-attention token: mean received mass > threshold / tokens")
-    p.add_argument("--sketch-size", type=int, default=_DEFAULTS.sketch_size, metavar="M",
-                   help="values per residual sketch, which the compiler replays forecasts on "
-                        "(0: none; then it ranks step-level plans by a coarser drift model)")
     p.add_argument("--no-sink", action="store_true",
                    help="do not force first-frame blocks into the recall masks")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -95,8 +92,7 @@ def config_from_args(args: argparse.Namespace) -> ProfileConfig:
         tile=parse_tile(args.tile), sink=not args.no_sink,
         map_steps=None if args.map_steps is None else tuple(args.map_steps),
         attention_steps=None if args.attention_steps is None else tuple(args.attention_steps),
-        attn_threshold=args.attn_threshold, sketch_size=args.sketch_size,
-        progress=not args.no_progress,
+        attn_threshold=args.attn_threshold, progress=not args.no_progress,
     )
 
 

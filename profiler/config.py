@@ -37,8 +37,7 @@ class RecorderSettings:
     per tile of the exact computation (None: from a 1 GiB budget). attention_steps: the steps
     whose attention statistics are computed (None: every step); the exact statistics cost
     ~20x a forward, so long schedules at full size profile a few steps (step change is
-    recorded at every step regardless). sketch_size: values per residual sketch (0: none), the
-    compiler's record of each block's trajectory for replaying forecasts.
+    recorded at every step regardless).
     """
 
     block_size: int = 128
@@ -49,7 +48,6 @@ class RecorderSettings:
     map_steps: tuple[int, ...] = ()
     tile_rows: int | None = None
     attention_steps: tuple[int, ...] | None = None  # steps with attention statistics; None: all
-    sketch_size: int = 256
 
     def __post_init__(self):
         if self.attention_steps is not None:
@@ -75,8 +73,6 @@ class RecorderSettings:
                  f"map steps must be non-negative step indices; got {self.map_steps}")
         _require(self.tile_rows is None or self.tile_rows >= 1,
                  f"tile_rows must be a positive int or None; got {self.tile_rows}")
-        _require(isinstance(self.sketch_size, int) and 0 <= self.sketch_size <= 65536,
-                 f"sketch size must be an int in 0..65536; got {self.sketch_size!r}")
 
     def to_metadata(self) -> dict:
         """The settings as the trace files record them (schema.REQUIRED_SETTINGS included)."""
@@ -85,7 +81,6 @@ class RecorderSettings:
             "densities": list(self.densities), "attn_threshold": self.attn_threshold,
             "map_steps": list(self.map_steps), "diagonal": True,
             "attention_steps": None if self.attention_steps is None else list(self.attention_steps),
-            "sketch_size": self.sketch_size,
         }
 
 
@@ -119,7 +114,6 @@ class ProfileConfig:
     map_steps: tuple[int, ...] | None = None
     tile_rows: int | None = None
     attention_steps: tuple[int, ...] | None = None
-    sketch_size: int = 256
     progress: bool = field(default=True, compare=False)
 
     def __post_init__(self):
@@ -164,7 +158,7 @@ class ProfileConfig:
         return RecorderSettings(
             block_size=self.block_size, tile=self.tile, sink=self.sink, densities=self.densities,
             attn_threshold=self.attn_threshold, map_steps=map_steps, tile_rows=self.tile_rows,
-            attention_steps=self.attention_steps, sketch_size=self.sketch_size,
+            attention_steps=self.attention_steps,
         )
 
     def resolved(self) -> ProfileConfig:

@@ -16,8 +16,6 @@ from torch import nn
 from ditplan.profiler import metrics
 from ditplan.profiler.config import RecorderSettings
 from ditplan.profiler.rows import TraceRows
-from ditplan.profiler.schema import INPUT_LAYER
-from ditplan.profiler.sketch import Sketcher
 from ditplan.runtime.adapters.base import block_io, get_adapter
 from ditplan.runtime.context import (
     DEFAULT_CONTEXT,
@@ -114,7 +112,6 @@ class ProfileRecorder:
                          self.adapter.model_config(transformer, 0)["self_attention"].items()}
         self.num_inference_steps = num_inference_steps
         self.rows = TraceRows(settings)
-        self._sketcher = Sketcher(settings.sketch_size) if settings.sketch_size else None
         self.foreground: torch.Tensor | None = None
         self.call: CallState | None = None
         self._permuter = TokenPermuter(settings.tile)
@@ -144,8 +141,8 @@ class ProfileRecorder:
             attn.set_processor(AttentionRecorderProcessor(attn.processor, self.block_of[name],
                                                           self))
         io = block_io(self.adapter, self.transformer)
-        for i, (name, block) in enumerate(self.adapter.blocks(self.transformer)):
-            hook = self._block_hook(name, io[name].bind(block.forward), first=i == 0)
+        for name, block in self.adapter.blocks(self.transformer):
+            hook = self._block_hook(name, io[name].bind(block.forward))
             self._handles.append(block.register_forward_hook(hook, with_kwargs=True))
 
     def remove(self) -> None:
@@ -203,17 +200,11 @@ class ProfileRecorder:
         self.rows.add_attention(call.step, call.cfg, layer, stats.mean(0), recall.mean(0),
                                 block_map)
 
-    def _block_hook(self, name: str, streams: BlockStreams, first: bool):
+    def _block_hook(self, name: str, streams: BlockStreams):
         def hook(module, args, kwargs, output):
-            hidden_in = streams.video_input(args, kwargs).detach()  # [B, S, C]
-            residual = streams.video_output(output).detach() - hidden_in
-            self._record_change(name, residual)
-            if self._sketcher is not None:
-                call = self.call
-                self.rows.add_sketch(call.step, call.cfg, name, self._sketcher(residual))
-                if first:
-                    self.rows.add_sketch(call.step, call.cfg, INPUT_LAYER,
-                                         self._sketcher(hidden_in))
+            hidden_in = streams.video_input(args, kwargs)  # [B, S, C]
+            hidden_out = streams.video_output(output)
+            self._record_change(name, hidden_out.detach() - hidden_in.detach())
 
         return hook
 

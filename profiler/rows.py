@@ -28,8 +28,6 @@ class TraceRows:
         self._maps: list[tuple[int, str, str, torch.Tensor]] = []  # [H, Qb, Kb] each
         self._change: list[tuple[int, str, str]] = []
         self._change_values: list[torch.Tensor] = []  # [2] each: rel_l1, cos_dist
-        self._sketch: list[tuple[int, str, str]] = []
-        self._sketch_values: list[torch.Tensor] = []  # [m] each
 
     def add_attention(self, step: int, cfg: str, layer: str, stats: torch.Tensor,
                       recall: torch.Tensor, block_map: torch.Tensor | None) -> None:
@@ -45,19 +43,12 @@ class TraceRows:
         self._change.append((step, cfg, layer))
         self._change_values.append(values.detach().float())
 
-    def add_sketch(self, step: int, cfg: str, layer: str, sketch: torch.Tensor) -> None:
-        """The sketch [m] of a block residual or of the first block's input at one step."""
-        self._sketch.append((step, cfg, layer))
-        self._sketch_values.append(sketch.detach().float())
-
     def __len__(self) -> int:
-        return len(self._attention) + len(self._change) + len(self._sketch)
+        return len(self._attention) + len(self._change)
 
     def columns(self) -> dict[str, dict[str, object]]:
         """Table name -> columns (keys step, cfg, layer[, head] and the values), on the host."""
         tables = {"step_change": self._change_columns()}
-        if self._sketch:
-            tables["residual_sketch"] = self._sketch_columns()
         if self._attention:
             tables["attention_stats"] = self._stats_columns()
             tables["attention_recall"] = self._recall_columns()
@@ -105,14 +96,6 @@ class TraceRows:
             values = torch.stack(self._change_values).cpu().numpy()  # [N, 2]
         columns = _keys(self._change, 1)
         columns["rel_l1"], columns["cos_dist"] = values[:, 0], values[:, 1]
-        return columns
-
-    def _sketch_columns(self) -> dict[str, object]:
-        values = torch.stack(self._sketch_values).cpu().numpy()  # [N, m]
-        columns = _keys(self._sketch, 1)
-        offsets = np.arange(0, values.size + 1, values.shape[1], dtype=np.int32)
-        columns["sketch"] = pa.ListArray.from_arrays(pa.array(offsets),
-                                                     pa.array(values.reshape(-1)))
         return columns
 
 

@@ -3,8 +3,7 @@
 The profiler writes these tables and the policy compiler reads them; nothing here imports torch.
 Every table is long and tidy, keyed by ``run_id, prompt_index, seed, step, cfg, layer`` (and
 ``head`` where the statistic is per head). ``layer`` is a block's fully-qualified module name
-("blocks.3"); the model output uses the reserved name ``OUTPUT_LAYER`` and the first block's
-input ``INPUT_LAYER``. ``cfg`` is "cond" or
+("blocks.3"); the model output uses the reserved name ``OUTPUT_LAYER``. ``cfg`` is "cond" or
 "uncond" (a run without classifier-free guidance only has "cond").
 """
 
@@ -24,11 +23,10 @@ import pyarrow.parquet as pq
 
 logger = logging.getLogger(__name__)
 
-PROFILE_SCHEMA_VERSION = "2.1"  # 2.1: residual_sketch
+PROFILE_SCHEMA_VERSION = "2.0"
 CONTEXTS = ("cond", "uncond")
 DENSITY_GRID = (0.05, 0.1, 0.2, 0.3, 0.5)
 OUTPUT_LAYER = "__output__"
-INPUT_LAYER = "__input__"
 
 # File-metadata keys (Parquet key/value metadata; every value is UTF-8 text, JSON where noted).
 META_SCHEMA_VERSION = "ditplan.schema_version"  # "major.minor"
@@ -91,20 +89,12 @@ ATTENTION_MAP_SCHEMA = pa.schema([
 # Step-to-step change of each block's residual (out - in) and of the model output
 # (layer == OUTPUT_LAYER): step s compares step s with step s - 1, so steps start at 1.
 STEP_CHANGE_SCHEMA = pa.schema([*KEY_FIELDS, _f32("rel_l1"), _f32("cos_dist")])
-# Random-sign sketch (profiler/sketch.py) of each block's residual (out - in) and of the first
-# block's input (layer == INPUT_LAYER) at every step: the compiler replays block-run schedules
-# on them. Every row of a trace has the same length (the sketch size, capped by the elements).
-RESIDUAL_SKETCH_SCHEMA = pa.schema([
-    *KEY_FIELDS,
-    pa.field("sketch", pa.list_(pa.field("item", pa.float32(), nullable=False)), nullable=False),
-])
 
 TABLE_SCHEMAS = {
     "attention_stats": ATTENTION_STATS_SCHEMA,
     "attention_recall": ATTENTION_RECALL_SCHEMA,
     "attention_maps": ATTENTION_MAP_SCHEMA,
     "step_change": STEP_CHANGE_SCHEMA,
-    "residual_sketch": RESIDUAL_SKETCH_SCHEMA,
 }
 
 
@@ -325,10 +315,7 @@ def read_traces(directory: str | os.PathLike) -> Traces:
     first: TraceMetadata | None = None
     digests = []
     for path in files:
-        unit = _read_one(path)
-        if unit is None:
-            continue
-        name, table, meta = unit
+        name, table, meta = _read_one(path)
         first = first or meta
         _check_same_source(first, meta, path, files[0])
         parts.setdefault(name, []).append(table)
@@ -338,7 +325,7 @@ def read_traces(directory: str | os.PathLike) -> Traces:
     return Traces(metadata=first, tables=tables, files=tuple(files), content_hash=content_hash)
 
 
-def _read_one(path: Path) -> tuple[str, pa.Table, TraceMetadata] | None:
+def _read_one(path: Path) -> tuple[str, pa.Table, TraceMetadata]:
     try:
         parquet = pq.ParquetFile(path)
         raw = parquet.schema_arrow.metadata or {}
@@ -348,19 +335,13 @@ def _read_one(path: Path) -> tuple[str, pa.Table, TraceMetadata] | None:
             f"delete it and re-run `ditplan profile` (finished prompts are skipped)"
         ) from exc
     meta = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in raw.items()}
-    if META_SCHEMA_VERSION not in meta or META_TABLE not in meta:
+    if META_SCHEMA_VERSION not in meta or meta.get(META_TABLE) not in TABLE_SCHEMAS:
         raise TraceError(
             f"{path}: not a ditplan trace (no {META_SCHEMA_VERSION!r}/{META_TABLE!r} metadata); "
             f"keep only `ditplan profile` output in the trace directory"
         )
-    newer_minor = _check_version(meta[META_SCHEMA_VERSION], path)
+    _check_version(meta[META_SCHEMA_VERSION], path)
     name = meta[META_TABLE]
-    if name not in TABLE_SCHEMAS:
-        if newer_minor:
-            logger.info("%s: table %r of a newer trace minor is not read", path, name)
-            return None
-        raise TraceError(f"{path}: unknown trace table {name!r}; keep only `ditplan profile` "
-                         f"output in the trace directory")
     try:
         table = parquet.read()
     except (pa.ArrowException, OSError) as exc:
@@ -368,8 +349,7 @@ def _read_one(path: Path) -> tuple[str, pa.Table, TraceMetadata] | None:
     return name, _conform(table, name, path), TraceMetadata.from_parquet(meta, path)
 
 
-def _check_version(text: str, path: Path) -> bool:
-    """Refuses another major; True for a newer minor of ours."""
+def _check_version(text: str, path: Path) -> None:
     major, minor = parse_version(text, str(path))
     ours_major, ours_minor = parse_version(PROFILE_SCHEMA_VERSION, "ditplan")
     if major > ours_major:
@@ -384,7 +364,6 @@ def _check_version(text: str, path: Path) -> bool:
         )
     if minor > ours_minor:
         logger.debug("%s: newer minor schema %s, extra columns ignored", path, text)
-    return minor > ours_minor
 
 
 def _conform(table: pa.Table, name: str, path: Path) -> pa.Table:

@@ -23,8 +23,6 @@ ROWS = {
                        "mass": [[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]]},
     "step_change": {**KEYS, "layer": ["blocks.0", S.OUTPUT_LAYER], "rel_l1": [0.3, 0.1],
                     "cos_dist": [0.02, 0.01]},
-    "residual_sketch": {**KEYS, "layer": ["blocks.0", S.INPUT_LAYER],
-                        "sketch": [[0.5, -1.0], [2.0, 0.25]]},
 }
 
 
@@ -126,20 +124,6 @@ def test_newer_major_is_refused_and_newer_minor_tolerated(tmp_path):
     _rewrite_version(path, f"{major - 1}.3")
     with pytest.raises(S.TraceError, match="older.*re-run `ditplan profile`"):
         S.read_traces(tmp_path)
-
-
-def test_unknown_table_is_skipped_in_a_newer_minor_and_refused_otherwise(tmp_path):
-    write_all(tmp_path)
-    path = tmp_path / "future.parquet"
-    table = pq.read_table(tmp_path / "step_change.parquet")
-    major, minor = S.parse_version(S.PROFILE_SCHEMA_VERSION, "test")
-    table = table.replace_schema_metadata({**table.schema.metadata,
-                                           S.META_TABLE.encode(): b"future_table"})
-    pq.write_table(table, path)
-    with pytest.raises(S.TraceError, match="future.parquet: unknown trace table 'future_table'"):
-        S.read_traces(tmp_path)
-    _rewrite_version(path, f"{major}.{minor + 1}")
-    assert "future_table" not in S.read_traces(tmp_path).tables
 
 
 def test_wrong_column_type_is_refused(tmp_path):
