@@ -179,17 +179,21 @@ def pareto_front(designs: list[Design]) -> list[Design]:
 
 def shortlist_for_calibration(designs: list[Design], config: CompilerConfig) -> list[Design]:
     """At most ``config.calibrate_candidates`` designs worth measuring: with a target, those
-    predicted to reach CALIBRATION_MARGIN x it, the best of each family first, then by error;
-    else the predicted Pareto front, evenly spread over its speedups."""
+    predicted to reach CALIBRATION_MARGIN x it, the best of each warm-up length first, then the
+    best of each family, then by error; else the predicted Pareto front, evenly spread over its
+    speedups. The warm-up is spread because the traces rank it least reliably: on the reference
+    model TaylorSeer gained 5 dB from 4 to 8 warm-up steps of 32 that the error model barely
+    tells apart (H200, BENCHMARKS.md)."""
     n = config.calibrate_candidates
     if config.target_speedup is not None:
         pool = [d for d in designs if d.speedup >= CALIBRATION_MARGIN * config.target_speedup]
         if not pool:
             pick(designs, config.target_speedup)  # raises: says what is reachable
         pool.sort(key=lambda d: (d.error, -d.speedup))
-        firsts = list({d.family: d for d in reversed(pool)}.values())
-        firsts.sort(key=lambda d: (d.error, -d.speedup))
-        chosen = firsts[:n]
+        chosen: list[Design] = []
+        for key in (_warmup, lambda d: d.family):
+            firsts = [d for d in _best_by(pool, key) if d not in chosen]
+            chosen += firsts[: n - len(chosen)]
         chosen += [d for d in pool if d not in chosen][: n - len(chosen)]
         return chosen
     front = sorted(pareto_front(designs), key=lambda d: d.speedup)
@@ -197,6 +201,20 @@ def shortlist_for_calibration(designs: list[Design], config: CompilerConfig) -> 
         return front
     picks = sorted({round(i * (len(front) - 1) / (n - 1)) for i in range(n)})
     return [front[i] for i in picks]
+
+
+def _best_by(ordered: list[Design], key: Callable[[Design], object]) -> list[Design]:
+    """The first design of each ``key`` value in ``ordered``, in that order."""
+    firsts: dict[object, Design] = {}
+    for d in ordered:
+        firsts.setdefault(key(d), d)
+    return list(firsts.values())
+
+
+def _warmup(design: Design) -> int:
+    """Steps every run computes before its first skip (the whole schedule without runs)."""
+    leads = [len(a) - len(a.lstrip("C")) for r in design.runs for a in r.schedule.values()]
+    return min(leads, default=0)
 
 
 def pick_measured(measured: Sequence[Calibration], config: CompilerConfig,

@@ -33,19 +33,20 @@ def traces(tmp_path_factory):
 def test_refinement_climbs_to_what_measures_better(traces):
     measured_plans = []
 
-    def fake(plans):  # PSNR rewards computing late steps in cond (unknown to the proxy)
+    def fake(plans):  # PSNR rewards computing later steps in cond (unknown to the proxy)
         measured_plans.extend(plans)
         out = []
         for p in plans:
-            late = sum(a == "C" for r in p.runs for a in r.schedule["cond"][10:])
+            late = sum(step / 10 for r in p.runs for step, a in enumerate(r.schedule["cond"])
+                       if a == "C")
             out.append(Calibration(device="cpu", prompts=1, speedup=2.1, psnr_db=20.0 + late,
                                    cosine=0.99, dense_s=2.1, plan_s=1.0, candidates=1))
         return out
 
-    base = CompilerConfig.from_name("balanced", target_speedup=2.0, calibrate_candidates=3)
+    base = CompilerConfig.from_name("balanced", target_speedup=2.0, calibrate_candidates=1)
     plain = compile_policy(traces, base, calibrate=fake)
     refined = compile_policy(traces, CompilerConfig.from_name(
-        "balanced", target_speedup=2.0, calibrate_candidates=3, refine_rounds=3,
+        "balanced", target_speedup=2.0, calibrate_candidates=1, refine_rounds=3,
         refine_candidates=40), calibrate=fake)
     assert refined.provenance.calibration.psnr_db > plain.provenance.calibration.psnr_db
     assert refined.provenance.calibration.candidates > plain.provenance.calibration.candidates

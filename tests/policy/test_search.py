@@ -142,3 +142,36 @@ def test_forced_densities_hold_in_step_level_designs(traces):
     plan = compile_policy(traces, config)
     assert {lp.attention.density for lp in plan.layers.values()} == {0.2}
     assert plan.runs and plan.provenance.compiler_settings["design"].endswith("densities=given")
+
+
+def test_fixed_interval_choices_schedule_like_taylorseer(traces):
+    from ditplan.policy.load_profile import load_profile
+    from ditplan.policy.search import RunChoice, build_run
+
+    profile = load_profile(traces)
+    choice = RunChoice("stack", "F", 1, threshold=float("inf"), max_skip=1, uncond_every=1,
+                       warmup=4, cooldown=0)
+    run = build_run(profile, choice)
+    assert run.schedule["cond"] == "CCCC" + "FC" * 6  # every second step, to the end
+    assert "t=inf skip<=1" in choice.label
+
+
+def test_shortlist_measures_every_warmup_first(traces):
+    from ditplan.policy.compiler import (
+        CALIBRATION_MARGIN,
+        _warmup,
+        shortlist_for_calibration,
+    )
+    from tests.policy.test_compiler import search_designs_for
+
+    designs = search_designs_for(traces)
+    config = CompilerConfig.from_name("balanced", target_speedup=1.5, calibrate_candidates=12)
+    pool = [d for d in designs if d.speedup >= CALIBRATION_MARGIN * 1.5]
+    warmups = sorted({_warmup(d) for d in pool})
+    assert 3 <= len(warmups) <= 12
+    chosen = shortlist_for_calibration(designs, config)
+    assert len(chosen) == 12
+    firsts = chosen[: len(warmups)]
+    assert sorted(_warmup(d) for d in firsts) == warmups
+    for d in firsts:  # the least predicted error of its warm-up
+        assert d.error == min(p.error for p in pool if _warmup(p) == _warmup(d))
