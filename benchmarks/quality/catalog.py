@@ -29,7 +29,7 @@ from benchmarks.quality.window import static_window
 
 FULL_GRID = dict(
     presets=("high", "balanced", "fast"), targets=(1.5, 2.0, 3.0), calibrated=(1.5, 2.0, 3.0),
-    candidates=12, cachedit=(0.08, 0.12, 0.24),
+    candidates=14, cachedit=(0.08, 0.12, 0.24),
     ablation_presets=("balanced", "fast"), densities=(0.5, 0.2, 0.1), intervals=(2, 4, 6),
     fbc=(0.05, 0.1, 0.2), pab=(2, 3, 4), faster=(2, 3, 4), taylor=(2, 3, 5),
     taylor_long_warmup=((2, 0.25), (2, 0.35)),  # (interval, warm-up share): points near 1.5x
