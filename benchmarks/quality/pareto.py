@@ -8,7 +8,8 @@ from pathlib import Path
 from ditplan.runtime.outputs import atomic_write
 
 OURS = "ditplan"
-CLAIM_SPEEDUP = 1.5  # issue 7: ditplan must lead at speedups of 1.5x and more
+CLAIM_SPEEDUP = 1.5  # issue 13: ditplan must lead at speedups of 1.5x and more
+CLAIM_MARGIN_DB = 1.0  # ... by at least this much PSNR at a matched speedup
 
 
 def points(quality_rows: list[dict], speedups: dict[str, float] | None = None) -> dict:
@@ -26,18 +27,61 @@ def points(quality_rows: list[dict], speedups: dict[str, float] | None = None) -
     return {family: sorted(p) for family, p in out.items()}
 
 
-def not_dominated(curves: dict, min_speedup: float = CLAIM_SPEEDUP) -> list[str]:
-    """Other methods' points at >= min_speedup that no ditplan point matches or beats in both
-    speedup and PSNR, as readable lines (empty: ditplan leads everywhere it was measured)."""
-    ours = curves.get(OURS, [])
+def psnr_at(family_points: list, speedup: float) -> float | None:
+    """A family's PSNR at ``speedup``: linear between its measured points, the slowest point's
+    PSNR below them (it is faster and as good), None beyond its fastest point."""
+    if not family_points or speedup > family_points[-1][0]:
+        return None
+    best = None
+    for (x0, p0, _), (x1, p1, _) in zip(family_points, family_points[1:], strict=False):
+        if x0 <= speedup <= x1:
+            value = p0 + (p1 - p0) * (speedup - x0) / (x1 - x0) if x1 > x0 else max(p0, p1)
+            best = value if best is None else max(best, value)
+    if speedup <= family_points[0][0]:
+        best = max(p for _, p, _ in family_points)
+    return best
+
+
+def not_dominated(curves: dict, min_speedup: float = CLAIM_SPEEDUP,
+                  margin_db: float = CLAIM_MARGIN_DB) -> list[str]:
+    """Other methods' points at >= min_speedup where no ditplan family's curve (interpolated
+    between its measured points) is ``margin_db`` above them, as readable lines (empty: ditplan
+    leads everywhere it was measured)."""
+    ours = {f: p for f, p in curves.items() if f.split("-")[0] == OURS}
     lines = []
     for family, family_points in sorted(curves.items()):
-        if family.startswith((OURS, "dense")):  # ditplan's own ablations are not competitors
+        if family in ours or family.startswith("dense"):
             continue
         for x, psnr, setting in family_points:
-            if x >= min_speedup and not any(ox >= x and op >= psnr for ox, op, _ in ours):
-                lines.append(f"{family}/{setting}: {x:.2f}x at {psnr:.2f} dB is not matched by "
-                             "any ditplan plan")
+            if x < min_speedup:
+                continue
+            at = [v for v in (psnr_at(p, x) for p in ours.values()) if v is not None]
+            if not at:
+                lines.append(f"{family}/{setting}: {x:.2f}x at {psnr:.2f} dB: no ditplan plan "
+                             "is that fast")
+            elif max(at) < psnr + margin_db:
+                lines.append(f"{family}/{setting}: {x:.2f}x at {psnr:.2f} dB: ditplan's best "
+                             f"curve there is {max(at):.2f} dB ({max(at) - psnr:+.2f})")
+    return lines
+
+
+MATCHED_SPEEDUPS = (1.5, 2.0, 3.0)  # issue 13's comparison points
+
+
+def matched(curves: dict, speedups=MATCHED_SPEEDUPS) -> list[str]:
+    """At each speedup, ditplan's best curve against every other family's (psnr_at), as lines."""
+    lines = []
+    for x in speedups:
+        values = {f: psnr_at(p, x) for f, p in curves.items() if not f.startswith("dense")}
+        ours = [v for f, v in values.items() if f.split("-")[0] == OURS and v is not None]
+        others = {f: v for f, v in values.items() if f.split("-")[0] != OURS and v is not None}
+        if not ours:
+            lines.append(f"{x:g}x: no ditplan plan measured this fast")
+            continue
+        best = max(ours)
+        text = ", ".join(f"{f} {v:.2f} ({best - v:+.2f})" for f, v in
+                         sorted(others.items(), key=lambda kv: -kv[1]))
+        lines.append(f"{x:g}x: ditplan {best:.2f} dB; {text or 'no other method this fast'}")
     return lines
 
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import re
 
-from benchmarks.quality.pareto import CLAIM_SPEEDUP, not_dominated, points
+from benchmarks.quality.pareto import (
+    CLAIM_MARGIN_DB,
+    CLAIM_SPEEDUP,
+    matched,
+    not_dominated,
+    points,
+)
 
 COLUMNS = ("method", "speedup", "predicted", "at scale", "PSNR dB", "SSIM", "cosine",
            "caption acc.", "attn. density", "blocks skipped", "status")
@@ -99,7 +105,10 @@ def markdown(quality_rows: list[dict], scale_rows: list[dict]) -> str:
         lines += ["", "Not timed at scale:"]
         lines += [f"- {r['method']}: {r['status']}: {r.get('reason')}" for r in unscaled]
     misses = not_dominated(points(quality_rows))
-    lines += ["", f"Where ditplan's curve is not above another method at >= {CLAIM_SPEEDUP}x "
-                  "(reference-model speedup):"]
+    lines += ["", f"Where ditplan's curve is not {CLAIM_MARGIN_DB:g} dB above another method at "
+                  f">= {CLAIM_SPEEDUP}x (reference-model speedup, same speedup):"]
     lines += [f"- {m}" for m in misses] or ["- nowhere among the measured points"]
+    lines += ["", "PSNR at matched speedups (linear between each family's points; below its "
+                  "slowest point, that point's PSNR):"]
+    lines += [f"- {m}" for m in matched(points(quality_rows))]
     return "\n".join(lines) + "\n"
