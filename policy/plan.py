@@ -7,13 +7,15 @@ cached residual, or forecast it (``BlockRun.schedule[context][step]`` in "C", "R
 decisions are static tables, so the runtime reads them without host syncs and every process
 decides alike. This module does not read or write files: JSON I/O (``save_plan``,
 ``load_plan``) lives in ``plan_io``, which imports this one and never the other way round.
+A Wan2.2 pipeline's two experts each get a complete plan whose ``workload.step_range`` says
+which steps that expert runs (schema 3.1); ``policy.experts`` holds the pair in one file.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-PLAN_SCHEMA_VERSION = "3.0"
+PLAN_SCHEMA_VERSION = "3.1"
 SUPPORTED_BLOCK_SIZES = (64, 128)
 ROLES = ("foreground", "background")
 COMPUTE, REUSE, FORECAST = "C", "R", "F"
@@ -132,6 +134,28 @@ class Workload:
     tokens_grid: tuple[int, int, int] | None = None
     # The scheduler's sigma at each step [steps]; needed by runs that forecast in sigma.
     sigmas: tuple[float, ...] | None = None
+    # Schema 3.1, a Wan2.2 expert's section: the steps [start, stop) this transformer runs
+    # (None: all of them). Schedule letters outside it are "C" and never read.
+    step_range: tuple[int, int] | None = field(default=None, metadata=_schema(
+        items={"minimum": 0}))
+
+    def __post_init__(self):
+        if self.step_range is not None:
+            start, stop = (int(s) for s in self.step_range)
+            if not 0 <= start < stop <= self.steps:
+                raise PlanError(f"workload.step_range: {list(self.step_range)} must be [start, "
+                                f"stop) with 0 <= start < stop <= steps ({self.steps})")
+            object.__setattr__(self, "step_range", (start, stop))
+
+    @property
+    def first_step(self) -> int:
+        """The first step this plan's transformer runs (0 unless an expert's section)."""
+        return 0 if self.step_range is None else self.step_range[0]
+
+    def runs_step(self, step: int) -> bool:
+        """True when this plan's transformer runs denoising step ``step``."""
+        start, stop = self.step_range or (0, self.steps)
+        return start <= step < stop
 
     @property
     def contexts(self) -> tuple[str, ...]:
@@ -345,11 +369,16 @@ def _check_schedule(run: BlockRun, workload: Workload, where: str) -> None:
                 f"workload; {RECOMPILE}"
             )
         bad = sorted(set(actions) - set(ACTIONS))
-        if bad or not actions.startswith(COMPUTE):
+        if bad or not actions.startswith(COMPUTE, workload.first_step):
             raise PlanError(
                 f"{where}.schedule.{context}: {actions!r} must be letters {'/'.join(ACTIONS)} "
-                "starting with C (step 0 computes: nothing is cached yet)"
+                f"computing (C) at step {workload.first_step}, the first the transformer runs "
+                "(nothing is cached yet)"
             )
+        outside = [s for s, a in enumerate(actions) if a != COMPUTE and not workload.runs_step(s)]
+        if outside:
+            raise PlanError(f"{where}.schedule.{context}: steps {outside} are outside "
+                            f"workload.step_range and must be C; {RECOMPILE}")
     if run.forecasts and run.variable == "sigma":
         sigmas = workload.sigmas
         if sigmas is None or len(sigmas) != workload.steps:

@@ -127,6 +127,23 @@ def check_plan_fits(plan: Plan, transformer: nn.Module, adapter, *, check_weight
         raise PlanError(f"the plan names attention modules this model lacks: {unknown}; {redo}")
 
 
+def _check_experts(plan: Plan, pipe, adapter) -> None:
+    """Refuse a single-transformer plan on a two-expert pipeline, and an expert's section on a
+    one-transformer pipeline (a transformer passed alone is taken as the plan says)."""
+    experts = adapter.experts(pipe)
+    if len(experts) > 1:
+        raise PlanError(
+            f"this pipeline has {len(experts)} experts ({', '.join(experts)}) and this plan "
+            "covers one transformer; profile the pipeline, compile a plan file with a section "
+            "per expert and apply it with ditplan.runtime.experts.apply_expert_plans"
+        )
+    if experts and plan.workload.step_range is not None:
+        raise PlanError(
+            f"this plan is one expert's section (steps {list(plan.workload.step_range)}) and "
+            "this pipeline has a single transformer; compile a plan for this pipeline"
+        )
+
+
 def _check_step(state, plan: Plan) -> None:
     steps = plan.workload.steps
     announced = state.num_inference_steps
@@ -135,6 +152,13 @@ def _check_step(state, plan: Plan) -> None:
         raise PlanError(
             f"this generation runs {seen} but the plan was compiled for {steps} denoising "
             "steps; run with the plan's step count or compile a plan for this one"
+        )
+    if not plan.workload.runs_step(state.step):
+        start, stop = plan.workload.step_range
+        raise PlanError(
+            f"this expert was called at step {state.step} but its plan covers steps "
+            f"[{start}, {stop}): this pipeline's boundary differs from the plan's; use the "
+            "plan's boundary_ratio or compile a plan for this pipeline"
         )
 
 
@@ -167,6 +191,7 @@ def apply_plan(
     """
     transformer = _transformer_of(pipe)
     adapter = get_adapter(transformer)
+    _check_experts(plan, pipe, adapter)
     check_plan_fits(plan, transformer, adapter, check_weights=check_weights)
     refuse_parallel_model(transformer)
     cp_plan = None if parallel is None else check_parallel_config(parallel, transformer, adapter)
@@ -183,7 +208,8 @@ def apply_plan(
     runs = install_block_runs(blocks, plan.runs, tracker,
                               io=block_io(adapter, transformer),
                               positions=plan.workload.sigmas,
-                              batch_order=cfg_batch_order if plan.workload.cfg else None)
+                              batch_order=cfg_batch_order if plan.workload.cfg else None,
+                              first_step=plan.workload.first_step)
     handle = PlanHandle(transformer, tracker, layers, runs, len(blocks), originals, hooks, blocks)
     if parallel is not None:
         handle.group = _enable_parallel(handle, transformer, parallel, cp_plan, adapter)

@@ -77,8 +77,9 @@ class RunState:
 
     def __init__(self, run: BlockRun, tracker: StepTracker,
                  positions: Sequence[float] | None = None,
-                 batch_order: tuple[str, ...] | None = None):
+                 batch_order: tuple[str, ...] | None = None, first_step: int = 0):
         self.run = run
+        self.first_step = first_step  # the transformer's first step: a generation starts there
         self.tracker = tracker
         self.positions = positions  # the Taylor variable per step (sigmas); None: step index
         self.batch_order = batch_order
@@ -112,7 +113,7 @@ class RunState:
         self.branches = self.batch_order if batched else (state.context,)
         actions = []
         for branch in self.branches:
-            if state.step == 0:
+            if state.step == self.first_step:
                 self.histories.pop(branch, None)  # a new generation starts
             planned = self._planned(branch, state.step)
             action = planned if branch in self.histories else COMPUTE
@@ -271,6 +272,7 @@ def install_block_runs(
     io: Mapping[str, StreamIO],
     positions: Sequence[float] | None = None,
     batch_order: tuple[str, ...] | None = None,
+    first_step: int = 0,
 ) -> list[RunState]:
     """Install hooks for each run; ``blocks`` maps block name to module in execution order.
 
@@ -287,7 +289,7 @@ def install_block_runs(
     for run in runs:
         _check_consecutive(run.blocks, order)
         state = RunState(run, tracker, positions if run.variable == "sigma" else None,
-                         batch_order)
+                         batch_order, first_step)
         for i, name in enumerate(run.blocks):
             if io[name].text is not None:
                 raise NotImplementedError(f"block run over {name}, a block with a text stream: "

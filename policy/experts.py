@@ -1,0 +1,98 @@
+"""Wan2.2 expert plans (schema 3.1): one file, a complete plan per expert, and the boundary."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ditplan.policy.atomic import atomic_write_text
+from ditplan.policy.plan import PLAN_SCHEMA_VERSION, RECOMPILE, Plan, PlanError
+from ditplan.policy.plan_io import plan_from_dict, plan_from_json_text, plan_to_dict, save_plan
+
+EXPERTS = ("transformer", "transformer_2")  # high-noise expert first, as the pipeline runs them
+
+
+@dataclass(frozen=True)
+class ExpertPlans:
+    """A plan per expert of a two-expert pipeline, switched at ``boundary_ratio``.
+
+    Each section is a complete plan whose ``workload.step_range`` says which steps its expert
+    runs; the ranges tile the steps in order, and every section records its weights hash (the
+    experts share class and config, so only the weights tell them apart).
+    """
+
+    experts: dict[str, Plan]
+    boundary_ratio: float
+    schema_version: str = PLAN_SCHEMA_VERSION
+
+    def __post_init__(self):
+        if tuple(self.experts) != EXPERTS:
+            raise PlanError(f"experts: sections {list(self.experts)}, expected {list(EXPERTS)} "
+                            f"in that order; {RECOMPILE}")
+        if not 0.0 < self.boundary_ratio < 1.0:
+            raise PlanError(f"boundary_ratio: {self.boundary_ratio} is not in (0, 1)")
+        stop = 0
+        for name, plan in self.experts.items():
+            if not plan.identity.weights_hash:
+                raise PlanError(f"experts.{name}.identity.weights_hash: required in an expert "
+                                f"section (else swapped experts pass unnoticed); {RECOMPILE}")
+            step_range = plan.workload.step_range
+            if step_range is None or step_range[0] != stop:
+                raise PlanError(f"experts.{name}.workload.step_range: {step_range} must start "
+                                f"at step {stop}, where the previous expert stops; {RECOMPILE}")
+            stop = step_range[1]
+        steps = {p.workload.steps for p in self.experts.values()}
+        if steps != {stop}:
+            raise PlanError(f"experts: step ranges end at {stop}, workload steps are "
+                            f"{sorted(steps)}; {RECOMPILE}")
+
+
+def experts_to_json(plans: ExpertPlans) -> str:
+    """The canonical JSON text of ``plans`` (each section as ``plan_to_json`` writes it)."""
+    data = {"boundary_ratio": float(f"{plans.boundary_ratio:.6g}"),
+            "experts": {n: plan_to_dict(p) for n, p in plans.experts.items()},
+            "schema_version": plans.schema_version}
+    return json.dumps(data, sort_keys=True, indent=2, allow_nan=False) + "\n"
+
+
+def save_any_plan(plans: Plan | ExpertPlans, path: str | os.PathLike) -> Path:
+    """Write a plan or expert plans as canonical JSON atomically; the written path."""
+    if isinstance(plans, Plan):
+        return save_plan(plans, path)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(path, experts_to_json(plans))
+
+
+def load_any_plan(path: str | os.PathLike) -> Plan | ExpertPlans:
+    """Read a plan file: an :class:`ExpertPlans` when it has ``experts``, else a Plan (any
+    version ``load_plan`` reads)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise PlanError(f"cannot read plan file {path} ({str(exc)[:200]})") from exc
+    try:
+        if not (isinstance(data, dict) and "experts" in data):
+            return plan_from_json_text(text)
+        return experts_from_dict(data)
+    except PlanError as exc:
+        raise PlanError(f"{path}: {exc}") from exc
+
+
+def experts_from_dict(data: dict) -> ExpertPlans:
+    """Build :class:`ExpertPlans` from decoded JSON; each section is checked as a plan."""
+    sections, ratio = data.get("experts"), data.get("boundary_ratio")
+    if not isinstance(sections, dict) or not isinstance(ratio, (int, float)):
+        raise PlanError(f"a Wan2.2 plan file needs an object 'experts' and a number "
+                        f"'boundary_ratio'; {RECOMPILE}")
+    plans = {}
+    for name, section in sections.items():
+        try:
+            plans[name] = plan_from_dict(section)
+        except PlanError as exc:
+            raise PlanError(f"experts.{name}: {exc}") from exc
+    return ExpertPlans(plans, float(ratio))
