@@ -6,6 +6,7 @@ import dataclasses
 import importlib.metadata
 import logging
 import os
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -102,8 +103,15 @@ def compile_policy(trace_dir: str | os.PathLike, config: CompilerConfig | None =
     shortlist = shortlist_for_calibration(designs, config)
     plans = [normalize_plan(assemble(profile, decision, d)) for d in shortlist]
     measured = calibrate(plans)
+    closer = closer_to_target(designs, shortlist, measured, config)
+    if closer:  # the slack the speed model left, measured too
+        shortlist += closer
+        more = [normalize_plan(assemble(profile, decision, d)) for d in closer]
+        plans += more
+        measured += calibrate(more)
     index = pick_measured(measured, config, [d.label for d in shortlist])
-    chosen = _with_calibration(plans[index], measured[index])
+    chosen = _with_calibration(plans[index],
+                               dataclasses.replace(measured[index], candidates=len(plans)))
     if not config.refine_rounds:
         return chosen
     best, calibration, extra = refine(
@@ -190,17 +198,40 @@ def shortlist_for_calibration(designs: list[Design], config: CompilerConfig) -> 
         if not pool:
             pick(designs, config.target_speedup)  # raises: says what is reachable
         pool.sort(key=lambda d: (d.error, -d.speedup))
-        chosen: list[Design] = []
-        for key in (_warmup, lambda d: d.family):
-            firsts = [d for d in _best_by(pool, key) if d not in chosen]
-            chosen += firsts[: n - len(chosen)]
-        chosen += [d for d in pool if d not in chosen][: n - len(chosen)]
-        return chosen
+        return _spread(pool, n)
     front = sorted(pareto_front(designs), key=lambda d: d.speedup)
     if len(front) <= n:
         return front
     picks = sorted({round(i * (len(front) - 1) / (n - 1)) for i in range(n)})
     return [front[i] for i in picks]
+
+
+def closer_to_target(designs: list[Design], measured_designs: list[Design],
+                     measured: Sequence[Calibration], config: CompilerConfig) -> list[Design]:
+    """With a target, designs predicted between it and CALIBRATION_MARGIN x it once the
+    predictions are scaled by how the measured candidates ran (median measured / predicted
+    speed): they compute more, so they may keep more quality and still reach the target. At most
+    half as many as the first shortlist, spread as it is; none without a target."""
+    if config.target_speedup is None or not measured:
+        return []
+    ratio = statistics.median(m.speedup / d.speedup
+                              for m, d in zip(measured, measured_designs, strict=True))
+    target = config.target_speedup
+    pool = [d for d in designs if target / ratio <= d.speedup < CALIBRATION_MARGIN * target
+            and d not in measured_designs]
+    pool.sort(key=lambda d: (d.error, -d.speedup))
+    return _spread(pool, max(1, config.calibrate_candidates // 2))
+
+
+def _spread(ordered: list[Design], n: int) -> list[Design]:
+    """At most ``n`` of ``ordered`` (best first): the best of each warm-up length, then of each
+    family, then the rest in order."""
+    chosen: list[Design] = []
+    for key in (_warmup, lambda d: d.family):
+        firsts = [d for d in _best_by(ordered, key) if d not in chosen]
+        chosen += firsts[: n - len(chosen)]
+    chosen += [d for d in ordered if d not in chosen][: n - len(chosen)]
+    return chosen
 
 
 def _best_by(ordered: list[Design], key: Callable[[Design], object]) -> list[Design]:

@@ -175,3 +175,24 @@ def test_shortlist_measures_every_warmup_first(traces):
     assert sorted(_warmup(d) for d in firsts) == warmups
     for d in firsts:  # the least predicted error of its warm-up
         assert d.error == min(p.error for p in pool if _warmup(p) == _warmup(d))
+
+
+def test_calibration_spends_the_slack_the_speed_model_left(traces):
+    from ditplan.policy.compiler import CALIBRATION_MARGIN
+
+    def fake(plans):  # runs 2% slower than predicted; more compute keeps more quality
+        return [_measured(0.98 * p.provenance.predicted_speedup,
+                          30.0 + 10.0 / p.provenance.predicted_speedup) for p in plans]
+
+    config = CompilerConfig.from_name("balanced", target_speedup=1.5, calibrate_candidates=6)
+    plan = compile_policy(traces, config, calibrate=fake)
+    predicted = plan.provenance.predicted_speedup
+    assert 1.5 / 0.98 <= predicted < CALIBRATION_MARGIN * 1.5  # from the second round
+    assert plan.provenance.calibration.speedup >= 1.5
+    assert plan.provenance.calibration.candidates == 6 + 3
+
+    def slower(plans):  # 10% slower: nothing between the target and the margin can reach it
+        return [_measured(0.9 * p.provenance.predicted_speedup, 40.0) for p in plans]
+
+    plan = compile_policy(traces, config, calibrate=slower)
+    assert plan.provenance.calibration.candidates == 6
