@@ -56,7 +56,8 @@ def register(subparsers) -> None:
                              help="then move single compute steps of the best plan, 4 measured "
                                   "neighbours a round, keeping what measures better (default 0)")
     calibration.add_argument("--candidates", type=int, default=12,
-                             help="candidate plans to measure (default 12)")
+                             help="candidate plans to measure (default 12), then with a "
+                                  "target up to half as many closer to it")
     calibration.add_argument("--calibration-record", type=Path, default=None,
                              help="JSONL of finished measurements, to resume (default: next "
                                   "to --out)")
