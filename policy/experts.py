@@ -7,9 +7,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ditplan.policy.atomic import atomic_write_text
 from ditplan.policy.plan import PLAN_SCHEMA_VERSION, RECOMPILE, Plan, PlanError
-from ditplan.policy.plan_io import plan_from_dict, plan_from_json_text, plan_to_dict, save_plan
+from ditplan.policy.plan_io import (
+    parse_plan_json,
+    plan_from_dict,
+    plan_to_dict,
+    read_plan_text,
+    save_plan,
+    write_plan_text,
+)
 
 EXPERTS = ("transformer", "transformer_2")  # high-noise expert first, as the pipeline runs them
 
@@ -61,23 +67,18 @@ def save_any_plan(plans: Plan | ExpertPlans, path: str | os.PathLike) -> Path:
     """Write a plan or expert plans as canonical JSON atomically; the written path."""
     if isinstance(plans, Plan):
         return save_plan(plans, path)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_text(path, experts_to_json(plans))
+    return write_plan_text(path, experts_to_json(plans))
 
 
 def load_any_plan(path: str | os.PathLike) -> Plan | ExpertPlans:
     """Read a plan file: an :class:`ExpertPlans` when it has ``experts``, else a Plan (any
     version ``load_plan`` reads)."""
     path = Path(path)
+    text = read_plan_text(path)
     try:
-        text = path.read_text(encoding="utf-8")
-        data = json.loads(text)
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise PlanError(f"cannot read plan file {path} ({str(exc)[:200]})") from exc
-    try:
+        data = parse_plan_json(text)
         if not (isinstance(data, dict) and "experts" in data):
-            return plan_from_json_text(text)
+            return plan_from_dict(data)
         return experts_from_dict(data)
     except PlanError as exc:
         raise PlanError(f"{path}: {exc}") from exc

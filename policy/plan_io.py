@@ -71,7 +71,11 @@ def save_plan(plan: Plan, path: str | os.PathLike) -> Path:
     Returns:
         the written path.
     """
-    text = plan_to_json(plan)
+    return write_plan_text(path, plan_to_json(plan))
+
+
+def write_plan_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a plan file's JSON text atomically, creating the parent folder; the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write_text(path, text)
@@ -86,26 +90,35 @@ def load_plan(path: str | os.PathLike) -> Plan:
         the validated Plan.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        msg = f"plan file {path} does not exist; create it with `ditplan compile-policy`"
-        raise PlanError(msg) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PlanError(f"cannot read plan file {path} ({exc})") from exc
+    text = read_plan_text(path)
     try:
         return plan_from_json_text(text)
     except PlanError as exc:
         raise PlanError(f"{path}: {exc}") from exc
 
 
-def plan_from_json_text(text: str) -> Plan:
-    """Parse plan JSON text (strict: no NaN/Infinity) and build the Plan."""
+def read_plan_text(path: Path) -> str:
+    """A plan file's text; PlanError when it is missing or unreadable."""
     try:
-        data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        msg = f"plan file {path} does not exist; create it with `ditplan compile-policy`"
+        raise PlanError(msg) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PlanError(f"cannot read plan file {path} ({exc})") from exc
+
+
+def parse_plan_json(text: str) -> object:
+    """Decode a plan file's JSON text strictly (no NaN/Infinity); PlanError otherwise."""
+    try:
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as exc:
         raise PlanError(f"not valid JSON ({str(exc)[:200]}); {RECOMPILE}") from exc
-    return plan_from_dict(data)
+
+
+def plan_from_json_text(text: str) -> Plan:
+    """Parse plan JSON text (strict: no NaN/Infinity) and build the Plan."""
+    return plan_from_dict(parse_plan_json(text))
 
 
 def _reject_constant(name: str):
