@@ -52,12 +52,13 @@ def apply_expert_plans(pipe, plans: ExpertPlans, **options) -> ExpertsHandle:
             f"switches experts at {ratio}; set the pipeline's boundary_ratio to the plan's or "
             "compile a plan for this one"
         )
-    if options.get("check_weights", True):
-        _check_sections(pipe, plans)
+    if options.pop("check_weights", True):
+        _check_sections(pipe, plans)  # hashes each expert's weights once; apply_plan need not
     handles: dict[str, PlanHandle] = {}
     try:
         for name, plan in plans.experts.items():
-            handles[name] = apply_plan(getattr(pipe, name), plan, **options)
+            handles[name] = apply_plan(getattr(pipe, name), plan, check_weights=False,
+                                       **options)
     except BaseException:
         ExpertsHandle(handles).remove()
         raise
