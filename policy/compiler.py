@@ -197,7 +197,6 @@ def shortlist_for_calibration(designs: list[Design], config: CompilerConfig) -> 
         pool = [d for d in designs if d.speedup >= CALIBRATION_MARGIN * config.target_speedup]
         if not pool:
             pick(designs, config.target_speedup)  # raises: says what is reachable
-        pool.sort(key=lambda d: (d.error, -d.speedup))
         return _spread(pool, n)
     front = sorted(pareto_front(designs), key=lambda d: d.speedup)
     if len(front) <= n:
@@ -219,13 +218,13 @@ def closer_to_target(designs: list[Design], measured_designs: list[Design],
     target = config.target_speedup
     pool = [d for d in designs if target / ratio <= d.speedup < CALIBRATION_MARGIN * target
             and d not in measured_designs]
-    pool.sort(key=lambda d: (d.error, -d.speedup))
     return _spread(pool, max(1, config.calibrate_candidates // 2))
 
 
-def _spread(ordered: list[Design], n: int) -> list[Design]:
-    """At most ``n`` of ``ordered`` (best first): the best of each warm-up length, then of each
-    family, then the rest in order."""
+def _spread(pool: list[Design], n: int) -> list[Design]:
+    """At most ``n`` of ``pool``, ranked by predicted error (then speed): the best of each
+    warm-up length, then of each family, then the rest in rank order."""
+    ordered = sorted(pool, key=lambda d: (d.error, -d.speedup))
     chosen: list[Design] = []
     for key in (_warmup, lambda d: d.family):
         firsts = [d for d in _best_by(ordered, key) if d not in chosen]
