@@ -42,26 +42,36 @@ def psnr_at(family_points: list, speedup: float) -> float | None:
     return best
 
 
+def is_ours(family: str) -> bool:
+    """ditplan's families (presets, calibrated plans, ablations), not dense or a peer."""
+    return family.split("-")[0] == OURS
+
+
+def ours_at(curves: dict, speedup: float) -> float | None:
+    """The best ditplan family's PSNR at ``speedup`` (psnr_at), None if none is that fast."""
+    values = [psnr_at(p, speedup) for f, p in curves.items() if is_ours(f)]
+    return max((v for v in values if v is not None), default=None)
+
+
 def not_dominated(curves: dict, min_speedup: float = CLAIM_SPEEDUP,
                   margin_db: float = CLAIM_MARGIN_DB) -> list[str]:
     """Other methods' points at >= min_speedup where no ditplan family's curve (interpolated
     between its measured points) is ``margin_db`` above them, as readable lines (empty: ditplan
     leads everywhere it was measured)."""
-    ours = {f: p for f, p in curves.items() if f.split("-")[0] == OURS}
     lines = []
     for family, family_points in sorted(curves.items()):
-        if family in ours or family.startswith("dense"):
+        if is_ours(family) or family.startswith("dense"):
             continue
         for x, psnr, setting in family_points:
             if x < min_speedup:
                 continue
-            at = [v for v in (psnr_at(p, x) for p in ours.values()) if v is not None]
-            if not at:
+            at = ours_at(curves, x)
+            if at is None:
                 lines.append(f"{family}/{setting}: {x:.2f}x at {psnr:.2f} dB: no ditplan plan "
                              "is that fast")
-            elif max(at) < psnr + margin_db:
+            elif at < psnr + margin_db:
                 lines.append(f"{family}/{setting}: {x:.2f}x at {psnr:.2f} dB: ditplan's best "
-                             f"curve there is {max(at):.2f} dB ({max(at) - psnr:+.2f})")
+                             f"curve there is {at:.2f} dB ({at - psnr:+.2f})")
     return lines
 
 
@@ -72,13 +82,13 @@ def matched(curves: dict, speedups=MATCHED_SPEEDUPS) -> list[str]:
     """At each speedup, ditplan's best curve against every other family's (psnr_at), as lines."""
     lines = []
     for x in speedups:
-        values = {f: psnr_at(p, x) for f, p in curves.items() if not f.startswith("dense")}
-        ours = [v for f, v in values.items() if f.split("-")[0] == OURS and v is not None]
-        others = {f: v for f, v in values.items() if f.split("-")[0] != OURS and v is not None}
-        if not ours:
+        best = ours_at(curves, x)
+        if best is None:
             lines.append(f"{x:g}x: no ditplan plan measured this fast")
             continue
-        best = max(ours)
+        others = {f: v for f, v in ((f, psnr_at(p, x)) for f, p in curves.items()
+                                    if not is_ours(f) and not f.startswith("dense"))
+                  if v is not None}
         text = ", ".join(f"{f} {v:.2f} ({best - v:+.2f})" for f, v in
                          sorted(others.items(), key=lambda kv: -kv[1]))
         lines.append(f"{x:g}x: ditplan {best:.2f} dB; {text or 'no other method this fast'}")
