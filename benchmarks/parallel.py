@@ -33,6 +33,7 @@ from benchmarks.forward import build
 from benchmarks.quality.scale import Denoiser
 from ditplan.policy.plan import AttentionSpec
 from ditplan.runtime.apply import apply_sparse_attention
+from ditplan.runtime.parallel import mean_over_ranks
 
 
 def setup() -> torch.device:
@@ -92,8 +93,7 @@ class Timer:
                        loop_out=out.float().cpu())
         densities = [d for d in (layer.achieved_density() for layer in layers) if d is not None]
         if densities:  # each rank selects for its own heads
-            row["density"] = _over_ranks(sum(densities) / len(densities), dist.ReduceOp.SUM) \
-                / dist.get_world_size()
+            row["density"] = mean_over_ranks([sum(densities) / len(densities)], None)[0]
         return row
 
 
