@@ -19,34 +19,63 @@ def moved(actions: str, step: int, to: int) -> str:
 
 
 def run_moves(run: BlockRun) -> list[BlockRun]:
-    """Every run that moves one computed step of one context to a skipped neighbour step
-    (step 0 keeps computing: nothing is cached before it)."""
+    """Every run that moves one computed step to a skipped neighbour step (step 0 keeps
+    computing: nothing is cached before it): in all contexts at once where they share that
+    compute and skip (batched CFG then keeps whole-batch computes), and in each context alone."""
     out = []
+    contexts = tuple(run.schedule)
+    for step, to in _shifts(len(next(iter(run.schedule.values())))):
+        if len(contexts) > 1 and all(_movable(a, step, to) for a in run.schedule.values()):
+            out.append(dataclasses.replace(run, schedule={
+                c: moved(a, step, to) for c, a in run.schedule.items()}))
     for context, actions in run.schedule.items():
-        for step, action in enumerate(actions):
-            if action != COMPUTE or step == 0:
-                continue
-            for to in (step - 1, step + 1):
-                if 0 < to < len(actions) and actions[to] != COMPUTE:
-                    schedule = {**run.schedule, context: moved(actions, step, to)}
-                    out.append(dataclasses.replace(run, schedule=schedule))
+        for step, to in _shifts(len(actions)):
+            if _movable(actions, step, to):
+                schedule = {**run.schedule, context: moved(actions, step, to)}
+                out.append(dataclasses.replace(run, schedule=schedule))
     return out
 
 
+def _shifts(steps: int) -> list[tuple[int, int]]:
+    """(step, neighbour) pairs a compute may move between, step 0 excluded."""
+    return [(s, t) for s in range(1, steps) for t in (s - 1, s + 1) if 0 < t < steps]
+
+
+def _movable(actions: str, step: int, to: int) -> bool:
+    return actions[step] == COMPUTE and actions[to] != COMPUTE
+
+
 def neighbours(plan: Plan, profile: Profile, limit: int) -> list[Plan]:
-    """At most ``limit`` plans one move away from ``plan``, least predicted error first."""
+    """At most ``limit`` plans one move away from ``plan``: least predicted error first, but
+    the best move of each source step before a second move of any step (the error model ranks
+    moves weakly, so the measured ones are spread along the schedule)."""
     specs = {b: lp.attention for b, lp in plan.layers.items()}
     candidates = []
     for i, run in enumerate(plan.runs):
         for new in run_moves(run):
             runs = (*plan.runs[:i], new, *plan.runs[i + 1:])
-            candidates.append((predicted_error(profile, specs, runs), runs))
+            candidates.append((predicted_error(profile, specs, runs), _source(run, new), runs))
     candidates.sort(key=lambda c: c[0])
+    firsts, seen = [], set()
+    for c in candidates:
+        if c[1] not in seen:
+            seen.add(c[1])
+            firsts.append(c)
+    ranked = firsts + [c for c in candidates if c not in firsts]
     out = []
-    for error, runs in candidates[:limit]:
+    for error, _, runs in ranked[:limit]:
         provenance = dataclasses.replace(plan.provenance, predicted_error=error)
         out.append(dataclasses.replace(plan, runs=runs, provenance=provenance))
     return out
+
+
+def _source(run: BlockRun, new: BlockRun) -> int:
+    """The step whose compute ``new`` moved away (the first changed position)."""
+    for old, now in zip(run.schedule.values(), new.schedule.values(), strict=True):
+        for step, (a, b) in enumerate(zip(old, now, strict=True)):
+            if a != b:
+                return step if a == COMPUTE else step + 1
+    raise ValueError("the run did not move")
 
 
 def refine(plan: Plan, profile: Profile, measure: Callable, accept: Callable, rounds: int,

@@ -28,15 +28,18 @@ from benchmarks.quality.plans import (
 from benchmarks.quality.window import static_window
 
 FULL_GRID = dict(
-    presets=("high", "balanced", "fast"), targets=(1.5, 2.0, 3.0), calibrated=(1.5, 2.0, 3.0),
-    candidates=14, cachedit=(0.08, 0.12, 0.24),
+    presets=("high", "balanced", "fast"), targets=(1.5, 2.0, 3.0),
+    # 3.5x too, so that ditplan's measured curve spans 3x (a 3x plan runs 3.00 +- 1%)
+    calibrated=(1.5, 2.0, 3.0, 3.5), candidates=14, refine=(2, 4),  # (rounds, per round)
+    cachedit=(0.08, 0.12, 0.24, 0.4),
     ablation_presets=("balanced", "fast"), densities=(0.5, 0.2, 0.1), intervals=(2, 4, 6),
-    fbc=(0.05, 0.1, 0.2), pab=(2, 3, 4), faster=(2, 3, 4), taylor=(2, 3, 5),
+    # the largest settings reach 3x and more, so every family has a point beyond 3x
+    fbc=(0.05, 0.1, 0.2, 0.3, 0.4), pab=(2, 3, 4), faster=(2, 3, 4), taylor=(2, 3, 5, 6, 8),
     taylor_long_warmup=((2, 0.25), (2, 0.35)),  # (interval, warm-up share): points near 1.5x
-    mag=(0.03, 0.06, 0.12, 0.24),
+    mag=(0.03, 0.06, 0.12, 0.24),  # max_skip_steps=3 and 20% retention cap it near 2.4x
 )
 QUICK_GRID = dict(
-    presets=("balanced", "fast"), targets=(1.5,), calibrated=(1.5,), candidates=2,
+    presets=("balanced", "fast"), targets=(1.5,), calibrated=(1.5,), candidates=2, refine=(0, 1),
     cachedit=(0.24,),
     ablation_presets=("fast",), densities=(0.2,),
     intervals=(2,), fbc=(0.1,), pab=(2,), faster=(2,), taylor=(2,), taylor_long_warmup=(),
@@ -75,7 +78,8 @@ def build_methods(ctx: CatalogContext, quick: bool) -> list[Method]:
 def _ditplan_calibrated(ctx: CatalogContext, grid: dict) -> list[Method]:
     return [calibrated_method(t, ctx.trace_dir, calibrator=ctx.calibrator,
                               plans_dir=ctx.plans_dir, backend=ctx.backend,
-                              candidates=grid["candidates"], adapt=ctx.adapt)
+                              candidates=grid["candidates"], refine=grid["refine"],
+                              adapt=ctx.adapt)
             for t in grid["calibrated"]]
 
 

@@ -95,9 +95,11 @@ def plan_method(family: str, setting: str, trace_dir: Callable[[], Path], preset
 
 def calibrated_method(target: float, trace_dir: Callable[[], Path], *, calibrator: Callable,
                       plans_dir: Path, backend: str, candidates: int,
+                      refine: tuple[int, int] = (0, 1),
                       adapt: Callable[[Plan, object], Plan] | None = None) -> Method:
     """``compile-policy --target-speedup T --calibrate`` as a user runs it: the best measured of
-    ``candidates`` plans on calibration prompts (training captions, never the evaluation ones).
+    ``candidates`` plans on calibration prompts (training captions, never the evaluation ones),
+    then ``refine`` = (rounds, neighbours per round) of ``--refine``.
 
     ``calibrator(pipe)`` gives the Calibrator. The chosen plan is saved in ``plans_dir``; the
     speed-at-scale run (``adapt``) maps that saved plan, since random weights measure nothing.
@@ -111,7 +113,8 @@ def calibrated_method(target: float, trace_dir: Callable[[], Path], *, calibrato
             plan = adapt(load_plan(saved), transformer_of(pipe))
         else:
             config = CompilerConfig.from_name("balanced", target_speedup=target,
-                                              calibrate_candidates=candidates)
+                                              calibrate_candidates=candidates,
+                                              refine_rounds=refine[0], refine_candidates=refine[1])
             try:
                 plan = compile_policy(trace_dir(), config, calibrate=calibrator(pipe))
             except CompilerError as error:
@@ -128,7 +131,7 @@ def calibrated_method(target: float, trace_dir: Callable[[], Path], *, calibrato
                          reset=handle.reset)
 
     return Method("ditplan-calibrated", f"target={target:g}x", install,
-                  {"target_speedup": target, "candidates": candidates},
+                  {"target_speedup": target, "candidates": candidates, "refine_rounds": refine[0]},
                   "compile-policy --calibrate on training captions (disjoint from evaluation)")
 
 

@@ -6,8 +6,9 @@ import pytest
 
 from ditplan.policy.compiler import compile_policy
 from ditplan.policy.config import CompilerConfig
+from ditplan.policy.load_profile import load_profile
 from ditplan.policy.plan import BlockRun, Calibration
-from ditplan.policy.refine import moved, run_moves
+from ditplan.policy.refine import _source, moved, neighbours, run_moves
 from tests.policy.policy_factories import LayerTruth, TraceSpec, write_traces
 
 
@@ -22,6 +23,20 @@ def test_moves_keep_the_budget_and_step_zero():
     for m in moves:
         assert all(s.startswith("C") for s in m.schedule.values())
         assert [s.count("C") for s in m.schedule.values()] == [3, 2]
+
+
+def test_shared_schedules_also_move_together():
+    run = BlockRun(("blocks.0",), {"cond": "CCF", "uncond": "CCF"})
+    moves = [tuple(m.schedule.values()) for m in run_moves(run)]
+    assert moves[0] == ("CFC", "CFC")  # the whole-batch move comes first
+    assert sorted(moves[1:]) == [("CCF", "CFC"), ("CFC", "CCF")]
+
+
+def test_neighbours_spread_over_source_steps(traces):
+    plan = compile_policy(traces, CompilerConfig.from_name("balanced", target_speedup=2.0))
+    options = neighbours(plan, load_profile(traces), limit=3)
+    sources = [_source(run, new.runs[0]) for new in options for run in plan.runs[:1]]
+    assert len(options) == 3 and len(set(sources)) == 3
 
 
 @pytest.fixture(scope="module")
