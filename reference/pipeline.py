@@ -92,10 +92,16 @@ class ReferenceVideoPipeline(DiffusionPipeline):
             return latents.to(device=device, dtype=torch.float32)
         return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
 
+    def _model_at(self, t: torch.Tensor):
+        """The transformer that denoises at timestep ``t`` (one here; two experts in
+        reference.experts)."""
+        return self.transformer
+
     def _predict(self, latents, t, embeds, context, step_kwargs, attention_kwargs):
-        dtype = self.transformer.dtype
-        with self.transformer.cache_context(context, **step_kwargs):
-            return self.transformer(
+        model = self._model_at(t)
+        dtype = model.dtype
+        with model.cache_context(context, **step_kwargs):
+            return model(
                 hidden_states=latents.to(dtype),
                 timestep=t.expand(latents.shape[0]),
                 encoder_hidden_states=embeds.to(dtype),

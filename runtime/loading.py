@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 from importlib import resources
@@ -20,16 +21,17 @@ def reference_model_dir() -> Path:
     return Path(str(resources.files("ditplan.artifacts"))) / "models" / REFERENCE_MODEL_NAME
 
 
+# ditplan's own pipeline classes, by the class name a saved folder's model_index.json records.
+OWN_PIPELINES = {"ReferenceVideoPipeline": "ditplan.reference.pipeline",
+                 "ReferenceExpertsPipeline": "ditplan.reference.experts"}
+
+
 def _pipeline_class(path: Path):
     """ditplan's own pipeline class for folders it wrote, else diffusers' auto-resolution."""
     index = path / "model_index.json"
-    if (
-        index.is_file()
-        and json.loads(index.read_text()).get("_class_name") == "ReferenceVideoPipeline"
-    ):
-        from ditplan.reference.pipeline import ReferenceVideoPipeline
-
-        return ReferenceVideoPipeline
+    name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    if name in OWN_PIPELINES:
+        return getattr(importlib.import_module(OWN_PIPELINES[name]), name)
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline
