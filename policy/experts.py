@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ditplan.policy.plan import PLAN_SCHEMA_VERSION, RECOMPILE, Plan, PlanError
+from ditplan.policy.plan import (
+    COMPUTE,
+    EXPERTS,
+    PLAN_SCHEMA_VERSION,
+    RECOMPILE,
+    AttentionSpec,
+    Plan,
+    PlanError,
+    Workload,
+)
 from ditplan.policy.plan_io import (
+    checked_expert_file,
+    normalize_plan,
     parse_plan_json,
     plan_from_dict,
     plan_to_dict,
@@ -16,8 +28,6 @@ from ditplan.policy.plan_io import (
     save_plan,
     write_plan_text,
 )
-
-EXPERTS = ("transformer", "transformer_2")  # high-noise expert first, as the pipeline runs them
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,16 @@ class ExpertPlans:
         if steps != {stop}:
             raise PlanError(f"experts: step ranges end at {stop}, workload steps are "
                             f"{sorted(steps)}; {RECOMPILE}")
+        shared = {dataclasses.replace(p.workload, step_range=None)
+                  for p in self.experts.values()}
+        if len(shared) != 1:
+            raise PlanError(f"experts: the sections were compiled for different workloads "
+                            f"(one generation runs both); {RECOMPILE}")
+
+    @property
+    def workload(self) -> Workload:
+        """The generation both experts run (their sections' workload without a step range)."""
+        return dataclasses.replace(self.experts[EXPERTS[0]].workload, step_range=None)
 
 
 def experts_to_json(plans: ExpertPlans) -> str:
@@ -84,16 +104,46 @@ def load_any_plan(path: str | os.PathLike) -> Plan | ExpertPlans:
         raise PlanError(f"{path}: {exc}") from exc
 
 
-def experts_from_dict(data: dict) -> ExpertPlans:
-    """Build :class:`ExpertPlans` from decoded JSON; each section is checked as a plan."""
-    sections, ratio = data.get("experts"), data.get("boundary_ratio")
-    if not isinstance(sections, dict) or not isinstance(ratio, (int, float)):
-        raise PlanError(f"a Wan2.2 plan file needs an object 'experts' and a number "
-                        f"'boundary_ratio'; {RECOMPILE}")
+def experts_from_dict(data) -> ExpertPlans:
+    """Build :class:`ExpertPlans` from decoded JSON: the file's version policy and JSON Schema
+    (plan_io), then each section as a plan, then the sections' agreement."""
+    data = checked_expert_file(data)
     plans = {}
-    for name, section in sections.items():
+    for name, section in data["experts"].items():
         try:
             plans[name] = plan_from_dict(section)
         except PlanError as exc:
             raise PlanError(f"experts.{name}: {exc}") from exc
-    return ExpertPlans(plans, float(ratio))
+    return ExpertPlans(plans, float(data["boundary_ratio"]))
+
+
+def lift_section(local: Plan, start: int, steps: int,
+                 sigmas: tuple[float, ...] | None) -> Plan:
+    """An expert's section from the plan compiled on its own steps alone (numbered from 0).
+
+    Args:
+        local: the plan ``compile_policy`` made from the expert's traces (its steps only).
+        start: the generation step the expert's first step is.
+        steps: the generation's steps (both experts').
+        sigmas: the scheduler's sigma at each of ``steps`` steps, or None.
+    Returns:
+        the plan with ``workload.step_range = [start, start + local steps)``, dense steps moved
+        by ``start`` and schedules padded with "C" outside the range (never read there).
+    """
+    count = local.workload.steps
+    before, after = COMPUTE * start, COMPUTE * (steps - start - count)
+    runs = tuple(dataclasses.replace(run, schedule={c: before + a + after
+                                                    for c, a in run.schedule.items()})
+                 for run in local.runs)
+    layers = {b: dataclasses.replace(lp, attention=_shifted(lp.attention, start))
+              for b, lp in local.layers.items()}
+    defaults = dataclasses.replace(local.defaults,
+                                   attention=_shifted(local.defaults.attention, start))
+    workload = dataclasses.replace(local.workload, steps=steps, sigmas=sigmas,
+                                   step_range=(start, start + count))
+    return normalize_plan(dataclasses.replace(local, workload=workload, layers=layers,
+                                              defaults=defaults, runs=runs))
+
+
+def _shifted(spec: AttentionSpec, start: int) -> AttentionSpec:
+    return dataclasses.replace(spec, dense_steps=tuple(s + start for s in spec.dense_steps))

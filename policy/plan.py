@@ -23,6 +23,9 @@ ACTIONS = (COMPUTE, REUSE, FORECAST)
 TARGETS = ("residual", "output")
 VARIABLES = ("step", "sigma")
 RECOMPILE = "recompile it with `ditplan compile-policy`"
+# A Wan2.2 expert plan file's sections, by pipeline attribute: the high-noise expert first, as
+# the pipeline runs them (policy.experts).
+EXPERTS = ("transformer", "transformer_2")
 
 
 class PlanError(ValueError):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ditplan.policy.atomic import atomic_write_text
 from ditplan.policy.plan import PLAN_SCHEMA_VERSION, RECOMPILE, Plan, PlanError
-from ditplan.policy.plan_schema import SCHEMA_PATH, split_optional
+from ditplan.policy.plan_schema import EXPERT_PLANS, SCHEMA_PATH, split_optional
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ FLOAT_DIGITS = 6
 _VERSION = re.compile(r"([0-9]+)\.([0-9]+)")
 _UPGRADE = "upgrade ditplan (pip install -U ditplan)"
 MIGRATES_FROM = 2  # plans of this major are converted on load
+EXPERT_FILE_FIELDS = ("boundary_ratio", "experts", "schema_version")  # an expert plan file's
 
 
 def _encode(value):
@@ -134,6 +135,10 @@ def _finite_float(text: str) -> float:
 
 def plan_from_dict(data) -> Plan:
     """Build a Plan from decoded JSON: version policy, JSON Schema, then semantic checks."""
+    if isinstance(data, dict) and "experts" in data:
+        raise PlanError("this is a Wan2.2 plan file with a section per expert; read it with "
+                        "ditplan.policy.experts.load_any_plan and apply it with "
+                        "ditplan.runtime.experts.apply_expert_plans")
     try:
         if _major(data) == MIGRATES_FROM:
             data = migrate_v2(data)
@@ -142,6 +147,22 @@ def plan_from_dict(data) -> Plan:
             data = _strip_unknown(data, Plan)
         _validate_schema(data)
         return _build(Plan, data, "")
+    except RecursionError as exc:
+        raise PlanError("plan is nested too deeply to be a ditplan plan") from exc
+
+
+def checked_expert_file(data) -> dict:
+    """An expert plan file's decoded JSON after the version policy (a newer minor's unknown
+    fields dropped, at the top and in each section) and the JSON Schema's ``ExpertPlans``;
+    each section is then built with :func:`plan_from_dict`."""
+    try:
+        if _check_version(data):
+            data = {k: v for k, v in data.items() if k in EXPERT_FILE_FIELDS}
+            sections = data.get("experts")
+            if isinstance(sections, dict):
+                data["experts"] = {n: _strip_unknown(p, Plan) for n, p in sections.items()}
+        _validate_schema(data, EXPERT_PLANS)
+        return data
     except RecursionError as exc:
         raise PlanError("plan is nested too deeply to be a ditplan plan") from exc
 
@@ -212,21 +233,25 @@ def _strip_unknown(value, tp):
     return value
 
 
-@functools.lru_cache(maxsize=1)
-def _validator():
+@functools.lru_cache(maxsize=2)
+def _validator(definition: str | None = None):
+    """The plan schema's validator: of a plan (the root), or of one of its ``$defs``."""
     import jsonschema
 
     try:
         schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise PlanError(f"the installed plan schema {SCHEMA_PATH} is unreadable ({exc})") from exc
-    return jsonschema.Draft202012Validator(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    if definition is None:
+        return validator
+    return validator.evolve(schema={"$ref": f"#/$defs/{definition}"})  # "#" is still a plan
 
 
-def _validate_schema(data: dict) -> None:
+def _validate_schema(data: dict, definition: str | None = None) -> None:
     import jsonschema
 
-    error = jsonschema.exceptions.best_match(_validator().iter_errors(data))
+    error = jsonschema.exceptions.best_match(_validator(definition).iter_errors(data))
     if error is None:
         return
     where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)

@@ -19,6 +19,7 @@ from ditplan.policy import plan as plan_module
 from ditplan.policy.atomic import atomic_write_text
 
 SCHEMA_PATH = Path(__file__).with_name("plan.schema.json")
+EXPERT_PLANS = "ExpertPlans"  # the $defs entry of an expert plan file
 _PRIMITIVES = {str: "string", int: "integer", float: "number", bool: "boolean"}
 
 
@@ -99,10 +100,29 @@ def plan_dataclasses() -> list[type]:
     return [found[name] for name in sorted(found)]
 
 
+def expert_plans_schema() -> dict:
+    """JSON Schema of a Wan2.2 expert plan file (policy.experts): a complete plan, the schema's
+    root, per expert, and the boundary where the pipeline switches them."""
+    sections = {name: {"$ref": "#"} for name in plan_module.EXPERTS}
+    return {
+        "type": "object",
+        "properties": {
+            "boundary_ratio": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+            "experts": {"type": "object", "properties": sections,
+                        "required": list(plan_module.EXPERTS), "additionalProperties": False},
+            "schema_version": {"type": "string", "pattern": r"^[0-9]+\.[0-9]+$"},
+        },
+        "required": ["boundary_ratio", "experts", "schema_version"],
+        "additionalProperties": False,
+    }
+
+
 def plan_json_schema() -> dict:
-    """Returns the full plan JSON Schema (draft 2020-12), rooted at Plan."""
+    """Returns the full plan JSON Schema (draft 2020-12), rooted at Plan; ``$defs.ExpertPlans``
+    describes an expert plan file."""
     defs = {cls.__name__: dataclass_schema(cls) for cls in plan_dataclasses()}
     root = defs.pop("Plan")
+    defs[EXPERT_PLANS] = expert_plans_schema()
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": f"ditplan plan (schema {plan_module.PLAN_SCHEMA_VERSION})",

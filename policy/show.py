@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ditplan.policy.experts import ExpertPlans
 from ditplan.policy.plan import ACTIONS, COMPUTE, AttentionSpec, Calibration, Plan
 
 HEADER = ("layer", "role", "density", "dense steps", "steps C/R/F")
@@ -36,10 +37,12 @@ def _action_counts(actions: str) -> str:
 
 
 def _step_actions(plan: Plan, block: str) -> str:
+    """Action counts over the steps the plan's transformer runs (an expert: its range)."""
+    start, stop = plan.workload.step_range or (0, plan.workload.steps)
     run = plan.run_of(block)
     if run is None:
-        return _action_counts(COMPUTE * plan.workload.steps)
-    counts = {c: _action_counts(run.actions(c)) for c in plan.workload.contexts}
+        return _action_counts(COMPUTE * (stop - start))
+    counts = {c: _action_counts(run.actions(c)[start:stop]) for c in plan.workload.contexts}
     if len(set(counts.values())) == 1:
         return f"{next(iter(counts.values()))} (run {run.name})"
     per = ", ".join(f"{n} {c}" for c, n in counts.items())
@@ -56,9 +59,11 @@ def _calibration_lines(cal: Calibration | None) -> list[str]:
 def format_plan(plan: Plan) -> str:
     """Returns a readable multi-line summary of ``plan`` (header lines, then a layer table)."""
     w, ident, prov = plan.workload, plan.identity, plan.provenance
+    runs = "" if w.step_range is None else f" (this expert: steps {w.step_range[0]}-" \
+        f"{w.step_range[1] - 1})"
     lines = [
         f"plan for {ident.transformer_class} (config {ident.config_hash[:12]}), "
-        f"{w.steps} steps, {w.width}x{w.height} x {w.frames} frames, "
+        f"{w.steps} steps{runs}, {w.width}x{w.height} x {w.frames} frames, "
         f"{'CFG ' + format(w.guidance_scale, 'g') if w.cfg else 'no CFG'}",
         f"predicted speedup {prov.predicted_speedup:.2f}x, predicted error "
         f"{prov.predicted_error:.4f} ({prov.compiler_settings.get('quality', '?')}, "
@@ -74,4 +79,14 @@ def format_plan(plan: Plan) -> str:
                      _step_actions(plan, block)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
     lines += ["  ".join(c.ljust(n) for c, n in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def format_experts(plans: ExpertPlans) -> str:
+    """A two-expert plan file: the boundary, then each expert's section as :func:`format_plan`
+    prints it (its counts cover the expert's own steps)."""
+    lines = [f"Wan2.2 plan file with a section per expert, experts switched at boundary_ratio "
+             f"{plans.boundary_ratio:g}"]
+    for name, plan in plans.experts.items():
+        lines += ["", f"[{name}]", format_plan(plan).rstrip("\n")]
     return "\n".join(lines) + "\n"
