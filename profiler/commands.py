@@ -22,7 +22,9 @@ def register(subparsers) -> None:
         "profile", help="record what a DiT's attention and layers do (Parquet traces)",
         description="Run a diffusers pipeline with dense attention and record attention "
                     "sparsity, foreground focus and step-to-step change per layer, head and "
-                    "step. Rerunning the same command resumes an interrupted run.",
+                    "step. Rerunning the same command resumes an interrupted run. A Wan2.2 "
+                    "two-expert pipeline (transformer_2, boundary_ratio) gets a trace folder "
+                    "per expert under --out and experts.json (the steps each expert ran).",
     )
     p.add_argument("--model", default=_DEFAULTS.model,
                    help="'reference' (built-in), a local diffusers folder, or a hub id")
@@ -115,5 +117,6 @@ def run_profile(args: argparse.Namespace) -> int:
         sys.stderr.write(f"error: {exc}\n")
         return 1
     traces = [f for f in files if f.suffix == ".parquet"]
-    sys.stdout.write(f"wrote {len(traces)} trace files and {files[-1]} under {config.out}\n")
+    reports = " and ".join(str(f) for f in files if f.suffix == ".png")
+    sys.stdout.write(f"wrote {len(traces)} trace files and {reports} under {config.out}\n")
     return 0

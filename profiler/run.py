@@ -22,19 +22,22 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ditplan.profiler import clip_inputs, foreground
-from ditplan.profiler.config import ProfileConfig, RecorderSettings
+from ditplan.profiler.config import ProfileConfig, ProfileConfigError, RecorderSettings
+from ditplan.profiler.experts import ExpertIndex, read_index, write_index
 from ditplan.profiler.manifest import Manifest
 from ditplan.profiler.recorders import ProfileRecorder
 from ditplan.profiler.rows import TraceRows
 from ditplan.profiler.schema import (
     ModelConfig,
     ModelFingerprint,
+    TraceError,
     TraceMetadata,
     Workload,
 )
@@ -69,12 +72,17 @@ def resolve_mode(mode: str, pipe) -> str:
 def profile_pipeline(config: ProfileConfig, *, pipe=None) -> list[Path]:
     """Profile every (prompt, seed) of ``config`` into ``config.out``; resumes a finished part.
 
+    A two-expert pipeline (Wan2.2 A14B: ``transformer_2`` and ``boundary_ratio``) gets both
+    experts recorded: each into its own trace folder ``config.out/<expert>/`` numbering its
+    steps from 0, and the steps each expert ran, as recorded, into ``config.out/experts.json``
+    (profiler.experts).
+
     Args:
         config: the run's settings.
         pipe: an already loaded pipeline (else ``load_pipeline(config.model)``).
 
     Returns:
-        every trace file of the run (sorted), then the report image.
+        every trace file of the run (sorted), then the report image (one per expert).
     """
     config = config.resolved()
     identity = config.identity()
@@ -83,28 +91,77 @@ def profile_pipeline(config: ProfileConfig, *, pipe=None) -> list[Path]:
         pipe = load_pipeline(config.model, device=config.device, dtype=getattr(torch, config.dtype))
     pipe.set_progress_bar_config(disable=True)
     mode = resolve_mode(config.mode, pipe)
+    experts = get_adapter(pipe.transformer).experts(pipe)
     units = [(i, p, s) for i, p in enumerate(config.prompts) for s in config.seeds]
     todo = [u for u in units if not manifest.is_finished(unit_name(u[0], u[2]))]
     logger.info("profiling %d of %d (prompt, seed) units in %s mode", len(todo), len(units), mode)
     passes = 2 if mode == "sample" else 1
-    static = _static_metadata(pipe, config, mode) if todo else {}
+    static = ({n: _static_metadata(getattr(pipe, n), pipe, config, mode) for n in experts}
+              if todo else {})
+    index = read_index(config.out) if len(experts) > 1 else None
     with tqdm(total=len(todo) * config.steps * passes, desc="profile", unit="step",
               disable=not config.progress) as bar:
         for prompt_index, prompt, seed in todo:
-            rows, recorder = _profile_unit(pipe, config, mode, prompt, seed, bar)
-            tables = build_tables(rows, run_id=manifest.run_id, prompt_index=prompt_index,
-                                  seed=seed)
-            metadata = _metadata(manifest.run_id, static, recorder, config)
-            name = unit_name(prompt_index, seed)
-            manifest.mark_finished(name, write_unit(config.out, name, tables, metadata))
+            recorded, calls = _profile_unit(pipe, config, mode, prompt, seed, bar, experts)
+            if len(experts) > 1:
+                index = _same_index(config.out, index, ExpertIndex.from_calls(
+                    calls, config.steps, pipe.config.boundary_ratio))
+            written = _write_unit(config, manifest.run_id, static, recorded, index,
+                                  prompt_index, seed)
+            manifest.mark_finished(unit_name(prompt_index, seed), written)
     from ditplan.profiler.report import write_report
 
-    report = write_report(config.out, config.out / REPORT_NAME)
+    folders = [config.out / n for n in experts] if len(experts) > 1 else [config.out]
+    reports = [write_report(f, f / REPORT_NAME) for f in folders]
     files = sorted(config.out / f for unit in manifest.finished.values() for f in unit)
-    return [*files, report]
+    return [*files, *reports]
 
 
-def _profile_unit(pipe, config: ProfileConfig, mode: str, prompt: str, seed: int, bar):
+def _same_index(out: Path, index: ExpertIndex | None, found: ExpertIndex) -> ExpertIndex:
+    """``found``, the expert index of this generation's calls; TraceError when an earlier
+    generation of the folder switched experts at another step."""
+    if index is not None and found != index:
+        raise TraceError(f"the experts ran steps {found.step_ranges} in this generation but "
+                         f"{index.step_ranges} in an earlier one of {out}: the pipeline's "
+                         "boundary changed; profile into an empty folder")
+    return found
+
+
+def _write_unit(config: ProfileConfig, run_id: str, static: dict, recorded: dict,
+                index: ExpertIndex | None, prompt_index: int, seed: int) -> list[Path]:
+    """Write one (prompt, seed)'s tables: into ``config.out``, or with an expert ``index`` into
+    each expert's folder with its steps numbered from its first (and the index beside them).
+    Nothing is written when an expert has no attention statistics."""
+    ranges = {} if index is None else index.step_ranges
+    tables = {e: build_tables(rows, run_id=run_id, prompt_index=prompt_index, seed=seed,
+                              step_offset=ranges[e][0] if ranges else 0)
+              for e, (rows, _) in recorded.items()}
+    _check_attention(tables, ranges, config)
+    if index is not None:
+        write_index(config.out, index)
+    written = []
+    for expert, (_, recorder) in recorded.items():
+        metadata = _metadata(run_id, static[expert], recorder, config, expert,
+                             ranges.get(expert))
+        folder = config.out / expert if ranges else config.out
+        written += write_unit(folder, unit_name(prompt_index, seed), tables[expert], metadata)
+    return written
+
+
+def _check_attention(tables: dict, ranges: dict[str, tuple[int, int]],
+                     config: ProfileConfig) -> None:
+    """Refuse an expert whose steps include no attention step (the compiler needs them)."""
+    for expert, step_range in ranges.items():
+        if not tables[expert]["attention_stats"].num_rows:
+            raise ProfileConfigError(
+                f"--attention-steps {list(config.attention_steps or ())} include none of "
+                f"{expert}'s steps {list(range(*step_range))}: add at least one of them")
+
+
+def _profile_unit(pipe, config: ProfileConfig, mode: str, prompt: str, seed: int, bar,
+                  experts: list[str]):
+    """Record one (prompt, seed): per expert its rows and recorder, and the step of each of
+    its calls."""
     settings = config.recorder_settings()
     call = dict(prompt=prompt, num_inference_steps=config.steps,
                 guidance_scale=config.guidance_scale, num_frames=config.frames,
@@ -118,11 +175,24 @@ def _profile_unit(pipe, config: ProfileConfig, mode: str, prompt: str, seed: int
                      callback_on_step_end=_chain([_progress(bar)]))[0]  # [1, C, F, H, W]
         mask, callbacks = foreground.estimate_foreground(video[0], patch), []
         call["generator"] = _generator(seed)
-    with ProfileRecorder(pipe.transformer, settings, config.steps) as recorder:
-        recorder.set_foreground(mask)
+    with ExitStack() as stack:
+        recorders = {n: stack.enter_context(ProfileRecorder(getattr(pipe, n), settings,
+                                                            config.steps)) for n in experts}
+        calls = {n: _steps_of_calls(r, stack) for n, r in recorders.items()}
+        for recorder in recorders.values():
+            recorder.set_foreground(mask)
         pipe(**call, callback_on_step_end=_chain([*callbacks, _progress(bar)]),
              callback_on_step_end_tensor_inputs=["latents"])
-        return recorder.take_rows(), recorder
+        return {n: (r.take_rows(), r) for n, r in recorders.items()}, calls
+
+
+def _steps_of_calls(recorder: ProfileRecorder, stack: ExitStack) -> list[int]:
+    """The step of each call of the recorder's transformer, appended as the calls finish."""
+    steps: list[int] = []
+    handle = recorder.transformer.register_forward_hook(
+        lambda module, args, output: steps.append(recorder.call.step))
+    stack.callback(handle.remove)
+    return steps
 
 
 def _clip_inputs(pipe, config: ProfileConfig, prompt: str, seed: int, call: dict):
@@ -171,8 +241,7 @@ def scheduler_sigmas(scheduler, steps: int) -> tuple[float, ...] | None:
     return None if sigmas is None else tuple(float(s) for s in sigmas[:steps])
 
 
-def _static_metadata(pipe, config: ProfileConfig, mode: str) -> dict:
-    transformer = pipe.transformer
+def _static_metadata(transformer, pipe, config: ProfileConfig, mode: str) -> dict:
     settings = config.recorder_settings().to_metadata()
     method = (foreground.GROUND_TRUTH_METHOD if mode == "clip"
               else foreground.ESTIMATE_METHOD)
@@ -183,17 +252,26 @@ def _static_metadata(pipe, config: ProfileConfig, mode: str) -> dict:
                 sigmas=scheduler_sigmas(pipe.scheduler, config.steps))
 
 
-def _metadata(run_id: str, static: dict, recorder: ProfileRecorder,
-              config: ProfileConfig) -> TraceMetadata:
+def _metadata(run_id: str, static: dict, recorder: ProfileRecorder, config: ProfileConfig,
+              expert: str, step_range: tuple[int, int] | None) -> TraceMetadata:
+    """One transformer's trace metadata; an expert's covers its steps only (``step_range`` of
+    the generation's, numbered from 0) and its settings name the expert and the range."""
     model = static["adapter"].model_config(static["transformer"], recorder.text_len)
-    workload = Workload(steps=config.steps, height=config.height, width=config.width,
+    start, stop = step_range or (0, config.steps)
+    sigmas, settings = static["sigmas"], static["settings"]
+    if step_range is not None:
+        sigmas = None if sigmas is None else sigmas[start:stop]
+        local = {k: None if settings[k] is None else
+                 [s - start for s in settings[k] if start <= s < stop]
+                 for k in ("map_steps", "attention_steps")}
+        settings = {**settings, **local, "expert": expert, "step_range": [start, stop],
+                    "generation_steps": config.steps}
+    workload = Workload(steps=stop - start, height=config.height, width=config.width,
                         frames=config.frames, guidance_scale=config.guidance_scale,
-                        cfg=config.cfg, tokens_grid=recorder.layout.grid,
-                        sigmas=static["sigmas"])
+                        cfg=config.cfg, tokens_grid=recorder.layout.grid, sigmas=sigmas)
     return TraceMetadata(run_id=run_id, fingerprint=static["fingerprint"],
                          model_config=ModelConfig(**model), workload=workload,
-                         profiler_settings=static["settings"],
-                         library_versions=static["versions"])
+                         profiler_settings=settings, library_versions=static["versions"])
 
 
 def profile_transformer_calls(

@@ -29,13 +29,15 @@ def unit_paths(out_dir: Path, name: str, tables: tuple[str, ...]) -> dict[str, P
     return {table: Path(out_dir) / TRACE_DIR / table / f"{name}.parquet" for table in tables}
 
 
-def build_tables(rows: TraceRows, *, run_id: str, prompt_index: int, seed: int
-                 ) -> dict[str, pa.Table]:
+def build_tables(rows: TraceRows, *, run_id: str, prompt_index: int, seed: int,
+                 step_offset: int = 0) -> dict[str, pa.Table]:
     """The rows of one (prompt, seed) as schema tables (every table, possibly empty).
 
     Args:
         rows: what a ProfileRecorder recorded for this prompt and seed.
         run_id, prompt_index, seed: the key columns the recorder does not know.
+        step_offset: subtracted from the recorded steps (an expert's traces number its
+            steps from its first, profiler.experts).
 
     Returns:
         table name -> pa.Table matching schema.TABLE_SCHEMAS exactly.
@@ -46,8 +48,9 @@ def build_tables(rows: TraceRows, *, run_id: str, prompt_index: int, seed: int
         columns = recorded.get(name) or _empty_columns(name)
         n = len(columns["step"])
         keys = {"run_id": [run_id] * n, "prompt_index": np.full(n, prompt_index, np.int32),
-                "seed": np.full(n, seed, np.int64)}
-        tables[name] = make_table(name, {**keys, **columns})
+                "seed": np.full(n, seed, np.int64),
+                "step": np.asarray(columns["step"], np.int32) - step_offset}
+        tables[name] = make_table(name, {**columns, **keys})
     return tables
 
 
