@@ -23,7 +23,9 @@ def register(subparsers) -> None:
         "compile-policy", help="compile profiler traces into a plan (JSON)",
         description="Compile the traces written by `ditplan profile` into a per-model plan.",
     )
-    compile_.add_argument("trace_dir", type=Path, help="directory written by `ditplan profile`")
+    compile_.add_argument("trace_dir", type=Path,
+                          help="directory written by `ditplan profile` (of a two-expert "
+                               "Wan2.2 pipeline: one plan file with a section per expert)")
     compile_.add_argument("--out", type=Path, required=True, help="plan file to write (JSON)")
     compile_.add_argument("--quality", choices=sorted(QUALITY_PRESETS), default="balanced")
     compile_.add_argument("--target-speedup", type=float, default=None, metavar="X",
@@ -71,7 +73,8 @@ def register(subparsers) -> None:
     show.add_argument("plan", type=Path, help="plan file (JSON)")
     show.add_argument("--png", type=Path, default=None, metavar="FILE",
                       help="also draw it: blocks x steps per CFG branch, coloured by compute/"
-                      "reuse/forecast and shaded by attention density")
+                      "reuse/forecast and shaded by attention density (an expert plan: one "
+                      "FILE-<expert>.png per section)")
     show.set_defaults(handler=run_plan_show)
 
 
@@ -127,8 +130,9 @@ def run_compile_policy(args: argparse.Namespace) -> int:
     """Handler of ``compile-policy``: traces -> plan file. Returns the exit code."""
     from ditplan.policy.compiler import compile_policy
     from ditplan.policy.config import CompilerConfig, CompilerError
+    from ditplan.policy.expert_compiler import compile_experts, is_expert_profile
+    from ditplan.policy.experts import save_any_plan
     from ditplan.policy.plan import PlanError
-    from ditplan.policy.plan_io import save_plan
     from ditplan.profiler.schema import TraceError
 
     try:
@@ -138,36 +142,68 @@ def run_compile_policy(args: argparse.Namespace) -> int:
         return 2
     try:
         config = CompilerConfig.from_name(args.quality, **overrides)
-        calibrate = _calibrator(args)
-        plan = compile_policy(args.trace_dir, config, calibrate=calibrate)
-        save_plan(plan, args.out)
+        if is_expert_profile(args.trace_dir):
+            _refuse_expert_calibration(args)
+            plans = compile_experts(args.trace_dir, config)
+        else:
+            plans = compile_policy(args.trace_dir, config, calibrate=_calibrator(args))
+        save_any_plan(plans, args.out)
     except (TraceError, CompilerError, PlanError, ValueError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1
-    prov = plan.provenance
-    said = (f"wrote {args.out}: predicted speedup {prov.predicted_speedup:.2f}x, "
+    sys.stdout.write(f"wrote {args.out}: {_summary(plans)}\n")
+    return 0
+
+
+def _refuse_expert_calibration(args: argparse.Namespace) -> None:
+    if args.calibrate:
+        raise ValueError(
+            "--calibrate is not supported for a two-expert (Wan2.2) profile yet: it would "
+            "measure each pair of candidates end to end; compile without --calibrate (each "
+            "expert reaches --target-speedup by prediction), then time the plan with "
+            "`ditplan run --compare-dense`")
+
+
+def _summary(plans) -> str:
+    """What the command prints about the written plan (each expert's, for expert plans)."""
+    from ditplan.policy.plan import Plan
+
+    if not isinstance(plans, Plan):
+        return "; ".join(f"{name} steps {list(plan.workload.step_range)}: "
+                         f"{_summary(plan)}" for name, plan in plans.experts.items())
+    prov = plans.provenance
+    said = (f"predicted speedup {prov.predicted_speedup:.2f}x, "
             f"predicted error {prov.predicted_error:.4f}")
     if prov.calibration is not None:
         c = prov.calibration
         said += (f"; measured {c.speedup:.2f}x at {c.psnr_db:.2f} dB on {c.device} "
                  f"(best of {c.candidates} candidates)")
-    sys.stdout.write(said + "\n")
-    return 0
+    return said
 
 
 def run_plan_show(args: argparse.Namespace) -> int:
-    """Handler of ``plan show``: print the plan's table, draw it to ``--png``; the exit code."""
-    from ditplan.policy.plan import PlanError
-    from ditplan.policy.plan_io import load_plan
-    from ditplan.policy.show import format_plan
+    """Handler of ``plan show``: print the plan's table (each expert's section, for expert
+    plans), draw it to ``--png``; the exit code."""
+    from ditplan.policy.experts import load_any_plan
+    from ditplan.policy.plan import Plan, PlanError
+    from ditplan.policy.show import format_experts, format_plan
 
     try:
-        plan = load_plan(args.plan)
+        plans = load_any_plan(args.plan)
     except PlanError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1
-    sys.stdout.write(format_plan(plan))
-    return _write_png(plan, args.png) if args.png else 0
+    if isinstance(plans, Plan):
+        sys.stdout.write(format_plan(plans))
+        return _write_png(plans, args.png) if args.png else 0
+    sys.stdout.write(format_experts(plans))
+    if not args.png:
+        return 0
+    for name, plan in plans.experts.items():
+        code = _write_png(plan, args.png.with_name(f"{args.png.stem}-{name}{args.png.suffix}"))
+        if code:
+            return code
+    return 0
 
 
 def _write_png(plan, path: Path) -> int:

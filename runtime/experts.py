@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ditplan.policy.experts import ExpertPlans
-from ditplan.policy.plan import PlanError
+from ditplan.policy.plan import Plan, PlanError
 from ditplan.runtime.adapters.base import get_adapter
 from ditplan.runtime.apply import PlanHandle, apply_plan
 from ditplan.runtime.fingerprint import weights_hash
@@ -28,6 +28,26 @@ class ExpertsHandle:
         """Restore every expert exactly."""
         for handle in self.handles.values():
             handle.remove()
+
+    def stats(self) -> dict:
+        """:meth:`PlanHandle.stats` of the pair: shares and density averaged over the experts
+        weighted by their transformer calls, cache memory summed (both histories are held);
+        each expert's own under ``experts``."""
+        each = {name: handle.stats() for name, handle in self.handles.items()}
+        calls = {name: handle.tracker.calls_seen for name, handle in self.handles.items()}
+        total = sum(calls.values())
+        pair = {key: sum(calls[n] * each[n][key] for n in each) / total if total else 0.0
+                for key in ("attention_density", "blocks_skipped_share",
+                            "blocks_forecast_share")}
+        pair["cache_memory_gib"] = sum(s["cache_memory_gib"] for s in each.values())
+        return {**pair, "experts": each}
+
+
+def apply_any_plan(pipe, plan: Plan | ExpertPlans, **options) -> PlanHandle | ExpertsHandle:
+    """:func:`apply_expert_plans` for expert plans, else :func:`apply_plan` (same options)."""
+    if isinstance(plan, ExpertPlans):
+        return apply_expert_plans(pipe, plan, **options)
+    return apply_plan(pipe, plan, **options)
 
 
 def apply_expert_plans(pipe, plans: ExpertPlans, **options) -> ExpertsHandle:

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ditplan.policy.experts import ExpertPlans, load_any_plan
 from ditplan.policy.plan import Plan, PlanError
-from ditplan.policy.plan_io import load_plan
-from ditplan.runtime.apply import apply_plan, enable_parallel
+from ditplan.runtime.apply import enable_parallel
+from ditplan.runtime.experts import apply_any_plan
 from ditplan.runtime.launch import Launch
 from ditplan.runtime.loading import REFERENCE, load_pipeline
 from ditplan.runtime.outputs import to_uint8, write_contact_sheet, write_json, write_video
@@ -49,7 +50,7 @@ class RunConfig:
     repeats: int = 1  # timed generations of each kind; medians are reported
 
 
-def resolve_workload(config: RunConfig, plan: Plan | None) -> dict:
+def resolve_workload(config: RunConfig, plan: Plan | ExpertPlans | None) -> dict:
     """Generation settings: explicit flags, else the plan's workload, else the model defaults.
 
     A flag that contradicts the plan's workload is refused: plans are per workload.
@@ -183,7 +184,7 @@ def run_generation(config: RunConfig, launch: Launch | None = None) -> dict:
     generations come first and dense (``--compare-dense``) second, after ``remove()``: a
     parallel model takes no plan afterwards.
     """
-    plan = load_plan(config.plan) if config.plan else None
+    plan = load_any_plan(config.plan) if config.plan else None  # a plan file per expert too
     workload = resolve_workload(config, plan)
     pipe = load_pipeline(config.model, device=config.device)
     metrics: dict = {"config": {k: str(v) for k, v in asdict(config).items()}, "workload": workload}
@@ -195,7 +196,8 @@ def run_generation(config: RunConfig, launch: Launch | None = None) -> dict:
         metrics["parallel"] = {"ranks": launch.world, "ulysses_degree": launch.world}
         pipe.set_progress_bar_config(disable=not launch.writes_outputs)
     warmup = COMPARE_WARMUP_RUNS if config.compare_dense else 0
-    handle = apply_plan(pipe, plan, backend=config.backend, parallel=parallel) if plan else None
+    handle = (apply_any_plan(pipe, plan, backend=config.backend, parallel=parallel)
+              if plan else None)
     if handle is None and parallel is not None:
         enable_parallel(pipe, parallel)
     frames, metrics["run"] = timed_generations(pipe, config, workload, warmup)
