@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -115,35 +116,50 @@ class Calibrator:
         self.pipe = pipe if pipe is not None else load_pipeline(setup.model, device=setup.device)
         self.pipe.set_progress_bar_config(disable=True)
         self._dense: tuple[list[torch.Tensor], float] | None = None
+        self._dense_s: dict[int, float] = {}  # timed repeats -> median dense seconds
 
-    def __call__(self, plans: Sequence[Plan]) -> list[Calibration]:
+    def __call__(self, plans: Sequence[Plan], repeats: int | None = None) -> list[Calibration]:
+        """One Calibration per plan (resumed from the record where measured before);
+        ``repeats`` times each over that many batches instead of the setup's."""
         if len({p.workload for p in plans}) > 1:
             raise ValueError("calibration candidates must share one workload")
-        done = _read_record(self.setup.record)
+        setup = self.setup if repeats is None else dataclasses.replace(self.setup,
+                                                                       repeats=repeats)
+        done = _read_record(setup.record)
         out = []
-        for plan in tqdm(plans, desc="calibrating", unit="plan"):
-            key = candidate_key(plan, self.setup)
+        for plan in tqdm(plans, desc="calibrating" if repeats is None else "timing again",
+                         unit="plan"):
+            key = candidate_key(plan, setup)
             if key not in done:
-                done[key] = asdict(self.measure(plan, len(plans)))
+                done[key] = asdict(self.measure(plan, len(plans), setup))
                 _append(self.setup.record, {"key": key, "calibration": done[key],
                                             "design": plan.provenance.compiler_settings
                                             .get("design", "")})
             out.append(Calibration(**{**done[key], "candidates": len(plans)}))
         return out
 
-    def dense(self, plan: Plan) -> tuple[list[torch.Tensor], float]:
-        """Dense frames and seconds at the plan's workload, measured once per calibrator."""
+    def dense(self, plan: Plan, setup: CalibrationSetup | None = None
+              ) -> tuple[list[torch.Tensor], float]:
+        """Dense frames and seconds at the plan's workload, measured once per calibrator and
+        number of timed repeats (a re-timing compares medians over as many batches)."""
+        setup = setup or self.setup
         if self._dense is None:
             generate_batch(self.pipe, self.setup, plan)  # the pipeline's first call is cold
             self._dense = timed(self.pipe, self.setup, plan)
-        return self._dense
+        if setup.repeats not in self._dense_s:
+            self._dense_s[setup.repeats] = (self._dense[1] if setup.repeats == self.setup.repeats
+                                            else timed(self.pipe, setup, plan)[1])
+        return self._dense[0], self._dense_s[setup.repeats]
 
-    def measure(self, plan: Plan, candidates: int) -> Calibration:
-        """One candidate: apply, generate (timed), remove; compare with dense."""
-        dense_frames, dense_s = self.dense(plan)
-        handle = apply_plan(self.pipe, plan, backend=self.setup.backend)
+    def measure(self, plan: Plan, candidates: int, setup: CalibrationSetup | None = None
+                ) -> Calibration:
+        """One candidate: apply, generate (timed as ``setup`` says, default the calibrator's),
+        remove; compare with dense."""
+        setup = setup or self.setup
+        dense_frames, dense_s = self.dense(plan, setup)
+        handle = apply_plan(self.pipe, plan, backend=setup.backend)
         try:
-            frames, plan_s = timed(self.pipe, self.setup, plan)
+            frames, plan_s = timed(self.pipe, setup, plan)
         finally:
             handle.remove()
         psnr, cosine = similarity(frames, dense_frames)

@@ -48,7 +48,7 @@ def traces(tmp_path_factory):
 def test_refinement_climbs_to_what_measures_better(traces):
     measured_plans = []
 
-    def fake(plans):  # PSNR rewards computing later steps in cond (unknown to the proxy)
+    def fake(plans, repeats=None):  # PSNR rewards computing later steps in cond (proxy-blind)
         measured_plans.extend(plans)
         out = []
         for p in plans:

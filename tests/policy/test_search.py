@@ -87,7 +87,7 @@ def test_pick_measured_rules():
 def test_calibrated_compile_measures_a_shortlist_and_records_it(traces):
     seen = []
 
-    def fake(plans):  # measured quality falls with the plan's share of skipped steps
+    def fake(plans, repeats=None):  # measured quality falls with the plan's share of skipped steps
         seen.extend(plans)
         out = []
         for p in plans:
@@ -180,19 +180,39 @@ def test_shortlist_measures_every_warmup_first(traces):
 def test_calibration_spends_the_slack_the_speed_model_left(traces):
     from ditplan.policy.compiler import CALIBRATION_MARGIN
 
-    def fake(plans):  # runs 2% slower than predicted; more compute keeps more quality
+    def fake(plans, repeats=None):  # runs 2% slower than predicted; more compute keeps more quality
         return [_measured(0.98 * p.provenance.predicted_speedup,
                           30.0 + 10.0 / p.provenance.predicted_speedup) for p in plans]
 
     config = CompilerConfig.from_name("balanced", target_speedup=1.5, calibrate_candidates=6)
     plan = compile_policy(traces, config, calibrate=fake)
     predicted = plan.provenance.predicted_speedup
-    assert 1.5 / 0.98 <= predicted < CALIBRATION_MARGIN * 1.5  # from the second round
+    assert 1.5 / 0.98 <= predicted < CALIBRATION_MARGIN * 1.5 / 0.98  # the second round
     assert plan.provenance.calibration.speedup >= 1.5
     assert plan.provenance.calibration.candidates == 6 + 3
 
-    def slower(plans):  # 10% slower: nothing between the target and the margin can reach it
-        return [_measured(0.9 * p.provenance.predicted_speedup, 40.0) for p in plans]
+    def slower(plans, repeats=None):  # 10% slower: the second round measures faster designs
+        return [_measured(0.9 * p.provenance.predicted_speedup,
+                          30.0 + 10.0 / p.provenance.predicted_speedup) for p in plans]
 
     plan = compile_policy(traces, config, calibrate=slower)
-    assert plan.provenance.calibration.candidates == 6
+    predicted = plan.provenance.predicted_speedup
+    assert 1.5 / 0.9 <= predicted < CALIBRATION_MARGIN * 1.5 / 0.9
+    assert plan.provenance.calibration.candidates == 6 + 3
+
+
+def test_candidates_timed_near_the_target_are_timed_again(traces):
+    from ditplan.policy.compiler import BOUNDARY_REPEATS
+
+    retimed = []
+
+    def noisy(plans, repeats=None):  # every plan runs 1.5x: one batch reads 1.515x, three 1.4925x
+        if repeats is not None:
+            assert repeats == BOUNDARY_REPEATS
+            retimed.extend(plans)
+        return [_measured(1.5 * (0.995 if repeats else 1.01), 40.0) for _ in plans]
+
+    config = CompilerConfig.from_name("balanced", target_speedup=1.5, calibrate_candidates=4)
+    with pytest.raises(CompilerError, match="no calibrated candidate reaches 1.50x"):
+        compile_policy(traces, config, calibrate=noisy)
+    assert len(retimed) >= 4  # every candidate read within 3% of the target
