@@ -29,7 +29,7 @@ FLOAT_DIGITS = 6
 _VERSION = re.compile(r"([0-9]+)\.([0-9]+)")
 _UPGRADE = "upgrade ditplan (pip install -U ditplan)"
 MIGRATES_FROM = 2  # plans of this major are converted on load
-EXPERT_FILE_FIELDS = ("boundary_ratio", "experts", "schema_version")  # an expert plan file's
+EXPERT_FILE_FIELDS = ("boundary_ratio", "experts", "schema_version")  # of an expert plan file
 
 
 def _encode(value):

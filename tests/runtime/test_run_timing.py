@@ -28,7 +28,7 @@ class FakeGenerations:
         frames = np.zeros((workload["frames"], workload["height"], workload["width"], 3), np.uint8)
         return frames, {"wall_s": wall, "step_s_median": wall / workload["steps"]}
 
-    def apply_plan(self, pipe, plan, backend, parallel):
+    def apply_any_plan(self, pipe, plan, backend, parallel):
         self.events.append("apply")
         return SimpleNamespace(stats=dict, remove=lambda: self.events.append("remove"))
 
@@ -37,8 +37,8 @@ class FakeGenerations:
 def fake(monkeypatch):
     fake = FakeGenerations()
     monkeypatch.setattr(run, "generate", fake.generate)
-    monkeypatch.setattr(run, "apply_plan", fake.apply_plan)
-    monkeypatch.setattr(run, "load_plan", lambda path: SimpleNamespace(
+    monkeypatch.setattr(run, "apply_any_plan", fake.apply_any_plan)
+    monkeypatch.setattr(run, "load_any_plan", lambda path: SimpleNamespace(
         workload=SimpleNamespace(**WORKLOAD)))
     monkeypatch.setattr(run, "load_pipeline", lambda model, device: object())
     monkeypatch.setattr(run, "compare_videos", lambda a, b: {"psnr_db": 99.0, "ssim": 1.0})
