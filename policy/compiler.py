@@ -172,7 +172,8 @@ def search_designs(profile: Profile, roles: dict[str, str], config: CompilerConf
 def _unique(designs: list[Design]) -> list[Design]:
     seen, out = set(), []
     for d in designs:
-        key = (tuple((r.blocks, tuple(sorted(r.schedule.items())), r.order, r.variable, r.target)
+        key = (tuple((r.blocks, tuple(sorted(r.schedule.items())), r.order, r.variable, r.target,
+                      r.extrapolation)
                      for r in d.runs),
                tuple(sorted((b, lp.attention) for b, lp in d.layers.items())))
         if key not in seen:

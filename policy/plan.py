@@ -15,13 +15,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-PLAN_SCHEMA_VERSION = "3.1"
+PLAN_SCHEMA_VERSION = "3.2"
 SUPPORTED_BLOCK_SIZES = (64, 128)
 ROLES = ("foreground", "background")
 COMPUTE, REUSE, FORECAST = "C", "R", "F"
 ACTIONS = (COMPUTE, REUSE, FORECAST)
 TARGETS = ("residual", "output")
 VARIABLES = ("step", "sigma")
+EXTRAPOLATIONS = ("taylor", "newton")  # how a forecast extends the computed steps
 RECOMPILE = "recompile it with `ditplan compile-policy`"
 # A Wan2.2 expert plan file's sections, by pipeline attribute: the high-noise expert first, as
 # the pipeline runs them (policy.experts).
@@ -226,8 +227,10 @@ class BlockRun:
     ``schedule[context]`` has one letter per step: "C" computes the run (and refreshes its
     history), "R" reuses the value of the last computed step, "F" forecasts it by a Taylor
     expansion of order ``order`` (TaylorSeer's finite differences over the computed steps, in
-    step index or in sigma). ``target`` is what is cached: "residual" (out - in, added to the
-    run's current input) or "output" (the run's output itself, as TaylorSeer caches).
+    step index or in sigma), or with ``extrapolation`` "newton" by the polynomial through the
+    last ``order`` + 1 computed steps (schema 3.2). ``target`` is what is cached: "residual"
+    (out - in, added to the run's current input) or "output" (the run's output itself, as
+    TaylorSeer caches).
     """
 
     blocks: tuple[str, ...] = field(metadata=_schema(minItems=1))
@@ -236,12 +239,16 @@ class BlockRun:
     target: str = field(default="residual", metadata=_schema(enum=list(TARGETS)))
     order: int = field(default=1, metadata=_schema(minimum=1, maximum=2))
     variable: str = field(default="step", metadata=_schema(enum=list(VARIABLES)))
+    extrapolation: str = field(default="taylor", metadata=_schema(enum=list(EXTRAPOLATIONS)))
 
     def __post_init__(self):
         object.__setattr__(self, "blocks", tuple(self.blocks))
         if self.target not in TARGETS or self.variable not in VARIABLES:
             raise PlanError(f"run {self.name}: target must be one of {TARGETS} and variable one "
                             f"of {VARIABLES}, got {self.target!r}, {self.variable!r}")
+        if self.extrapolation not in EXTRAPOLATIONS:
+            raise PlanError(f"run {self.name}: extrapolation must be one of {EXTRAPOLATIONS}, "
+                            f"got {self.extrapolation!r}")
         if self.order not in (1, 2):
             raise PlanError(f"run {self.name}: forecast order must be 1 or 2, got {self.order}")
 

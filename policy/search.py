@@ -22,8 +22,11 @@ from ditplan.policy.load_profile import Profile
 from ditplan.policy.plan import COMPUTE, FORECAST, REUSE, BlockRun
 
 SCOPES = ("stack", "tail")
-# (skip action, forecast order) pairs searched
-SKIP_KINDS = ((REUSE, 1), (FORECAST, 1), (FORECAST, 2))
+# (skip action, forecast order, extrapolation) searched; order 1 is the same line both ways.
+# Newton's order 2 is the quadratic through the last three computes: on the reference model's
+# 1.5x schedule it kept 1.1 dB more than TaylorSeer's (CPU, 8 x 32 x 32, BENCHMARKS.md)
+SKIP_KINDS = ((REUSE, 1, "taylor"), (FORECAST, 1, "taylor"), (FORECAST, 2, "taylor"),
+              (FORECAST, 2, "newton"))
 # Forecast variables: the step index (TaylorSeer), and, when asked (CompilerConfig.search_sigma)
 # and the traces record it, sigma. On the reference model's shifted flow schedule every sigma
 # forecast measured 1-3 dB under its step-index twin (2-core CPU, 16 steps; BENCHMARKS.md), so
@@ -53,11 +56,13 @@ class RunChoice:
     warmup: int
     cooldown: int
     variable: str = "step"
+    extrapolation: str = "taylor"
 
     @property
     def label(self) -> str:
         kind = "reuse" if self.skip == REUSE else f"forecast{self.order}"
         kind += "-sigma" if self.variable == "sigma" else ""
+        kind += "-newton" if self.extrapolation == "newton" else ""
         cfg = f" uncond/{self.uncond_every}" if self.uncond_every > 1 else ""
         return (f"{self.scope} {kind} t={self.threshold:.3g} skip<={self.max_skip} "
                 f"warmup={self.warmup} cooldown={self.cooldown}{cfg}")
@@ -119,7 +124,8 @@ def build_run(profile: Profile, choice: RunChoice) -> BlockRun:
     schedule = {c: "".join(COMPUTE if m else choice.skip for m in mask)
                 for c, mask in masks.items()}
     return BlockRun(blocks=blocks, schedule=schedule, order=choice.order,
-                    target="residual", variable=choice.variable)
+                    target="residual", variable=choice.variable,
+                    extrapolation=choice.extrapolation)
 
 
 def plateau_of(profile: Profile, scope: str) -> float:
@@ -142,11 +148,11 @@ def run_choices(profile: Profile, warmup: int, sigma: bool = False) -> list[RunC
         if scope == "tail" and len(profile.blocks) < 2:
             continue
         level = max(plateau_of(profile, scope), 1e-6)
-        for (skip, order), scale, max_skip, every, start, cooldown, variable in (
+        for (skip, order, extrapolation), scale, max_skip, every, start, cooldown, variable in (
                 itertools.product(SKIP_KINDS, THRESHOLD_SCALES, MAX_SKIPS, uncond, warmups,
                                   COOLDOWNS, variables)):
             if variable == "sigma" and skip == REUSE:
                 continue  # a reuse has no variable
             choices.append(RunChoice(scope, skip, order, level * scale, max_skip, every,
-                                     start, cooldown, variable))
+                                     start, cooldown, variable, extrapolation))
     return choices

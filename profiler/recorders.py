@@ -8,6 +8,7 @@ statistics come from a second, side computation of q and k. Rows stay on the dev
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -24,7 +25,7 @@ from ditplan.runtime.context import (
     remove_step_tracker,
 )
 from ditplan.runtime.kernels.block_map import forced_blocks
-from ditplan.runtime.layout import AttnCall, BlockStreams, TokenLayout
+from ditplan.runtime.layout import AttnCall, BlockStreams, ForwardArgument, TokenLayout
 from ditplan.runtime.permutation import TokenPermuter
 
 logger = logging.getLogger(__name__)
@@ -32,26 +33,33 @@ logger = logging.getLogger(__name__)
 CONTEXT_NAMES = {"cond": "cond", "uncond": "uncond", DEFAULT_CONTEXT: "cond"}
 
 
-class AttentionRecorderProcessor:
-    """Runs the original processor, then records statistics of its self-attention call."""
+class _RecordingRun:
+    """Mixed in before a family's sparse processor class (:func:`recording_processor_class`):
+    that class's ``__call__`` (the original processor's exact parameters) hands self-attention
+    calls to :meth:`run`, which runs the original processor and then records statistics."""
 
-    def __init__(self, original, layer: str, recorder: ProfileRecorder):
-        self.original = original
-        self.layer = layer
+    def __init__(self, original, block: str, recorder: ProfileRecorder):
+        super().__init__(original, None, recorder.adapter)
+        self.block = block
         self.recorder = recorder
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 rotary_emb=None, **kwargs):
-        out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask,
-                            rotary_emb, **kwargs)
-        if (encoder_hidden_states is None and attention_mask is None
-                and self.recorder.call.record_attention):
+    def run(self, attn, hidden_states, *args):
+        out = self.original(attn, hidden_states, *args)
+        if self.recorder.call.record_attention:
             with torch.no_grad():
-                call = self.recorder.adapter.attention_call(
-                    attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb,
-                    **kwargs)
-                self.recorder.record_attention(self.layer, call)
+                call = self.adapter.attention_call(attn, self.recorder.layout, hidden_states,
+                                                   *args)
+                if call.key_valid is not None:
+                    raise NotImplementedError("the profiler does not mask padded text keys: "
+                                              "profile one prompt per call")
+                self.recorder.record_attention(self.block, call)
         return out
+
+
+@functools.cache
+def recording_processor_class(processor_class: type) -> type:
+    """The recorder's processor for a family: ``processor_class`` with a recording ``run``."""
+    return type(f"Recording{processor_class.__name__}", (_RecordingRun, processor_class), {})
 
 
 class CallState:
@@ -61,10 +69,9 @@ class CallState:
                  settings: RecorderSettings, foreground: torch.Tensor | None):
         self.step, self.cfg, self.layout = step, cfg, layout
         device = permuter.device
-        self.perm = permuter.perm if permuter.active else torch.arange(layout.seq_len,
-                                                                        device=device)
+        self.perm = permuter.sequence_perm  # [S]: [video | text] -> the sparse op's order
         self.forced = permuter.forced(settings.block_size, settings.sink)
-        sink, text = permuter.token_masks()  # [S] each, permuted order
+        sink, text = permuter.token_masks()  # [S] each, the sparse op's order
         self.video = ~text
         self.sink_blocks = forced_blocks(layout.seq_len, settings.block_size,
                                          sink_tokens=sink, diagonal=False).cols
@@ -75,12 +82,6 @@ class CallState:
         steps = settings.attention_steps
         self.record_attention = steps is None or step in steps
 
-    @staticmethod
-    def _video_mask(layout: TokenLayout, device) -> torch.Tensor:
-        start = layout.text_len if layout.text_first else 0
-        position = torch.arange(layout.seq_len, device=device)
-        return (position >= start) & (position < start + layout.video_tokens)
-
     def _foreground(self, foreground: torch.Tensor | None, device) -> torch.Tensor:
         layout = self.layout
         full = torch.zeros(layout.seq_len, dtype=torch.bool, device=device)
@@ -89,7 +90,7 @@ class CallState:
         if foreground.numel() != layout.video_tokens:
             raise ValueError(f"the foreground mask has {foreground.numel()} tokens but the "
                              f"transformer sees a {layout.grid} grid ({layout.video_tokens})")
-        full[self._video_mask(layout, device)] = foreground.to(device).flatten()
+        full[:layout.video_tokens] = foreground.to(device).flatten()  # [video | text]
         return full[self.perm]
 
 
@@ -130,16 +131,19 @@ class ProfileRecorder:
 
     def install(self) -> None:
         """Register the step tracker, the processors and the hooks."""
+        forward = self.transformer.forward
+        self._latents = ForwardArgument.of(forward, "hidden_states")
+        self._text = ForwardArgument.of(forward, "encoder_hidden_states")
         tracker = install_step_tracker(self.transformer, self.num_inference_steps)
         tracker.listeners.append(self._on_step)
         self._handles.append(self.transformer.register_forward_pre_hook(
             self._on_forward_pre, with_kwargs=True))
         self._handles.append(self.transformer.register_forward_hook(
             self._on_output, with_kwargs=True))
+        recording = recording_processor_class(self.adapter.processor_class)
         for name, attn in self.adapter.attention_layers(self.transformer):
             self._originals[attn] = attn.processor
-            attn.set_processor(AttentionRecorderProcessor(attn.processor, self.block_of[name],
-                                                          self))
+            attn.set_processor(recording(attn.processor, self.block_of[name], self))
         io = block_io(self.adapter, self.transformer)
         for name, block in self.adapter.blocks(self.transformer):
             hook = self._block_hook(name, io[name].bind(block.forward))
@@ -165,8 +169,8 @@ class ProfileRecorder:
         return rows
 
     def _on_forward_pre(self, module, args, kwargs) -> None:
-        latents = args[0] if args else kwargs["hidden_states"]  # [B, C, F, H, W]
-        text = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")  # [B, L, C]
+        latents = self._latents.get(args, kwargs)  # Wan [B, C, F, H, W]; FLUX [B, S, C]
+        text = self._text.get(args, kwargs)  # [B, L, C]
         self.text_len = 0 if text is None else int(text.shape[1])
         self.layout = self.adapter.token_layout(module, args, kwargs)
         self._permuter.begin(self.layout, latents.device)
@@ -179,7 +183,7 @@ class ProfileRecorder:
                               self._permuter, self.settings, self.foreground)
 
     def record_attention(self, layer: str, attention: AttnCall) -> None:
-        """Statistics of one self-attention call (called by AttentionRecorderProcessor)."""
+        """Statistics of one self-attention call (called by the recording processors)."""
         call, settings = self.call, self.settings
         q, k, _ = (x.transpose(1, 2) for x in attention.joint())  # [B, H, S, D]
         q, k = q[:, :, call.perm], k[:, :, call.perm]  # tiled order, as the runtime sees them

@@ -69,6 +69,11 @@ class TaylorHistory:
 class RunState:
     """Histories of one run per CFG branch, and the decision its blocks share for this call.
 
+    A run carries one stream (video) or two (video and text, joint-attention blocks); each
+    stream keeps its own history per branch, so a branch's text (whose length may differ
+    between branches) never mixes with another's. Streams travel as tuples in
+    :attr:`StreamIO.streams` order, [B, S, C] each.
+
     A call normally carries one branch (the pipeline's ``cache_context``). A call outside every
     context the plan schedules, with ``batch_order`` set, carries the branches stacked along the
     batch (batched CFG, e.g. ("uncond", "cond")): each branch part then follows its own schedule,
@@ -85,12 +90,12 @@ class RunState:
         self.batch_order = batch_order
         # per context, one action letter per step (tuples: dynamo cannot subscript a str)
         self.actions = {c: tuple(a) for c, a in run.schedule.items()}
-        self.histories: dict[str, TaylorHistory] = {}
+        self.histories: dict[str, tuple[TaylorHistory, ...]] = {}  # per branch: one per stream
         self.branches: tuple[str, ...] = ()  # this call's branches, in batch order
         self.branch_actions: tuple[str, ...] = ()
         self.full_batch = 0
-        self.run_input: torch.Tensor | None = None  # [b, S, C], the computing parts
-        self.replaced: list[torch.Tensor | None] = []  # per branch part: its output if skipped
+        self.run_input: tuple[torch.Tensor, ...] | None = None  # per stream [b, S, C]: computing
+        self.replaced: list = []  # per branch part: its streams' outputs if skipped, else None
         self.computed_steps: list[tuple[str, int]] = []  # (branch, step) where the run computed
         self.branch_calls = 0
         self.forecast_calls = 0
@@ -134,48 +139,56 @@ class RunState:
         step = self.tracker.state.step
         return float(self.positions[step] if self.positions is not None else step)
 
-    def _replacement(self, branch: str, action: str, part: torch.Tensor) -> torch.Tensor:
-        """A skipped branch part's run output [b, S, C] from its run input [b, S, C]."""
-        history = self.histories[branch]
+    def _replacement(self, branch: str, action: str, parts: tuple) -> tuple:
+        """A skipped branch part's run output from its run input, per stream [b, S, C]."""
+        return tuple(self._replace_stream(history, action, part)
+                     for history, part in zip(self.histories[branch], parts, strict=True))
+
+    def _replace_stream(self, history: TaylorHistory, action: str,
+                        part: torch.Tensor) -> torch.Tensor:
         if action == FORECAST:
             value = history.predict(self._position(), part.dtype)
         else:
             value = history.factors[0].to(part.dtype)
         return part + value if self.run.target == "residual" else value
 
-    def _parts(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return _split(x, len(self.branches))
+    def _branch_parts(self, streams: tuple[torch.Tensor, ...], parts: int) -> list[tuple]:
+        # per stream [n * b, S, C] -> per branch part, its streams [b, S, C] each
+        return list(zip(*(_split(x, parts) for x in streams), strict=True))
 
-    def enter(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """At the first block, with the run input [B, S, C]: keeps the computing parts as
+    def enter(self, streams: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
+        """At the first block, with the run input's streams: keeps the computing parts as
         ``run_input`` and returns None, or returns the run's whole output when none computes."""
-        self.full_batch = hidden.shape[0]
-        parts = self._parts(hidden)
+        self.full_batch = streams[0].shape[0]
+        parts = self._branch_parts(streams, len(self.branches))
         self.replaced = [None if a == COMPUTE else self._replacement(b, a, p)
                          for b, a, p in zip(self.branches, self.branch_actions, parts,
                                             strict=True)]
         computing = [p for p, a in zip(parts, self.branch_actions, strict=True) if a == COMPUTE]
         if not computing:
-            return _cat(self.replaced)
-        self.run_input = hidden if len(computing) == len(parts) else _cat(computing)
+            return _cat_streams(self.replaced)
+        self.run_input = streams if len(computing) == len(parts) else _cat_streams(computing)
         return None
 
-    def batch_slice(self, args: tuple, kwargs: dict, hidden_arg: int) -> tuple[tuple, dict]:
-        """The computing branch parts of every other batch-sized block argument."""
-        def cut(i, x):
-            if i == hidden_arg or not torch.is_tensor(x) or x.shape[0] != self.full_batch:
+    def batch_slice(self, args: tuple, kwargs: dict, streams: frozenset) -> tuple[tuple, dict]:
+        """The computing branch parts of every other batch-sized block argument (``streams``:
+        the stream arguments' positions and names, left as they are)."""
+        def cut(key, x):
+            if key in streams or not torch.is_tensor(x) or x.shape[0] != self.full_batch:
                 return x
-            keep = [p for p, a in zip(self._parts(x), self.branch_actions, strict=True)
-                    if a == COMPUTE]
+            keep = [p for p, a in zip(_split(x, len(self.branches)), self.branch_actions,
+                                      strict=True) if a == COMPUTE]
             return _cat(keep)
 
         return (tuple(cut(i, x) for i, x in enumerate(args)),
-                {k: cut(None, x) for k, x in kwargs.items()})
+                {k: cut(k, x) for k, x in kwargs.items()})
 
-    def leave(self, run_output: torch.Tensor) -> torch.Tensor:
-        """At the last block: refresh the computed branches' histories; the full output."""
+    def leave(self, run_output: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """At the last block, with the run output's streams: refresh the computed branches'
+        histories; the full output's streams."""
         index = [i for i, a in enumerate(self.branch_actions) if a == COMPUTE]
-        outputs, inputs = _split(run_output, len(index)), _split(self.run_input, len(index))
+        outputs = self._branch_parts(run_output, len(index))
+        inputs = self._branch_parts(self.run_input, len(index))
         for i, out, inp in zip(index, outputs, inputs, strict=True):
             self._store(self.branches[i], out, inp)
         self.run_input = None
@@ -185,18 +198,18 @@ class RunState:
         parts = list(self.replaced)
         for i, out in zip(index, outputs, strict=True):
             parts[i] = out
-        return _cat(parts)
+        return _cat_streams(parts)
 
-    def _store(self, branch: str, run_output: torch.Tensor, run_input: torch.Tensor) -> None:
-        value = run_output - run_input if self.run.target == "residual" else run_output
+    def _store(self, branch: str, run_output: tuple, run_input: tuple) -> None:
         if branch not in self.histories:
             order = self.run.order if self.run.forecasts else 0
-            self.histories[branch] = TaylorHistory(order)
-        self.histories[branch].update(value, self._position())
+            self.histories[branch] = tuple(TaylorHistory(order) for _ in run_output)
+        for history, out, inp in zip(self.histories[branch], run_output, run_input, strict=True):
+            history.update(out - inp if self.run.target == "residual" else out, self._position())
 
     @property
     def nbytes(self) -> int:
-        return sum(h.nbytes for h in self.histories.values())
+        return sum(h.nbytes for streams in self.histories.values() for h in streams)
 
     def clear_history(self) -> None:
         """A generation ended: cached values are stale (statistics are kept)."""
@@ -214,13 +227,21 @@ def _cat(parts: list) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def _cat_streams(parts: list[tuple]) -> tuple[torch.Tensor, ...]:
+    # per branch part, its streams [b, S, C] -> per stream, the parts joined along the batch
+    return tuple(_cat(list(stream)) for stream in zip(*parts, strict=True))
+
+
 def _split(x: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
     # [n * b, ...] -> n tensors [b, ...] along the batch (no op for one part)
     return x.chunk(parts) if parts > 1 else (x,)
 
 
 class BlockRunHook(ModelHook):
-    """One block of a run: the first block decides and substitutes, the last one stores."""
+    """One block of a run: the first block decides and substitutes, the last one stores.
+
+    A block that does not compute returns its streams in its own output order (a skipped run's
+    output at the first block, its inputs passed through at the others)."""
 
     _is_stateful = True
 
@@ -234,24 +255,20 @@ class BlockRunHook(ModelHook):
         state, streams = self.state, self.streams
         if self.position in ("first", "only"):
             state.begin()
-            skipped = state.enter(streams.video_input(args, kwargs))  # hidden: [B, S, C]
+            skipped = state.enter(streams.inputs(args, kwargs))  # (video, text?) [B, S, C]
             if skipped is not None:
-                return skipped
-            args, kwargs = streams.with_video_input(args, kwargs, state.run_input)
+                return streams.native(skipped)
+            args, kwargs = streams.with_inputs(args, kwargs, state.run_input)
         elif not state.computing:
             # the first block already gave the run's output
-            return streams.video_input(args, kwargs)
+            return streams.native(streams.inputs(args, kwargs))
         if state.partial:
-            args, kwargs = state.batch_slice(args, kwargs, streams.video.position)
+            args, kwargs = state.batch_slice(args, kwargs, streams.keys)
         output = self.fn_ref.original_forward(*args, **kwargs)
         if self.position not in ("last", "only"):
             return output
-        hidden = streams.video_output(output)
-        if state.partial and hidden is not output:
-            raise NotImplementedError("batched CFG with branches on different schedules needs "
-                                      "blocks that return their hidden states alone")
-        full = state.leave(hidden)
-        return full if state.partial else output
+        full = state.leave(streams.outputs(output))
+        return streams.native(full) if state.partial else output
 
     def reset_state(self, module: nn.Module) -> nn.Module:
         self.state.clear_history()
@@ -288,12 +305,13 @@ def install_block_runs(
     states = []
     for run in runs:
         _check_consecutive(run.blocks, order)
+        kinds = {io[name].streams for name in run.blocks}
+        if len(kinds) > 1:
+            raise ValueError(f"block run {list(run.blocks)} mixes blocks of different streams "
+                             f"{sorted(kinds)}; a run's blocks must carry the same streams")
         state = RunState(run, tracker, positions if run.variable == "sigma" else None,
                          batch_order, first_step)
         for i, name in enumerate(run.blocks):
-            if io[name].text is not None:
-                raise NotImplementedError(f"block run over {name}, a block with a text stream: "
-                                          "runs cache the video stream only so far")
             streams = io[name].bind(blocks[name].forward)
             hook = BlockRunHook(state, _position(i, len(run.blocks)), streams)
             HookRegistry.check_if_exists_or_initialize(blocks[name]).register_hook(hook, CACHE_HOOK)

@@ -13,8 +13,9 @@ class TokenLayout:
     """Where the tokens of one self-attention sequence come from.
 
     ``frames``, ``height`` and ``width`` are the video token grid (after patching); ``text_len``
-    text tokens sit before the video when ``text_first`` else after it (0 for cross-attention
-    models such as Wan).
+    text tokens join the sequence (0 for cross-attention models such as Wan). ``text_first``
+    records the model's native order only: the sparse op always sees [video tiles | text]
+    (design D4). ``video`` is False for image models: one frame, 2-D tiles, no first-frame sink.
     """
 
     frames: int
@@ -22,10 +23,13 @@ class TokenLayout:
     width: int
     text_len: int = 0
     text_first: bool = False
+    video: bool = True
 
     def __post_init__(self):
         if min(self.frames, self.height, self.width) < 1 or self.text_len < 0:
             raise ValueError(f"token layout must have a non-empty video grid, got {self}")
+        if not self.video and self.frames != 1:
+            raise ValueError(f"an image token layout has one frame, got {self}")
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -85,38 +89,77 @@ class StreamIO:
 
     ``video`` and ``text`` name the block forward's parameters holding the video (or image) and
     text streams, [B, S, C] each; ``text`` is None for blocks of one stream. ``outputs`` is the
-    order of the returned streams: ("video",) for a block returning the video tensor alone.
+    order of the returned streams: ("video",) for a block returning the video tensor alone,
+    ("text", "video") for FLUX's blocks, which return the tuple (text, image).
     """
 
     video: str
     text: str | None = None
     outputs: tuple[str, ...] = ("video",)
 
+    def __post_init__(self):
+        if sorted(self.outputs) != sorted(self.streams):
+            raise ValueError(f"a block's outputs {self.outputs} must be its streams "
+                             f"{self.streams} in some order")
+
+    @property
+    def streams(self) -> tuple[str, ...]:
+        """The streams in ditplan's order: ("video",) or ("video", "text")."""
+        return ("video",) if self.text is None else ("video", "text")
+
     def bind(self, forward) -> BlockStreams:
         """This IO resolved against one block's forward (its signature is read once here)."""
-        return BlockStreams(self, ForwardArgument.of(forward, self.video))
+        return BlockStreams(self, tuple(ForwardArgument.of(forward, getattr(self, stream))
+                                        for stream in self.streams))
 
 
 @dataclass(frozen=True)
 class BlockStreams:
-    """A :class:`StreamIO` resolved against one block: reads and rewrites its streams."""
+    """A :class:`StreamIO` resolved against one block: reads and rewrites its streams.
+
+    Streams travel as tuples in :attr:`StreamIO.streams` order, (video,) or (video, text),
+    [B, S, C] each.
+    """
 
     io: StreamIO
-    video: ForwardArgument
+    arguments: tuple[ForwardArgument, ...]  # one per stream, in io.streams order
+
+    @property
+    def keys(self) -> frozenset:
+        """The stream arguments' positions and names (how a call may pass them)."""
+        return frozenset({a.name for a in self.arguments}
+                         | {a.position for a in self.arguments if a.position is not None})
+
+    def inputs(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...]:
+        """The streams this call passes."""
+        return tuple(argument.get(args, kwargs) for argument in self.arguments)
+
+    def with_inputs(self, args: tuple, kwargs: dict, values: tuple[torch.Tensor, ...]):
+        """The call with its streams replaced by ``values``."""
+        for argument, value in zip(self.arguments, values, strict=True):
+            args, kwargs = argument.replace(args, kwargs, value)
+        return args, kwargs
+
+    def outputs(self, output) -> tuple[torch.Tensor, ...]:
+        """The streams of the block's return value."""
+        if len(self.io.outputs) == 1:
+            return (output,)
+        return tuple(output[self.io.outputs.index(stream)] for stream in self.io.streams)
+
+    def native(self, streams: tuple[torch.Tensor, ...]):
+        """The block's return value carrying ``streams`` (the tensor itself, or a tuple in
+        the block's output order)."""
+        if len(self.io.outputs) == 1:
+            return streams[0]
+        return tuple(streams[self.io.streams.index(stream)] for stream in self.io.outputs)
 
     def video_input(self, args: tuple, kwargs: dict) -> torch.Tensor:
         """The video stream this call passes, [B, S, C]."""
-        return self.video.get(args, kwargs)
-
-    def with_video_input(self, args: tuple, kwargs: dict, value: torch.Tensor):
-        """The call with its video stream replaced by ``value`` [B, S, C]."""
-        return self.video.replace(args, kwargs, value)
+        return self.arguments[0].get(args, kwargs)
 
     def video_output(self, output) -> torch.Tensor:
         """The video stream of the block's return value, [B, S, C]."""
-        if len(self.io.outputs) == 1:
-            return output
-        return output[self.io.outputs.index("video")]
+        return self.outputs(output)[0]
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,9 @@ class TokenPermuter:
 
     The permute points' hooks (:func:`install_permute_points`) call :meth:`begin` at the start
     of each forward with the live token layout; when :attr:`active` they permute token-ordered
-    tensors with :attr:`perm` and undo it with :attr:`inverse` at the output. Sparse layers ask
-    :meth:`forced` for the always-kept blocks (first-frame sink, text) in the current order.
+    tensors (video or image tokens only: text never moves) with :attr:`perm` and undo it with
+    :attr:`inverse` at the output. Sparse layers see the sequence [video tiles | text] (design
+    D4) and ask :meth:`forced` for its always-kept blocks (first-frame sink, text).
 
     The permutation is static: active on every forward when the tile is not (1, 1, 1), so
     dense steps see permuted tokens too (dense attention is permutation-equivariant).
@@ -57,47 +58,50 @@ class TokenPermuter:
         # its first forward, dynamo (torch 2.11) re-created a frozen-dataclass dict key and
         # hashed it before setting its fields, and crashed.
         layout = self.layout
-        return (*layout.grid, layout.text_len, layout.text_first, self.device)
+        return (*layout.grid, layout.text_len, layout.text_first, layout.video, self.device)
 
     def _ensure_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         key = self._key()
         if key not in self._tables:
             layout = self.layout
-            perm = tile_permutation(
-                layout.grid,
-                self.tile,
-                text_len=layout.text_len,
-                text_first=layout.text_first,
-                device=self.device,
-            )
+            perm = tile_permutation(layout.grid, self.tile, device=self.device)  # [S_vid]
             self._tables[key] = (perm, invert_permutation(perm))
         return self._tables[key]
 
     @property
     def perm(self) -> torch.Tensor:
-        """Gather index [S]: permuted = x[:, perm]."""
+        """Gather index [S_vid] over the video tokens: permuted = x[:, perm]."""
         return self._ensure_tables()[0]
 
     @property
     def inverse(self) -> torch.Tensor:
-        """Gather index [S] undoing :attr:`perm`."""
+        """Gather index [S_vid] undoing :attr:`perm`."""
         return self._ensure_tables()[1]
 
+    @property
+    def sequence_perm(self) -> torch.Tensor:
+        """Gather index [S_vid + S_txt] from [video | text] (video in native order) to the
+        sparse op's order: :attr:`perm` on the video, text in place."""
+        layout = self.layout
+        position = torch.arange(layout.seq_len, device=self.device)
+        if not self.active:
+            return position
+        return torch.cat([self.perm, position[layout.video_tokens:]])
+
     def forced(self, block_size: int, sink: bool) -> ForcedBlocks:
-        """Always-computed blocks for the current layout, in the current token order."""
+        """Always-computed blocks for the current layout, in the sparse op's order."""
         key = (*self._key(), self.active, block_size, sink)
         if key not in self._forced:
             self._forced[key] = self._build_forced(block_size, sink)
         return self._forced[key]
 
     def token_masks(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(first-frame sink, text) token flags, bool [S] each, in the current token order."""
+        """(first-frame sink, text) token flags, bool [S] each, in the sparse op's order
+        [video tiles | text]; an image layout has no sink."""
         layout = self.layout
-        where = dict(text_len=layout.text_len, text_first=layout.text_first, device=self.device)
-        sink = first_frame_mask(layout.grid, **where)
-        text = ~first_frame_mask(layout.grid, frames=layout.frames, **where)
-        if self.active:
-            sink, text = sink[self.perm], text[self.perm]
+        sink = first_frame_mask(layout.grid, text_len=layout.text_len, device=self.device)
+        sink = sink[self.sequence_perm] & layout.video
+        text = torch.arange(layout.seq_len, device=self.device) >= layout.video_tokens
         return sink, text
 
     def _build_forced(self, block_size: int, sink: bool) -> ForcedBlocks:

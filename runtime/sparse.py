@@ -75,9 +75,8 @@ def sparse_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay
             "no forward has set a token layout" if layout is None else f"{layout.seq_len} tokens"
         )
         raise ValueError(
-            f"{layer.name}: self-attention got {q.shape[2]} tokens but the latent grid gives "
-            f"{expected}; call the transformer, not its attention modules, with latents "
-            "[B, C, F, H, W]"
+            f"{layer.name}: self-attention got {q.shape[2]} tokens but the transformer's "
+            f"inputs give {expected}; call the transformer, not its attention modules"
         )
     forced = layer.permuter.forced(spec.block_size, spec.sink)
     out, kept = select_and_attend(  # [B, H, S, D]; kept: its mean is the computed share
@@ -129,10 +128,11 @@ class SparseProcessorBase:
         if not self.layer.sparse_now():
             self.layer.record_dense(hidden_states.device)
             return self.original(attn, hidden_states, *args)
-        call = self.adapter.attention_call(attn, hidden_states, *args)
+        call = self.adapter.attention_call(attn, self.layer.permuter.layout, hidden_states, *args)
         if call.key_valid is not None:
             raise NotImplementedError(f"{self.layer.name}: the sparse kernels do not take key "
-                                      "padding (key_valid) yet")
+                                      "padding (key_valid) yet: call with prompts whose text "
+                                      "lengths agree (no text mask), e.g. one prompt per call")
         q, k, v = call.joint()  # [B, S, H, D]; S: this rank's tokens under Ulysses
         if is_ulysses(self._config):
             if call.q_t is not None:

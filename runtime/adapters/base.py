@@ -58,8 +58,12 @@ class ModelAdapter(Protocol):
     def permute_points(self, transformer: nn.Module) -> list[PermutePoint]:
         """Where token-ordered tensors enter and leave the transformer."""
 
-    def attention_call(self, attn: nn.Module, *native_args) -> AttnCall:
-        """q, k, v per stream of a self-attention call, from the processor's own arguments."""
+    def attention_call(self, attn: nn.Module, layout: TokenLayout, *native_args) -> AttnCall:
+        """q, k, v per stream of a self-attention call, from the processor's own arguments.
+
+        ``layout`` is the forward's token layout: it splits a joint sequence that reaches the
+        processor as one tensor (FLUX's single-stream blocks) into its streams.
+        """
 
     def attention_return(
         self, attn: nn.Module, call: AttnCall, out_video: torch.Tensor,

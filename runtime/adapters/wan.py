@@ -93,7 +93,8 @@ class WanAdapter:
         ]
 
     def attention_call(
-        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None
+        self, attn, layout, hidden_states, encoder_hidden_states=None, attention_mask=None,
+        rotary_emb=None,
     ) -> AttnCall:
         q, k, v = wan_self_attention_qkv(attn, hidden_states, rotary_emb)  # [B, H, S, D]
         return AttnCall(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, S, H, D]

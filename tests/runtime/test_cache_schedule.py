@@ -138,13 +138,13 @@ def test_keyword_called_blocks_follow_the_same_schedule():
         torch.testing.assert_close(keyword, positional, rtol=0, atol=0)
 
 
-def test_runs_over_two_stream_blocks_are_refused():
+def test_runs_mixing_one_and_two_stream_blocks_are_refused():
     model = ToyModel()
     tracker = install_step_tracker(model)
-    two_streams = dict.fromkeys(named_blocks(model), StreamIO("hidden", "t", ("text", "video")))
-    with pytest.raises(NotImplementedError, match="text stream"):
-        install_block_runs(named_blocks(model), [BlockRun(("blocks.1",), {})], tracker,
-                           io=two_streams)
+    io = {**toy_io(model), "blocks.2": StreamIO("hidden", "t", ("text", "video"))}
+    with pytest.raises(ValueError, match="mixes blocks of different streams"):
+        install_block_runs(named_blocks(model), [BlockRun(("blocks.1", "blocks.2"), {})],
+                           tracker, io=io)
 
 
 def test_runs_must_be_consecutive_existing_blocks():

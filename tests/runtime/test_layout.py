@@ -40,15 +40,20 @@ def test_bound_streams_read_the_video_input_and_output(keyword):
     args, kwargs = ((), {"hidden_states": video, "encoder_hidden_states": text}) if keyword \
         else ((video, text), {})
     assert streams.video_input(args, kwargs) is video
+    assert streams.inputs(args, kwargs) == (video, text)  # ditplan's order: (video, text)
     doubled = 2 * video
-    args, kwargs = streams.with_video_input(args, kwargs, doubled)
-    assert torch.equal(streams.video_output(block(*args, **kwargs)), doubled)
+    args, kwargs = streams.with_inputs(args, kwargs, (doubled, text))
+    output = block(*args, **kwargs)
+    assert torch.equal(streams.video_output(output), doubled)
+    assert streams.outputs(output) == (output[1], output[0])
+    assert streams.native((doubled, text)) == (text, doubled)  # the block's order: (text, video)
 
 
 def test_single_stream_output_is_the_value_itself():
     streams = StreamIO("hidden_states").bind(TwoStreamBlock().forward)
     video = torch.randn(1, 4, 2)
     assert streams.video_output(video) is video
+    assert streams.native((video,)) is video
 
 
 def test_attention_call_joins_video_then_text_and_splits_back():
