@@ -21,18 +21,28 @@ FALLBACK_CONTEXT = "cond"
 
 
 class TaylorHistory:
-    """TaylorSeer's finite-difference factors of one run's value in one CFG context.
+    """Finite-difference factors of one run's value in one CFG context, and its forecast.
 
-    ``factors[k]`` [B, S, C] approximates the k-th derivative of the value in the run's
-    variable (step index or sigma) at ``position``, the last computed step's; factor k + 1 is
-    (new factor k - previous factor k) / (position gap), as diffusers' TaylorSeer updates it.
+    ``factors[k]`` [B, S, C] is a k-th difference of the value in the run's variable (step index
+    or sigma) over the last computed positions (``positions``, newest first). Extrapolation
+    "taylor" is diffusers' TaylorSeer: factor k + 1 = (new factor k - previous factor k) / the
+    newest gap, forecast as a Taylor series around the last computed position. "newton" divides
+    by the span of the points each difference covers (Newton's divided differences) and
+    forecasts with the polynomial through those points, exact for a quadratic whatever the gaps
+    (TaylorSeer's order 2 is not, and on uneven gaps neither is its second factor).
     Order 0 (reuse) keeps the value in its own dtype; forecasting factors are float32.
     """
 
-    def __init__(self, order: int):
+    def __init__(self, order: int, extrapolation: str = "taylor"):
         self.order = order
+        self.newton = extrapolation == "newton"
         self.factors: list[torch.Tensor] = []
-        self.position: float | None = None
+        self.positions: list[float] = []  # computed positions, newest first (order + 1 kept)
+
+    @property
+    def position(self) -> float | None:
+        """The last computed position (None before the first)."""
+        return self.positions[0] if self.positions else None
 
     def update(self, value: torch.Tensor, position: float) -> None:
         """Refresh the factors with the value [B, S, C] computed at ``position``."""
@@ -45,20 +55,23 @@ class TaylorHistory:
     def _update_taylor(self, value: torch.Tensor, position: float) -> None:
         # Out of the compiled graph (as diffusers' TaylorSeer): the position gaps are host floats
         new = [value.float()]
-        if self.position is not None:
-            gap = position - self.position
-            for previous in self.factors[: self.order]:
-                new.append((new[-1] - previous) / gap)
+        for k, previous in enumerate(self.factors[: self.order]):
+            span = position - self.positions[k if self.newton else 0]
+            new.append((new[-1] - previous) / span)
         self.factors = new
-        self.position = position
+        self.positions = [position, *self.positions][: self.order + 1]
 
     @torch.compiler.disable  # the offset is a host float: no per-offset recompiles
     def predict(self, position: float, dtype: torch.dtype) -> torch.Tensor:
-        """The Taylor polynomial at ``position`` [B, S, C] (order 0 alone: the last value)."""
-        offset = position - self.position
+        """The forecast at ``position`` [B, S, C] (order 0 alone: the last value)."""
         out = self.factors[0].to(dtype)
+        weight = 1.0
         for k, factor in enumerate(self.factors[1:], start=1):
-            out = out + factor.to(dtype) * (offset**k / math.factorial(k))
+            if self.newton:  # prod over j < k of (position - positions[j])
+                weight *= position - self.positions[k - 1]
+            else:
+                weight = (position - self.positions[0]) ** k / math.factorial(k)
+            out = out + factor.to(dtype) * weight
         return out
 
     @property
@@ -203,7 +216,8 @@ class RunState:
     def _store(self, branch: str, run_output: tuple, run_input: tuple) -> None:
         if branch not in self.histories:
             order = self.run.order if self.run.forecasts else 0
-            self.histories[branch] = tuple(TaylorHistory(order) for _ in run_output)
+            self.histories[branch] = tuple(TaylorHistory(order, self.run.extrapolation)
+                                           for _ in run_output)
         for history, out, inp in zip(self.histories[branch], run_output, run_input, strict=True):
             history.update(out - inp if self.run.target == "residual" else out, self._position())
 
