@@ -17,7 +17,11 @@ if TYPE_CHECKING:
 # Transformer class name -> the module whose import registers its adapter. Looked up by name and
 # imported on demand, so this contract imports no family (and no family imports it back in a
 # circle), and a diffusers without one family's class still serves the others.
-FAMILY_MODULES = {"WanTransformer3DModel": "ditplan.runtime.adapters.wan"}
+FAMILY_MODULES = {
+    "WanTransformer3DModel": "ditplan.runtime.adapters.wan",
+    "FluxTransformer2DModel": "ditplan.runtime.adapters.flux",
+    "QwenImageTransformer2DModel": "ditplan.runtime.adapters.qwenimage",
+}
 
 
 @dataclass(frozen=True)
