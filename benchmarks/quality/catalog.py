@@ -30,7 +30,7 @@ from benchmarks.quality.window import static_window
 FULL_GRID = dict(
     presets=("high", "balanced", "fast"), targets=(1.5, 2.0, 3.0),
     # 3.5x too, so that ditplan's measured curve spans 3x (a 3x plan runs 3.00 +- 1%)
-    calibrated=(1.5, 2.0, 3.0, 3.5), candidates=14, refine=(2, 4),  # (rounds, per round)
+    calibrated=(1.5, 2.0, 3.0, 3.5), candidates=12, refine=(2, 4),  # (rounds, per round)
     cachedit=(0.08, 0.12, 0.24, 0.4),
     ablation_presets=("balanced", "fast"), densities=(0.5, 0.2, 0.1), intervals=(2, 4, 6),
     # the largest settings reach 3x and more, so every family has a point beyond 3x
