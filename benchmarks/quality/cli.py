@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from benchmarks.quality.workload import workload_from
+from benchmarks.quality.workload import LONG_MISSING, SUITES, long_model_dir
 
 PLOT_FILE = "pareto.png"
 TABLE_FILE = "table.md"
@@ -28,14 +28,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="2 captions, 1 seed, 8 x 32 x 32 px, 4 steps, a few settings (CPU)")
     p.add_argument("--device", help="default: cuda when available, else cpu")
-    p.add_argument("--model", default="reference", help="reference or a local pipeline folder")
+    p.add_argument("--workload", choices=sorted(SUITES), default="reference",
+                   help="reference: the reference model at 16 x 48 x 48 px, the full catalog; "
+                        "long: the long-sequence model at 32 x 64 x 64 px (32,768 tokens), issue "
+                        "15's report set (sparse attention alone at densities 0.5/0.2/0.1, ditplan "
+                        "plans with and without sparse attention, RainFusion2.0) and its goals")
+    p.add_argument("--model", help="reference or a local pipeline folder (default: the "
+                                    "workload's model; long: artifacts/models/"
+                                    "ditplan-ref-t2v-long)")
     p.add_argument("--scale", choices=["wan1.3b"],
                    help="after the quality run, also time every method on the Wan2.1-1.3B-shaped "
                         "model (the whole benchmark in one command)")
     p.add_argument("--scale-only", action="store_true",
                    help="with --scale: only the timing at scale, no quality run")
     p.add_argument("--scale-steps", type=int, default=8, help="denoising steps at scale")
-    p.add_argument("--captions", type=int, help="held-out captions (default 32; quick 2)")
+    p.add_argument("--captions", type=int,
+                   help="held-out captions (default 32, long workload 8; quick 2)")
     p.add_argument("--seeds", type=int, nargs="+", help="noise seeds (default 0)")
     for name in ("steps", "frames", "height", "width", "block-size"):
         p.add_argument(f"--{name}", type=int)
@@ -57,26 +65,41 @@ def _configs(args, command: str):
     from benchmarks.quality.harness import QualityConfig
     from benchmarks.quality.scale import ScaleConfig
 
-    workload = workload_from(args.quick, steps=args.steps, frames=args.frames,
-                             height=args.height, width=args.width,
-                             guidance_scale=args.guidance, block_size=args.block_size,
-                             tile=args.tile)
+    suite = SUITES[args.workload]
+    workload = suite.workload_from(args.quick, steps=args.steps, frames=args.frames,
+                                   height=args.height, width=args.width,
+                                   guidance_scale=args.guidance, block_size=args.block_size,
+                                   tile=args.tile)
     seeds = tuple(args.seeds or (0,))
     if len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise ValueError(f"--seeds must be distinct non-negative ints, got {list(seeds)}")
     quality = QualityConfig(
-        out=args.out, workload=workload, model=args.model,
+        out=args.out, workload=workload, model=_model(args),
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-        captions=(2 if args.quick else 32) if args.captions is None else args.captions,
+        captions=(2 if args.quick else suite.captions) if args.captions is None else args.captions,
         seeds=seeds, quick=args.quick, backend=args.backend, methods=tuple(args.methods),
-        command=command)
+        command=command, suite=suite)
     if not 1 <= quality.captions <= 64:
         raise ValueError(f"--captions must be in 1..64 (the held-out set), got {quality.captions}")
+    if args.scale and suite.name != "reference":
+        raise ValueError(f"--scale times the reference workload's methods; the {suite.name} "
+                         "workload is measured at its own size (drop --scale)")
     if args.scale_only and not args.scale:
         raise ValueError("--scale-only needs --scale wan1.3b")
     if args.scale_steps < 1:
         raise ValueError(f"--scale-steps must be >= 1, got {args.scale_steps}")
     return quality, ScaleConfig(quality, args.scale, args.scale_steps) if args.scale else None
+
+
+def _model(args) -> str:
+    """--model, else the workload's model; the long model must have been trained and exported
+    (checked unless only the report is redrawn)."""
+    if args.model is not None or args.workload == "reference":
+        return args.model or "reference"
+    path = long_model_dir()
+    if not args.report_only and not (path / "model_index.json").is_file():
+        raise ValueError(LONG_MISSING.format(path=path))
+    return str(path)
 
 
 def report(out: Path) -> str:

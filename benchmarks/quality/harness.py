@@ -1,5 +1,5 @@
-"""Quality run: held-out captions x seeds on the reference model, dense once, then every method;
-time, speedup, similarity to dense and caption following per method x setting."""
+"""Quality run: held-out captions x seeds on a suite's model, dense once, then every method of its
+catalog; time, speedup, similarity to dense and caption following per method x setting."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ import torch
 
 from benchmarks.quality import caches
 from benchmarks.quality.catalog import CatalogContext, build_methods, select_methods
+from benchmarks.quality.long_catalog import build_long_methods
 from benchmarks.quality.methods import Method, method_row
 from benchmarks.quality.plans import profile_traces
 from benchmarks.quality.results import QUALITY_FILE, ResultStore, environment
-from benchmarks.quality.workload import Workload
+from benchmarks.quality.workload import REFERENCE_SUITE, Suite, Workload
 from ditplan.reference.attributes import (
     SpriteAttributes,
     captions_for,
@@ -36,11 +37,12 @@ CALIBRATION_CAPTIONS = 16  # training-distribution captions --calibrate measures
 BATCHED = "|batched"  # quality rows of batched runs do not mix with older per-sample rows
 TIMED_CALLS = 1  # batched generations timed per method after the warm-up (GPU: ~8 s each)
 CAPTION_KEYS = ("caption_accuracy", "colour_accuracy", "shape_accuracy", "direction_cos_mean")
+CATALOGS = {"reference": build_methods, "long": build_long_methods}  # suite name -> builder
 
 
 @dataclass(frozen=True)
 class QualityConfig:
-    """One quality run: model, device, workload, and which held-out captions x seeds."""
+    """One quality run: suite, model, device, workload, and which held-out captions x seeds."""
 
     out: Path
     workload: Workload
@@ -52,10 +54,12 @@ class QualityConfig:
     backend: str = "auto"
     methods: tuple[str, ...] = ()  # name patterns to run (fnmatch); empty: the whole catalog
     command: str = ""  # recorded in the rows
+    suite: Suite = REFERENCE_SUITE  # the catalog and profile settings; rows record its name
 
     def run_key(self) -> str:
         seeds = ",".join(map(str, self.seeds))
-        return f"{self.model}|{self.workload.key()}|{self.captions}|{seeds}|{self.device}"
+        key = f"{self.model}|{self.workload.key()}|{self.captions}|{seeds}|{self.device}"
+        return key if self.suite.name == REFERENCE_SUITE.name else f"{key}|{self.suite.name}"
 
 
 @dataclass(frozen=True)
@@ -149,11 +153,12 @@ def run_quality(config: QualityConfig) -> list[dict]:
     pipe = load_pipeline(config.model, device=config.device)
     pipe.set_progress_bar_config(disable=True)
     samples, attributes = held_out_samples(config.captions, config.seeds)
-    methods = select_methods(build_methods(catalog_context(pipe, config), config.quick),
-                             config.methods)
+    build = CATALOGS[config.suite.name]
+    methods = select_methods(build(catalog_context(pipe, config), config.quick), config.methods)
     store = ResultStore(config.out / QUALITY_FILE, config.run_key() + BATCHED)
-    base = {"kind": "quality", "workload": config.workload.as_dict(), "samples": len(samples),
-            "model": config.model, **environment(config.device, config.command)}
+    base = {"kind": "quality", "suite": config.suite.name, "workload": config.workload.as_dict(),
+            "samples": len(samples), "model": config.model,
+            **environment(config.device, config.command)}
     dense = measure(pipe, samples, config)
     dense_s = statistics.median(dense.seconds)
     store.add({**base, "family": "dense", "setting": "baseline", "method": "dense/baseline",
@@ -185,7 +190,8 @@ def catalog_context(pipe, config: QualityConfig, **overrides) -> CatalogContext:
 
     ratios = caches.calibrate_mag_cache(pipe, calibration_run, workload.steps)
     traces = functools.cache(
-        lambda: profile_traces(pipe, workload, config.out / "traces", config.device))
+        lambda: profile_traces(pipe, workload, config.out / "traces", config.device,
+                               **config.suite.profile_settings(workload.steps)))
     setup = CalibrationSetup(
         model=config.model, prompts=calibration_captions(CALIBRATION_CAPTIONS),
         device=config.device, record=config.out / "calibration.jsonl", backend=config.backend,

@@ -26,11 +26,13 @@ PROFILINGDIT_WARMUP_FRACTION = 0.12
 _NEVER = 1e9  # a factor no change curve reaches: disables late-step and per-branch schedules
 
 
-def profile_traces(pipe, workload: Workload, cache_dir: Path, device: str) -> Path:
+def profile_traces(pipe, workload: Workload, cache_dir: Path, device: str,
+                   **settings) -> Path:
     """Profile ``pipe`` at ``workload`` into ``cache_dir/<workload key>`` (resumes a finished part).
 
     Profiling uses the profiler's default training-distribution captions, not the held-out
-    captions the benchmark scores.
+    captions the benchmark scores. ``settings``: further ProfileConfig fields (e.g. mode,
+    attention_steps).
 
     Returns:
         the trace folder.
@@ -43,7 +45,7 @@ def profile_traces(pipe, workload: Workload, cache_dir: Path, device: str) -> Pa
         out=out, steps=workload.steps, frames=workload.frames, height=workload.height,
         width=workload.width, guidance_scale=workload.guidance_scale, device=device,
         dtype=str(pipe.transformer.dtype).removeprefix("torch."), block_size=workload.block_size,
-        tile=workload.tile, progress=False)
+        tile=workload.tile, progress=False, **settings)
     logger.info("profiling into %s", out)
     profile_pipeline(config, pipe=pipe)
     return out

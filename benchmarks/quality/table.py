@@ -1,10 +1,11 @@
 """The markdown table of a run (card, date, versions, command, then one line per method x
-setting), for pasting into BENCHMARKS.md."""
+setting, then the comparisons; for the long workload, issue 15's goals), for BENCHMARKS.md."""
 
 from __future__ import annotations
 
 import re
 
+from benchmarks.quality.goals import goal_lines
 from benchmarks.quality.pareto import (
     CLAIM_MARGIN_DB,
     CLAIM_SPEEDUP,
@@ -111,4 +112,8 @@ def markdown(quality_rows: list[dict], scale_rows: list[dict]) -> str:
     lines += ["", "PSNR at matched speedups (linear between each family's points; below its "
                   "slowest point, that point's PSNR):"]
     lines += [f"- {m}" for m in matched(points(quality_rows))]
+    if quality_rows and quality_rows[0].get("suite") == "long":
+        lines += ["", "Issue 15's goals (equal PSNR: the caching-only plans' points joined "
+                      "linearly; sparse + caching plans ran sparse attention and skipped blocks):"]
+        lines += goal_lines(quality_rows)
     return "\n".join(lines) + "\n"

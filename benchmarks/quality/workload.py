@@ -1,10 +1,11 @@
-"""The benchmark workload (size, steps, guidance, sparsity block and tile) and its presets."""
+"""Benchmark workloads (size, steps, guidance, sparsity block, tile), presets and model suites."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,61 @@ FULL = Workload()
 QUICK = Workload(steps=4, frames=8, height=32, width=32)
 
 
-def workload_from(quick: bool, **overrides) -> Workload:
-    """The preset (QUICK or FULL) with the given fields replaced (None values are ignored)."""
-    given = {k: v for k, v in overrides.items() if v is not None}
-    return replace(QUICK if quick else FULL, **given)
+# The long-sequence model's evaluation workload: 32 x 64 x 64 px = 32,768 tokens (256 blocks of
+# 128), its 32 sampling steps, guidance 4 (reference/config.py LONG, its model card).
+LONG = Workload(frames=32, height=64, width=64)
+
+LONG_MODEL_NAME = "ditplan-ref-t2v-long"
+LONG_MISSING = ("the long model's weights are missing from {path} (no model_index.json): train "
+                "it: tools/train_reference.py --long --out artifacts/runs/long --time-budget-min 8 "
+                "(repeat to step 2,000), then export: tools/train_reference.py --long --out "
+                "artifacts/runs/long --max-steps 0 --export {path}; or pass --model DIR")
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A model and its workloads: the full and ``--quick`` ones, the default number of held-out
+    captions, and how its traces are profiled (ProfileConfig's mode, and how many evenly spaced
+    steps get exact attention statistics; None: every step)."""
+
+    name: str
+    full: Workload
+    quick: Workload
+    captions: int
+    profile_mode: str = "auto"
+    attention_steps: int | None = None
+
+    def workload_from(self, quick: bool, **overrides) -> Workload:
+        """The full or quick workload with the given fields replaced (None values ignored)."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return replace(self.quick if quick else self.full, **given)
+
+    def profile_settings(self, steps: int) -> dict:
+        """ProfileConfig fields beyond the workload for a profile of ``steps`` steps."""
+        if self.attention_steps is None:
+            return {"mode": self.profile_mode}
+        return {"mode": self.profile_mode,
+                "attention_steps": evenly_spaced(steps, self.attention_steps)}
+
+
+def evenly_spaced(steps: int, count: int) -> tuple[int, ...]:
+    """``count`` step indices spread over 0..steps-1, first and last included (fewer when
+    ``steps`` is smaller)."""
+    if count <= 1 or steps == 1:
+        return (0,)
+    return tuple(sorted({round(i * (steps - 1) / (count - 1)) for i in range(count)}))
+
+
+REFERENCE_SUITE = Suite("reference", FULL, QUICK, captions=32)
+# The long model: profiled by sampling (the profiler's clip mode draws the small model's clips),
+# with exact attention statistics at 8 of the steps (each costs ~20 forwards at 32,768 tokens);
+# 8 held-out captions keep the whole grid within about 10 GPU minutes.
+LONG_SUITE = Suite("long", LONG, QUICK, captions=8, profile_mode="sample", attention_steps=8)
+SUITES = {s.name: s for s in (REFERENCE_SUITE, LONG_SUITE)}
+
+
+def long_model_dir() -> Path:
+    """Where the long model is shipped: beside the reference model, under ditplan.artifacts."""
+    from ditplan.runtime.loading import reference_model_dir
+
+    return reference_model_dir().parent / LONG_MODEL_NAME

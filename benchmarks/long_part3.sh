@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Issue 15 part 3 on one GPU: export the long model if needed, evaluate it, measure its attention
+# concentration, run the quality benchmark's long workload; resumable within a time budget.
+#
+#   . benchmarks/gpu_env.sh && bash benchmarks/long_part3.sh "$OUT"
+#
+# Work happens in $LONG_PART3_WORK (default out/long_part3, git-ignored, kept on a warm machine):
+# a stage already finished there is skipped, the benchmark resumes its rows. Each call stops
+# its stages at $LONG_PART3_BUDGET_S seconds (default 540) and copies the results (7 files)
+# into RESULTS; it prints "part 3 done" once every stage has finished, else run it again.
+set -uo pipefail
+
+RESULTS=${1:?usage: benchmarks/long_part3.sh RESULTS_DIR}
+WORK=${LONG_PART3_WORK:-out/long_part3}
+BUDGET_S=${LONG_PART3_BUDGET_S:-540}
+MODEL=artifacts/models/ditplan-ref-t2v-long
+RUN=artifacts/runs/long
+DEADLINE=$((SECONDS + BUDGET_S))
+export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+mkdir -p "$WORK" "$RESULTS"
+exec > >(tee -a "$WORK/part3.log") 2>&1
+
+# Runs "$@" with the seconds left (SIGINT first: the benchmark keeps the rows it finished).
+stage() {
+    local left=$((DEADLINE - SECONDS))
+    if ((left < 30)); then
+        echo "== out of budget before: $*"
+        return 1
+    fi
+    echo "== $(date +%T) ($left s left): $*"
+    timeout -k 20 -s INT "$left" "$@"
+}
+
+finish() {
+    python3 -m benchmarks.quality --workload long --out "$WORK/quality" --report-only \
+        > /dev/null 2>&1 || true
+    for file in quality/table.md quality/quality.jsonl quality/pareto.png eval/eval_results.json \
+            eval/sample_grid.png attention_concentration.json part3.log; do
+        [[ -f "$WORK/$file" ]] && cp "$WORK/$file" "$RESULTS/"
+    done
+    echo "$1"
+    exit "$2"
+}
+
+if [[ ! -f "$MODEL/model_index.json" ]]; then
+    [[ -f "$RUN/checkpoint/state.json" ]] || finish "no weights in $MODEL and no $RUN/checkpoint: \
+train it: python tools/train_reference.py --long --out $RUN --time-budget-min 8 (carry $RUN)" 1
+    read -r step total < <(python3 -c "import json; s = json.load(open('$RUN/checkpoint/state.json'))
+print(s['step'], s['config']['total_steps'])")
+    if ((step < total)) && [[ -z ${LONG_PART3_ALLOW_PARTIAL:-} ]]; then
+        finish "$RUN/checkpoint is at step $step of $total: train on (or set \
+LONG_PART3_ALLOW_PARTIAL=1 to measure these weights)" 1
+    fi
+    stage python3 tools/train_reference.py --long --out "$RUN" --max-steps 0 --export "$MODEL" \
+        || finish "export failed" 1
+fi
+
+if [[ ! -f "$WORK/eval/eval_results.json" ]]; then
+    stage python3 tools/eval_reference.py --model "$MODEL" --out "$WORK/eval" --preset long \
+        --guidance 4 \
+        || finish "evaluation not finished: run again" 1
+fi
+
+if [[ ! -f "$WORK/attention_concentration.json" ]]; then
+    # sample mode: the profiler's clip mode draws the small model's clips; no sink, so the
+    # numbers are the pure top-block shares (as the shipped model's card)
+    stage python3 -m ditplan.runtime.cli profile --model "$MODEL" --out "$WORK/concentration" \
+        --no-sink --mode sample --frames 32 --height 64 --width 64 --steps 32 --seeds 0 \
+        || finish "concentration profile not finished: run again" 1
+    python3 tools/attention_concentration.py "$WORK/concentration" \
+        --json "$WORK/attention_concentration.json" || finish "concentration failed" 1
+fi
+
+stage python3 -m benchmarks.quality --workload long --out "$WORK/quality" \
+    || finish "benchmark not finished: run again (finished rows are kept)" 1
+finish "part 3 done" 0

@@ -1,0 +1,100 @@
+"""Issue 15's goals for the long workload, judged from a run's rows: met, missed or not measured."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from benchmarks.quality.sparse_layers import FAMILY as SPARSE_ONLY
+
+GOAL_DENSITY = 0.2  # 80% sparsity
+MIN_COSINE = 0.98
+MIN_PSNR_DB = 30.0
+MIN_CACHING_GAIN = 1.3  # sparse + caching vs the best caching-only plan, at equal PSNR
+SPARSE_AND_CACHING = "ditplan"
+CACHING_ONLY = "ditplan-cache-only"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One goal: met (True), missed (False) or not measured (None), with the numbers."""
+
+    goal: str
+    met: bool | None
+    detail: str
+
+    def line(self) -> str:
+        state = "not measured" if self.met is None else "met" if self.met else "missed"
+        return f"- {self.goal}: **{state}**: {self.detail}"
+
+
+def sparse_quality(rows: list[dict]) -> Verdict:
+    """Sparse attention alone at GOAL_DENSITY in the compiler's layers: cosine and PSNR."""
+    goal = (f"density {GOAL_DENSITY:g} in the layers the compiler chooses: cosine to dense >= "
+            f"{MIN_COSINE:g} and PSNR >= {MIN_PSNR_DB:g} dB")
+    row = next((r for r in rows if r["family"] == SPARSE_ONLY
+                and (r.get("params") or {}).get("density") == GOAL_DENSITY), None)
+    if row is None:
+        return Verdict(goal, None, f"no {SPARSE_ONLY}/d={GOAL_DENSITY:g} row")
+    if row["status"] != "ok":
+        return Verdict(goal, None, f"{row['method']}: {row['status']}: {row.get('reason')}")
+    cosine, psnr = row["cosine_mean"], _psnr(row)
+    layers = (row.get("stats") or {}).get("sparse_layers", [])
+    detail = (f"{row['method']}: cosine {cosine:.4f}, PSNR {psnr:.2f} dB, {row['speedup']:.2f}x "
+              f"(sparse layers: {', '.join(layers) or 'none recorded'})")
+    return Verdict(goal, cosine >= MIN_COSINE and psnr >= MIN_PSNR_DB, detail)
+
+
+def _psnr(row: dict) -> float:
+    """Mean PSNR over the clips that differ; inf when every clip equals dense."""
+    return math.inf if row["psnr_db_mean"] is None else row["psnr_db_mean"]
+
+
+def caching_speedup_at(curve: list[tuple[float, float]], psnr: float) -> float | None:
+    """The fastest the caching-only curve runs at PSNR >= ``psnr``: its measured points
+    (speedup, PSNR) joined linearly in speedup order; None outside the PSNRs it spans."""
+    if not curve or not min(p for _, p in curve) <= psnr <= max(p for _, p in curve):
+        return None
+    points = sorted(curve)
+    best = max(x for x, p in points if p >= psnr)
+    for (x0, p0), (x1, p1) in zip(points, points[1:], strict=False):
+        if min(p0, p1) <= psnr <= max(p0, p1) and p0 != p1:
+            best = max(best, x0 + (x1 - x0) * (p0 - psnr) / (p0 - p1))
+    return best
+
+
+def caching_gain(rows: list[dict]) -> Verdict:
+    """The best speed ratio of a plan with sparse attention and caching over the caching-only
+    curve at the plan's PSNR (only plans inside the PSNRs that curve spans are compared)."""
+    goal = (f"sparse attention + caching >= {MIN_CACHING_GAIN:g}x faster than the best "
+            "caching-only plan at equal PSNR")
+    ok = [r for r in rows if r["status"] == "ok" and r["psnr_db_mean"] is not None]
+    curve = [(r["speedup"], r["psnr_db_mean"]) for r in ok if r["family"] == CACHING_ONLY]
+    plans = [r for r in ok if r["family"] == SPARSE_AND_CACHING and _sparse_and_cached(r)]
+    if not curve or not plans:
+        return Verdict(goal, None, f"{len(curve)} caching-only and {len(plans)} sparse + "
+                                   "caching plans measured (need both)")
+    compared = [(r, base) for r in plans
+                if (base := caching_speedup_at(curve, r["psnr_db_mean"])) is not None]
+    if not compared:
+        span = f"{min(p for _, p in curve):.2f}-{max(p for _, p in curve):.2f} dB"
+        return Verdict(goal, None, f"no sparse + caching plan's PSNR lies in the caching-only "
+                                   f"curve's {span}")
+    row, base = max(compared, key=lambda c: c[0]["speedup"] / c[1])
+    gain = row["speedup"] / base
+    detail = (f"{row['method']}: {row['speedup']:.2f}x at {row['psnr_db_mean']:.2f} dB; caching "
+              f"only reaches that PSNR at {base:.2f}x: {gain:.2f}x faster "
+              f"({len(compared)} of {len(plans)} sparse + caching plans compared)")
+    return Verdict(goal, gain >= MIN_CACHING_GAIN, detail)
+
+
+def _sparse_and_cached(row: dict) -> bool:
+    """The plan ran some attention sparse and skipped some block evaluations."""
+    stats = row.get("stats") or {}
+    return (stats.get("attention_density", 1.0) < 1.0
+            and stats.get("blocks_skipped_share", 0.0) > 0.0)
+
+
+def goal_lines(rows: list[dict]) -> list[str]:
+    """Both goals as markdown lines."""
+    return [sparse_quality(rows).line(), caching_gain(rows).line()]

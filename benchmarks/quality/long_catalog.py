@@ -1,0 +1,44 @@
+"""The long workload's methods (issue 15 part 3), full grid or the ``--quick`` subset."""
+
+from __future__ import annotations
+
+import functools
+
+from benchmarks.quality.catalog import CatalogContext
+from benchmarks.quality.methods import RAINFUSION_DENSITY, Method, dense_repeat, rainfusion
+from benchmarks.quality.plans import plan_method
+from benchmarks.quality.sparse_layers import choose_layers, sparse_layers_method
+
+LONG_GRID = dict(
+    densities=(0.5, 0.2, 0.1),  # sparse attention alone, in the layers the compiler chooses
+    # ditplan plans with sparse attention + caching, and the same without sparse attention: two
+    # curves over about 1.2-3x, so that they can be compared at equal PSNR
+    presets=("high", "balanced", "fast"), targets=(1.5, 2.0, 3.0),
+)
+LONG_QUICK_GRID = dict(densities=(0.2,), presets=("fast",), targets=(1.5,))
+
+
+def build_long_methods(ctx: CatalogContext, quick: bool) -> list[Method]:
+    """dense repeat, sparse attention alone at each density, RainFusion2.0 as published, then
+    ditplan's plans with sparse attention and caching, then with caching only."""
+    grid = LONG_QUICK_GRID if quick else LONG_GRID
+    choice = functools.cache(lambda: choose_layers(ctx.trace_dir()))
+    sparse = [sparse_layers_method(d, ctx.trace_dir, choice, backend=ctx.backend)
+              for d in grid["densities"]]
+    published = rainfusion(RAINFUSION_DENSITY, steps=ctx.steps, block_size=ctx.block_size,
+                           tile=ctx.tile, backend=ctx.backend)
+    return [dense_repeat(), *sparse, published, *_plans(ctx, grid, "ditplan", {}),
+            *_plans(ctx, grid, "ditplan-cache-only", {"fixed_density": 1.0})]
+
+
+def _plans(ctx: CatalogContext, grid: dict, family: str, forced: dict) -> list[Method]:
+    """The presets, then the speed targets (compiled from "balanced"), with ``forced``
+    compiler settings."""
+    common = dict(backend=ctx.backend, adapt=ctx.adapt)
+    methods = [plan_method(family, p, ctx.trace_dir, p, overrides=lambda: dict(forced),
+                           params=dict(forced), **common) for p in grid["presets"]]
+    methods += [plan_method(family, f"target={t:g}x", ctx.trace_dir, "balanced",
+                            overrides=lambda t=t: {**forced, "target_speedup": t},
+                            params=dict(target_speedup=t, **forced), **common)
+                for t in grid["targets"]]
+    return methods

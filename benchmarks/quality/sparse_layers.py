@@ -1,0 +1,66 @@
+"""Sparse attention alone at one density, in the layers ditplan's compiler makes sparse."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.quality.methods import Installed, Method, NotApplicable
+from ditplan.policy.compiler import compile_policy
+from ditplan.policy.config import CompilerConfig, CompilerError
+from ditplan.runtime.apply import apply_plan
+
+LAYER_CHOOSER = "balanced"  # the preset whose sparse-only plan picks the layers
+FAMILY = "ditplan-sparse-only"
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """Every block of the model in order, and those a sparse-only plan runs sparse."""
+
+    blocks: tuple[str, ...]
+    sparse: tuple[str, ...]
+
+    def densities(self, density: float) -> dict[str, float]:
+        """Per-block densities: ``density`` in the chosen blocks, dense (1.0) elsewhere."""
+        return {b: density if b in self.sparse else 1.0 for b in self.blocks}
+
+
+def choose_layers(trace_dir: Path, preset: str = LAYER_CHOOSER) -> LayerChoice:
+    """The blocks a sparse-only plan of ``preset`` (no caching) gives sparse attention."""
+    plan = compile_policy(trace_dir, CompilerConfig.from_name(preset, caching=False))
+    sparse = tuple(b for b, layer in plan.layers.items() if not layer.attention.is_dense)
+    return LayerChoice(tuple(plan.layers), sparse)
+
+
+def sparse_layers_method(density: float, trace_dir: Callable[[], Path],
+                         choice: Callable[[], LayerChoice], *, backend: str) -> Method:
+    """A no-caching plan with ``density`` in ``choice()``'s sparse blocks and the compiler's dense
+    warm-up steps; the other blocks stay dense.
+
+    ``choice`` is shared by the densities of one run (compiled once, on first install).
+    """
+
+    def install(pipe) -> Installed:
+        try:
+            chosen = choice()
+            if not chosen.sparse:
+                raise NotApplicable(f"the compiler's sparse-only {LAYER_CHOOSER} plan keeps "
+                                    "every layer dense at this workload (the traces support no "
+                                    "sparsity)")
+            config = CompilerConfig.from_name(LAYER_CHOOSER, caching=False,
+                                              densities=chosen.densities(density))
+            plan = compile_policy(trace_dir(), config)
+        except CompilerError as error:
+            raise NotApplicable(str(error)) from error
+        handle = apply_plan(pipe, plan, backend=backend)
+        recorded = {"sparse_layers": list(chosen.sparse),
+                    "predicted_speedup": plan.provenance.predicted_speedup}
+        return Installed(undo=handle.remove, stats=lambda: {**handle.stats(), **recorded},
+                         reset=handle.reset)
+
+    params = {"density": density, "layers_from": f"{LAYER_CHOOSER}, caching off"}
+    return Method(FAMILY, f"d={density:g}", install, params,
+                  notes=f"density {density:g} in the layers a sparse-only {LAYER_CHOOSER} plan "
+                        "makes sparse, the others dense; no caching")

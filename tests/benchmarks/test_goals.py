@@ -1,0 +1,98 @@
+"""Issue 15's goals judged from hand-made rows, the long suite's profile steps, the layer choice."""
+
+import math
+
+import pytest
+
+from benchmarks.quality.goals import caching_gain, caching_speedup_at, goal_lines, sparse_quality
+from benchmarks.quality.sparse_layers import LayerChoice
+from benchmarks.quality.workload import LONG_SUITE, REFERENCE_SUITE, evenly_spaced
+
+
+def row(method, speedup, psnr, *, cosine=0.99, density=1.0, skipped=0.0, params=None,
+        status="ok", layers=()):
+    family, setting = method.split("/")
+    stats = {"attention_density": density, "blocks_skipped_share": skipped}
+    if layers:
+        stats["sparse_layers"] = list(layers)
+    return {"method": method, "family": family, "setting": setting, "status": status,
+            "reason": None if status == "ok" else "why", "speedup": speedup,
+            "psnr_db_mean": psnr, "cosine_mean": cosine, "params": params or {}, "stats": stats}
+
+
+CACHE_ONLY = [row("ditplan-cache-only/high", 1.2, 36.0, skipped=0.2),
+              row("ditplan-cache-only/balanced", 1.6, 32.0, skipped=0.4),
+              row("ditplan-cache-only/fast", 2.0, 28.0, skipped=0.5)]
+
+
+def test_caching_speedup_at_joins_the_points_linearly_within_their_psnrs():
+    curve = [(r["speedup"], r["psnr_db_mean"]) for r in CACHE_ONLY]
+    assert caching_speedup_at(curve, 34.0) == pytest.approx(1.4)
+    assert caching_speedup_at(curve, 32.0) == pytest.approx(1.6)
+    assert caching_speedup_at(curve, 28.0) == pytest.approx(2.0)
+    assert caching_speedup_at(curve, 37.0) is None and caching_speedup_at(curve, 27.0) is None
+    # a non-monotone curve: the fastest speed at which some stretch stays >= the PSNR
+    assert caching_speedup_at([(1.2, 30.0), (1.5, 34.0), (2.0, 29.0)], 30.0) == pytest.approx(1.9)
+
+
+def test_caching_gain_met_missed_and_not_measured():
+    fast = row("ditplan/target=2x", 1.96, 34.0, density=0.3, skipped=0.4)  # cache-only: 1.4x
+    verdict = caching_gain([*CACHE_ONLY, fast])
+    assert verdict.met is True
+    assert verdict.detail == ("ditplan/target=2x: 1.96x at 34.00 dB; caching only reaches that "
+                              "PSNR at 1.40x: 1.40x faster (1 of 1 sparse + caching plans "
+                              "compared)")
+    slow = row("ditplan/high", 1.5, 34.0, density=0.3, skipped=0.3)  # 1.5 / 1.4 = 1.07x
+    assert caching_gain([*CACHE_ONLY, slow]).met is False
+    assert "1.07x faster" in caching_gain([*CACHE_ONLY, slow]).detail
+    # the best ratio counts; a plan outside the caching-only PSNRs is not compared
+    outside = row("ditplan/fast", 5.0, 40.0, density=0.3, skipped=0.5)
+    both = caching_gain([*CACHE_ONLY, slow, fast, outside])
+    assert both.met is True and "(2 of 3 sparse + caching plans compared)" in both.detail
+    assert caching_gain([*CACHE_ONLY, outside]).met is None
+    # a ditplan plan that ran dense attention is caching only: nothing to compare
+    dense_attention = row("ditplan/balanced", 1.96, 34.0, density=1.0, skipped=0.4)
+    verdict = caching_gain([*CACHE_ONLY, dense_attention])
+    assert verdict.met is None and "0 sparse + caching plans" in verdict.detail
+
+
+def test_sparse_quality_reads_the_density_goal_row():
+    def sparse(psnr, cosine, status="ok"):
+        return row("ditplan-sparse-only/d=0.2", 1.4, psnr, cosine=cosine, density=0.3,
+                   params={"density": 0.2}, status=status, layers=("blocks.2", "blocks.5"))
+
+    others = [row("ditplan-sparse-only/d=0.5", 1.1, 45.0, params={"density": 0.5})]
+    met = sparse_quality([*others, sparse(31.0, 0.985)])
+    assert met.met is True
+    assert met.detail == ("ditplan-sparse-only/d=0.2: cosine 0.9850, PSNR 31.00 dB, 1.40x "
+                          "(sparse layers: blocks.2, blocks.5)")
+    assert sparse_quality([sparse(29.9, 0.99)]).met is False
+    assert sparse_quality([sparse(35.0, 0.97)]).met is False
+    assert sparse_quality([sparse(None, 1.0)]).met is True  # every clip identical: PSNR inf
+    assert sparse_quality(others).met is None
+    failed = sparse_quality([sparse(None, None, status="not_applicable")])
+    assert failed.met is None and "not_applicable: why" in failed.detail
+
+
+def test_goal_lines_say_met_missed_or_not_measured():
+    lines = goal_lines([*CACHE_ONLY])
+    assert len(lines) == 2 and all("**not measured**" in line for line in lines)
+    assert lines[0].startswith("- density 0.2 in the layers the compiler chooses: cosine to "
+                               "dense >= 0.98 and PSNR >= 30 dB")
+
+
+def test_profile_steps_of_the_suites():
+    assert evenly_spaced(32, 8) == (0, 4, 9, 13, 18, 22, 27, 31)
+    assert evenly_spaced(4, 8) == (0, 1, 2, 3) and evenly_spaced(5, 1) == (0,)
+    assert LONG_SUITE.profile_settings(32) == {"mode": "sample",
+                                               "attention_steps": evenly_spaced(32, 8)}
+    assert REFERENCE_SUITE.profile_settings(32) == {"mode": "auto"}  # as before the suites
+    long = LONG_SUITE.full
+    assert (long.frames, long.height, long.width, long.steps) == (32, 64, 64, 32)
+    assert long.guidance_scale == 4.0
+    assert math.prod((long.frames, long.height // 2, long.width // 2)) == 32_768
+
+
+def test_layer_choice_densities():
+    choice = LayerChoice(("blocks.0", "blocks.1", "blocks.2"), ("blocks.1",))
+    assert choice.densities(0.1) == {"blocks.0": 1.0, "blocks.1": 0.1, "blocks.2": 1.0}

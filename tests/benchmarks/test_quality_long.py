@@ -1,0 +1,113 @@
+"""``python -m benchmarks.quality --workload long --quick`` end to end on a tiny stand-in of the
+long model whose attention is local, so the compiler chooses sparse layers (CPU, seconds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.quality import cli
+from benchmarks.quality.results import read_rows
+from ditplan.profiler.config import DEFAULT_PROMPTS
+from ditplan.reference.attributes import captions_for, heldout_attributes
+
+# 4 frames x 16 x 16 px -> 4 x 8 x 8 tokens = 4 blocks of 64 (one frame each); 4 steps with CFG.
+WORKLOAD = ["--frames", "4", "--height", "16", "--width", "16", "--block-size", "64"]
+METHODS = ["dense/baseline", "dense/repeat", "ditplan-sparse-only/d=0.2", "rainfusion2/d=0.2",
+           "ditplan/fast", "ditplan/target=1.5x", "ditplan-cache-only/fast",
+           "ditplan-cache-only/target=1.5x"]
+VERDICTS = ("**met**", "**missed**", "**not measured**")
+
+
+def local_attention_pipeline(folder: Path) -> Path:
+    """The tiny reference pipeline (the long preset's architecture family at the smoke size) with
+    every self-attention's queries and keys one constant vector: with RoPE, each token then
+    attends to its neighbours, which block-sparse attention can keep."""
+    from tests.factories import tiny_reference_pipeline
+
+    pipe = tiny_reference_pipeline()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for block in pipe.transformer.blocks:
+            attn = block.attn1
+            constant = torch.randn(attn.to_q.out_features, generator=generator)
+            for proj, norm in ((attn.to_q, attn.norm_q), (attn.to_k, attn.norm_k)):
+                proj.weight.zero_()
+                proj.bias.copy_(constant)
+                norm.weight.fill_(3.0)  # sharper softmax: most mass on the nearest tokens
+    path = folder / "tiny-long"
+    pipe.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def args(tmp_path_factory):
+    model = local_attention_pipeline(tmp_path_factory.mktemp("model"))
+    out = tmp_path_factory.mktemp("bench") / "out"
+    return ["--out", str(out), "--workload", "long", "--quick", "--model", str(model),
+            "--device", "cpu", *WORKLOAD, "--log-level", "WARNING"]
+
+
+@pytest.fixture(scope="module")
+def out(args):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads cost more than they give (2.5x when busy)
+    try:
+        assert cli.main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return Path(args[1])
+
+
+def test_the_part3_set_ran_in_catalog_order(out):
+    rows = read_rows(out / "quality.jsonl")
+    assert [r["method"] for r in rows] == METHODS
+    assert all(r["status"] == "ok" and r["suite"] == "long" for r in rows), rows
+    by_method = {r["method"]: r for r in rows}
+    sparse = by_method["ditplan-sparse-only/d=0.2"]
+    assert sparse["stats"]["sparse_layers"] and sparse["stats"]["attention_density"] < 1.0
+    assert sparse["stats"]["blocks_skipped_share"] == 0.0  # sparse attention alone
+    for name in ("ditplan-cache-only/fast", "ditplan-cache-only/target=1.5x"):
+        stats = by_method[name]["stats"]
+        assert stats["attention_density"] == 1.0 and stats["blocks_skipped_share"] > 0.0
+        assert by_method[name]["params"]["fixed_density"] == 1.0
+    assert by_method["rainfusion2/d=0.2"]["params"]["sink"] is True
+
+
+def test_plans_come_from_sampled_traces_of_training_captions(out):
+    (manifest,) = (out / "traces").glob("*/manifest.json")
+    arguments = json.loads(manifest.read_text())["arguments"]
+    assert arguments["mode"] == "sample" and arguments["attention_steps"] == [0, 1, 2, 3]
+    assert tuple(arguments["prompts"]) == DEFAULT_PROMPTS
+    assert not set(arguments["prompts"]) & set(captions_for(heldout_attributes()))
+
+
+def test_table_states_the_goals(out):
+    table = (out / "table.md").read_text()
+    lines = table.split("Issue 15's goals")[1].strip().splitlines()[1:]
+    assert len(lines) == 2 and all(any(v in line for v in VERDICTS) for line in lines)
+    assert "ditplan-sparse-only/d=0.2: cosine" in lines[0] and "sparse layers: blocks." in lines[0]
+
+
+def test_missing_long_model_is_refused_before_anything_is_written(out, monkeypatch, tmp_path,
+                                                                   capsys):
+    monkeypatch.setattr(cli, "long_model_dir", lambda: tmp_path / "untrained")
+    never = tmp_path / "never"
+    for extra in ([], ["--scale", "wan1.3b"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["--out", str(never), "--workload", "long", "--device", "cpu", *extra])
+        assert exit_info.value.code == 2
+    assert "train it: tools/train_reference.py --long" in capsys.readouterr().err
+    assert not never.exists()
+    # the report needs only the rows
+    assert cli.main(["--out", str(out), "--workload", "long", "--report-only"]) == 0
+
+
+def test_scale_is_refused_for_the_long_workload(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*args, "--scale", "wan1.3b"])
+    assert exit_info.value.code == 2
+    assert "the long workload is measured at its own size" in capsys.readouterr().err
