@@ -216,3 +216,33 @@ def test_candidates_timed_near_the_target_are_timed_again(traces):
     with pytest.raises(CompilerError, match="no calibrated candidate reaches 1.50x"):
         compile_policy(traces, config, calibrate=noisy)
     assert len(retimed) >= 4  # every candidate read within 3% of the target
+
+
+def test_only_contenders_near_the_target_are_timed_again():
+    from ditplan.policy.compiler import retime_boundary
+
+    measured = [_measured(1.52, 41.0), _measured(1.51, 39.0), _measured(1.60, 40.0),
+                _measured(1.30, 45.0)]
+    asked = []
+
+    def again(plans, repeats=None):
+        asked.extend(plans)
+        return [_measured(1.49, 41.0) for _ in plans]
+
+    config = CompilerConfig.from_name("balanced", target_speedup=1.5)
+    out = retime_boundary(["a", "b", "c", "d"], measured, again, config)
+    assert asked == ["a"]  # b keeps less than c, which is clear of the band; d is far below
+    assert out[0].speedup == 1.49 and out[1:] == measured[1:]
+
+
+def test_newton_extrapolation_is_searched_only_when_asked(traces):
+    from ditplan.policy.load_profile import load_profile
+    from ditplan.policy.search import run_choices
+
+    profile = load_profile(traces)
+    plain = run_choices(profile, 2)
+    both = run_choices(profile, 2, newton=True)
+    assert {c.extrapolation for c in plain} == {"taylor"}
+    newton = [c for c in both if c.extrapolation == "newton"]
+    assert newton and all(c.order == 2 and "forecast2-newton" in c.label for c in newton)
+    assert len(both) == len(plain) + len(newton)
