@@ -12,6 +12,8 @@ Definitions (token counts S, block size bs, Qb = Kb = ceil(S / bs)):
 - received[b, h, s] = mean over all query tokens t of A[b, h, t, s]: ProfilingDiT's aggregated
   score ā_s (arXiv 2504.03140, Eq. 5, the column mean); it sums to 1 over s.
 - entropy[b, h] = mean over query rows of -sum_s A log A, divided by ln(S) (in [0, 1]).
+With key padding (``key_valid``, int [B]) A is the model's attention: keys at positions
+>= key_valid[b] get no mass (padded text, design D7); queries are all S tokens.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ditplan.runtime.kernels.block_map import ForcedBlocks, block_mean_scores, select_blocks
-from ditplan.runtime.kernels.reference import expand_block_map
+from ditplan.runtime.kernels.reference import expand_block_map, key_padding_mask
 from ditplan.runtime.kernels.registry import check_block_size, num_blocks
 
 DEFAULT_TILE_BYTES = 1 << 30  # one [B, H, tile_rows, S] float32 buffer; two are alive at a time
@@ -87,7 +89,7 @@ def _row_entropy_sum(probs: torch.Tensor, log_probs: torch.Tensor) -> torch.Tens
 
 def attention_summary(
     q: torch.Tensor, k: torch.Tensor, *, block_size: int = 128, scale: float | None = None,
-    tile_rows: int | None = None,
+    tile_rows: int | None = None, key_valid: torch.Tensor | None = None,
 ) -> AttentionSummary:
     """Exact softmax-attention reductions computed in tiles of query rows (memory O(tile x S)).
 
@@ -96,6 +98,7 @@ def attention_summary(
         block_size: 64 or 128 (the runtime's unit of sparsity).
         scale: softmax scale; 1/sqrt(D) when None.
         tile_rows: query rows per tile (rounded to a multiple of block_size); by memory if None.
+        key_valid: int [B] valid keys (the rest padding, never attended), or None.
 
     Returns:
         AttentionSummary with block_mass [B, H, Qb, Kb], entropy [B, H], received [B, H, S].
@@ -111,10 +114,15 @@ def attention_summary(
     block_sums = q.new_zeros((batch, heads, nb, nb), dtype=dtype)
     received = q.new_zeros((batch, heads, seq_len), dtype=dtype)
     entropy = q.new_zeros((batch, heads), dtype=dtype)
+    padding = None if key_valid is None else ~key_padding_mask(key_valid, seq_len)  # [B,1,1,S]
     for start in range(0, seq_len, rows):
         logits = (q[:, :, start : start + rows].to(dtype) @ k_t) * scale  # [B, H, T, S]
+        if padding is not None:
+            logits.masked_fill_(padding, -math.inf)
         log_probs = logits.sub_(logits.logsumexp(-1, keepdim=True))  # in place: [B, H, T, S]
         probs = log_probs.exp()  # [B, H, T, S]
+        if padding is not None:
+            log_probs.masked_fill_(padding, 0.0)  # p log p = 0 where p = 0 (not 0 * -inf)
         entropy += _row_entropy_sum(probs, log_probs)
         del log_probs
         received += probs.sum(-2)
@@ -141,18 +149,23 @@ def query_block_sizes(seq_len: int, block_size: int, device=None) -> torch.Tenso
     return torch.clamp(seq_len - starts, max=block_size)
 
 
-def attention_probs_reference(q: torch.Tensor, k: torch.Tensor, scale: float | None = None):
+def attention_probs_reference(q: torch.Tensor, k: torch.Tensor, scale: float | None = None,
+                              key_valid: torch.Tensor | None = None):
     """The full attention matrix A in float64: [B, H, S, S] (test oracle; memory S x S)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return torch.softmax(q.double() @ k.double().transpose(-1, -2) * scale, dim=-1)
+    logits = q.double() @ k.double().transpose(-1, -2) * scale  # [B, H, S, S]
+    if key_valid is not None:
+        logits = logits.masked_fill(~key_padding_mask(key_valid, q.shape[2]), -math.inf)
+    return torch.softmax(logits, dim=-1)
 
 
 def attention_summary_reference(
-    q: torch.Tensor, k: torch.Tensor, *, block_size: int = 128, scale: float | None = None
+    q: torch.Tensor, k: torch.Tensor, *, block_size: int = 128, scale: float | None = None,
+    key_valid: torch.Tensor | None = None,
 ) -> AttentionSummary:
     """attention_summary from the full float64 matrix with loops over blocks (test oracle)."""
     _check_qk(q, k, block_size)
-    probs = attention_probs_reference(q, k, scale)  # [B, H, S, S]
+    probs = attention_probs_reference(q, k, scale, key_valid)  # [B, H, S, S]
     seq_len = q.shape[2]
     starts = range(0, seq_len, block_size)
     rows = [

@@ -49,9 +49,6 @@ class _RecordingRun:
             with torch.no_grad():
                 call = self.adapter.attention_call(attn, self.recorder.layout, hidden_states,
                                                    *args)
-                if call.key_valid is not None:
-                    raise NotImplementedError("the profiler does not mask padded text keys: "
-                                              "profile one prompt per call")
                 self.recorder.record_attention(self.block, call)
         return out
 
@@ -188,7 +185,8 @@ class ProfileRecorder:
         q, k, _ = (x.transpose(1, 2) for x in attention.joint())  # [B, H, S, D]
         q, k = q[:, :, call.perm], k[:, :, call.perm]  # tiled order, as the runtime sees them
         summary = metrics.attention_summary(q, k, block_size=settings.block_size,
-                                            tile_rows=settings.tile_rows)
+                                            tile_rows=settings.tile_rows,
+                                            key_valid=attention.key_valid)  # text padding
         curves = metrics.recall_at_densities(q, k, summary, densities=settings.densities,
                                              forced=call.forced)
         fg = metrics.foreground_stats(summary.received, call.foreground, call.video,

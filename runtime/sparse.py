@@ -57,7 +57,7 @@ class LayerRuntime:
 
 
 def sparse_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: LayerRuntime,
-                          heads: slice = slice(None)):
+                          heads: slice = slice(None), key_valid: torch.Tensor | None = None):
     """Block-mean selection then block-sparse attention, with the layer's settings.
 
     Args:
@@ -65,6 +65,8 @@ def sparse_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay
         layer: the layer's runtime settings.
         heads: which of the layer's heads q, k, v hold (a rank's share under Ulysses), for
             per-head densities.
+        key_valid: int [B] valid keys of [video tiles | text] (padded text is its suffix,
+            inside the forced text blocks), or None.
 
     Returns:
         [B, H, S, D] attention output.
@@ -88,6 +90,7 @@ def sparse_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay
         mass_threshold=spec.mass_threshold,
         forced=forced,
         backend=layer.backend,
+        key_valid=key_valid,
     )
     layer.record_sparse(kept)
     return out
@@ -129,10 +132,6 @@ class SparseProcessorBase:
             self.layer.record_dense(hidden_states.device)
             return self.original(attn, hidden_states, *args)
         call = self.adapter.attention_call(attn, self.layer.permuter.layout, hidden_states, *args)
-        if call.key_valid is not None:
-            raise NotImplementedError(f"{self.layer.name}: the sparse kernels do not take key "
-                                      "padding (key_valid) yet: call with prompts whose text "
-                                      "lengths agree (no text mask), e.g. one prompt per call")
         q, k, v = call.joint()  # [B, S, H, D]; S: this rank's tokens under Ulysses
         if is_ulysses(self._config):
             if call.q_t is not None:
@@ -140,13 +139,14 @@ class SparseProcessorBase:
                                           "context parallelism is not supported yet")
             out = ulysses_attention(q, k, v, self._config, self._attend)  # [B, S, H, D]
         else:
-            out = self._attend(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
+            q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, S, D]
+            out = self._attend(q, k, v, key_valid=call.key_valid).transpose(1, 2)
         return self.adapter.attention_return(attn, call, *call.split(out))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                heads: slice = slice(None)) -> torch.Tensor:
+                heads: slice = slice(None), key_valid: torch.Tensor | None = None) -> torch.Tensor:
         """The sparse op on [B, h, S, D] for the layer's heads ``heads``."""
-        return sparse_self_attention(q, k, v, self.layer, heads)
+        return sparse_self_attention(q, k, v, self.layer, heads, key_valid)
 
 
 def resolve_layer_specs(

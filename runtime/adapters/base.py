@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 FAMILY_MODULES = {
     "WanTransformer3DModel": "ditplan.runtime.adapters.wan",
     "FluxTransformer2DModel": "ditplan.runtime.adapters.flux",
+    "HunyuanVideoTransformer3DModel": "ditplan.runtime.adapters.hunyuan_video",
     "QwenImageTransformer2DModel": "ditplan.runtime.adapters.qwenimage",
 }
 

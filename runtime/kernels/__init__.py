@@ -23,7 +23,14 @@ from .permute import (
     tile_permutation_reference,
 )
 from .reference import expand_block_map, masked_attention_reference
-from .registry import Backend, check_attention_inputs, check_qkv, num_blocks, resolve_backend
+from .registry import (
+    Backend,
+    check_attention_inputs,
+    check_key_valid,
+    check_qkv,
+    num_blocks,
+    resolve_backend,
+)
 
 __all__ = [
     "Backend",
@@ -48,6 +55,7 @@ __all__ = [
 def block_sparse_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_map: torch.Tensor,
     *, block_size: int = 128, scale: float | None = None, backend: Backend | str = "auto",
+    key_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention computed only on the kept (query block, key block) pairs.
 
@@ -60,36 +68,48 @@ def block_sparse_attention(
         backend: "auto" (fa4 on Hopper with flash-attn-4 installed, else flex on CUDA, else
             torch), "fa4", "flex", "torch" or "dense". A backend unavailable on the device falls
             back (fa4 -> flex -> torch) with one warning.
+        key_valid: int [B], values in [1, S]: keys at positions >= key_valid[b] are padding,
+            never attended (design D7: padded text, a suffix of [video | text]); None: every
+            key is valid. `auto` then skips fa4, which takes no padding (asked for by name it
+            raises).
 
     Returns:
-        [B, H, S, D] in q's dtype; a query row with no kept key gives 0.
+        [B, H, S, D] in q's dtype; a query row with no kept (valid) key gives 0.
 
     Raises:
-        ValueError: bad shapes, dtypes, block size, block map, or an unknown backend name.
+        ValueError: bad shapes, dtypes, block size, block map, key_valid, an unknown backend
+            name, or fa4 with key_valid.
     """
-    check_attention_inputs(q, k, v, block_map, block_size)
-    spec = resolve_backend(backend, q.device)
-    return spec.fn(q, k, v, block_map, block_size=block_size, scale=scale)  # [B, H, S, D]
+    check_attention_inputs(q, k, v, block_map, block_size, key_valid)
+    spec = resolve_backend(backend, q.device, key_padding=key_valid is not None)
+    return spec.fn(q, k, v, block_map, block_size=block_size, scale=scale,
+                   key_valid=key_valid)  # [B, H, S, D]
 
 
 def select_and_attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int,
     density: float | Sequence[float] | None = None, mass_threshold: float | None = None,
     forced: ForcedBlocks | None = None, backend: Backend | str = "auto",
+    key_valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """select_blocks then block_sparse_attention; for fa4 the kept-block lists come straight
     from top-k (no bool map).
 
+    Padding keys (``key_valid``) are masked in the attention only: selection ranks blocks by
+    block means that include them, so they must sit in forced blocks (the adapters' padded
+    text is a suffix of the forced text blocks, design §4.2), which are kept whatever they score.
+
     Args:
         q, k, v: [B, H, S, D], tokens in the order the forced blocks refer to.
         block_size, density, mass_threshold, forced: as in select_blocks.
-        backend: as in block_sparse_attention.
+        backend, key_valid: as in block_sparse_attention.
 
     Returns:
         (out [B, H, S, D], kept): `kept` is a tensor whose mean is the share of block pairs
         computed (the bool map [B, H, Qb, Kb], or per-row shares [B, H, Qb] from the lists).
     """
-    spec = resolve_backend(backend, q.device)
+    check_key_valid(key_valid, q.shape[0], device=q.device)
+    spec = resolve_backend(backend, q.device, key_padding=key_valid is not None)
     if spec.name is Backend.FA4 and fa4.fa4_takes(q, k, v, block_size):
         check_qkv(q, k, v, block_size)
         if density is not None:
@@ -102,4 +122,5 @@ def select_and_attend(
         return out, counts.float() / num_blocks(q.shape[2], block_size)
     block_map = select_blocks(q, k, block_size=block_size, density=density,
                               mass_threshold=mass_threshold, forced=forced)  # [B, H, Qb, Kb]
-    return spec.fn(q, k, v, block_map, block_size=block_size, scale=None), block_map
+    out = spec.fn(q, k, v, block_map, block_size=block_size, scale=None, key_valid=key_valid)
+    return out, block_map  # out: [B, H, S, D]

@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference import expand_block_map
+from .reference import expand_block_map, key_padding_mask
 from .registry import Backend, register_backend
 
 
 @register_backend(Backend.DENSE)
 def dense_block_sparse_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_map: torch.Tensor,
-    *, block_size: int, scale: float | None = None,
+    *, block_size: int, scale: float | None = None, key_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """F.scaled_dot_product_attention with the element mask of `block_map`.
 
@@ -25,10 +25,13 @@ def dense_block_sparse_attention(
         block_map: bool [B|1, H|1, ceil(S/bs), ceil(S/bs)], True = compute.
         block_size: 64 or 128.
         scale: softmax scale; 1/sqrt(D) when None.
+        key_valid: int [B] valid keys per batch element (the rest padding), or None.
 
     Returns:
         [B, H, S, D] in q's dtype.
     """
     seq_len = q.shape[-2]
     mask = expand_block_map(block_map, seq_len, seq_len, block_size)  # [B|1, H|1, S, S]
+    if key_valid is not None:
+        mask = mask & key_padding_mask(key_valid, seq_len)  # [B, H|1, S, S]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

@@ -85,7 +85,7 @@ def fa4_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int
 )
 def fa4_block_sparse_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_map: torch.Tensor,
-    *, block_size: int, scale: float | None = None,
+    *, block_size: int, scale: float | None = None, key_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """FlashAttention-4 over the kept blocks of `block_map` (sm90); flex for calls it can't take.
 
@@ -94,10 +94,15 @@ def fa4_block_sparse_attention(
         block_map: bool [B|1, H|1, ceil(S/bs), ceil(S/bs)], True = compute.
         block_size: 128 for the kernel (64 runs on flex).
         scale: softmax scale; 1/sqrt(D) when None.
+        key_valid: must be None: the kernel masks no padding keys (ValueError otherwise;
+            `auto` resolves such calls to flex).
 
     Returns:
         [B, H, S, D] in q's dtype.
     """
+    if key_valid is not None:
+        raise ValueError("the fa4 backend takes no key padding (key_valid); use backend "
+                         "'auto' or 'flex'")
     if not fa4_takes(q, k, v, block_size):
         return _on_flex(q, k, v, block_map, block_size, scale)
     block_map = block_map.expand(*q.shape[:2], *block_map.shape[2:])  # [B, H, Qb, Kb]

@@ -10,6 +10,12 @@ mask_mod evaluated). This relies on flex's documented partial-block semantics ra
 inductor's internal boundary checks (both were exact on an H100, torch 2.11, 2026-11-26:
 benchmarks/flex_tail_check.py). BlockMask's seq_lengths must equal (S, S).
 
+Key padding (key_valid, int [B]): per batch element b the kept blocks wholly before
+key_valid[b] are FULL, the one holding position key_valid[b] (if not block-aligned) PARTIAL with
+the mask_mod `kv_idx < key_valid[b]`, and the blocks after it are dropped. The mask_mod closes
+over the key_valid tensor: dynamo matches closures by their code, so a new tensor each call
+reuses the compiled kernel (it becomes a kernel input).
+
 Without autograd the call is the custom op `ditplan::flex_block_sparse_attention`, opaque to an
 outer torch.compile of the model: the model's graph does not inline flex (which made compiling
 a 30-layer model with sparse layers take minutes), and flex itself compiles once per shape.
@@ -69,8 +75,17 @@ def _call_compiled(*args, **kwargs):
         return _compiled_flex()(*args, **kwargs)
 
 
+def _keys_valid(key_valid: torch.Tensor):
+    # A new function per call (same code): the compiled kernel takes key_valid as an input.
+    def mask_mod(b, h, q_idx, kv_idx):
+        return kv_idx < key_valid[b]
+
+    return mask_mod
+
+
 def block_mask_from_map(
-    block_map: torch.Tensor, seq_len: int, block_size: int, *, compute_q_blocks: bool = False
+    block_map: torch.Tensor, seq_len: int, block_size: int, *,
+    key_valid: torch.Tensor | None = None, compute_q_blocks: bool = False,
 ) -> BlockMask:
     """BlockMask whose kept blocks are exactly the True entries of `block_map`.
 
@@ -78,13 +93,22 @@ def block_mask_from_map(
         block_map: bool [B|1, H|1, Qb, Kb], True = compute.
         seq_len: S (Qb = Kb = ceil(S / block_size)).
         block_size: tokens per block.
+        key_valid: int [B] valid keys per batch element (the rest padding), or None.
         compute_q_blocks: also build the transposed (q-major) indices; only backward needs them.
 
     Returns:
         BlockMask with seq_lengths (S, S); kv indices full width [B|1, H|1, Qb, Kb] int32 (a
-        narrower tensor ends in a device-side assert). Kept blocks are FULL blocks, except those
-        of a partial last key block, which are PARTIAL blocks masked by `kv_idx < S`.
+        narrower tensor ends in a device-side assert), [B, ...] with key_valid. Kept blocks are
+        FULL blocks, except those of a partial last key block, which are PARTIAL blocks masked
+        by `kv_idx < S`; with key_valid, see the module docstring.
     """
+    if key_valid is not None:
+        limits = key_valid.clamp(max=seq_len).to(torch.int32)  # [B]
+        return BlockMask.from_kv_blocks(
+            *_padded_kv_lists(block_map, limits, block_size), BLOCK_SIZE=block_size,
+            mask_mod=_keys_valid(limits), seq_lengths=(seq_len, seq_len),
+            compute_q_blocks=compute_q_blocks,
+        )
     tail = seq_len % block_size != 0
     if triton_selection_applies(block_map):  # one Triton kernel, twin of _kv_lists
         from . import triton_select
@@ -115,6 +139,23 @@ def _kv_lists(block_map: torch.Tensor, tail: bool):
     return partial_counts, partial_indices, full_counts, full_indices
 
 
+def _padded_kv_lists(block_map: torch.Tensor, limits: torch.Tensor, block_size: int):
+    """_kv_lists under key padding: per batch element b, the kept blocks before limits[b] // bs
+    are full, block limits[b] // bs is partial when limits[b] is not block-aligned, later blocks
+    are dropped. block_map [B|1, H|1, Qb, Kb], limits int32 [B] -> lists [B, H|1, Qb, ...]."""
+    num_key_blocks = block_map.shape[-1]
+    whole = torch.div(limits, block_size, rounding_mode="floor")  # [B] wholly valid blocks
+    columns = torch.arange(num_key_blocks, device=block_map.device)
+    before = (columns < whole[:, None])[:, None, None, :]  # [B, 1, 1, Kb]
+    full_counts, full_indices = lists_from_map(block_map & before)  # [B, H|1, Qb(, Kb)]
+    edge = whole.clamp(max=num_key_blocks - 1).long()  # [B] the block holding limits[b]
+    index = edge[:, None, None, None].expand(*full_indices.shape[:-1], 1)  # [B, H|1, Qb, 1]
+    kept = block_map.expand_as(full_indices).gather(-1, index)[..., 0]  # [B, H|1, Qb]
+    partial_counts = (kept & (limits % block_size != 0)[:, None, None]).to(torch.int32)
+    partial_indices = index.to(torch.int32).expand_as(full_indices).contiguous()  # own buffer
+    return partial_counts, partial_indices, full_counts, full_indices
+
+
 def _kernel_options(block_size: int, head_dim: int, device: torch.device) -> dict | None:
     # Inductor's default tile for bf16 D<=128 on H100 is BLOCK_M=128, which must divide the
     # sparse block size; 64-token blocks need 64x64 tiles. Larger head dims default to <= 64.
@@ -134,7 +175,8 @@ def _kernel_options(block_size: int, head_dim: int, device: torch.device) -> dic
 )
 def flex_block_sparse_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_map: torch.Tensor,
-    *, block_size: int, scale: float | None = None, kernel_options: dict | None = None,
+    *, block_size: int, scale: float | None = None, key_valid: torch.Tensor | None = None,
+    kernel_options: dict | None = None,
 ) -> torch.Tensor:
     """FlexAttention over the kept blocks of `block_map` (CUDA).
 
@@ -143,6 +185,7 @@ def flex_block_sparse_attention(
         block_map: bool [B|1, H|1, ceil(S/bs), ceil(S/bs)], True = compute.
         block_size: 64 or 128.
         scale: softmax scale; 1/sqrt(D) when None.
+        key_valid: int [B] valid keys per batch element (the rest padding), or None.
         kernel_options: flex tile settings instead of the defaults (for tuning sweeps).
 
     Returns:
@@ -151,15 +194,16 @@ def flex_block_sparse_attention(
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                                or v.requires_grad)
     if needs_grad or kernel_options is not None:
-        return _flex(q, k, v, block_map, block_size, scale, compute_q_blocks=needs_grad,
-                     kernel_options=kernel_options)
-    return flex_block_sparse_attention_op(q, k, v, block_map, block_size, scale)
+        return _flex(q, k, v, block_map, block_size, scale, key_valid,
+                     compute_q_blocks=needs_grad, kernel_options=kernel_options)
+    return flex_block_sparse_attention_op(q, k, v, block_map, block_size, scale, key_valid)
 
 
-def _flex(q, k, v, block_map, block_size, scale, *, compute_q_blocks=False,
+def _flex(q, k, v, block_map, block_size, scale, key_valid=None, *, compute_q_blocks=False,
           kernel_options=None) -> torch.Tensor:
     seq_len, head_dim = q.shape[-2], q.shape[-1]
-    mask = block_mask_from_map(block_map, seq_len, block_size, compute_q_blocks=compute_q_blocks)
+    mask = block_mask_from_map(block_map, seq_len, block_size, key_valid=key_valid,
+                               compute_q_blocks=compute_q_blocks)
     options = kernel_options or _kernel_options(block_size, head_dim, q.device)
     return _call_compiled(q, k, v, block_mask=mask, scale=scale, kernel_options=options)
 
@@ -167,12 +211,12 @@ def _flex(q, k, v, block_map, block_size, scale, *, compute_q_blocks=False,
 @torch.library.custom_op("ditplan::flex_block_sparse_attention", mutates_args=())
 def flex_block_sparse_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_map: torch.Tensor,
-    block_size: int, scale: float | None,
+    block_size: int, scale: float | None, key_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The inference call as one opaque op ([B, H, S, D] in, [B, H, S, D] out)."""
-    return _flex(q, k, v, block_map, block_size, scale)
+    return _flex(q, k, v, block_map, block_size, scale, key_valid)
 
 
 @flex_block_sparse_attention_op.register_fake
-def _(q, k, v, block_map, block_size, scale):
+def _(q, k, v, block_map, block_size, scale, key_valid=None):
     return torch.empty_like(q)

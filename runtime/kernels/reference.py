@@ -31,6 +31,12 @@ def expand_block_map(
     return mask[..., :seq_q, :seq_k]  # [B|1, H|1, Sq, Sk]
 
 
+def key_padding_mask(key_valid: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """bool [B, 1, 1, S]: True for the keys before key_valid[b] (int [B]), False for padding."""
+    positions = torch.arange(seq_len, device=key_valid.device)
+    return (positions[None, :] < key_valid[:, None])[:, None, None, :]
+
+
 def reference_compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; everything else is computed in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -38,7 +44,7 @@ def reference_compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def masked_attention_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_map: torch.Tensor,
-    *, block_size: int, scale: float | None = None,
+    *, block_size: int, scale: float | None = None, key_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense softmax attention restricted to the kept blocks: the oracle every backend must match.
 
@@ -51,15 +57,21 @@ def masked_attention_reference(
         block_map: bool [B|1, H|1, ceil(S/bs), ceil(S/bs)], True = compute.
         block_size: 64 or 128.
         scale: softmax scale; 1/sqrt(D) when None.
+        key_valid: int [B], values in [1, S]: keys at positions >= key_valid[b] are padding,
+            never attended; None: every key is valid.
 
     Returns:
         [B, H, S, D] in the compute dtype (float64 or float32).
     """
-    check_attention_inputs(q, k, v, block_map, block_size)
+    check_attention_inputs(q, k, v, block_map, block_size, key_valid)
     dtype = reference_compute_dtype(q.dtype)
     seq_len, head_dim = q.shape[-2], q.shape[-1]
+    if key_valid is not None and not ((key_valid >= 1) & (key_valid <= seq_len)).all():
+        raise ValueError(f"key_valid must lie in [1, S={seq_len}]; got {key_valid.tolist()}")
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     mask = expand_block_map(block_map, seq_len, seq_len, block_size)  # [B|1, H|1, S, S]
+    if key_valid is not None:
+        mask = mask & key_padding_mask(key_valid, seq_len)  # [B, H|1, S, S]
     scores = (q.to(dtype) @ k.to(dtype).transpose(-1, -2)) * scale  # [B, H, S, S]
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
     probs = torch.nan_to_num(probs, nan=0.0)  # rows with every key dropped: 0/0 -> 0

@@ -27,7 +27,8 @@ class Backend(str, Enum):
     DENSE = "dense"
 
 
-# fn(q, k, v, block_map, *, block_size, scale) -> out: every backend has this signature.
+# fn(q, k, v, block_map, *, block_size, scale, key_valid) -> out: every backend has this
+# signature; key_valid (int [B] or None) is the count of valid keys, the rest key padding.
 BackendFn = Callable[..., torch.Tensor]
 
 
@@ -119,19 +120,37 @@ def _first_available(order: tuple[Backend, ...], device: torch.device) -> Backen
     return next((b for b in order if _REGISTRY[b].is_available(device)), Backend.TORCH)
 
 
-def resolve_backend(name: Backend | str, device: torch.device) -> BackendSpec:
+# Backends whose kernels cannot mask padding keys (key_valid): FlashAttention-4's block-sparse
+# forward masks only the sequence tail.
+NO_KEY_PADDING = (Backend.FA4,)
+
+
+def _skip_reason(backend: Backend, device: torch.device, key_padding: bool) -> str:
+    spec = _REGISTRY[backend]
+    if key_padding and backend in NO_KEY_PADDING and spec.is_available(device):
+        return "takes no key padding"
+    return spec.reason(device)
+
+
+def resolve_backend(name: Backend | str, device: torch.device, *,
+                    key_padding: bool = False) -> BackendSpec:
     """The backend to run on `device`: `auto` -> fa4 on Hopper with flash-attn-4 installed, else
     flex on CUDA if available, else torch (one log line, naming why a faster one was skipped).
 
     A backend asked for by name but unavailable on the device falls back to the next available
     one of AUTO_ORDER (fa4 -> flex), else `torch`, with one warning log line (per backend and
-    device type), never an exception.
+    device type), never an exception. With `key_padding` (the call passes key_valid) `auto`
+    skips fa4, and fa4 asked for by name is refused (ValueError).
     """
     backend = parse_backend(name)
+    if key_padding and backend in NO_KEY_PADDING:
+        raise ValueError(f"the {backend.value} backend takes no key padding (key_valid: padded "
+                         "text keys to ignore); use backend 'auto' or 'flex'")
     if backend is Backend.AUTO:
-        chosen = _first_available(AUTO_ORDER, device)
+        order = tuple(b for b in AUTO_ORDER if not (key_padding and b in NO_KEY_PADDING))
+        chosen = _first_available(order, device)
         skipped = AUTO_ORDER[:AUTO_ORDER.index(chosen)] if chosen in AUTO_ORDER else ()
-        why = "".join(f" ({b.value}: {_REGISTRY[b].reason(device)})" for b in skipped)
+        why = "".join(f" ({b.value}: {_skip_reason(b, device, key_padding)})" for b in skipped)
         _log_once(logging.INFO, f"block_sparse_attention: backend auto -> {chosen.value} "
                                 f"on {device.type}{why}")
         return _REGISTRY[chosen]
@@ -158,17 +177,37 @@ def num_blocks(seq_len: int, block_size: int) -> int:
 
 
 def check_attention_inputs(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_map: torch.Tensor, block_size: int
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_map: torch.Tensor, block_size: int,
+    key_valid: torch.Tensor | None = None,
 ) -> None:
-    """ValueError naming the fix when q/k/v/block_map don't meet the kernel contract.
+    """ValueError naming the fix when q/k/v/block_map/key_valid don't meet the kernel contract.
 
     Args:
         q, k, v: [B, H, S, D] floating tensors of one dtype on one device.
         block_map: bool [B|1, H|1, ceil(S/block_size), ceil(S/block_size)], True = compute.
         block_size: 64 or 128.
+        key_valid: int [B] valid keys per batch element (keys at positions >= key_valid[b]
+            are padding, never attended), or None.
     """
     check_qkv(q, k, v, block_size)
     check_block_map(block_map, q.shape[0], q.shape[1], q.shape[2], block_size, device=q.device)
+    check_key_valid(key_valid, q.shape[0], device=q.device)
+
+
+def check_key_valid(key_valid: torch.Tensor | None, batch: int, *, device: torch.device) -> None:
+    """ValueError unless key_valid is None or an integer [B] tensor on `device`. Its values
+    (in [1, S]) are not checked: that would cost a host sync per call."""
+    if key_valid is None:
+        return
+    if key_valid.dtype == torch.bool or key_valid.is_floating_point() or key_valid.is_complex():
+        raise ValueError(f"key_valid must be an integer tensor (valid keys per batch element); "
+                         f"got {key_valid.dtype}")
+    if tuple(key_valid.shape) != (batch,):
+        raise ValueError(f"key_valid must be [{batch}] (one count per batch element); got "
+                         f"{tuple(key_valid.shape)}")
+    if key_valid.device != device:
+        raise ValueError(f"key_valid is on {key_valid.device} but q is on {device}")
+
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> None:

@@ -54,3 +54,23 @@ def test_flex_op_is_one_opaque_node_in_an_outer_compiled_graph():
         compiled = torch.compile(layer, fullgraph=True)(q)
     assert not counters["graph_break"]
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="inductor's CPU flex needs a C++ compiler")
+def test_flex_key_padding_compiled_on_cpu_matches_reference_without_recompiling():
+    # key_valid enters the mask_mod as a captured tensor: new valid lengths each call (odd, on
+    # a block edge, at S) reuse the compiled kernel and mask exactly the padding keys.
+    from torch._dynamo.utils import counters
+
+    q, k, v = (torch.randn(2, 2, 200, 16) for _ in range(3))
+    for trial, valid in enumerate(((200, 131), (64, 199), (77, 200))):
+        block_map = (torch.rand(1, 2, 4, 4) < 0.4) | torch.eye(4, dtype=torch.bool)
+        key_valid = torch.tensor(valid)
+        out = flex_block_sparse_attention(q, k, v, block_map, block_size=64, key_valid=key_valid)
+        ref = masked_attention_reference(q.double(), k.double(), v.double(), block_map,
+                                         block_size=64, key_valid=key_valid)
+        assert (out.double() - ref).abs().max() <= FP32_ATOL
+        if trial == 0:
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs

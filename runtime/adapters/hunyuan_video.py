@@ -1,0 +1,213 @@
+"""HunyuanVideo adapter (HunyuanVideoTransformer3DModel): joint text-video attention, text last."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from diffusers import HunyuanVideoTransformer3DModel
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
+from torch import nn
+
+from ditplan.runtime.adapters.base import BlockList, register_adapter
+from ditplan.runtime.layout import AttnCall, ForwardArgument, PermutePoint, StreamIO, TokenLayout
+from ditplan.runtime.sparse import SparseProcessorBase
+
+# Both block kinds take the video and text streams and return (video, text) in 0.42.1: a
+# single-stream block concatenates them itself and splits its output again.
+HUNYUAN_STREAMS = StreamIO(video="hidden_states", text="encoder_hidden_states",
+                           outputs=("video", "text"))
+
+
+@functools.cache
+def _forward_arguments(cls: type) -> dict[str, ForwardArgument]:
+    """The forward inputs :meth:`HunyuanVideoAdapter.token_layout` reads, once per class."""
+    forward = functools.partial(cls.forward, None)  # the signature without self
+    return {name: ForwardArgument.of(forward, name)
+            for name in ("hidden_states", "encoder_hidden_states")}
+
+
+def _heads(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return x.unflatten(2, (attn.heads, -1))  # [B, S, H*D] -> [B, S, H, D]
+
+
+def hunyuan_qkv(attn: nn.Module, hidden_states: torch.Tensor,
+                encoder_hidden_states: torch.Tensor, image_rotary_emb):
+    """q/k/v per stream projected, normalized and rotated exactly as
+    HunyuanVideoAttnProcessor2_0 does (single-stream blocks, without ``add_q_proj``, project
+    the concatenation [video | text]; the rotary table turns the video rows only).
+
+    Args:
+        hidden_states: [B, S_vid, C]; encoder_hidden_states: [B, S_txt, C].
+        image_rotary_emb: (cos, sin) [S_vid, D] each, or None.
+
+    Returns:
+        (q, k, v) of the video and of the text, [B, S, H, D] each.
+    """
+    text_len = encoder_hidden_states.shape[1]
+    single = attn.add_q_proj is None
+    joint = torch.cat([hidden_states, encoder_hidden_states], dim=1) if single else hidden_states
+    main = [_heads(attn, f(joint)) for f in (attn.to_q, attn.to_k, attn.to_v)]
+    for i, norm in enumerate((attn.norm_q, attn.norm_k)):
+        if norm is not None:
+            main[i] = norm(main[i])
+    if single:
+        video = [x[:, :-text_len] for x in main]
+        text = [x[:, -text_len:] for x in main]
+    else:
+        video = main
+        text = [_heads(attn, f(encoder_hidden_states))
+                for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)]
+        for i, norm in enumerate((attn.norm_added_q, attn.norm_added_k)):
+            if norm is not None:
+                text[i] = norm(text[i])
+    if image_rotary_emb is not None:
+        video[:2] = (apply_rotary_emb(x, image_rotary_emb, sequence_dim=1) for x in video[:2])
+    return tuple(video), tuple(text)
+
+
+def key_valid_from_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """int [B] valid keys of [video | text] from HunyuanVideo's bool key mask [B, 1, 1, N].
+
+    The model builds that mask as ``position < S_vid + encoder_attention_mask.sum(1)``
+    (transformer_hunyuan_video.py:1054-1062): suffix form by construction, whatever the order
+    of the zeros in ``encoder_attention_mask``, so its count is the whole mask.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dtype != torch.bool or attention_mask.ndim != 4 or (
+            attention_mask.shape[1:3] != (1, 1)):
+        raise ValueError("ditplan's HunyuanVideo adapter takes the model's own bool key mask "
+                         f"[B, 1, 1, N]; got {attention_mask.dtype} "
+                         f"{tuple(attention_mask.shape)}")
+    return attention_mask.flatten(1).sum(1)  # [B], no host sync
+
+
+class HunyuanVideoSparseAttnProcessor(SparseProcessorBase):
+    """HunyuanVideoAttnProcessor2_0's parameters; every call is joint self-attention and goes
+    to the sparse runner (dense steps run the original processor)."""
+
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        image_rotary_emb=None,
+    ):
+        return self.run(attn, hidden_states, encoder_hidden_states, attention_mask,
+                        image_rotary_emb)
+
+
+@register_adapter(HunyuanVideoTransformer3DModel)
+class HunyuanVideoAdapter:
+    """HunyuanVideoTransformer3DModel: dual blocks ``transformer_blocks.{i}`` then single
+    blocks ``single_transformer_blocks.{i}``, joint attention ``<block>.attn``; text last."""
+
+    family = "hunyuan_video"
+    processor_class = HunyuanVideoSparseAttnProcessor
+
+    def block_lists(self, transformer) -> list[BlockList]:
+        return [BlockList("transformer_blocks", "dual", HUNYUAN_STREAMS),
+                BlockList("single_transformer_blocks", "single", HUNYUAN_STREAMS)]
+
+    def blocks(self, transformer):
+        return [named for blocks in self.block_lists(transformer)
+                for named in blocks.named(transformer)]
+
+    def attention_layers(self, transformer):
+        """The joint attention layers; refuses the variant and processors ditplan cannot
+        serve."""
+        if transformer.config.image_condition_type == "token_replace":
+            raise ValueError("ditplan does not support HunyuanVideo I2V's token_replace yet (its "
+                             "blocks modulate the first frame's tokens by position)")
+        layers = [(f"{name}.attn", block.attn) for name, block in self.blocks(transformer)]
+        for name, attn in layers:
+            if not isinstance(attn.processor, HunyuanVideoAttnProcessor2_0 | SparseProcessorBase):
+                raise ValueError(f"{name} runs {type(attn.processor).__name__}; ditplan's "
+                                 "HunyuanVideo adapter stands in for "
+                                 "HunyuanVideoAttnProcessor2_0 only: remove it first")
+        return layers
+
+    def token_layout(self, transformer, args, kwargs) -> TokenLayout:
+        """The layout of a forward called with ``(args, kwargs)``: latents [B, C, F, H, W]
+        patched by (patch_size_t, patch_size, patch_size), the text length from
+        ``encoder_hidden_states`` [B, S_txt, C] (256 in HunyuanVideoPipeline, padded)."""
+        inputs = {name: argument.get(args, kwargs)
+                  for name, argument in _forward_arguments(type(transformer)).items()}
+        latents, text = inputs["hidden_states"], inputs["encoder_hidden_states"]
+        if latents is None or latents.ndim != 5 or text is None:
+            raise ValueError("HunyuanVideo expects latents [B, C, F, H, W] and "
+                             "encoder_hidden_states [B, S_txt, C]; got latents "
+                             f"{None if latents is None else tuple(latents.shape)}")
+        _, _, frames, height, width = latents.shape
+        config = transformer.config
+        return TokenLayout(frames // config.patch_size_t, height // config.patch_size,
+                           width // config.patch_size, text_len=int(text.shape[1]))
+
+    def permute_points(self, transformer) -> list[PermutePoint]:
+        """Video tokens at the first block's input, the rotary tables' rows; text untouched."""
+        first = self.blocks(transformer)[0][0]
+        return [
+            PermutePoint("rope", "module_output", 0, 0),  # cos [S_vid, D]
+            PermutePoint("rope", "module_output", 1, 0),  # sin [S_vid, D]
+            PermutePoint(first, "module_input", "hidden_states", 1),  # [B, S_vid, C]
+            PermutePoint("proj_out", "unpermute_output", None, 1),  # [B, S_vid, C_out * p]
+        ]
+
+    def attention_call(
+        self, attn, layout, hidden_states, encoder_hidden_states=None, attention_mask=None,
+        image_rotary_emb=None,
+    ) -> AttnCall:
+        """Video [B, S_vid, C] and text [B, S_txt, C] streams (both block kinds); the model's
+        key mask [B, 1, 1, N] becomes ``key_valid`` (int [B]: video + valid text)."""
+        if encoder_hidden_states is None:
+            raise ValueError("HunyuanVideo's joint attention got no text stream "
+                             "(encoder_hidden_states); call the transformer, not its blocks")
+        video, text = hunyuan_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        return AttnCall(*video, *text, key_valid=key_valid_from_mask(attention_mask))
+
+    def attention_return(self, attn, call: AttnCall, out_video, out_text):
+        """(video, text) as the original returns them: through the output projections in
+        dual blocks, as they are in single blocks (the block projects them)."""
+        out_video = out_video.flatten(2, 3).to(call.q_v.dtype)  # [B, S_vid, H*D]
+        out_text = out_text.flatten(2, 3).to(call.q_v.dtype)  # [B, S_txt, H*D]
+        if getattr(attn, "to_out", None) is not None:
+            out_video = attn.to_out[1](attn.to_out[0](out_video))
+        if getattr(attn, "to_add_out", None) is not None:
+            out_text = attn.to_add_out(out_text)
+        return out_video, out_text
+
+    def model_config(self, transformer, text_len: int) -> dict:
+        """The transformer facts a cost model needs (profiler.schema.ModelConfig's fields).
+
+        ``text_len`` joins the video tokens in every block's attention. Single blocks are
+        counted like dual ones: per token both have q/k/v/output projections of the width and
+        an MLP of ``mlp_ratio`` times it.
+        """
+        config = transformer.config
+        blocks = [name for name, _ in self.blocks(transformer)]
+        width = config.num_attention_heads * config.attention_head_dim
+        return dict(
+            num_layers=len(blocks),
+            num_heads=config.num_attention_heads,
+            head_dim=config.attention_head_dim,
+            ffn_dim=int(config.mlp_ratio * width),
+            patch_size=(config.patch_size_t, config.patch_size, config.patch_size),
+            text_len=text_len,
+            cross_attention=False,
+            joint_attention=True,
+            blocks=tuple(blocks),
+            self_attention={name: f"{name}.attn" for name in blocks},
+        )
+
+    def cp_plan(self, transformer) -> dict | None:
+        """None: context parallelism is refused (design D9): diffusers 0.42.1 ships no
+        ``_cp_plan`` for HunyuanVideo, and the model builds its [B, 1, 1, N] key mask over
+        the whole sequence before any split."""
+        return None
+
+    def experts(self, pipe) -> list[str]:
+        """The pipeline's transformer (HunyuanVideo has one)."""
+        return ["transformer"] if getattr(pipe, "transformer", None) is not None else []
