@@ -11,7 +11,8 @@ import re
 import sys
 from pathlib import Path
 
-from ditplan.profiler.config import BLOCK_SIZES, DTYPES, MODES, ProfileConfig
+from ditplan.profiler.config import BLOCK_SIZES, DEFAULT_FRAMES, DTYPES, MODES, ProfileConfig
+from ditplan.runtime.pipeline_calls import GUIDANCE_HELP
 
 _DEFAULTS = ProfileConfig(out=Path("."))
 
@@ -33,9 +34,12 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=_DEFAULTS.steps)
     p.add_argument("--height", type=int, default=_DEFAULTS.height, help="pixels")
     p.add_argument("--width", type=int, default=_DEFAULTS.width, help="pixels")
-    p.add_argument("--frames", type=int, default=_DEFAULTS.frames)
+    p.add_argument("--frames", type=int, default=None,
+                   help=f"video pipelines (default {DEFAULT_FRAMES}); image pipelines (FLUX.1, "
+                        "Qwen-Image) make one frame: leave it out")
     p.add_argument("--seeds", type=int, nargs="+", default=list(_DEFAULTS.seeds))
-    p.add_argument("--guidance-scale", type=float, default=_DEFAULTS.guidance_scale)
+    p.add_argument("--guidance-scale", type=float, default=_DEFAULTS.guidance_scale,
+                   help=GUIDANCE_HELP)
     p.add_argument("--out", type=Path, required=True, help="trace folder (created; resumable)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if present)")
     p.add_argument("--dtype", choices=DTYPES, default=None,

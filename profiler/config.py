@@ -7,10 +7,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ditplan.profiler.schema import DENSITY_GRID
+from ditplan.runtime.pipeline_calls import PipelineCall
 
 MODES = ("auto", "clip", "sample")
 DTYPES = ("float32", "bfloat16", "float16")
 BLOCK_SIZES = (64, 128)
+DEFAULT_FRAMES = 16  # a video pipeline's frames when none are given (image pipelines make one)
 DEFAULT_PROMPTS = (
     "a red circle slowly moves right",
     "a blue square quickly moves toward the lower left and a yellow triangle slowly moves up",
@@ -91,7 +93,8 @@ class ProfileConfig:
     mode: "clip" profiles the reference model on its own noised reference clips (ground-truth
     foreground, teacher-forced trajectory); "sample" runs the real sampler from noise with the
     unsupervised foreground estimate; "auto" picks clip for the reference pipeline, else sample.
-    map_steps None records maps at the first, middle and last step.
+    map_steps None records maps at the first, middle and last step. frames None: DEFAULT_FRAMES
+    for a video pipeline, 1 for an image pipeline (``for_pipeline`` settles it).
     """
 
     out: Path
@@ -101,7 +104,7 @@ class ProfileConfig:
     steps: int = 32
     height: int = 48
     width: int = 48
-    frames: int = 16
+    frames: int | None = None
     guidance_scale: float = 4.0
     device: str | None = None
     dtype: str | None = None
@@ -138,15 +141,17 @@ class ProfileConfig:
         _require(len(set(self.seeds)) == len(self.seeds), f"seeds repeat: {self.seeds}")
         for name in ("steps", "height", "width", "frames"):
             value = getattr(self, name)
+            if name == "frames" and value is None:
+                continue
             _require(isinstance(value, int) and value >= 1,
                      f"{name} must be a positive int; got {value!r}")
         _require(math.isfinite(self.guidance_scale) and self.guidance_scale >= 0,
                  f"guidance scale must be a non-negative number; got {self.guidance_scale}")
 
-    @property
-    def cfg(self) -> bool:
-        """Whether classifier-free guidance runs (two transformer calls per step)."""
-        return self.guidance_scale > 1.0
+    def for_pipeline(self, call: PipelineCall) -> ProfileConfig:
+        """A copy with the frames the pipeline generates (ValueError for frames on an image
+        pipeline)."""
+        return replace(self, frames=call.frames(self.frames, DEFAULT_FRAMES))
 
     def recorder_settings(self) -> RecorderSettings:
         """The recorder's settings, with map steps defaulting to the first, middle and last

@@ -78,15 +78,19 @@ class TraceRows:
         return columns
 
     def _map_columns(self) -> dict[str, object]:
-        keys = [(step, cfg, layer) for step, cfg, layer, _ in self._maps]
-        maps = torch.stack([m for *_, m in self._maps]).cpu().numpy()  # [N, H, Qb, Kb]
-        n, heads, q_blocks, k_blocks = maps.shape
-        columns = _keys(keys, heads * q_blocks)
-        columns["head"] = np.tile(np.repeat(np.arange(heads, dtype=np.int32), q_blocks), n)
-        columns["q_block"] = np.tile(np.arange(q_blocks, dtype=np.int32), n * heads)
-        offsets = np.arange(0, maps.size + 1, k_blocks, dtype=np.int32)
-        columns["mass"] = pa.ListArray.from_arrays(pa.array(offsets),
-                                                   pa.array(maps.reshape(-1)))
+        """A row per (map, head, query block). Maps may differ in size: a CFG branch's text
+        length sets its block count (Qwen-Image's cond and uncond prompts)."""
+        shapes = [tuple(m.shape) for *_, m in self._maps]  # (H, Qb, Kb) each
+        values = torch.cat([m.flatten() for *_, m in self._maps]).cpu().numpy()
+        rows = [h * q for h, q, _ in shapes]
+        columns = _keys([key for *key, _ in self._maps], rows)
+        columns["head"] = np.concatenate(
+            [np.repeat(np.arange(h, dtype=np.int32), q) for h, q, _ in shapes])
+        columns["q_block"] = np.concatenate(
+            [np.tile(np.arange(q, dtype=np.int32), h) for h, q, _ in shapes])
+        lengths = np.repeat([k for *_, k in shapes], rows)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        columns["mass"] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
         return columns
 
     def _change_columns(self) -> dict[str, object]:
@@ -99,11 +103,13 @@ class TraceRows:
         return columns
 
 
-def _keys(keys: list[tuple[int, str, str]], repeat: int) -> dict[str, object]:
-    """step, cfg and layer columns, each key repeated `repeat` times."""
-    steps = np.repeat(np.asarray([k[0] for k in keys], dtype=np.int32), repeat)
+def _keys(keys: list[tuple[int, str, str]], repeat: int | list[int]) -> dict[str, object]:
+    """step, cfg and layer columns, each key repeated `repeat` times (one count, or one per
+    key)."""
+    counts = [repeat] * len(keys) if isinstance(repeat, int) else repeat
+    steps = np.repeat(np.asarray([k[0] for k in keys], dtype=np.int32), counts)
     return {
         "step": steps,
-        "cfg": [k[1] for k in keys for _ in range(repeat)],
-        "layer": [k[2] for k in keys for _ in range(repeat)],
+        "cfg": [k[1] for k, n in zip(keys, counts, strict=True) for _ in range(n)],
+        "layer": [k[2] for k, n in zip(keys, counts, strict=True) for _ in range(n)],
     }

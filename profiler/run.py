@@ -6,10 +6,11 @@ Two ways to drive a generation (``ProfileConfig.mode``):
   are teacher-forced onto the noising path of a reference clip drawn for the prompt
   (clip_inputs.py), so the clip's ground-truth foreground applies at every step.
 - **sample** (any model): two generations per (prompt, seed) with the same noise. The first,
-  unrecorded, gives the generated clean video, x0_hat of the last step, from which the foreground
-  is estimated (foreground.py); the second is recorded with that mask. One mask per prompt
-  follows ProfilingDiT's finding that the foreground/background split is stable across steps,
-  and the final x0_hat is the least noisy prediction the model makes.
+  unrecorded, gives the generated clean video or image, x0_hat of the last step, from which the
+  foreground is estimated (generated.py, foreground.py); the second is recorded with that
+  mask. One mask per prompt follows ProfilingDiT's finding that the foreground/background
+  split is stable across steps, and the final x0_hat is the least noisy prediction the model
+  makes.
 
 Each (prompt, seed) is one unit: its tables are written atomically, then the manifest marks it
 finished, so an interrupted run resumes with the next unit.
@@ -31,6 +32,7 @@ from tqdm.auto import tqdm
 from ditplan.profiler import clip_inputs, foreground
 from ditplan.profiler.config import ProfileConfig, ProfileConfigError, RecorderSettings
 from ditplan.profiler.experts import ExpertIndex, read_index, write_index
+from ditplan.profiler.generated import generated_foreground
 from ditplan.profiler.manifest import Manifest
 from ditplan.profiler.recorders import ProfileRecorder
 from ditplan.profiler.rows import TraceRows
@@ -45,6 +47,7 @@ from ditplan.profiler.writer import build_tables, library_versions, unit_name, w
 from ditplan.runtime.adapters.base import get_adapter
 from ditplan.runtime.fingerprint import model_fingerprint
 from ditplan.runtime.loading import load_pipeline
+from ditplan.runtime.pipeline_calls import PipelineCall
 
 logger = logging.getLogger(__name__)
 
@@ -85,10 +88,12 @@ def profile_pipeline(config: ProfileConfig, *, pipe=None) -> list[Path]:
         every trace file of the run (sorted), then the report image (one per expert).
     """
     config = config.resolved()
-    identity = config.identity()
-    manifest = Manifest.open(config.out, run_id_of(identity), identity)
     if pipe is None:
         pipe = load_pipeline(config.model, device=config.device, dtype=getattr(torch, config.dtype))
+    call = PipelineCall.of(pipe)
+    config = config.for_pipeline(call)
+    identity = config.identity()
+    manifest = Manifest.open(config.out, run_id_of(identity), identity)
     pipe.set_progress_bar_config(disable=True)
     mode = resolve_mode(config.mode, pipe)
     experts = get_adapter(pipe.transformer).experts(pipe)
@@ -96,7 +101,7 @@ def profile_pipeline(config: ProfileConfig, *, pipe=None) -> list[Path]:
     todo = [u for u in units if not manifest.is_finished(unit_name(u[0], u[2]))]
     logger.info("profiling %d of %d (prompt, seed) units in %s mode", len(todo), len(units), mode)
     passes = 2 if mode == "sample" else 1
-    static = ({n: _static_metadata(getattr(pipe, n), pipe, config, mode) for n in experts}
+    static = ({n: _static_metadata(getattr(pipe, n), pipe, config, mode, call) for n in experts}
               if todo else {})
     index = read_index(config.out) if len(experts) > 1 else None
     with tqdm(total=len(todo) * config.steps * passes, desc="profile", unit="step",
@@ -163,18 +168,16 @@ def _profile_unit(pipe, config: ProfileConfig, mode: str, prompt: str, seed: int
     """Record one (prompt, seed): per expert its rows and recorder, and the step of each of
     its calls."""
     settings = config.recorder_settings()
-    call = dict(prompt=prompt, num_inference_steps=config.steps,
-                guidance_scale=config.guidance_scale, num_frames=config.frames,
-                height=config.height, width=config.width, output_type="latent",
-                return_dict=False)
-    patch = tuple(pipe.transformer.config.patch_size)
+    arguments = PipelineCall.of(pipe).arguments(
+        prompt, steps=config.steps, height=config.height, width=config.width,
+        frames=config.frames, guidance_scale=config.guidance_scale)
+    call = dict(**arguments, output_type="latent", return_dict=False)
     if mode == "clip":
         mask, callbacks = _clip_inputs(pipe, config, prompt, seed, call)
     else:
-        video = pipe(**call, generator=_generator(seed),
-                     callback_on_step_end=_chain([_progress(bar)]))[0]  # [1, C, F, H, W]
-        mask, callbacks = foreground.estimate_foreground(video[0], patch), []
-        call["generator"] = _generator(seed)
+        mask = generated_foreground(pipe, {**call, "generator": _generator(seed),
+                                           "callback_on_step_end": _chain([_progress(bar)])})
+        callbacks, call["generator"] = [], _generator(seed)
     with ExitStack() as stack:
         recorders = {n: stack.enter_context(ProfileRecorder(getattr(pipe, n), settings,
                                                             config.steps)) for n in experts}
@@ -241,7 +244,8 @@ def scheduler_sigmas(scheduler, steps: int) -> tuple[float, ...] | None:
     return None if sigmas is None else tuple(float(s) for s in sigmas[:steps])
 
 
-def _static_metadata(transformer, pipe, config: ProfileConfig, mode: str) -> dict:
+def _static_metadata(transformer, pipe, config: ProfileConfig, mode: str,
+                     call: PipelineCall) -> dict:
     settings = config.recorder_settings().to_metadata()
     method = (foreground.GROUND_TRUTH_METHOD if mode == "clip"
               else foreground.ESTIMATE_METHOD)
@@ -249,7 +253,8 @@ def _static_metadata(transformer, pipe, config: ProfileConfig, mode: str) -> dic
     return dict(fingerprint=ModelFingerprint(**model_fingerprint(transformer, with_weights=True)),
                 settings=settings, versions=library_versions(),
                 adapter=get_adapter(transformer), transformer=transformer,
-                sigmas=scheduler_sigmas(pipe.scheduler, config.steps))
+                sigmas=scheduler_sigmas(pipe.scheduler, config.steps),
+                cfg=call.cfg(config.guidance_scale))
 
 
 def _metadata(run_id: str, static: dict, recorder: ProfileRecorder, config: ProfileConfig,
@@ -268,7 +273,7 @@ def _metadata(run_id: str, static: dict, recorder: ProfileRecorder, config: Prof
                     "generation_steps": config.steps}
     workload = Workload(steps=stop - start, height=config.height, width=config.width,
                         frames=config.frames, guidance_scale=config.guidance_scale,
-                        cfg=config.cfg, tokens_grid=recorder.layout.grid, sigmas=sigmas)
+                        cfg=static["cfg"], tokens_grid=recorder.layout.grid, sigmas=sigmas)
     return TraceMetadata(run_id=run_id, fingerprint=static["fingerprint"],
                          model_config=ModelConfig(**model), workload=workload,
                          profiler_settings=settings, library_versions=static["versions"])

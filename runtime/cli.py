@@ -23,6 +23,8 @@ def _positive_float(text: str) -> float:
 
 
 def _add_run(subparsers) -> None:
+    from ditplan.runtime.pipeline_calls import GUIDANCE_HELP
+
     p = subparsers.add_parser("run", help="generate a video or image with a plan applied")
     p.add_argument(
         "--model",
@@ -35,8 +37,9 @@ def _add_run(subparsers) -> None:
     p.add_argument("--steps", type=_positive_int)
     p.add_argument("--height", type=_positive_int)
     p.add_argument("--width", type=_positive_int)
-    p.add_argument("--frames", type=_positive_int)
-    p.add_argument("--guidance-scale", type=_positive_float)
+    p.add_argument("--frames", type=_positive_int,
+                   help="video pipelines; image pipelines (FLUX.1, Qwen-Image) make one frame")
+    p.add_argument("--guidance-scale", type=_positive_float, help=GUIDANCE_HELP)
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--backend", default="auto", choices=["auto", "fa4", "flex", "torch", "dense"])
     p.add_argument("--out", type=Path, default=Path("out"), help="output folder")
@@ -87,7 +90,8 @@ def _run(args) -> int:
         if not launch.writes_outputs:
             return 0
     run = metrics["run"]
-    line = f"wrote {args.out}/video.mp4: {run['wall_s']:.1f} s, {run['step_s_median']:.2f} s/step"
+    line = (f"wrote {args.out / metrics['output']}: {run['wall_s']:.1f} s, "
+            f"{run['step_s_median']:.2f} s/step")
     if args.repeats > 1:
         line += f" (medians of {args.repeats} generations)"
     if "speedup_vs_dense" in metrics:

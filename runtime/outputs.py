@@ -1,4 +1,4 @@
-"""Write a generation's files atomically: video (mp4), contact sheet (PNG), metrics (JSON)."""
+"""Write a generation's files atomically: video (mp4), image and contact sheet (PNG), metrics."""
 
 from __future__ import annotations
 
@@ -36,12 +36,15 @@ class VideoWriterError(RuntimeError):
     """The mp4 writer is missing (imageio-ffmpeg not installed)."""
 
 
+def write_image(path: Path, image: np.ndarray) -> Path:
+    """PNG of a uint8 image [H, W, 3]."""
+    return atomic_write(path, lambda p: Image.fromarray(image).save(p, format="PNG"))
+
+
 def write_video(path: Path, frames: np.ndarray, fps: int = 8) -> Path:
     """H.264 mp4 of uint8 frames [F, H, W, 3] (one PNG when F == 1)."""
     if frames.shape[0] == 1:
-        return atomic_write(
-            path.with_suffix(".png"), lambda p: Image.fromarray(frames[0]).save(p, format="PNG")
-        )
+        return write_image(path.with_suffix(".png"), frames[0])
     import imageio.v2 as imageio
 
     def write(tmp: Path):

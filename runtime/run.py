@@ -18,7 +18,14 @@ from ditplan.runtime.apply import enable_parallel
 from ditplan.runtime.experts import apply_any_plan
 from ditplan.runtime.launch import Launch
 from ditplan.runtime.loading import REFERENCE, load_pipeline
-from ditplan.runtime.outputs import to_uint8, write_contact_sheet, write_json, write_video
+from ditplan.runtime.outputs import (
+    to_uint8,
+    write_contact_sheet,
+    write_image,
+    write_json,
+    write_video,
+)
+from ditplan.runtime.pipeline_calls import PipelineCall
 from ditplan.runtime.video_metrics import compare_videos
 
 logger = logging.getLogger(__name__)
@@ -26,6 +33,8 @@ logger = logging.getLogger(__name__)
 # Built-in reference model defaults: small enough for a 2-core CPU (see README).
 REFERENCE_DEFAULTS = dict(steps=16, height=32, width=32, frames=8, guidance_scale=4.0)
 REFERENCE_PROMPT = "a red circle slowly moves right"
+# What ``ditplan run`` writes: a video pipeline's generation, an image pipeline's.
+VIDEO_NAME, IMAGE_NAME = "video.mp4", "image.png"
 # Untimed generations before timing each side of --compare-dense (dense, then the applied plan).
 COMPARE_WARMUP_RUNS = 1
 
@@ -50,11 +59,14 @@ class RunConfig:
     repeats: int = 1  # timed generations of each kind; medians are reported
 
 
-def resolve_workload(config: RunConfig, plan: Plan | ExpertPlans | None) -> dict:
+def resolve_workload(config: RunConfig, plan: Plan | ExpertPlans | None,
+                     call: PipelineCall) -> dict:
     """Generation settings: explicit flags, else the plan's workload, else the model defaults.
 
-    A flag that contradicts the plan's workload is refused: plans are per workload.
+    A flag that contradicts the plan's workload is refused: plans are per workload. An image
+    pipeline (``call``) generates one frame; ``--frames`` is refused for it.
     """
+    call.frames(config.frames)  # refuses --frames N on an image pipeline
     given = dict(
         steps=config.steps,
         height=config.height,
@@ -64,6 +76,8 @@ def resolve_workload(config: RunConfig, plan: Plan | ExpertPlans | None) -> dict
     )
     if plan is None:
         defaults = REFERENCE_DEFAULTS if config.model == REFERENCE else {}
+        if not call.video:
+            defaults = {**defaults, "frames": 1}
         missing = [k for k, v in given.items() if v is None and k not in defaults]
         if missing:
             raise ValueError(
@@ -81,6 +95,13 @@ def resolve_workload(config: RunConfig, plan: Plan | ExpertPlans | None) -> dict
     return planned
 
 
+def output_name(call: PipelineCall, frames: int) -> str:
+    """The file ``run_generation`` writes the generation to (a one-frame video is a PNG)."""
+    if not call.video:
+        return IMAGE_NAME
+    return VIDEO_NAME if frames > 1 else str(Path(VIDEO_NAME).with_suffix(".png"))
+
+
 def synchronize(device: str) -> None:
     """Wait for the device's queued work (a no-op off CUDA), so wall-clock timings are whole."""
     if torch.device(device).type == "cuda":
@@ -95,22 +116,27 @@ def generate_samples(pipe, prompts: Sequence[str], seeds: Sequence[int], work,
         work: the generation settings (``steps``, ``guidance_scale``, ``frames``, ``height``,
             ``width``: a plan's or a benchmark's workload).
     Returns:
-        frames float [F, H, W, 3] in [0, 1] on the CPU, one per sample; and the wall seconds.
+        frames float [F, H, W, 3] in [0, 1] on the CPU, one per sample (F = 1 for an image);
+        and the wall seconds.
     """
+    call = PipelineCall.of(pipe)
     generators = [torch.Generator().manual_seed(s) for s in seeds]  # CPU noise on every device
+    arguments = call.arguments(list(prompts), steps=work.steps, height=work.height,
+                               width=work.width, frames=work.frames,
+                               guidance_scale=work.guidance_scale)
     synchronize(device)
     start = time.perf_counter()
-    output = pipe(prompt=list(prompts), num_inference_steps=work.steps,
-                  guidance_scale=work.guidance_scale, num_frames=work.frames,
-                  height=work.height, width=work.width, generator=generators, output_type="np")
+    output = pipe(**arguments, generator=generators, output_type="np")
     synchronize(device)
     seconds = time.perf_counter() - start
-    frames = np.asarray(output.frames)  # [N, F, H, W, 3]
+    frames = call.samples(output)  # [N, F, H, W, 3]
     return [torch.from_numpy(np.array(f, dtype=np.float32)) for f in frames], seconds
 
 
 def generate(pipe, config: RunConfig, workload: dict) -> tuple[np.ndarray, dict]:
-    """One generation; returns uint8 frames [F, H, W, 3] and its timings."""
+    """One generation; returns uint8 frames [F, H, W, 3] (F = 1 for an image) and its
+    timings."""
+    call = PipelineCall.of(pipe)
     step_times: list[float] = []
 
     def on_step_end(pipeline, step, timestep, tensors):
@@ -122,12 +148,7 @@ def generate(pipe, config: RunConfig, workload: dict) -> tuple[np.ndarray, dict]
     synchronize(config.device)
     start = time.perf_counter()
     output = pipe(
-        prompt=config.prompt or REFERENCE_PROMPT,
-        num_inference_steps=workload["steps"],
-        guidance_scale=workload["guidance_scale"],
-        num_frames=workload["frames"],
-        height=workload["height"],
-        width=workload["width"],
+        **call.arguments(config.prompt or REFERENCE_PROMPT, **workload),
         generator=generator,
         output_type="np",
         callback_on_step_end=on_step_end,
@@ -135,7 +156,7 @@ def generate(pipe, config: RunConfig, workload: dict) -> tuple[np.ndarray, dict]
     synchronize(config.device)
     wall = time.perf_counter() - start
     per_step = np.diff([start, *step_times]) if step_times else np.array([wall])
-    frames = to_uint8(np.asarray(output.frames[0]))
+    frames = to_uint8(call.samples(output)[0])
     return frames, {"wall_s": wall, "step_s_median": float(np.median(per_step))}
 
 
@@ -177,7 +198,8 @@ def _reset_peak(device: str) -> None:
 
 
 def run_generation(config: RunConfig, launch: Launch | None = None) -> dict:
-    """Generate one video with ``config.plan`` applied; write video, contact sheet, metrics.
+    """Generate one video or image with ``config.plan`` applied; write it and the metrics
+    (``metrics["output"]`` names the file: video.mp4 with a contact sheet, or image.png).
 
     Under a torchrun ``launch`` every rank runs this with the same seed, the transformer runs
     context-parallel over the ranks (Ulysses) and rank 0 alone writes the files. The plan's
@@ -185,9 +207,11 @@ def run_generation(config: RunConfig, launch: Launch | None = None) -> dict:
     parallel model takes no plan afterwards.
     """
     plan = load_any_plan(config.plan) if config.plan else None  # a plan file per expert too
-    workload = resolve_workload(config, plan)
     pipe = load_pipeline(config.model, device=config.device)
-    metrics: dict = {"config": {k: str(v) for k, v in asdict(config).items()}, "workload": workload}
+    call = PipelineCall.of(pipe)
+    workload = resolve_workload(config, plan, call)
+    metrics: dict = {"config": {k: str(v) for k, v in asdict(config).items()}, "workload": workload,
+                     "output": output_name(call, workload["frames"])}
     parallel = None
     if launch is not None:
         from diffusers import ContextParallelConfig
@@ -217,8 +241,15 @@ def run_generation(config: RunConfig, launch: Launch | None = None) -> dict:
         metrics["vs_dense"] = compare_videos(
             torch.from_numpy(frames) / 255.0, torch.from_numpy(dense) / 255.0
         )
+    if not call.video:
+        write_json(config.out / "metrics.json", metrics)
+        write_image(config.out / IMAGE_NAME, frames[0])
+        if dense is not None:
+            write_image(config.out / f"dense_{IMAGE_NAME}", dense[0])
+        return metrics
+    if dense is not None:
         write_contact_sheet(config.out / "dense_frames.png", dense)
     write_contact_sheet(config.out / "frames.png", frames)
     write_json(config.out / "metrics.json", metrics)  # before the video: kept if ffmpeg fails
-    write_video(config.out / "video.mp4", frames)
+    write_video(config.out / VIDEO_NAME, frames)
     return metrics

@@ -33,6 +33,13 @@ class FakeGenerations:
         return SimpleNamespace(stats=dict, remove=lambda: self.events.append("remove"))
 
 
+class FakeVideoPipeline:
+    """What ``run`` reads of a video pipeline: its call's parameters."""
+
+    def __call__(self, prompt, num_inference_steps, num_frames, height, width, guidance_scale):
+        raise AssertionError("generate is faked")
+
+
 @pytest.fixture
 def fake(monkeypatch):
     fake = FakeGenerations()
@@ -40,7 +47,7 @@ def fake(monkeypatch):
     monkeypatch.setattr(run, "apply_any_plan", fake.apply_any_plan)
     monkeypatch.setattr(run, "load_any_plan", lambda path: SimpleNamespace(
         workload=SimpleNamespace(**WORKLOAD)))
-    monkeypatch.setattr(run, "load_pipeline", lambda model, device: object())
+    monkeypatch.setattr(run, "load_pipeline", lambda model, device: FakeVideoPipeline())
     monkeypatch.setattr(run, "compare_videos", lambda a, b: {"psnr_db": 99.0, "ssim": 1.0})
     monkeypatch.setattr(run, "write_video", lambda path, frames: path)
     return fake
