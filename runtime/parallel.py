@@ -124,34 +124,64 @@ def is_ulysses(config) -> bool:
     return cp is not None and cp.ulysses_degree > 1
 
 
+def model_cp_plan(transformer: nn.Module) -> dict | None:
+    """The context-parallel plan diffusers ships with ``transformer``'s class, or None."""
+    return getattr(transformer, "_cp_plan", None)
+
+
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config,
-                      attend: Attend) -> torch.Tensor:
+                      attend: Attend, segments: tuple[int, ...]) -> torch.Tensor:
     """Self-attention of the rank's tokens through diffusers' Ulysses all-to-all.
 
-    After the all-to-all each rank holds the whole sequence, in the order the tokens had before
-    the split, for its ``H / W`` heads; ``attend`` computes those heads and the reverse
-    all-to-all brings the rank's tokens back with every head.
+    After the all-to-all each rank holds every rank's tokens for its ``H / W`` heads, rank
+    after rank. When the rank's tokens are several segments (a joint family's
+    [video_r | text_r], both streams split by diffusers) ``attend`` sees them regrouped
+    segment after segment, [video_0 .. video_W-1 | text_0 .. text_W-1]: the order the
+    tokens had before the split. The reverse all-to-all brings the rank's tokens back with
+    every head.
 
     Args:
         q, k, v: [B, S / W, H, D], this rank's tokens.
         config: the processor's diffusers ParallelConfig.
         attend: the attention of the whole sequence for a slice of heads.
+        segments: the lengths of the rank's token segments, summing to S / W.
 
     Returns:
         [B, S / W, H, D].
     """
     from diffusers.models.attention_dispatch import TemplatedUlyssesAttention
 
-    rank = config.context_parallel_config._ulysses_local_rank
+    cp = config.context_parallel_config
+    rank, degree = cp._ulysses_local_rank, cp.ulysses_degree
 
     def forward_op(ctx, query, key, value, *args, **kwargs):
-        heads = query.shape[2]  # query, key, value: [B, S, H / W, D]
+        heads = query.shape[2]  # query, key, value: [B, S, H / W, D], rank after rank
+        query, key, value = (_by_segment(x, segments, degree) for x in (query, key, value))
         out = attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                      slice(rank * heads, (rank + 1) * heads))  # [B, H / W, S, D]
-        return out.transpose(1, 2).contiguous()  # [B, S, H / W, D]
+        return _by_rank(out.transpose(1, 2), segments, degree).contiguous()  # [B, S, H / W, D]
 
     return TemplatedUlyssesAttention.apply(q, k, v, None, 0.0, False, None, False, False,
                                            forward_op, None, config)
+
+
+def _by_segment(x: torch.Tensor, segments: tuple[int, ...], degree: int) -> torch.Tensor:
+    """[B, S, ...] rank after rank ([seg0_0, seg1_0, seg0_1, seg1_1, ...]) -> segment after
+    segment ([seg0_0, seg0_1, ..., seg1_0, seg1_1, ...]); one segment: ``x`` itself."""
+    if len(segments) == 1:
+        return x
+    pieces = x.split(list(segments) * degree, dim=1)  # piece r * len(segments) + s
+    return torch.cat([pieces[r * len(segments) + s] for s in range(len(segments))
+                      for r in range(degree)], dim=1)
+
+
+def _by_rank(x: torch.Tensor, segments: tuple[int, ...], degree: int) -> torch.Tensor:
+    """The inverse of :func:`_by_segment`."""
+    if len(segments) == 1:
+        return x
+    pieces = x.split([length for length in segments for _ in range(degree)], dim=1)
+    return torch.cat([pieces[s * degree + r] for r in range(degree)
+                      for s in range(len(segments))], dim=1)
 
 
 def ulysses_group(config):

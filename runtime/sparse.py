@@ -134,10 +134,12 @@ class SparseProcessorBase:
         call = self.adapter.attention_call(attn, self.layer.permuter.layout, hidden_states, *args)
         q, k, v = call.joint()  # [B, S, H, D]; S: this rank's tokens under Ulysses
         if is_ulysses(self._config):
-            if call.q_t is not None:
-                raise NotImplementedError(f"{self.layer.name}: joint text-video attention under "
-                                          "context parallelism is not supported yet")
-            out = ulysses_attention(q, k, v, self._config, self._attend)  # [B, S, H, D]
+            if call.key_valid is not None:
+                raise NotImplementedError(f"{self.layer.name}: a text mask (key padding) under "
+                                          "context parallelism is not supported yet: call with "
+                                          "one prompt per call (no text mask)")
+            segments = tuple(x.shape[1] for x in (call.q_v, call.q_t) if x is not None)
+            out = ulysses_attention(q, k, v, self._config, self._attend, segments)  # [B, S, H, D]
         else:
             q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, S, D]
             out = self._attend(q, k, v, key_valid=call.key_valid).transpose(1, 2)

@@ -12,6 +12,7 @@ from torch import nn
 
 from ditplan.runtime.adapters.base import BlockList, register_adapter
 from ditplan.runtime.layout import AttnCall, ForwardArgument, PermutePoint, StreamIO, TokenLayout
+from ditplan.runtime.parallel import model_cp_plan
 from ditplan.runtime.sparse import SparseProcessorBase
 
 # Both block kinds take the image and text streams and return (text, image) in 0.42.1
@@ -54,6 +55,17 @@ def flux_qkv(attn: nn.Module, hidden_states: torch.Tensor,
     return main, (attn.norm_added_q(q_t), attn.norm_added_k(k_t), v_t)
 
 
+def _text_tokens(layout: TokenLayout, joint_tokens: int) -> int:
+    """The text tokens among a single block's ``joint_tokens`` [text | image]: all of the
+    layout's on one process; under context parallelism diffusers splits text and image
+    evenly over the W ranks, so a rank holds ``layout.text_len / W`` of them."""
+    shards, rest = divmod(layout.seq_len, joint_tokens)
+    if rest or layout.text_len % shards:
+        raise ValueError(f"a single block got {joint_tokens} tokens, which are not an even "
+                         f"share of the forward's {layout.seq_len} ({layout.text_len} text)")
+    return layout.text_len // shards
+
+
 def _rotate(x: torch.Tensor, table, rows: slice) -> torch.Tensor:
     """``x`` [B, S, H, D] rotated with rows ``rows`` of FLUX's joint (cos, sin) table
     [S_txt + S_img, D]; per token the same arithmetic as rotating the joint sequence."""
@@ -63,11 +75,16 @@ def _rotate(x: torch.Tensor, table, rows: slice) -> torch.Tensor:
     return apply_rotary_emb(x, (cos[rows], sin[rows]), sequence_dim=1)
 
 
+def _shape(x: torch.Tensor | None) -> tuple | None:
+    return None if x is None else tuple(x.shape)
+
+
 @functools.cache
 def _forward_arguments(cls: type) -> dict[str, ForwardArgument]:
     """The forward inputs :meth:`FluxAdapter.token_layout` reads, resolved once per class."""
     forward = functools.partial(cls.forward, None)  # the signature without self
-    names = ("hidden_states", "encoder_hidden_states", "img_ids", *UNSUPPORTED_INPUTS)
+    names = ("hidden_states", "encoder_hidden_states", "img_ids", "txt_ids",
+             *UNSUPPORTED_INPUTS)
     return {name: ForwardArgument.of(forward, name) for name in names}
 
 
@@ -124,11 +141,13 @@ class FluxAdapter:
                 raise ValueError(f"ditplan does not support FLUX's {name} (ControlNet "
                                  "residuals) yet; remove ditplan's plan for ControlNet runs")
         hidden, ids = inputs["hidden_states"], inputs["img_ids"]  # [B, S_img, C], [S_img, 3]
-        text = inputs["encoder_hidden_states"]  # [B, S_txt, C]
-        if ids is None or ids.ndim != 2 or text is None:
-            raise ValueError("FLUX needs img_ids [S_img, 3] (the 2-D form: diffusers deprecated "
-                             "the batched one) and encoder_hidden_states [B, S_txt, C]; got "
-                             f"img_ids {None if ids is None else tuple(ids.shape)}")
+        text, text_ids = inputs["encoder_hidden_states"], inputs["txt_ids"]  # [B, S_txt, C]
+        if any(x is None or x.ndim != 2 for x in (ids, text_ids)) or text is None:
+            raise ValueError("FLUX needs img_ids [S_img, 3] and txt_ids [S_txt, 3] (the 2-D "
+                             "forms: diffusers deprecated the batched ones, and its context "
+                             "parallelism splits only these) and encoder_hidden_states "
+                             f"[B, S_txt, C]; got img_ids {_shape(ids)}, txt_ids "
+                             f"{_shape(text_ids)}")
         tokens = hidden.shape[1]
         rows, cols = (int(n) + 1 for n in ids[:, 1:].amax(0).tolist())  # one host sync
         raster = ids[:, 1].long() * cols + ids[:, 2].long()
@@ -154,15 +173,19 @@ class FluxAdapter:
         image_rotary_emb=None,
     ) -> AttnCall:
         """Dual blocks: image [B, S_img, C] and text [B, S_txt, C] streams; single blocks:
-        the joint sequence [text | image] [B, S_txt + S_img, C], split with ``layout``."""
+        the joint sequence [text | image] [B, S_txt + S_img, C], split with ``layout``.
+        Under context parallelism each is the rank's share, and so is the rotary table
+        [S_txt + S_img, D] (diffusers splits ``txt_ids`` and ``img_ids``)."""
         if attention_mask is not None:
             raise ValueError("sparse attention does not take FLUX's attention_mask (FLUX "
                              "pipelines pass none); remove it from joint_attention_kwargs")
-        text_len = layout.text_len
         main, added = flux_qkv(attn, hidden_states, encoder_hidden_states)  # [B, S, H, D]
         if added is None:  # single block: main holds [text | image]
+            text_len = _text_tokens(layout, hidden_states.shape[1])
             added = tuple(x[:, :text_len] for x in main)
             main = tuple(x[:, text_len:] for x in main)
+        else:
+            text_len = encoder_hidden_states.shape[1]
         image_rows, text_rows = slice(text_len, None), slice(0, text_len)
         q_v, k_v = (_rotate(x, image_rotary_emb, image_rows) for x in main[:2])
         q_t, k_t = (_rotate(x, image_rotary_emb, text_rows) for x in added[:2])
@@ -201,8 +224,10 @@ class FluxAdapter:
         )
 
     def cp_plan(self, transformer) -> dict | None:
-        """None: context parallelism for FLUX is design step 6 (both streams split)."""
-        return None
+        """diffusers' own plan: split ``hidden_states``, ``encoder_hidden_states``,
+        ``img_ids`` and ``txt_ids`` at the model input (after ditplan permutes the image
+        tokens and ids), gather at ``proj_out``."""
+        return model_cp_plan(transformer)
 
     def experts(self, pipe) -> list[str]:
         """The pipeline's transformer (FLUX has one)."""

@@ -15,6 +15,7 @@ from torch import nn
 
 from ditplan.runtime.adapters.base import BlockList, register_adapter
 from ditplan.runtime.layout import AttnCall, ForwardArgument, PermutePoint, StreamIO, TokenLayout
+from ditplan.runtime.parallel import model_cp_plan
 from ditplan.runtime.sparse import SparseProcessorBase
 
 # QwenImageTransformerBlock.forward takes the image and text streams and returns (text, image).
@@ -191,8 +192,10 @@ class QwenImageAdapter:
         )
 
     def cp_plan(self, transformer) -> dict | None:
-        """None: context parallelism for Qwen-Image is design step 6 (both streams split)."""
-        return None
+        """diffusers' own plan: split ``transformer_blocks.0``'s streams and ``pos_embed``'s
+        tables (after ditplan permutes the image tokens and ``img_freqs``), gather at
+        ``proj_out``."""
+        return model_cp_plan(transformer)
 
     def experts(self, pipe) -> list[str]:
         """The pipeline's transformer (Qwen-Image has one)."""
