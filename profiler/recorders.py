@@ -114,7 +114,10 @@ class ProfileRecorder:
         self.call: CallState | None = None
         self._permuter = TokenPermuter(settings.tile)
         self.layout: TokenLayout | None = None  # of the latest call
-        self.text_len = 0  # encoder_hidden_states length of the latest call (cross-attention)
+        # Text tokens of the latest call: the joint sequence's (layout), else encoder_hidden_states'
+        # length (cross-attention keys); they differ where several inputs join the text
+        # (HunyuanVideo-1.5).
+        self.text_len = 0
         self._previous: dict[tuple[str, str], tuple[int, torch.Tensor]] = {}
         self._originals: dict[nn.Module, object] = {}
         self._handles: list = []
@@ -168,8 +171,8 @@ class ProfileRecorder:
     def _on_forward_pre(self, module, args, kwargs) -> None:
         latents = self._latents.get(args, kwargs)  # Wan [B, C, F, H, W]; FLUX [B, S, C]
         text = self._text.get(args, kwargs)  # [B, L, C]
-        self.text_len = 0 if text is None else int(text.shape[1])
         self.layout = self.adapter.token_layout(module, args, kwargs)
+        self.text_len = self.layout.text_len or (0 if text is None else int(text.shape[1]))
         self._permuter.begin(self.layout, latents.device)
 
     def _on_step(self, state: StepState) -> None:

@@ -21,6 +21,7 @@ FAMILY_MODULES = {
     "WanTransformer3DModel": "ditplan.runtime.adapters.wan",
     "FluxTransformer2DModel": "ditplan.runtime.adapters.flux",
     "HunyuanVideoTransformer3DModel": "ditplan.runtime.adapters.hunyuan_video",
+    "HunyuanVideo15Transformer3DModel": "ditplan.runtime.adapters.hunyuan_video15",
     "QwenImageTransformer2DModel": "ditplan.runtime.adapters.qwenimage",
 }
 

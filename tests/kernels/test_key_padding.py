@@ -170,5 +170,10 @@ def test_flex_padded_keys_match_the_masked_reference(dtype, shape, block_size, v
                                  key_valid=key_valid)
     ref = masked_attention_reference(q.double(), k.double(), v.double(), block_map,
                                      block_size=block_size, key_valid=key_valid)
-    floor = FP32_ATOL if dtype == torch.float32 else 2e-2  # bf16: output rounding
-    assert torch.isfinite(out).all() and _max_err(out, ref) <= floor
+    baseline = block_sparse_attention(q, k, v, block_map, block_size=block_size,
+                                      backend="dense", key_valid=key_valid).nan_to_num(0.0)
+    # (SDPA in the same dtype; a GPU SDPA kernel may give NaN for a row with no valid key)
+    # As test_backends' flex test: <= 2x SDPA's own error in this dtype, plus a floor.
+    floor = FP32_ATOL if dtype == torch.float32 else 1e-3
+    assert torch.isfinite(out).all()
+    assert _max_err(out, ref) <= 2 * _max_err(baseline, ref) + floor

@@ -13,12 +13,14 @@ from ditplan.runtime.adapters.base import FAMILY_MODULES, get_adapter
 from ditplan.runtime.apply import apply_sparse_attention
 from tests.factories import tiny_wan, tiny_wan_inputs
 from tests.flux_factories import tiny_flux
+from tests.hunyuan_video15_factories import tiny_hunyuan_video15
 from tests.hunyuan_video_factories import tiny_hunyuan_video
 from tests.qwenimage_factories import tiny_qwenimage
 
 TINY_MODELS = {"WanTransformer3DModel": tiny_wan, "FluxTransformer2DModel": tiny_flux,
                "QwenImageTransformer2DModel": tiny_qwenimage,
-               "HunyuanVideoTransformer3DModel": tiny_hunyuan_video}
+               "HunyuanVideoTransformer3DModel": tiny_hunyuan_video,
+               "HunyuanVideo15Transformer3DModel": tiny_hunyuan_video15}
 
 
 def parameters(function) -> list[tuple]:
