@@ -8,6 +8,7 @@ from torch import nn
 
 from ditplan.runtime.adapters.base import BlockList, register_adapter
 from ditplan.runtime.layout import AttnCall, PermutePoint, StreamIO, TokenLayout
+from ditplan.runtime.parallel import model_cp_plan
 from ditplan.runtime.sparse import SparseProcessorBase
 
 
@@ -127,7 +128,7 @@ class WanAdapter:
     def cp_plan(self, transformer) -> dict | None:
         """diffusers' own plan: split ``rope``'s tables, ``blocks.0``'s hidden states and a
         per-token timestep along the tokens, gather at ``proj_out``."""
-        return transformer._cp_plan
+        return model_cp_plan(transformer)
 
     def experts(self, pipe) -> list[str]:
         """The pipeline's transformers: Wan2.2 A14B adds ``transformer_2`` (low-noise expert)."""

@@ -1,10 +1,10 @@
 """HunyuanVideo and HunyuanVideo-1.5: profile -> compile -> apply through the Python API on
 tiny transformers.
 
-Their pipelines need text encoders from ``transformers`` (not installed here), so the pipeline
-steps are driven by hand as in test_joint_end_to_end: the recorder on the transformer, traces
-written as the profiler writes them, the compiler, apply_plan. The prompts are padded (both
-models always mask their text keys): the profiler masks them too.
+Their pipelines' text encoders (Llama and CLIP for HunyuanVideo) are not built in the tests
+yet, so the pipeline steps are driven by hand as in test_joint_end_to_end: the recorder on the
+transformer, traces written as the profiler writes them, the compiler, apply_plan. The prompts
+are padded (both models always mask their text keys): the profiler masks them too.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """FLUX.1 and Qwen-Image: profile -> compile -> apply through the Python API on tiny transformers.
 
-``ditplan profile`` / ``run`` need FluxPipeline / QwenImagePipeline, whose text encoders (CLIP
-and T5, Qwen2.5-VL) come from ``transformers`` (not installed here), so the pipeline steps are
-driven by hand: the recorder on the transformer, traces written as the profiler writes them,
-the compiler, apply_plan.
+The pipeline steps are driven by hand on the bare transformer (the recorder, traces written as
+the profiler writes them, the compiler, apply_plan), so each piece is checked without text
+encoders; the CLI on saved tiny pipelines is tests/e2e/test_cli_images.py.
 """
 
 from __future__ import annotations
