@@ -1,5 +1,5 @@
-"""The Qwen-Image adapter on a tiny QwenImageTransformer2DModel: dense, sparse, per-branch text
-lengths, key padding, removal, refusals."""
+"""The Qwen-Image adapter on a tiny QwenImageTransformer2DModel: per-branch text lengths, key
+padding, refusals (what every joint family does: test_joint_adapters.py)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ import pytest
 import torch
 from diffusers.models.transformers.transformer_qwenimage import QwenEmbedLayer3DRope
 
-from ditplan.policy.plan import AttentionSpec, BlockRun, PlanError
+from ditplan.policy.plan import AttentionSpec, BlockRun
 from ditplan.runtime.adapters.base import get_adapter
 from ditplan.runtime.apply import apply_plan, apply_sparse_attention
-from tests.flux_factories import tiny_flux
-from tests.joint_factories import tiny_joint_plan
+from tests.joint_factories import run_steps, tiny_joint_plan
 from tests.qwenimage_factories import tiny_qwenimage, tiny_qwenimage_inputs
 
 # A 12 x 20 token image (240 tokens) and 9 text tokens: 249 tokens, 4 blocks of 64, the last
@@ -21,50 +20,31 @@ BLOCK = 64
 KEEP_ALL = dict(density=None, mass_threshold=1.0, block_size=BLOCK)
 
 
-def _run(model, inputs, steps=1, context=None):
-    outs = []
-    with torch.no_grad():
-        for step in range(steps):
-            if context is None:
-                outs.append(model(**inputs).sample)
-            else:
-                with model.cache_context(context, step_index=step):
-                    outs.append(model(**inputs).sample)
-    return outs
-
-
-def test_dense_steps_equal_diffusers_bitwise():
-    model, inputs = tiny_qwenimage(), tiny_qwenimage_inputs(**GRID)
-    (expected,) = _run(model, inputs)
-    spec = AttentionSpec(density=0.3, block_size=BLOCK, tile=(1, 1, 1), dense_steps=(0,))
-    handle = apply_sparse_attention(model, spec, backend="torch")
-    dense_step, sparse_step = _run(model, inputs, steps=2)
-    densities = [layer.achieved_density() for layer in handle.layers]
-    handle.remove()
-    assert torch.equal(dense_step, expected)
-    assert len(densities) == 2 and all(d < 1.0 for d in densities)
-    assert not torch.allclose(sparse_step, expected, atol=1e-4)  # step 1 really ran sparse
-
-
-@pytest.mark.parametrize(("tile", "backend"), [((1, 1, 1), "torch"), ((1, 4, 4), "torch"),
-                                               ((1, 3, 5), "torch"), ((1, 4, 8), "dense")])
-def test_every_block_kept_equals_dense_for_both_text_lengths(tile, backend):
-    """cond and uncond prompts of different lengths (two layouts, two forced-block sets);
-    mass_threshold=1.0 keeps every block."""
+def _assert_every_block_kept_equals_dense(branches: dict, tile, backend) -> None:
+    """mass_threshold=1.0 keeps every block: each CFG branch's output (``branches``: context ->
+    inputs, the two text lengths giving two layouts and two forced-block sets) equals dense."""
     model = tiny_qwenimage()
-    branches = {"cond": tiny_qwenimage_inputs(**GRID),
-                "uncond": tiny_qwenimage_inputs(**{**GRID, "text_len": 5}, seed=2)}
-    expected = {c: _run(model, x)[0] for c, x in branches.items()}
+    expected = {c: run_steps(model, x)[0] for c, x in branches.items()}
     handle = apply_sparse_attention(model, AttentionSpec(**KEEP_ALL, tile=tile), backend=backend)
-    actual = {c: _run(model, x)[0] for c, x in branches.items()}
+    actual = {c: run_steps(model, x)[0] for c, x in branches.items()}
     calls = [int(layer.sparse_calls) for layer in handle.layers]
     handle.remove()
     assert calls == [2, 2]
     for context in branches:
         # fp32, unit-scale activations: the same sums over keys in another order (tokens
         # permuted, text moved behind the image) differ by float rounding only (measured
-        # <= 5e-7 on outputs up to ~2); 1e-5 still catches a misplaced token.
+        # <= 5e-7 on outputs up to ~2, <= 6e-7 padded); 1e-5 still catches a misplaced token,
+        # and one padding key let through moves outputs by ~1e-2.
         torch.testing.assert_close(actual[context], expected[context], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("tile", "backend"), [((1, 1, 1), "torch"), ((1, 4, 4), "torch"),
+                                               ((1, 3, 5), "torch"), ((1, 4, 8), "dense")])
+def test_every_block_kept_equals_dense_for_both_text_lengths(tile, backend):
+    """cond and uncond prompts of different lengths."""
+    _assert_every_block_kept_equals_dense(
+        {"cond": tiny_qwenimage_inputs(**GRID),
+         "uncond": tiny_qwenimage_inputs(**{**GRID, "text_len": 5}, seed=2)}, tile, backend)
 
 
 def test_block_runs_keep_each_branchs_text_apart():
@@ -96,20 +76,10 @@ def test_padded_batches_with_every_block_kept_equal_dense(tile, backend):
     """Batches of prompts padded to the longest (suffix padding, pipeline_qwenimage.py:
     212-218), cond and uncond of different text lengths: the padding keys reach the kernels as
     key_valid [B] and are masked as diffusers' [B, 1, 1, N] mask masks them."""
-    model = tiny_qwenimage()
-    branches = {"cond": tiny_qwenimage_inputs(**GRID, batch=2, valid=(9, 5)),
-                "uncond": tiny_qwenimage_inputs(**{**GRID, "text_len": 6}, batch=2,
-                                                valid=(2, 6), seed=2)}
-    expected = {c: _run(model, x)[0] for c, x in branches.items()}
-    handle = apply_sparse_attention(model, AttentionSpec(**KEEP_ALL, tile=tile), backend=backend)
-    actual = {c: _run(model, x)[0] for c, x in branches.items()}
-    calls = [int(layer.sparse_calls) for layer in handle.layers]
-    handle.remove()
-    assert calls == [2, 2]
-    for context in branches:
-        # As in the unpadded test above: float rounding of reordered sums (measured <= 6e-7);
-        # one padding key let through moves outputs by ~1e-2.
-        torch.testing.assert_close(actual[context], expected[context], rtol=1e-5, atol=1e-5)
+    _assert_every_block_kept_equals_dense(
+        {"cond": tiny_qwenimage_inputs(**GRID, batch=2, valid=(9, 5)),
+         "uncond": tiny_qwenimage_inputs(**{**GRID, "text_len": 6}, batch=2, valid=(2, 6),
+                                         seed=2)}, tile, backend)
 
 
 def test_a_padded_element_equals_its_prompt_alone_and_key_valid_counts_its_keys():
@@ -123,10 +93,10 @@ def test_a_padded_element_equals_its_prompt_alone_and_key_valid_counts_its_keys(
     del cut["encoder_hidden_states_mask"]
     handle = apply_sparse_attention(model, AttentionSpec(**KEEP_ALL, tile=(1, 4, 4)),
                                     backend="torch")
-    (both,) = _run(model, padded)
-    (alone,) = _run(model, cut)
+    (both,) = run_steps(model, padded)
+    (alone,) = run_steps(model, cut)
     handle.remove()
-    torch.testing.assert_close(both[1:], alone, rtol=1e-5, atol=1e-5)  # as above
+    torch.testing.assert_close(both[1:], alone, rtol=1e-5, atol=1e-5)  # rounding, as above
     attn = model.transformer_blocks[0].attn
     hidden = torch.randn(2, 240, attn.inner_dim)
     mask = padded["encoder_hidden_states_mask"]
@@ -136,35 +106,12 @@ def test_a_padded_element_equals_its_prompt_alone_and_key_valid_counts_its_keys(
     assert call.key_valid.tolist() == [240 + 9, 240 + 5]  # [image | valid text]
 
 
-def test_remove_restores_the_model_exactly():
-    model, inputs = tiny_qwenimage(), tiny_qwenimage_inputs(**GRID)
-    processors = [block.attn.processor for block in model.transformer_blocks]
-    (expected,) = _run(model, inputs)
-    handle = apply_sparse_attention(model, AttentionSpec(density=0.3, block_size=BLOCK,
-                                                         tile=(1, 4, 4)))
-    _run(model, inputs)
-    handle.remove()
-    assert [block.attn.processor for block in model.transformer_blocks] == processors
-    assert not model._forward_pre_hooks and not model.proj_out._forward_hooks
-    assert not model.pos_embed._diffusers_hook.hooks
-    assert torch.equal(_run(model, inputs)[0], expected)
-
-
-def test_plans_refuse_another_family():
-    qwen, flux = tiny_qwenimage(), tiny_flux()
-    with pytest.raises(PlanError, match="plan is for a FluxTransformer2DModel, this model is a "
-                                        "QwenImageTransformer2DModel"):
-        apply_plan(qwen, tiny_joint_plan(flux))
-    with pytest.raises(PlanError, match="plan is for a QwenImageTransformer2DModel"):
-        apply_plan(flux, tiny_joint_plan(qwen))
-
-
 def test_unsupported_inputs_and_variants_are_refused():
     model, inputs = tiny_qwenimage(), tiny_qwenimage_inputs(**GRID)
     handle = apply_sparse_attention(model, AttentionSpec(density=0.3, block_size=BLOCK))
     two_images = [[(1, 12, 10), (1, 12, 10)]]  # an edit model's reference image + output
     with pytest.raises(ValueError, match="one \\(1, rows, cols\\) image"):
-        _run(model, {**inputs, "img_shapes": two_images})
+        run_steps(model, {**inputs, "img_shapes": two_images})
     handle.remove()
     with pytest.raises(ValueError, match="zero_cond_t"):
         apply_sparse_attention(tiny_qwenimage(zero_cond_t=True), AttentionSpec(density=0.3))
