@@ -70,6 +70,7 @@ RUNTIME_LAYERS = {
     "ditplan.runtime.sparse": 3,
     "ditplan.runtime.parallel": 3,
     "ditplan.runtime.adapters.base": 4,
+    "ditplan.runtime.adapters.joint": 4,  # what the joint-attention families share
 }
 FAMILY_LAYER = 5
 

@@ -11,9 +11,14 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from torch import nn
 
 from ditplan.runtime.adapters.base import BlockList, register_adapter
+from ditplan.runtime.adapters.joint import (
+    JointAdapter,
+    JointSparseAttnProcessor,
+    joint_attention_layers,
+    joint_model_config,
+)
 from ditplan.runtime.layout import AttnCall, ForwardArgument, PermutePoint, StreamIO, TokenLayout
 from ditplan.runtime.parallel import model_cp_plan
-from ditplan.runtime.sparse import SparseProcessorBase
 
 # Both block kinds take the image and text streams and return (text, image) in 0.42.1
 # (transformer_flux.py: FluxTransformerBlock / FluxSingleTransformerBlock.forward).
@@ -88,47 +93,23 @@ def _forward_arguments(cls: type) -> dict[str, ForwardArgument]:
     return {name: ForwardArgument.of(forward, name) for name in names}
 
 
-class FluxSparseAttnProcessor(SparseProcessorBase):
-    """FluxAttnProcessor's parameters; every call is joint self-attention and goes to the
-    sparse runner (dense steps run the original processor)."""
-
-    def __call__(
-        self,
-        attn,
-        hidden_states,
-        encoder_hidden_states=None,
-        attention_mask=None,
-        image_rotary_emb=None,
-    ):
-        return self.run(attn, hidden_states, encoder_hidden_states, attention_mask,
-                        image_rotary_emb)
-
-
 @register_adapter(FluxTransformer2DModel)
-class FluxAdapter:
+class FluxAdapter(JointAdapter):
     """FluxTransformer2DModel: dual blocks ``transformer_blocks.{i}`` then single blocks
     ``single_transformer_blocks.{i}``, joint attention ``<block>.attn``; text first natively."""
 
     family = "flux"
-    processor_class = FluxSparseAttnProcessor
+    processor_class = JointSparseAttnProcessor
 
     def block_lists(self, transformer) -> list[BlockList]:
         return [BlockList("transformer_blocks", "dual", FLUX_STREAMS),
                 BlockList("single_transformer_blocks", "single", FLUX_STREAMS)]
 
-    def blocks(self, transformer):
-        return [named for blocks in self.block_lists(transformer)
-                for named in blocks.named(transformer)]
-
     def attention_layers(self, transformer):
         """The joint attention layers; refuses processors ditplan cannot stand in for."""
-        layers = [(f"{name}.attn", block.attn) for name, block in self.blocks(transformer)]
-        for name, attn in layers:
-            if not isinstance(attn.processor, FluxAttnProcessor | SparseProcessorBase):
-                raise ValueError(f"{name} runs {type(attn.processor).__name__}; ditplan's FLUX "
-                                 "adapter stands in for FluxAttnProcessor only (IP-Adapter "
-                                 "processors are not supported): remove it first")
-        return layers
+        return joint_attention_layers(
+            self.blocks(transformer), FluxAttnProcessor, "ditplan's FLUX adapter stands in for "
+            "FluxAttnProcessor only (IP-Adapter processors are not supported)")
 
     def token_layout(self, transformer, args, kwargs) -> TokenLayout:
         """The layout of a forward called with ``(args, kwargs)``: the image grid from
@@ -208,27 +189,14 @@ class FluxAdapter:
         a 4x MLP.
         """
         config = transformer.config
-        blocks = [name for name, _ in self.blocks(transformer)]
         width = config.num_attention_heads * config.attention_head_dim
-        return dict(
-            num_layers=len(blocks),
-            num_heads=config.num_attention_heads,
-            head_dim=config.attention_head_dim,
+        return joint_model_config(
+            transformer, [name for name, _ in self.blocks(transformer)], text_len,
             ffn_dim=4 * width,  # FeedForward's default mult and the single blocks' mlp_ratio
-            patch_size=(1, config.patch_size, config.patch_size),  # over the packed latents
-            text_len=text_len,
-            cross_attention=False,
-            joint_attention=True,
-            blocks=tuple(blocks),
-            self_attention={name: f"{name}.attn" for name in blocks},
-        )
+            patch_size=(1, config.patch_size, config.patch_size))  # over the packed latents
 
     def cp_plan(self, transformer) -> dict | None:
         """diffusers' own plan: split ``hidden_states``, ``encoder_hidden_states``,
         ``img_ids`` and ``txt_ids`` at the model input (after ditplan permutes the image
         tokens and ids), gather at ``proj_out``."""
         return model_cp_plan(transformer)
-
-    def experts(self, pipe) -> list[str]:
-        """The pipeline's transformer (FLUX has one)."""
-        return ["transformer"] if getattr(pipe, "transformer", None) is not None else []

@@ -11,8 +11,13 @@ from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideo
 from torch import nn
 
 from ditplan.runtime.adapters.base import BlockList, register_adapter
+from ditplan.runtime.adapters.joint import (
+    JointAdapter,
+    JointSparseAttnProcessor,
+    joint_attention_layers,
+    joint_model_config,
+)
 from ditplan.runtime.layout import AttnCall, ForwardArgument, PermutePoint, StreamIO, TokenLayout
-from ditplan.runtime.sparse import SparseProcessorBase
 
 # Both block kinds take the video and text streams and return (video, text) in 0.42.1: a
 # single-stream block concatenates them itself and splits its output again.
@@ -84,37 +89,17 @@ def key_valid_from_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | N
     return attention_mask.flatten(1).sum(1)  # [B], no host sync
 
 
-class HunyuanVideoSparseAttnProcessor(SparseProcessorBase):
-    """HunyuanVideoAttnProcessor2_0's parameters; every call is joint self-attention and goes
-    to the sparse runner (dense steps run the original processor)."""
-
-    def __call__(
-        self,
-        attn,
-        hidden_states,
-        encoder_hidden_states=None,
-        attention_mask=None,
-        image_rotary_emb=None,
-    ):
-        return self.run(attn, hidden_states, encoder_hidden_states, attention_mask,
-                        image_rotary_emb)
-
-
 @register_adapter(HunyuanVideoTransformer3DModel)
-class HunyuanVideoAdapter:
+class HunyuanVideoAdapter(JointAdapter):
     """HunyuanVideoTransformer3DModel: dual blocks ``transformer_blocks.{i}`` then single
     blocks ``single_transformer_blocks.{i}``, joint attention ``<block>.attn``; text last."""
 
     family = "hunyuan_video"
-    processor_class = HunyuanVideoSparseAttnProcessor
+    processor_class = JointSparseAttnProcessor
 
     def block_lists(self, transformer) -> list[BlockList]:
         return [BlockList("transformer_blocks", "dual", HUNYUAN_STREAMS),
                 BlockList("single_transformer_blocks", "single", HUNYUAN_STREAMS)]
-
-    def blocks(self, transformer):
-        return [named for blocks in self.block_lists(transformer)
-                for named in blocks.named(transformer)]
 
     def attention_layers(self, transformer):
         """The joint attention layers; refuses the variant and processors ditplan cannot
@@ -122,13 +107,9 @@ class HunyuanVideoAdapter:
         if transformer.config.image_condition_type == "token_replace":
             raise ValueError("ditplan does not support HunyuanVideo I2V's token_replace yet (its "
                              "blocks modulate the first frame's tokens by position)")
-        layers = [(f"{name}.attn", block.attn) for name, block in self.blocks(transformer)]
-        for name, attn in layers:
-            if not isinstance(attn.processor, HunyuanVideoAttnProcessor2_0 | SparseProcessorBase):
-                raise ValueError(f"{name} runs {type(attn.processor).__name__}; ditplan's "
-                                 "HunyuanVideo adapter stands in for "
-                                 "HunyuanVideoAttnProcessor2_0 only: remove it first")
-        return layers
+        return joint_attention_layers(
+            self.blocks(transformer), HunyuanVideoAttnProcessor2_0, "ditplan's HunyuanVideo "
+            "adapter stands in for HunyuanVideoAttnProcessor2_0 only")
 
     def token_layout(self, transformer, args, kwargs) -> TokenLayout:
         """The layout of a forward called with ``(args, kwargs)``: latents [B, C, F, H, W]
@@ -187,27 +168,14 @@ class HunyuanVideoAdapter:
         an MLP of ``mlp_ratio`` times it.
         """
         config = transformer.config
-        blocks = [name for name, _ in self.blocks(transformer)]
         width = config.num_attention_heads * config.attention_head_dim
-        return dict(
-            num_layers=len(blocks),
-            num_heads=config.num_attention_heads,
-            head_dim=config.attention_head_dim,
+        return joint_model_config(
+            transformer, [name for name, _ in self.blocks(transformer)], text_len,
             ffn_dim=int(config.mlp_ratio * width),
-            patch_size=(config.patch_size_t, config.patch_size, config.patch_size),
-            text_len=text_len,
-            cross_attention=False,
-            joint_attention=True,
-            blocks=tuple(blocks),
-            self_attention={name: f"{name}.attn" for name in blocks},
-        )
+            patch_size=(config.patch_size_t, config.patch_size, config.patch_size))
 
     def cp_plan(self, transformer) -> dict | None:
         """None: context parallelism is refused (design D9): diffusers 0.42.1 ships no
         ``_cp_plan`` for HunyuanVideo, and the model builds its [B, 1, 1, N] key mask over
         the whole sequence before any split."""
         return None
-
-    def experts(self, pipe) -> list[str]:
-        """The pipeline's transformer (HunyuanVideo has one)."""
-        return ["transformer"] if getattr(pipe, "transformer", None) is not None else []

@@ -13,8 +13,13 @@ from diffusers.models.transformers.transformer_hunyuan_video15 import (
 from torch import nn
 
 from ditplan.runtime.adapters.base import BlockList, register_adapter
+from ditplan.runtime.adapters.joint import (
+    JointAdapter,
+    JointSparseAttnProcessor,
+    joint_attention_layers,
+    joint_model_config,
+)
 from ditplan.runtime.layout import AttnCall, ForwardArgument, PermutePoint, StreamIO, TokenLayout
-from ditplan.runtime.sparse import SparseProcessorBase
 
 # HunyuanVideo15TransformerBlock.forward takes the video and text streams, returns (video, text).
 HV15_STREAMS = StreamIO(video="hidden_states", text="encoder_hidden_states",
@@ -72,47 +77,22 @@ def key_valid_from_text_mask(video_tokens: int, attention_mask: torch.Tensor) ->
     return video_tokens + attention_mask.bool().sum(1)  # [B], no host sync
 
 
-class HunyuanVideo15SparseAttnProcessor(SparseProcessorBase):
-    """HunyuanVideo15AttnProcessor2_0's parameters; every call is joint self-attention and
-    goes to the sparse runner (dense steps run the original processor and its mask)."""
-
-    def __call__(
-        self,
-        attn,
-        hidden_states,
-        encoder_hidden_states=None,
-        attention_mask=None,
-        image_rotary_emb=None,
-    ):
-        return self.run(attn, hidden_states, encoder_hidden_states, attention_mask,
-                        image_rotary_emb)
-
-
 @register_adapter(HunyuanVideo15Transformer3DModel)
-class HunyuanVideo15Adapter:
+class HunyuanVideo15Adapter(JointAdapter):
     """HunyuanVideo15Transformer3DModel: dual blocks ``transformer_blocks.{i}``, joint
     attention ``transformer_blocks.{i}.attn``; text (three inputs) last."""
 
     family = "hunyuan_video15"
-    processor_class = HunyuanVideo15SparseAttnProcessor
+    processor_class = JointSparseAttnProcessor  # dense steps: the original and its mask
 
     def block_lists(self, transformer) -> list[BlockList]:
         return [BlockList("transformer_blocks", "dual", HV15_STREAMS)]
 
-    def blocks(self, transformer):
-        return [named for blocks in self.block_lists(transformer)
-                for named in blocks.named(transformer)]
-
     def attention_layers(self, transformer):
         """The joint attention layers; refuses processors ditplan cannot stand in for."""
-        layers = [(f"{name}.attn", block.attn) for name, block in self.blocks(transformer)]
-        supported = HunyuanVideo15AttnProcessor2_0 | SparseProcessorBase
-        for name, attn in layers:
-            if not isinstance(attn.processor, supported):
-                raise ValueError(f"{name} runs {type(attn.processor).__name__}; ditplan's "
-                                 "HunyuanVideo-1.5 adapter stands in for "
-                                 "HunyuanVideo15AttnProcessor2_0 only: remove it first")
-        return layers
+        return joint_attention_layers(
+            self.blocks(transformer), HunyuanVideo15AttnProcessor2_0, "ditplan's "
+            "HunyuanVideo-1.5 adapter stands in for HunyuanVideo15AttnProcessor2_0 only")
 
     def token_layout(self, transformer, args, kwargs) -> TokenLayout:
         """The layout of a forward called with ``(args, kwargs)``: latents [B, C, F, H, W]
@@ -167,26 +147,13 @@ class HunyuanVideo15Adapter:
         """The transformer facts a cost model needs (profiler.schema.ModelConfig's fields);
         ``text_len`` (every conditioning token) joins the video tokens in every block."""
         config = transformer.config
-        blocks = [name for name, _ in self.blocks(transformer)]
         width = config.num_attention_heads * config.attention_head_dim
-        return dict(
-            num_layers=len(blocks),
-            num_heads=config.num_attention_heads,
-            head_dim=config.attention_head_dim,
+        return joint_model_config(
+            transformer, [name for name, _ in self.blocks(transformer)], text_len,
             ffn_dim=int(config.mlp_ratio * width),
-            patch_size=(config.patch_size_t, config.patch_size, config.patch_size),
-            text_len=text_len,
-            cross_attention=False,
-            joint_attention=True,
-            blocks=tuple(blocks),
-            self_attention={name: f"{name}.attn" for name in blocks},
-        )
+            patch_size=(config.patch_size_t, config.patch_size, config.patch_size))
 
     def cp_plan(self, transformer) -> dict | None:
         """None: context parallelism is refused (design D9): diffusers 0.42.1 ships no
         ``_cp_plan`` for HunyuanVideo-1.5, whose processor builds a whole-sequence mask."""
         return None
-
-    def experts(self, pipe) -> list[str]:
-        """The pipeline's transformer (HunyuanVideo-1.5 has one)."""
-        return ["transformer"] if getattr(pipe, "transformer", None) is not None else []

@@ -14,6 +14,7 @@ from diffusers.models.transformers.transformer_qwenimage import (
 from torch import nn
 
 from ditplan.runtime.adapters.base import BlockList, register_adapter
+from ditplan.runtime.adapters.joint import JointAdapter, joint_attention_layers, joint_model_config
 from ditplan.runtime.layout import AttnCall, ForwardArgument, PermutePoint, StreamIO, TokenLayout
 from ditplan.runtime.parallel import model_cp_plan
 from ditplan.runtime.sparse import SparseProcessorBase
@@ -92,7 +93,7 @@ class QwenImageSparseAttnProcessor(SparseProcessorBase):
 
 
 @register_adapter(QwenImageTransformer2DModel)
-class QwenImageAdapter:
+class QwenImageAdapter(JointAdapter):
     """QwenImageTransformer2DModel: dual blocks ``transformer_blocks.{i}``, joint attention
     ``transformer_blocks.{i}.attn``; text first natively, its length per prompt."""
 
@@ -102,21 +103,12 @@ class QwenImageAdapter:
     def block_lists(self, transformer) -> list[BlockList]:
         return [BlockList("transformer_blocks", "dual", QWEN_STREAMS)]
 
-    def blocks(self, transformer):
-        return [named for blocks in self.block_lists(transformer)
-                for named in blocks.named(transformer)]
-
     def attention_layers(self, transformer):
         """The joint attention layers; refuses variants and processors ditplan cannot serve."""
         _check_supported(transformer)
-        layers = [(f"{name}.attn", block.attn) for name, block in self.blocks(transformer)]
-        supported = QwenDoubleStreamAttnProcessor2_0 | SparseProcessorBase
-        for name, attn in layers:
-            if not isinstance(attn.processor, supported):
-                raise ValueError(f"{name} runs {type(attn.processor).__name__}; ditplan's "
-                                 "Qwen-Image adapter stands in for "
-                                 "QwenDoubleStreamAttnProcessor2_0 only: remove it first")
-        return layers
+        return joint_attention_layers(
+            self.blocks(transformer), QwenDoubleStreamAttnProcessor2_0, "ditplan's Qwen-Image "
+            "adapter stands in for QwenDoubleStreamAttnProcessor2_0 only")
 
     def token_layout(self, transformer, args, kwargs) -> TokenLayout:
         """The layout of a forward called with ``(args, kwargs)``: the image grid from
@@ -177,26 +169,13 @@ class QwenImageAdapter:
         """The transformer facts a cost model needs (profiler.schema.ModelConfig's fields);
         ``text_len`` joins the image tokens in every block's attention."""
         config = transformer.config
-        blocks = [name for name, _ in self.blocks(transformer)]
-        return dict(
-            num_layers=len(blocks),
-            num_heads=config.num_attention_heads,
-            head_dim=config.attention_head_dim,
+        return joint_model_config(
+            transformer, [name for name, _ in self.blocks(transformer)], text_len,
             ffn_dim=4 * config.num_attention_heads * config.attention_head_dim,  # FeedForward
-            patch_size=(1, config.patch_size, config.patch_size),  # the pipeline's packing
-            text_len=text_len,
-            cross_attention=False,
-            joint_attention=True,
-            blocks=tuple(blocks),
-            self_attention={name: f"{name}.attn" for name in blocks},
-        )
+            patch_size=(1, config.patch_size, config.patch_size))  # the pipeline's packing
 
     def cp_plan(self, transformer) -> dict | None:
         """diffusers' own plan: split ``transformer_blocks.0``'s streams and ``pos_embed``'s
         tables (after ditplan permutes the image tokens and ``img_freqs``), gather at
         ``proj_out``."""
         return model_cp_plan(transformer)
-
-    def experts(self, pipe) -> list[str]:
-        """The pipeline's transformer (Qwen-Image has one)."""
-        return ["transformer"] if getattr(pipe, "transformer", None) is not None else []
