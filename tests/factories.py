@@ -133,3 +133,17 @@ def run_cfg_steps(model, inputs: dict, steps: int) -> list:
                 with model.cache_context(context, step_index=step):
                     outs.append(model(**inputs).sample)
     return outs
+
+
+def run_steps(model, inputs: dict, steps: int = 1, context: str | None = None) -> list:
+    """``steps`` forwards of ``model`` on ``inputs`` without grad, in cache context ``context``
+    (step_index = the step) if given; their ``.sample`` outputs."""
+    outs = []
+    with torch.no_grad():
+        for step in range(steps):
+            if context is None:
+                outs.append(model(**inputs).sample)
+            else:
+                with model.cache_context(context, step_index=step):
+                    outs.append(model(**inputs).sample)
+    return outs

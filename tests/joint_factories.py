@@ -49,20 +49,6 @@ def tiny_joint_plan(model, *, steps: int = 2, density: float = 0.3, tile=(1, 4, 
     )
 
 
-def run_steps(model, inputs: dict, steps: int = 1, context: str | None = None) -> list:
-    """``steps`` forwards of ``model`` on ``inputs`` without grad, in cache context ``context``
-    (step_index = the step) if given; their ``.sample`` outputs."""
-    outs = []
-    with torch.no_grad():
-        for step in range(steps):
-            if context is None:
-                outs.append(model(**inputs).sample)
-            else:
-                with model.cache_context(context, step_index=step):
-                    outs.append(model(**inputs).sample)
-    return outs
-
-
 def count_attention_calls(model, blocks) -> dict[str, int]:
     """Calls of each of ``blocks``' ``<block>.attn``, counted from now on (forward hooks)."""
     calls = dict.fromkeys(blocks, 0)

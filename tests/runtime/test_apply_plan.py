@@ -11,21 +11,9 @@ from ditplan.policy.plan import PlanError
 from ditplan.policy.plan_io import load_plan, save_plan
 from ditplan.runtime.apply import apply_plan
 from ditplan.runtime.fingerprint import weights_hash
-from tests.factories import tiny_wan, tiny_wan_inputs, tiny_wan_plan
+from tests.factories import run_steps, tiny_wan, tiny_wan_inputs, tiny_wan_plan
 
 INPUTS = dict(frames=3, height=16, width=24)  # token grid (3, 8, 12)
-
-
-def _steps(model, inputs, n, context=None):
-    outs = []
-    with torch.no_grad():
-        for step in range(n):
-            if context is None:
-                outs.append(model(**inputs).sample)
-            else:
-                with model.cache_context(context, step_index=step):
-                    outs.append(model(**inputs).sample)
-    return outs
 
 
 def test_plan_round_trips_through_a_file_and_applies(tmp_path):
@@ -33,7 +21,7 @@ def test_plan_round_trips_through_a_file_and_applies(tmp_path):
     path = tmp_path / "plan.json"
     save_plan(tiny_wan_plan(model, tokens_grid=(3, 8, 12)), path)
     handle = apply_plan(model, load_plan(path), backend="torch")
-    _steps(model, tiny_wan_inputs(**INPUTS), 2)
+    run_steps(model, tiny_wan_inputs(**INPUTS), 2)
     stats = handle.stats()
     handle.remove()
     # blocks.0 at density 0.3: dense at step 0, sparse at step 1; blocks.1 is dense (not listed).
@@ -41,17 +29,17 @@ def test_plan_round_trips_through_a_file_and_applies(tmp_path):
     assert stats["blocks_skipped_share"] == 0.0
 
 
-def test_remove_restores_bitwise_after_sparse_and_cached_steps():
+def test_remove_restores_bitwise_after_sparse_and_cachedrun_steps():
     model, inputs = tiny_wan(), tiny_wan_inputs(**INPUTS)
-    expected = _steps(model, inputs, 1)[0]
+    expected = run_steps(model, inputs, 1)[0]
     plan = tiny_wan_plan(model, cache_compute=(True, False, True, False))
     handle = apply_plan(model, plan, backend="torch")
-    outs = _steps(model, inputs, 4, context="cond")
+    outs = run_steps(model, inputs, 4, context="cond")
     handle.remove()
     # step 0: dense and computed, on permuted tokens (equal up to summation order)
     torch.testing.assert_close(outs[0], expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(outs[1], expected, atol=1e-4)  # sparse blocks.0, cached blocks.1
-    assert torch.equal(_steps(model, inputs, 1)[0], expected)
+    assert torch.equal(run_steps(model, inputs, 1)[0], expected)
     assert (
         not hasattr(model.blocks[1], "_diffusers_hook") or not model.blocks[1]._diffusers_hook.hooks
     )
@@ -101,11 +89,11 @@ def test_other_grid_and_too_many_steps_are_refused():
     model = tiny_wan()
     handle = apply_plan(model, tiny_wan_plan(model, tokens_grid=(3, 8, 8)), backend="torch")
     with pytest.raises(ValueError, match=r"\(3, 8, 8\) token grid"):
-        _steps(model, tiny_wan_inputs(**INPUTS), 1)
+        run_steps(model, tiny_wan_inputs(**INPUTS), 1)
     handle.remove()
     handle = apply_plan(model, tiny_wan_plan(model, steps=2), backend="torch")
     with pytest.raises(PlanError, match="step 2 but the plan was compiled for 2 denoising steps"):
-        _steps(model, tiny_wan_inputs(**INPUTS), 3, context="cond")
+        run_steps(model, tiny_wan_inputs(**INPUTS), 3, context="cond")
     handle.reset()
     with (  # a pipeline that announces its step count is refused at its first call
         pytest.raises(PlanError, match="runs 5 steps but the plan was compiled for 2"),
@@ -128,7 +116,7 @@ def test_cached_residual_in_permuted_order_equals_the_unpermuted_one():
         )
         layers = {**plan.layers, "blocks.0": replace(plan.layers["blocks.0"], attention=keep_all)}
         handle = apply_plan(model, replace(plan, layers=layers), backend="torch")
-        outputs[tile] = _steps(model, inputs, 2, context="cond")
+        outputs[tile] = run_steps(model, inputs, 2, context="cond")
         handle.remove()
     # fp32 attention with the same kept set in another order: summation-order differences only.
     torch.testing.assert_close(outputs[(1, 2, 2)][1], outputs[(1, 1, 1)][1], rtol=1e-5, atol=1e-5)

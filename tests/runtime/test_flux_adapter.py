@@ -13,9 +13,9 @@ from ditplan.policy.plan import AttentionSpec, BlockRun, PlanError
 from ditplan.runtime.apply import apply_plan, apply_sparse_attention
 from ditplan.runtime.layout import TokenLayout
 from ditplan.runtime.permutation import TokenPermuter
-from tests.factories import tiny_wan, tiny_wan_plan
+from tests.factories import run_steps, tiny_wan, tiny_wan_plan
 from tests.flux_factories import image_ids, tiny_flux, tiny_flux_inputs
-from tests.joint_factories import assert_processor_refused, run_steps, tiny_joint_plan
+from tests.joint_factories import assert_processor_refused, tiny_joint_plan
 
 # A 12 x 20 token image (240 tokens) and 9 text tokens: 249 tokens, 4 blocks of 64; the last
 # block holds image and text tokens (the mixed boundary block).

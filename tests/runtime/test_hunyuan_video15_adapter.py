@@ -12,9 +12,10 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from ditplan.policy.plan import BlockRun, PlanError
 from ditplan.runtime.adapters.base import get_adapter
 from ditplan.runtime.apply import apply_plan
+from tests.factories import run_steps
 from tests.hunyuan_video15_factories import tiny_hunyuan_video15, tiny_hunyuan_video15_inputs
 from tests.hunyuan_video_factories import tiny_hunyuan_video
-from tests.joint_factories import assert_processor_refused, run_steps, tiny_joint_plan
+from tests.joint_factories import assert_processor_refused, tiny_joint_plan
 
 # 2 frames of 8 x 12 tokens (192 video tokens) and 7 + 4 + 5 conditioning tokens (Qwen2.5-VL,
 # ByT5, image; the 5 image tokens are T2V padding): 208 tokens, 4 blocks of 64, the last mixed.

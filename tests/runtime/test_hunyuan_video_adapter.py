@@ -11,8 +11,9 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from ditplan.policy.plan import AttentionSpec, PlanError
 from ditplan.runtime.adapters.base import get_adapter
 from ditplan.runtime.apply import apply_plan, apply_sparse_attention
+from tests.factories import run_steps
 from tests.hunyuan_video_factories import tiny_hunyuan_video, tiny_hunyuan_video_inputs
-from tests.joint_factories import assert_processor_refused, run_steps, tiny_joint_plan
+from tests.joint_factories import assert_processor_refused, tiny_joint_plan
 
 # 2 frames of 8 x 12 tokens (192 video tokens) and 9 text tokens: 201 tokens, 4 blocks of 64,
 # the last one mixed (video and text). Element 1 of a padded batch has 5 valid text tokens.

@@ -13,10 +13,11 @@ import torch
 from ditplan.policy.plan import AttentionSpec, BlockRun, PlanError
 from ditplan.runtime.adapters.base import get_adapter
 from ditplan.runtime.apply import apply_plan, apply_sparse_attention
+from tests.factories import run_steps
 from tests.flux_factories import tiny_flux, tiny_flux_inputs
 from tests.hunyuan_video15_factories import tiny_hunyuan_video15, tiny_hunyuan_video15_inputs
 from tests.hunyuan_video_factories import tiny_hunyuan_video, tiny_hunyuan_video_inputs
-from tests.joint_factories import count_attention_calls, run_steps, tiny_joint_plan
+from tests.joint_factories import count_attention_calls, tiny_joint_plan
 from tests.qwenimage_factories import tiny_qwenimage, tiny_qwenimage_inputs
 
 BLOCK = 64

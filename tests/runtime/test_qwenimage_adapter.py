@@ -10,7 +10,8 @@ from diffusers.models.transformers.transformer_qwenimage import QwenEmbedLayer3D
 from ditplan.policy.plan import AttentionSpec, BlockRun
 from ditplan.runtime.adapters.base import get_adapter
 from ditplan.runtime.apply import apply_plan, apply_sparse_attention
-from tests.joint_factories import run_steps, tiny_joint_plan
+from tests.factories import run_steps
+from tests.joint_factories import tiny_joint_plan
 from tests.qwenimage_factories import tiny_qwenimage, tiny_qwenimage_inputs
 
 # A 12 x 20 token image (240 tokens) and 9 text tokens: 249 tokens, 4 blocks of 64, the last

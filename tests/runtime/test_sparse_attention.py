@@ -11,24 +11,19 @@ from ditplan.runtime.adapters.wan import wan_self_attention_qkv
 from ditplan.runtime.apply import apply_sparse_attention
 from ditplan.runtime.kernels.block_map import forced_blocks, select_blocks_reference
 from ditplan.runtime.kernels.reference import masked_attention_reference
-from tests.factories import tiny_wan, tiny_wan_inputs
+from tests.factories import run_steps, tiny_wan, tiny_wan_inputs
 
 # 3 frames x 8 x 12 tokens = 288 tokens: 5 blocks of 64 (the last one partial).
 GRID_INPUTS = dict(frames=3, height=16, width=24)
 BLOCK = 64
 
 
-def _run(model, inputs, steps=1):
-    with torch.no_grad():
-        return [model(**inputs).sample for _ in range(steps)]
-
-
 def test_dense_steps_equal_diffusers_through_the_static_permutation():
     model, inputs = tiny_wan(), tiny_wan_inputs(**GRID_INPUTS)
-    (expected,) = _run(model, inputs)
+    (expected,) = run_steps(model, inputs)
     spec = AttentionSpec(density=0.3, block_size=BLOCK, tile=(1, 4, 4), dense_steps=(0,))
     handle = apply_sparse_attention(model, spec)
-    dense_step, sparse_step = _run(model, inputs, steps=2)
+    dense_step, sparse_step = run_steps(model, inputs, steps=2)
     handle.remove()
     # Step 0 is a dense warm-up step on permuted tokens: dense attention is permutation-
     # equivariant, so only summation order differs (design D3).
@@ -38,9 +33,9 @@ def test_dense_steps_equal_diffusers_through_the_static_permutation():
 
 def test_all_dense_settings_permute_nothing_and_stay_bitwise():
     model, inputs = tiny_wan(), tiny_wan_inputs(**GRID_INPUTS)
-    (expected,) = _run(model, inputs)
+    (expected,) = run_steps(model, inputs)
     handle = apply_sparse_attention(model, AttentionSpec(density=1.0, tile=(1, 4, 4)))
-    (actual,) = _run(model, inputs)
+    (actual,) = run_steps(model, inputs)
     permute_hooks = [m for m in (model.rope, model.blocks[0], model.proj_out)
                      if m._forward_pre_hooks or m._forward_hooks or hasattr(m, "_diffusers_hook")]
     handle.remove()
@@ -51,14 +46,14 @@ def test_all_dense_settings_permute_nothing_and_stay_bitwise():
 def test_remove_restores_model_bitwise():
     model, inputs = tiny_wan(), tiny_wan_inputs(**GRID_INPUTS)
     processors = [b.attn1.processor for b in model.blocks]
-    (expected,) = _run(model, inputs)
+    (expected,) = run_steps(model, inputs)
     handle = apply_sparse_attention(model, AttentionSpec(density=0.3, block_size=BLOCK))
-    _run(model, inputs)
+    run_steps(model, inputs)
     handle.remove()
     assert [b.attn1.processor for b in model.blocks] == processors
     assert not model._forward_pre_hooks and not model.blocks[0]._forward_pre_hooks
     assert not model.rope._diffusers_hook.hooks and not model.proj_out._forward_hooks
-    assert torch.equal(_run(model, inputs)[0], expected)
+    assert torch.equal(run_steps(model, inputs)[0], expected)
 
 
 @pytest.mark.parametrize("tile", [(1, 1, 1), (1, 4, 4), (2, 4, 8), (1, 3, 5)])
@@ -66,10 +61,10 @@ def test_remove_restores_model_bitwise():
 def test_all_blocks_kept_matches_dense_model_through_permutation(tile, backend):
     """mass_threshold=1.0 keeps every block, so only the permutation and kernels are exercised."""
     model, inputs = tiny_wan(), tiny_wan_inputs(**GRID_INPUTS)
-    (expected,) = _run(model, inputs)
+    (expected,) = run_steps(model, inputs)
     spec = AttentionSpec(density=None, mass_threshold=1.0, block_size=BLOCK, tile=tile)
     handle = apply_sparse_attention(model, spec, backend=backend)
-    (actual,) = _run(model, inputs)
+    (actual,) = run_steps(model, inputs)
     handle.remove()
     # fp32 on unit-scale activations: summation-order differences stay near 1e-6.
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
@@ -81,7 +76,7 @@ def test_in_place_permutation_equals_the_copying_one_and_spares_the_inputs():
     latents = inputs["hidden_states"].clone()
     handle = apply_sparse_attention(model, AttentionSpec(density=0.4, block_size=BLOCK,
                                                          tile=(1, 4, 4)), backend="torch")
-    (in_place,) = _run(model, inputs)
+    (in_place,) = run_steps(model, inputs)
     with torch.enable_grad():
         copied = model(**inputs).sample.detach()
     handle.remove()
@@ -103,7 +98,7 @@ def test_sparse_processor_matches_masked_reference(densities):
         sink=False,
     )
     handle = apply_sparse_attention(model, {"blocks.0.attn1": spec}, backend="torch")
-    _run(model, inputs)
+    run_steps(model, inputs)
     handle.remove()
     hidden_states, _, _, rotary_emb = captured["args"]
     with torch.no_grad():
@@ -121,7 +116,7 @@ def test_sparse_processor_matches_masked_reference(densities):
 
 def test_cache_context_step_index_drives_dense_steps():
     model, inputs = tiny_wan(), tiny_wan_inputs(**GRID_INPUTS)
-    (expected,) = _run(model, inputs)
+    (expected,) = run_steps(model, inputs)
     spec = AttentionSpec(density=0.3, block_size=BLOCK, tile=(1, 4, 4), dense_steps=(4,))
     handle = apply_sparse_attention(model, spec)
     with torch.no_grad(), model.cache_context("uncond", step_index=4):
@@ -135,10 +130,10 @@ def test_cache_context_step_index_drives_dense_steps():
 
 def test_counted_steps_wrap_at_num_inference_steps():
     model, inputs = tiny_wan(), tiny_wan_inputs(**GRID_INPUTS)
-    (expected,) = _run(model, inputs)
+    (expected,) = run_steps(model, inputs)
     spec = AttentionSpec(density=0.3, block_size=BLOCK, dense_steps=(0,))
     handle = apply_sparse_attention(model, spec, num_inference_steps=2)
-    outputs = _run(model, inputs, steps=3)  # steps 0, 1, then 0 again (a new generation)
+    outputs = run_steps(model, inputs, steps=3)  # steps 0, 1, then 0 again (a new generation)
     handle.remove()
     for dense_step in (outputs[0], outputs[2]):
         torch.testing.assert_close(dense_step, expected, rtol=1e-5, atol=1e-5)
@@ -180,7 +175,7 @@ def test_sequence_that_does_not_match_the_latent_grid_is_refused():
     handle = apply_sparse_attention(
         model, AttentionSpec(density=0.5, block_size=BLOCK, tile=(1, 1, 1))
     )
-    _run(model, inputs)  # establishes the 288-token layout
+    run_steps(model, inputs)  # establishes the 288-token layout
     attn = model.blocks[0].attn1
     with pytest.raises(ValueError, match="288"), torch.no_grad():
         attn(torch.randn(1, 100, attn.inner_dim), None, None, None)
@@ -193,7 +188,7 @@ def test_call_statistics_are_tensors_and_give_the_achieved_density():
     model, inputs = tiny_wan(), tiny_wan_inputs(**GRID_INPUTS)
     spec = AttentionSpec(density=0.3, block_size=BLOCK, dense_steps=(0,))
     handle = apply_sparse_attention(model, spec, num_inference_steps=2)
-    _run(model, inputs, steps=2)  # step 0 dense, step 1 sparse
+    run_steps(model, inputs, steps=2)  # step 0 dense, step 1 sparse
     layer = handle.layers[0]
     handle.remove()
     counters = (layer.kept_sum, layer.sparse_calls, layer.dense_calls)
