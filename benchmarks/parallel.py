@@ -2,16 +2,19 @@
 sparse attention, one GPU against W GPUs (diffusers' Ulysses), in one torchrun.
 
     torchrun --nproc-per-node 2 -m benchmarks.parallel [--density 0.2] [--steps N]
-        [--repeats 5] [--json out.json]
-    --quick: the tiny model on CPU over gloo (a smoke run; the test suite runs it in 2 ranks)
+        [--repeats 5] [--chunks 1 2 ...] [--json out.json]
+    --quick: the tiny model (4 heads) on CPU over gloo (a smoke run; the test suite runs it in
+    2 ranks)
 
 Every rank first times the model alone on its own GPU (the 1-GPU rows; the ranks run them
 side by side, each on its own card). Then ditplan installs sparse attention (every layer at
 --density) with parallel=ContextParallelConfig(ulysses_degree=W) and the ranks time it
-together; remove() leaves diffusers' plain context parallelism, timed as dense on W GPUs (a
-parallel model takes no second installation, so the sparse row comes first). Each time is one
-transformer forward (median of --repeats after 2 warm-ups, the slowest rank's); --steps N also
-times one N-step CFG denoising loop per variant (warm from the forwards). The W-GPU outputs are
+together, once per --chunks count (ulysses_chunks: 1 is diffusers' all-to-alls, C > 1 the
+pipelined head chunks; the later counts are set on the installed layers); remove() leaves
+diffusers' plain context parallelism, timed as dense on W GPUs (a parallel model takes no
+second installation, so the sparse rows come first). Each time is one transformer forward
+(median of --repeats after 2 warm-ups, the slowest rank's); --steps N also times one N-step
+CFG denoising loop per variant (warm from the forwards). The W-GPU outputs are
 compared with the 1-GPU ones of the same variant (bf16: equal within rounding, not bitwise).
 """
 
@@ -26,14 +29,18 @@ import time
 
 import torch
 import torch.distributed as dist
-from diffusers import ContextParallelConfig
+from diffusers import ContextParallelConfig, WanTransformer3DModel
 
 from benchmarks.common import banner, peak_memory_gib, time_ms
-from benchmarks.forward import build
+from benchmarks.forward import QUICK_CONFIG, build
 from benchmarks.quality.scale import Denoiser
 from ditplan.policy.plan import AttentionSpec
+from ditplan.runtime.adapters.base import get_adapter
 from ditplan.runtime.apply import apply_sparse_attention
-from ditplan.runtime.parallel import mean_over_ranks
+from ditplan.runtime.parallel import check_chunks, check_parallel_config, mean_over_ranks
+
+# benchmarks.forward's quick model with 4 heads (2 a rank on 2 ranks), so --chunks 2 runs
+QUICK_HEADS = dict(QUICK_CONFIG, num_attention_heads=4, attention_head_dim=16)
 
 
 def setup() -> torch.device:
@@ -58,6 +65,8 @@ def shared_model(quick: bool, device: torch.device):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     model, inputs = build(quick, device.type, dtype)
+    if quick:
+        model = WanTransformer3DModel(**QUICK_HEADS).eval()
     for tensor in [*model.parameters(), *model.buffers(),
                    *(x for x in inputs.values() if torch.is_tensor(x))]:
         dist.broadcast(tensor.data, src=0)
@@ -77,12 +86,13 @@ class Timer:
         with torch.no_grad():
             return self.model(**self.inputs)[0]  # [1, C, F, H, W]
 
-    def measure(self, variant: str, gpus: int, layers=()) -> dict:
-        """The row of the model as installed now; ``layers``: its sparse layers' runtimes."""
+    def measure(self, variant: str, gpus: int, layers=(), **extra) -> dict:
+        """The row of the model as installed now; ``layers``: its sparse layers' runtimes;
+        ``extra``: more columns of the row."""
         dist.barrier()
         ms = _over_ranks(time_ms(self.forward, repeats=self.repeats), dist.ReduceOp.MAX)
         row = dict(variant=variant, gpus=gpus, ms=ms, peak_gib=peak_memory_gib(self.forward),
-                   out=self.forward().float().cpu())
+                   out=self.forward().float().cpu(), **extra)
         if self.denoise is not None:  # warm already: one timed loop
             dist.barrier()
             start = time.perf_counter()
@@ -109,6 +119,10 @@ def run(args) -> list[dict]:
     device = setup()
     world = dist.get_world_size()
     model, inputs = shared_model(args.quick, device)
+    parallel = ContextParallelConfig(ulysses_degree=world)
+    for chunks in args.chunks:  # refused before anything is timed
+        check_chunks(chunks, parallel)
+        check_parallel_config(parallel, model, get_adapter(model), chunks)
     timer = Timer(model, inputs, args.steps, args.repeats)
     spec = AttentionSpec(density=args.density)
     sparse = f"sparse d={args.density:g}"
@@ -116,9 +130,13 @@ def run(args) -> list[dict]:
     handle = apply_sparse_attention(model, spec, backend=args.backend)
     rows.append(timer.measure(sparse, 1, handle.layers))
     handle.remove()
-    handle = apply_sparse_attention(model, spec, backend=args.backend,
-                                    parallel=ContextParallelConfig(ulysses_degree=world))
-    rows.append(timer.measure(sparse, world, handle.layers))
+    handle = apply_sparse_attention(model, spec, backend=args.backend, parallel=parallel,
+                                    ulysses_chunks=args.chunks[0])
+    for chunks in args.chunks:
+        for layer in handle.layers:
+            layer.ulysses_chunks = chunks
+            layer.reset_stats()
+        rows.append(timer.measure(sparse, world, handle.layers, chunks=chunks))
     handle.remove()  # plain context parallelism stays
     rows.append(timer.measure("dense", world))
     return rows
@@ -129,8 +147,8 @@ def report(rows: list[dict]) -> list[dict]:
     single = {r["variant"]: r for r in rows if r["gpus"] == 1}
     dense = {r["gpus"]: r for r in rows if r["variant"] == "dense"}
     loops = "loop_s" in rows[0]
-    print(f"\n{'variant':<16} {'GPUs':>4} {'ms/forward':>11} {'vs dense':>9} {'vs 1 GPU':>9} "
-          f"{'density':>8} {'peak GiB':>9} {'max|diff| vs 1 GPU':>19}"
+    print(f"\n{'variant':<16} {'GPUs':>4} {'chunks':>6} {'ms/forward':>11} {'vs dense':>9} "
+          f"{'vs 1 GPU':>9} {'density':>8} {'peak GiB':>9} {'max|diff| vs 1 GPU':>19}"
           + (f" {'loop s':>8} {'loop max|diff|':>15}" if loops else ""))
     table = []
     for r in rows:
@@ -139,9 +157,9 @@ def report(rows: list[dict]) -> list[dict]:
         row = {k: v for k, v in r.items() if k not in ("out", "loop_out")}
         row.update(vs_dense=dense[r["gpus"]]["ms"] / r["ms"], vs_one_gpu=one["ms"] / r["ms"],
                    max_abs_diff=diff)
-        line = (f"{r['variant']:<16} {r['gpus']:>4} {r['ms']:>11.1f} {row['vs_dense']:>8.2f}x "
-                f"{row['vs_one_gpu']:>8.2f}x {r.get('density', 1.0):>8.3f} "
-                f"{r['peak_gib']:>9.2f} {diff:>19.2e}")
+        line = (f"{r['variant']:<16} {r['gpus']:>4} {r.get('chunks', ''):>6} {r['ms']:>11.1f} "
+                f"{row['vs_dense']:>8.2f}x {row['vs_one_gpu']:>8.2f}x "
+                f"{r.get('density', 1.0):>8.3f} {r['peak_gib']:>9.2f} {diff:>19.2e}")
         if loops:
             row["loop_max_abs_diff"] = (r["loop_out"] - one["loop_out"]).abs().max().item()
             line += f" {r['loop_s']:>8.1f} {row['loop_max_abs_diff']:>15.2e}"
@@ -157,6 +175,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="also time one N-step CFG denoising loop per variant")
     p.add_argument("--backend", default="auto")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--chunks", type=int, nargs="+", default=[1],
+                   help="time the sparse W-GPU row with each ulysses_chunks count (1: "
+                        "diffusers' all-to-alls; C > 1: C pipelined head chunks a rank)")
     p.add_argument("--quick", action="store_true", help="tiny model on CPU (smoke run)")
     p.add_argument("--json", help="rank 0 writes the rows here")
     args = p.parse_args(argv)

@@ -16,6 +16,7 @@ from ditplan.runtime.context import StepTracker, install_step_tracker, remove_st
 from ditplan.runtime.fingerprint import config_hash, weights_hash
 from ditplan.runtime.kernels.registry import parse_backend
 from ditplan.runtime.parallel import (
+    check_chunks,
     check_parallel_config,
     check_same_on_ranks,
     enable,
@@ -165,6 +166,7 @@ def _check_step(state, plan: Plan) -> None:
 def apply_plan(
     pipe, plan: Plan, *, backend: str = "auto", check_weights: bool = True,
     cfg_batch_order: tuple[str, ...] = ("uncond", "cond"), parallel=None,
+    ulysses_chunks: int = 1,
 ) -> PlanHandle:
     """Execute ``plan`` on ``pipe`` (a diffusers pipeline, or its transformer).
 
@@ -184,6 +186,9 @@ def apply_plan(
         parallel: a diffusers ``ContextParallelConfig(ulysses_degree=N)``: ditplan installs
             the plan, then makes the transformer context-parallel itself (never call
             ``enable_parallelism`` first). Every rank must call this with the same plan.
+        ulysses_chunks: under ``parallel``, split each rank's sparse attention into this many
+            head chunks whose all-to-alls overlap the attention (the head count must divide
+            by ``ulysses_chunks * N``); 1: diffusers' all-to-alls around one call.
 
     Returns:
         A :class:`PlanHandle`; ``handle.remove()`` restores the transformer exactly (but for
@@ -194,7 +199,9 @@ def apply_plan(
     _check_experts(plan, pipe, adapter)
     check_plan_fits(plan, transformer, adapter, check_weights=check_weights)
     refuse_parallel_model(transformer)
-    cp_plan = None if parallel is None else check_parallel_config(parallel, transformer, adapter)
+    check_chunks(ulysses_chunks, parallel)
+    cp_plan = None if parallel is None else check_parallel_config(parallel, transformer, adapter,
+                                                                  ulysses_chunks)
     backend = parse_backend(backend)
     names = [name for name, _ in adapter.attention_layers(transformer)]
     specs = resolve_layer_specs(names, {n: plan.attention_spec(n) for n in names})
@@ -202,7 +209,7 @@ def apply_plan(
     tracker = install_step_tracker(transformer, plan.workload.steps)
     tracker.listeners.append(lambda state: _check_step(state, plan))
     originals, layers, hooks = install_sparse_layers(
-        transformer, adapter, specs, tracker, permuter, backend
+        transformer, adapter, specs, tracker, permuter, backend, ulysses_chunks
     )
     blocks = dict(adapter.blocks(transformer))
     runs = install_block_runs(blocks, plan.runs, tracker,
@@ -283,6 +290,7 @@ def apply_sparse_attention(
     backend: str = "auto",
     num_inference_steps: int | None = None,
     parallel=None,
+    ulysses_chunks: int = 1,
 ) -> SparseAttentionHandle:
     """Install block-mean sparse attention on every self-attention layer of ``transformer``.
 
@@ -295,6 +303,7 @@ def apply_sparse_attention(
             ``step_index`` through ``cache_context``.
         parallel: a diffusers ``ContextParallelConfig(ulysses_degree=N)`` enabled after the
             installation (as in :func:`apply_plan`).
+        ulysses_chunks: head chunks of the pipelined all-to-all (as in :func:`apply_plan`).
 
     Returns:
         A handle whose ``remove()`` restores the transformer (but for context parallelism).
@@ -303,11 +312,14 @@ def apply_sparse_attention(
     names = [name for name, _ in adapter.attention_layers(transformer)]
     specs = resolve_layer_specs(names, settings)
     refuse_parallel_model(transformer)
-    cp_plan = None if parallel is None else check_parallel_config(parallel, transformer, adapter)
+    check_chunks(ulysses_chunks, parallel)
+    cp_plan = None if parallel is None else check_parallel_config(parallel, transformer, adapter,
+                                                                  ulysses_chunks)
     permuter = TokenPermuter(shared_tile(specs))
     backend = parse_backend(backend)
     tracker = install_step_tracker(transformer, num_inference_steps)
-    installed = install_sparse_layers(transformer, adapter, specs, tracker, permuter, backend)
+    installed = install_sparse_layers(transformer, adapter, specs, tracker, permuter, backend,
+                                      ulysses_chunks)
     handle = SparseAttentionHandle(transformer, *installed)
     if parallel is not None:
         _enable_parallel(handle, transformer, parallel, cp_plan, adapter)

@@ -38,10 +38,23 @@ def check_diffusers_version(version: str | None = None) -> None:
         )
 
 
-def check_parallel_config(config, transformer: nn.Module, adapter) -> dict:
+def check_chunks(chunks, config) -> None:
+    """Refuse a ``ulysses_chunks`` that is not an int >= 1, or above 1 without ``parallel=``."""
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+        raise PlanError(f"ulysses_chunks takes an int >= 1 (1: one all-to-all per tensor), got "
+                        f"{chunks!r}")
+    if chunks > 1 and config is None:
+        raise PlanError(f"ulysses_chunks={chunks} pipelines diffusers' Ulysses all-to-alls: it "
+                        "needs parallel=ContextParallelConfig(ulysses_degree=N)")
+
+
+def check_parallel_config(config, transformer: nn.Module, adapter, chunks: int = 1) -> dict:
     """Refuse what ditplan cannot run under context parallelism; the adapter's CP plan.
 
     Checked before anything is installed, so a refusal leaves the model as it was.
+
+    Args:
+        chunks: head chunks per rank of the pipelined all-to-all (see :func:`ulysses_attention`).
     """
     from diffusers import ContextParallelConfig
 
@@ -63,6 +76,12 @@ def check_parallel_config(config, transformer: nn.Module, adapter) -> dict:
     if uneven:
         raise PlanError(f"{uneven[0]} attention heads do not split over ulysses_degree={degree} "
                         "ranks; use a degree that divides the head count")
+    unchunked = sorted(h for h in heads if h % (degree * chunks))
+    if unchunked:
+        h = unchunked[0]
+        raise PlanError(f"{h} attention heads do not split into ulysses_chunks={chunks} chunks "
+                        f"on each of ulysses_degree={degree} ranks ({h // degree} heads a rank); "
+                        f"use a chunk count that divides {h // degree}")
     cp_plan = adapter.cp_plan(transformer)
     if cp_plan is None:
         raise PlanError(f"context parallelism is not supported for {type(transformer).__name__} "
@@ -130,7 +149,8 @@ def model_cp_plan(transformer: nn.Module) -> dict | None:
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config,
-                      attend: Attend, segments: tuple[int, ...]) -> torch.Tensor:
+                      attend: Attend, segments: tuple[int, ...],
+                      chunks: int = 1) -> torch.Tensor:
     """Self-attention of the rank's tokens through diffusers' Ulysses all-to-all.
 
     After the all-to-all each rank holds every rank's tokens for its ``H / W`` heads, rank
@@ -145,10 +165,14 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config,
         config: the processor's diffusers ParallelConfig.
         attend: the attention of the whole sequence for a slice of heads.
         segments: the lengths of the rank's token segments, summing to S / W.
+        chunks: above 1, :func:`_pipelined_ulysses` in that many head chunks (H divisible by
+            ``chunks * W``); 1: diffusers' own all-to-alls, around one ``attend`` call.
 
     Returns:
         [B, S / W, H, D].
     """
+    if chunks > 1:
+        return _pipelined_ulysses(q, k, v, config, attend, segments, chunks)
     from diffusers.models.attention_dispatch import TemplatedUlyssesAttention
 
     cp = config.context_parallel_config
@@ -163,6 +187,58 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config,
 
     return TemplatedUlyssesAttention.apply(q, k, v, None, 0.0, False, None, False, False,
                                            forward_op, None, config)
+
+
+def _pipelined_ulysses(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config,
+                       attend: Attend, segments: tuple[int, ...], chunks: int) -> torch.Tensor:
+    """:func:`ulysses_attention` in head chunks whose all-to-alls overlap the attention.
+
+    Chunk c of rank r is the heads ``r * H / W + c * h`` onwards (h = H / (W * C)): the rank's
+    heads of one call, cut in C, so head order and per-head densities stay those of one call.
+    Every chunk's q, k, v all-to-alls are issued at once (asynchronous, on diffusers' Ulysses
+    group); ``attend`` runs on chunk c as soon as its own have arrived, while later chunks'
+    inputs and earlier chunks' outputs are in flight. Forward only: the collectives carry no
+    gradient, so a q that requires one is refused.
+
+    Args, returns: as :func:`ulysses_attention`; q, k, v: [B, S / W, H, D].
+    """
+    if q.requires_grad:
+        raise NotImplementedError("ulysses_chunks > 1 runs inference only (its all-to-alls "
+                                  "carry no gradient): call under torch.no_grad(), or use "
+                                  "ulysses_chunks=1 to train")
+    cp = config.context_parallel_config
+    rank, degree, group = cp._ulysses_local_rank, cp.ulysses_degree, ulysses_group(config)
+    batch, local, heads, dim = q.shape
+    width = heads // (degree * chunks)  # h
+
+    def exchange(x: torch.Tensor):
+        """Part w of x ([W, ...], contiguous) to rank w; (rank w's part for us, its work)."""
+        received = torch.empty_like(x)
+        return received, dist.all_to_all_single(received, x, group=group, async_op=True)
+
+    def chunk(x: torch.Tensor, c: int) -> torch.Tensor:
+        # [B, S / W, H, D] -> chunk c of every rank's heads: [W, S / W, B, h, D]
+        x = x.view(batch, local, degree, chunks, width, dim)[:, :, :, c]
+        return x.permute(2, 1, 0, 3, 4).contiguous()
+
+    inputs = [[exchange(chunk(x, c)) for x in (q, k, v)] for c in range(chunks)]
+    outputs = []
+    for c, received in enumerate(inputs):
+        for _, work in received:
+            work.wait()
+        # [W, S / W, B, h, D] rank after rank -> [B, h, S, D] in attend's order
+        query, key, value = (_by_segment(x.flatten(0, 1).transpose(0, 1).contiguous(), segments,
+                                         degree).transpose(1, 2) for x, _ in received)
+        first = rank * heads // degree + c * width
+        out = attend(query, key, value, slice(first, first + width))  # [B, h, S, D]
+        out = _by_rank(out.transpose(1, 2), segments, degree)  # [B, S, h, D], rank after rank
+        outputs.append(exchange(  # [W, S / W, B, h, D]: rank w's tokens
+            out.reshape(batch, degree, local, width, dim).permute(1, 2, 0, 3, 4).contiguous()))
+    for _, work in outputs:
+        work.wait()
+    # chunk c from rank w: [W, S / W, B, h, D] -> [B, S / W, W, C, h, D] -> [B, S / W, H, D]
+    out = torch.stack([received for received, _ in outputs], dim=3)
+    return out.permute(2, 1, 0, 3, 4, 5).reshape(batch, local, heads, dim)
 
 
 def _by_segment(x: torch.Tensor, segments: tuple[int, ...], degree: int) -> torch.Tensor:

@@ -29,6 +29,7 @@ class LayerRuntime:
     tracker: StepTracker
     permuter: TokenPermuter
     backend: str = "auto"
+    ulysses_chunks: int = 1  # head chunks of the pipelined Ulysses all-to-all (1: diffusers')
     # Statistics are tensors once counted: a Python int that changes every call would be a
     # torch.compile guard and recompile the model each step (seen on torch 2.11, H100).
     kept_sum: torch.Tensor | float = 0.0  # sum over sparse calls of the kept block share
@@ -139,7 +140,8 @@ class SparseProcessorBase:
                                           "context parallelism is not supported yet: call with "
                                           "one prompt per call (no text mask)")
             segments = tuple(x.shape[1] for x in (call.q_v, call.q_t) if x is not None)
-            out = ulysses_attention(q, k, v, self._config, self._attend, segments)  # [B, S, H, D]
+            out = ulysses_attention(q, k, v, self._config, self._attend, segments,
+                                    self.layer.ulysses_chunks)  # [B, S, H, D]
         else:
             q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, S, D]
             out = self._attend(q, k, v, key_valid=call.key_valid).transpose(1, 2)
@@ -184,6 +186,7 @@ def install_sparse_layers(
     tracker: StepTracker,
     permuter: TokenPermuter,
     backend: str,
+    ulysses_chunks: int = 1,
 ) -> tuple[dict[nn.Module, object], list[LayerRuntime], list]:
     """Swap in the adapter's sparse processor for every non-dense layer and install the
     permute points (a static permutation, see :class:`TokenPermuter`).
@@ -195,7 +198,7 @@ def install_sparse_layers(
     for name, attn in adapter.attention_layers(transformer):
         if specs[name].is_dense:
             continue
-        runtime = LayerRuntime(name, specs[name], tracker, permuter, backend)
+        runtime = LayerRuntime(name, specs[name], tracker, permuter, backend, ulysses_chunks)
         runtimes.append(runtime)
         originals[attn] = attn.processor
         attn.set_processor(adapter.processor_class(attn.processor, runtime, adapter))

@@ -27,6 +27,8 @@ TILE = (2, 4, 4)  # tiles span frames 0 and 1: permuted tokens cross the rank bo
 SPARSE = AttentionSpec(density=0.6, head_densities=(0.2, 0.6, 0.4, 0.3), block_size=64,
                        tile=TILE, sink=False)
 DENSE = AttentionSpec(density=1.0)
+# the pipelined all-to-all: 8 heads (4 a rank), each with its own density
+PIPELINED = dataclasses.replace(SPARSE, head_densities=(0.2, 0.6, 0.4, 0.3, 0.5, 0.25, 0.55, 0.35))
 # two runs: one starting at blocks.0 (split by diffusers' hook outside it), one after it
 RUNS = (BlockRun(("blocks.0", "blocks.1"), {"cond": "CRR", "uncond": "CCR"}),
         BlockRun(("blocks.2",), {"cond": "CRC", "uncond": "CCF"}))
@@ -94,6 +96,24 @@ def rank_sparse():
     parallel = forward(two, inputs)
     return dict(dense=dense, single=single, parallel=parallel, single_stats=single_stats,
                 parallel_stats=handle.stats(), configured=carries_config(two))
+
+
+def rank_pipelined():
+    """One process, diffusers' all-to-alls, and the pipelined ones in 2 and 4 head chunks."""
+    inputs = tiny_wan_inputs(**GRID)
+    outs, densities = {}, {}
+    for chunks in (None, 1, 2, 4):  # None: one process
+        transformer = tiny_wan(0, num_attention_heads=8, attention_head_dim=8, num_layers=2)
+        parallel = {} if chunks is None else dict(parallel=ulysses(), ulysses_chunks=chunks)
+        handle = apply_plan(transformer, plan_for(transformer, PIPELINED), backend="torch",
+                            **parallel)
+        outs[chunks] = forward(transformer, inputs)
+        densities[chunks] = handle.stats()["attention_density"]
+    with pytest.raises(NotImplementedError) as error:  # with autograd
+        transformer(**inputs, return_dict=False)
+    return dict(dense=forward(tiny_wan(0, num_attention_heads=8, attention_head_dim=8,
+                                       num_layers=2), inputs), outs=outs, densities=densities,
+                refused=str(error.value))
 
 
 def rank_per_token_timesteps():
@@ -206,6 +226,39 @@ def test_sparse_under_parallelism_equals_sparse_one_process(gloo_ranks):
         single = rank["single_stats"]["attention_density"]
         assert single < 0.9
         assert rank["parallel_stats"]["attention_density"] == pytest.approx(single, abs=1e-6)
+
+
+def test_pipelined_all_to_all_equals_one_call_and_one_process(gloo_ranks):
+    for rank in gloo_ranks.run(rank_pipelined):
+        outs, densities = rank["outs"], rank["densities"]
+        assert (outs[None] - rank["dense"]).abs().max() > 1e-3  # really sparse
+        for chunks in (1, 2, 4):
+            torch.testing.assert_close(outs[chunks], outs[None], rtol=1e-5, atol=1e-5)
+            # same kept blocks: each chunk's heads select with their own densities
+            assert densities[chunks] == pytest.approx(densities[None], abs=1e-6)
+        assert densities[None] < 0.9
+        assert "ulysses_chunks > 1 runs inference only" in rank["refused"]
+
+
+@pytest.mark.parametrize("chunks, parallel, message", [
+    (3, True, "4 attention heads do not split into ulysses_chunks=3 chunks on each of "
+              "ulysses_degree=2 ranks (2 heads a rank); use a chunk count that divides 2"),
+    (4, True, "do not split into ulysses_chunks=4"),
+    (0, True, "ulysses_chunks takes an int >= 1"),
+    (2.0, True, "ulysses_chunks takes an int >= 1"),
+    (2, False, "ulysses_chunks=2 pipelines diffusers' Ulysses all-to-alls: it needs parallel="),
+])
+def test_bad_ulysses_chunks_are_refused_before_anything_is_installed(chunks, parallel, message):
+    transformer = model()
+    processors = [b.attn1.processor for b in transformer.blocks]
+    config = ulysses() if parallel else None
+    for apply in (lambda: apply_plan(transformer, plan_for(transformer, SPARSE), parallel=config,
+                                     ulysses_chunks=chunks),
+                  lambda: apply_sparse_attention(transformer, SPARSE, parallel=config,
+                                                 ulysses_chunks=chunks)):
+        with pytest.raises(PlanError, match=re.escape(message)):
+            apply()
+        assert processors == [b.attn1.processor for b in transformer.blocks]
 
 
 def test_per_token_timesteps_under_parallelism_equal_one_process(gloo_ranks):

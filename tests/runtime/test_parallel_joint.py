@@ -97,6 +97,16 @@ def rank_flux():
                 plain=forward(plain, inputs))
 
 
+def rank_flux_pipelined():
+    """The pipelined all-to-all (2 head chunks, one a chunk) regroups [image | text] per chunk."""
+    inputs = tiny_flux_inputs(**GRID)
+    one = flux()
+    apply_plan(one, plan_for(one, SPARSE), backend="torch")
+    two = flux()
+    apply_plan(two, plan_for(two, SPARSE), backend="torch", parallel=ulysses(), ulysses_chunks=2)
+    return forward(flux(), inputs), forward(one, inputs), forward(two, inputs)
+
+
 def rank_flux_cache():
     inputs = tiny_flux_inputs(**GRID)
     spec = dataclasses.replace(SPARSE, dense_steps=(0,))
@@ -158,6 +168,12 @@ def test_flux_under_parallelism_equals_one_process(gloo_ranks):
         # remove() leaves plain context parallelism
         torch.testing.assert_close(rank["removed"], rank["plain"], rtol=0, atol=0)
         torch.testing.assert_close(rank["plain"], rank["dense"], rtol=1e-5, atol=1e-5)
+
+
+def test_flux_pipelined_all_to_all_equals_one_process(gloo_ranks):
+    for dense, single, pipelined in gloo_ranks.run(rank_flux_pipelined):
+        assert (single - dense).abs().max() > 1e-3  # really sparse
+        torch.testing.assert_close(pipelined, single, rtol=1e-5, atol=1e-5)
 
 
 def test_flux_cache_runs_under_parallelism_equal_one_process(gloo_ranks):
