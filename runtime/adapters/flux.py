@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from diffusers import FluxTransformer2DModel
 from diffusers.models.embeddings import apply_rotary_emb
@@ -14,10 +12,11 @@ from ditplan.runtime.adapters.base import BlockList, register_adapter
 from ditplan.runtime.adapters.joint import (
     JointAdapter,
     JointSparseAttnProcessor,
+    forward_inputs,
     joint_attention_layers,
     joint_model_config,
 )
-from ditplan.runtime.layout import AttnCall, ForwardArgument, PermutePoint, StreamIO, TokenLayout
+from ditplan.runtime.layout import AttnCall, PermutePoint, StreamIO, TokenLayout
 from ditplan.runtime.parallel import model_cp_plan
 
 # Both block kinds take the image and text streams and return (text, image) in 0.42.1
@@ -84,13 +83,9 @@ def _shape(x: torch.Tensor | None) -> tuple | None:
     return None if x is None else tuple(x.shape)
 
 
-@functools.cache
-def _forward_arguments(cls: type) -> dict[str, ForwardArgument]:
-    """The forward inputs :meth:`FluxAdapter.token_layout` reads, resolved once per class."""
-    forward = functools.partial(cls.forward, None)  # the signature without self
-    names = ("hidden_states", "encoder_hidden_states", "img_ids", "txt_ids",
-             *UNSUPPORTED_INPUTS)
-    return {name: ForwardArgument.of(forward, name) for name in names}
+# the forward inputs token_layout reads
+LAYOUT_INPUTS = ("hidden_states", "encoder_hidden_states", "img_ids", "txt_ids",
+                 *UNSUPPORTED_INPUTS)
 
 
 @register_adapter(FluxTransformer2DModel)
@@ -115,8 +110,7 @@ class FluxAdapter(JointAdapter):
         """The layout of a forward called with ``(args, kwargs)``: the image grid from
         ``img_ids`` [S_img, 3] = (0, row, col) in raster order, the text length from
         ``encoder_hidden_states`` [B, S_txt, C]."""
-        inputs = {name: argument.get(args, kwargs)
-                  for name, argument in _forward_arguments(type(transformer)).items()}
+        inputs = forward_inputs(transformer, LAYOUT_INPUTS, args, kwargs)
         for name in UNSUPPORTED_INPUTS:
             if inputs[name] is not None:
                 raise ValueError(f"ditplan does not support FLUX's {name} (ControlNet "

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from diffusers import HunyuanVideoTransformer3DModel
 from diffusers.models.embeddings import apply_rotary_emb
@@ -14,10 +12,11 @@ from ditplan.runtime.adapters.base import BlockList, register_adapter
 from ditplan.runtime.adapters.joint import (
     JointAdapter,
     JointSparseAttnProcessor,
+    forward_inputs,
     joint_attention_layers,
     joint_model_config,
 )
-from ditplan.runtime.layout import AttnCall, ForwardArgument, PermutePoint, StreamIO, TokenLayout
+from ditplan.runtime.layout import AttnCall, PermutePoint, StreamIO, TokenLayout
 
 # Both block kinds take the video and text streams and return (video, text) in 0.42.1: a
 # single-stream block concatenates them itself and splits its output again.
@@ -25,12 +24,8 @@ HUNYUAN_STREAMS = StreamIO(video="hidden_states", text="encoder_hidden_states",
                            outputs=("video", "text"))
 
 
-@functools.cache
-def _forward_arguments(cls: type) -> dict[str, ForwardArgument]:
-    """The forward inputs :meth:`HunyuanVideoAdapter.token_layout` reads, once per class."""
-    forward = functools.partial(cls.forward, None)  # the signature without self
-    return {name: ForwardArgument.of(forward, name)
-            for name in ("hidden_states", "encoder_hidden_states")}
+# the forward inputs token_layout reads
+LAYOUT_INPUTS = ("hidden_states", "encoder_hidden_states")
 
 
 def _heads(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -115,8 +110,7 @@ class HunyuanVideoAdapter(JointAdapter):
         """The layout of a forward called with ``(args, kwargs)``: latents [B, C, F, H, W]
         patched by (patch_size_t, patch_size, patch_size), the text length from
         ``encoder_hidden_states`` [B, S_txt, C] (256 in HunyuanVideoPipeline, padded)."""
-        inputs = {name: argument.get(args, kwargs)
-                  for name, argument in _forward_arguments(type(transformer)).items()}
+        inputs = forward_inputs(transformer, LAYOUT_INPUTS, args, kwargs)
         latents, text = inputs["hidden_states"], inputs["encoder_hidden_states"]
         if latents is None or latents.ndim != 5 or text is None:
             raise ValueError("HunyuanVideo expects latents [B, C, F, H, W] and "

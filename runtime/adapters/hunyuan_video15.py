@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from diffusers import HunyuanVideo15Transformer3DModel
 from diffusers.models.embeddings import apply_rotary_emb
@@ -16,10 +14,11 @@ from ditplan.runtime.adapters.base import BlockList, register_adapter
 from ditplan.runtime.adapters.joint import (
     JointAdapter,
     JointSparseAttnProcessor,
+    forward_inputs,
     joint_attention_layers,
     joint_model_config,
 )
-from ditplan.runtime.layout import AttnCall, ForwardArgument, PermutePoint, StreamIO, TokenLayout
+from ditplan.runtime.layout import AttnCall, PermutePoint, StreamIO, TokenLayout
 
 # HunyuanVideo15TransformerBlock.forward takes the video and text streams, returns (video, text).
 HV15_STREAMS = StreamIO(video="hidden_states", text="encoder_hidden_states",
@@ -29,11 +28,8 @@ HV15_STREAMS = StreamIO(video="hidden_states", text="encoder_hidden_states",
 TEXT_INPUTS = ("encoder_hidden_states", "encoder_hidden_states_2", "image_embeds")
 
 
-@functools.cache
-def _forward_arguments(cls: type) -> dict[str, ForwardArgument]:
-    """The forward inputs :meth:`HunyuanVideo15Adapter.token_layout` reads, once per class."""
-    forward = functools.partial(cls.forward, None)  # the signature without self
-    return {name: ForwardArgument.of(forward, name) for name in ("hidden_states", *TEXT_INPUTS)}
+# the forward inputs token_layout reads
+LAYOUT_INPUTS = ("hidden_states", *TEXT_INPUTS)
 
 
 def hv15_qkv(attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
@@ -99,8 +95,7 @@ class HunyuanVideo15Adapter(JointAdapter):
         patched by (patch_size_t, patch_size, patch_size); the text is every conditioning
         token the blocks see: ``encoder_hidden_states``, ``encoder_hidden_states_2`` and
         ``image_embeds`` [B, S_i, C_i] together."""
-        inputs = {name: argument.get(args, kwargs)
-                  for name, argument in _forward_arguments(type(transformer)).items()}
+        inputs = forward_inputs(transformer, LAYOUT_INPUTS, args, kwargs)
         latents = inputs["hidden_states"]
         if latents is None or latents.ndim != 5:
             raise ValueError("HunyuanVideo-1.5 expects latents [B, C, F, H, W]; got "

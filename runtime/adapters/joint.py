@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 from torch import nn
 
+from ditplan.runtime.layout import ForwardArgument
 from ditplan.runtime.sparse import SparseProcessorBase
 
 
@@ -67,3 +70,17 @@ def joint_model_config(transformer: nn.Module, blocks: list[str], text_len: int,
         blocks=tuple(blocks),
         self_attention={name: f"{name}.attn" for name in blocks},
     )
+
+
+def forward_inputs(transformer: nn.Module, names: tuple[str, ...], args: tuple,
+                   kwargs: dict) -> dict:
+    """The values of the forward parameters ``names`` in a call of ``transformer`` with
+    ``(args, kwargs)`` (None where the call leaves one at its default)."""
+    return {a.name: a.get(args, kwargs) for a in _forward_arguments(type(transformer), names)}
+
+
+@functools.cache
+def _forward_arguments(cls: type, names: tuple[str, ...]) -> tuple[ForwardArgument, ...]:
+    # resolved once per class against the signature without self
+    forward = functools.partial(cls.forward, None)
+    return tuple(ForwardArgument.of(forward, name) for name in names)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from diffusers import QwenImageTransformer2DModel
 from diffusers.models.transformers.transformer_qwenimage import (
@@ -14,8 +12,13 @@ from diffusers.models.transformers.transformer_qwenimage import (
 from torch import nn
 
 from ditplan.runtime.adapters.base import BlockList, register_adapter
-from ditplan.runtime.adapters.joint import JointAdapter, joint_attention_layers, joint_model_config
-from ditplan.runtime.layout import AttnCall, ForwardArgument, PermutePoint, StreamIO, TokenLayout
+from ditplan.runtime.adapters.joint import (
+    JointAdapter,
+    forward_inputs,
+    joint_attention_layers,
+    joint_model_config,
+)
+from ditplan.runtime.layout import AttnCall, PermutePoint, StreamIO, TokenLayout
 from ditplan.runtime.parallel import model_cp_plan
 from ditplan.runtime.sparse import SparseProcessorBase
 
@@ -24,12 +27,9 @@ QWEN_STREAMS = StreamIO(video="hidden_states", text="encoder_hidden_states",
                         outputs=("text", "video"))
 
 
-@functools.cache
-def _forward_arguments(cls: type) -> dict[str, ForwardArgument]:
-    """The forward inputs :meth:`QwenImageAdapter.token_layout` reads, resolved once per class."""
-    forward = functools.partial(cls.forward, None)  # the signature without self
-    names = ("hidden_states", "encoder_hidden_states", "img_shapes", "controlnet_block_samples")
-    return {name: ForwardArgument.of(forward, name) for name in names}
+# the forward inputs token_layout reads
+LAYOUT_INPUTS = ("hidden_states", "encoder_hidden_states", "img_shapes",
+                 "controlnet_block_samples")
 
 
 def _check_supported(transformer: nn.Module) -> None:
@@ -114,8 +114,7 @@ class QwenImageAdapter(JointAdapter):
         """The layout of a forward called with ``(args, kwargs)``: the image grid from
         ``img_shapes`` (one (1, rows, cols) image, as QwenImagePipeline passes it), the text
         length from ``encoder_hidden_states`` [B, S_txt, C] (per prompt and CFG branch)."""
-        inputs = {name: argument.get(args, kwargs)
-                  for name, argument in _forward_arguments(type(transformer)).items()}
+        inputs = forward_inputs(transformer, LAYOUT_INPUTS, args, kwargs)
         if inputs["controlnet_block_samples"] is not None:
             raise ValueError("ditplan does not support Qwen-Image's controlnet_block_samples "
                              "(ControlNet residuals) yet; remove ditplan's plan for ControlNet "
