@@ -56,14 +56,12 @@ def neighbours(plan: Plan, profile: Profile, limit: int) -> list[Plan]:
             runs = (*plan.runs[:i], new, *plan.runs[i + 1:])
             candidates.append((predicted_error(profile, specs, runs), _source(run, new), runs))
     candidates.sort(key=lambda c: c[0])
-    firsts, seen = [], set()
+    firsts, seconds, seen = [], [], set()
     for c in candidates:
-        if c[1] not in seen:
-            seen.add(c[1])
-            firsts.append(c)
-    ranked = firsts + [c for c in candidates if c not in firsts]
+        (seconds if c[1] in seen else firsts).append(c)
+        seen.add(c[1])
     out = []
-    for error, _, runs in ranked[:limit]:
+    for error, _, runs in (firsts + seconds)[:limit]:
         provenance = dataclasses.replace(plan.provenance, predicted_error=error)
         out.append(dataclasses.replace(plan, runs=runs, provenance=provenance))
     return out

@@ -115,7 +115,7 @@ class Calibrator:
         self.setup = setup
         self.pipe = pipe if pipe is not None else load_pipeline(setup.model, device=setup.device)
         self.pipe.set_progress_bar_config(disable=True)
-        self._dense: tuple[list[torch.Tensor], float] | None = None
+        self._dense_frames: list[torch.Tensor] | None = None
         self._dense_s: dict[int, float] = {}  # timed repeats -> median dense seconds
 
     def __call__(self, plans: Sequence[Plan], repeats: int | None = None) -> list[Calibration]:
@@ -143,13 +143,13 @@ class Calibrator:
         """Dense frames and seconds at the plan's workload, measured once per calibrator and
         number of timed repeats (a re-timing compares medians over as many batches)."""
         setup = setup or self.setup
-        if self._dense is None:
+        if self._dense_frames is None:
             generate_batch(self.pipe, self.setup, plan)  # the pipeline's first call is cold
-            self._dense = timed(self.pipe, self.setup, plan)
+            self._dense_frames, self._dense_s[self.setup.repeats] = timed(self.pipe, self.setup,
+                                                                          plan)
         if setup.repeats not in self._dense_s:
-            self._dense_s[setup.repeats] = (self._dense[1] if setup.repeats == self.setup.repeats
-                                            else timed(self.pipe, setup, plan)[1])
-        return self._dense[0], self._dense_s[setup.repeats]
+            self._dense_s[setup.repeats] = timed(self.pipe, setup, plan)[1]
+        return self._dense_frames, self._dense_s[setup.repeats]
 
     def measure(self, plan: Plan, candidates: int, setup: CalibrationSetup | None = None
                 ) -> Calibration:
