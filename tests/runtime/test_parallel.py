@@ -18,6 +18,7 @@ from ditplan.runtime.kernels.permute import tile_permutation
 from ditplan.runtime.parallel import check_diffusers_version
 from ditplan.runtime.sparse import SparseProcessorBase
 from tests.factories import tiny_wan, tiny_wan_inputs, tiny_wan_plan
+from tests.parallel_helpers import cfg_steps, forward, ulysses, with_attention
 
 HEADS = 4  # 2 per rank
 GRID = dict(frames=3, height=16, width=24)  # 3 x 8 x 12 = 288 tokens, 96 a frame: the split
@@ -40,27 +41,7 @@ def model(layers: int = 2):
 
 def plan_for(transformer, spec: AttentionSpec, runs: tuple = (), steps: int = 1):
     plan = tiny_wan_plan(transformer, steps=steps, densities=(1.0,) * len(transformer.blocks))
-    layers = {name: dataclasses.replace(layer, attention=spec)
-              for name, layer in plan.layers.items()}
-    return dataclasses.replace(plan, layers=layers, runs=runs)
-
-
-def ulysses() -> ContextParallelConfig:
-    return ContextParallelConfig(ulysses_degree=2)
-
-
-def forward(transformer, inputs: dict) -> torch.Tensor:
-    with torch.no_grad():  # under CP diffusers' hooks take tuples, not output dataclasses
-        return transformer(**inputs, return_dict=False)[0]
-
-
-def cfg_steps(transformer, inputs: dict, steps: int) -> list[torch.Tensor]:
-    outs = []
-    for step in range(steps):
-        for context in ("cond", "uncond"):
-            with transformer.cache_context(context, step_index=step):
-                outs.append(forward(transformer, inputs))
-    return outs
+    return with_attention(plan, spec, runs)
 
 
 def carries_config(transformer) -> bool:

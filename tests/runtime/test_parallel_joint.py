@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-from diffusers import ContextParallelConfig
 
 from ditplan.policy.plan import AttentionSpec, BlockRun
 from ditplan.runtime.apply import CHECK_RANKS, apply_plan
@@ -16,6 +15,7 @@ from ditplan.runtime.parallel import _by_rank, _by_segment
 from ditplan.runtime.sparse import SparseProcessorBase
 from tests.flux_factories import tiny_flux, tiny_flux_inputs
 from tests.joint_factories import tiny_joint_plan
+from tests.parallel_helpers import cfg_steps, forward, ulysses, with_attention
 from tests.qwenimage_factories import tiny_qwenimage, tiny_qwenimage_inputs
 
 # A 12 x 24 token image (288 tokens: 144 a rank, the split falls after row 5) and 10 text
@@ -39,30 +39,7 @@ def flux():
 
 def plan_for(model, spec: AttentionSpec, runs: tuple = (), steps: int = 1):
     plan = tiny_joint_plan(model, steps=steps, cfg=bool(runs))
-    layers = {name: dataclasses.replace(layer, attention=spec)
-              for name, layer in plan.layers.items()}
-    return dataclasses.replace(plan, layers=layers, runs=runs)
-
-
-def ulysses() -> ContextParallelConfig:
-    return ContextParallelConfig(ulysses_degree=2)
-
-
-def forward(model, inputs: dict) -> torch.Tensor:
-    """The output as a finished tensor: without a permutation (dense plans, plain CP) FLUX
-    returns ``proj_out``'s gather itself, an AsyncCollectiveTensor, which a torch op waits
-    for but pickling to the test process does not."""
-    with torch.no_grad():  # under CP diffusers' hooks take tuples, not output dataclasses
-        return model(**inputs, return_dict=False)[0].clone()
-
-
-def cfg_steps(model, inputs: dict, steps: int) -> list[torch.Tensor]:
-    outs = []
-    for step in range(steps):
-        for context in ("cond", "uncond"):
-            with model.cache_context(context, step_index=step):
-                outs.append(forward(model, inputs))
-    return outs
+    return with_attention(plan, spec, runs)
 
 
 def carries_config(model) -> bool:
