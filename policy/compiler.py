@@ -119,6 +119,7 @@ def compile_policy(trace_dir: str | os.PathLike, config: CompilerConfig | None =
                                dataclasses.replace(measured[index], candidates=len(plans)))
     if not config.refine_rounds:
         return chosen
+
     def measure(options: Sequence[Plan]) -> list[Calibration]:
         return retime_boundary(options, calibrate(options), calibrate, config)
 
@@ -173,14 +174,18 @@ def search_designs(profile: Profile, roles: dict[str, str], config: CompilerConf
 def _unique(designs: list[Design]) -> list[Design]:
     seen, out = set(), []
     for d in designs:
-        key = (tuple((r.blocks, tuple(sorted(r.schedule.items())), r.order, r.variable, r.target,
-                      r.extrapolation)
-                     for r in d.runs),
+        key = (tuple(_run_key(r) for r in d.runs),
                tuple(sorted((b, lp.attention) for b, lp in d.layers.items())))
         if key not in seen:
             seen.add(key)
             out.append(d)
     return out
+
+
+def _run_key(run: BlockRun) -> tuple:
+    """Every field of ``run``, hashable (the schedule as sorted items)."""
+    values = (getattr(run, f.name) for f in dataclasses.fields(run))
+    return tuple(tuple(sorted(v.items())) if isinstance(v, dict) else v for v in values)
 
 
 def pareto_front(designs: list[Design]) -> list[Design]:
