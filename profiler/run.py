@@ -18,7 +18,6 @@ finished, so an interrupted run resumes with the next unit.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -101,7 +100,7 @@ def profile_pipeline(config: ProfileConfig, *, pipe=None) -> list[Path]:
     todo = [u for u in units if not manifest.is_finished(unit_name(u[0], u[2]))]
     logger.info("profiling %d of %d (prompt, seed) units in %s mode", len(todo), len(units), mode)
     passes = 2 if mode == "sample" else 1
-    static = ({n: _static_metadata(getattr(pipe, n), pipe, config, mode, call) for n in experts}
+    static = ({n: _static_metadata(getattr(pipe, n), config, mode, call) for n in experts}
               if todo else {})
     index = read_index(config.out) if len(experts) > 1 else None
     with tqdm(total=len(todo) * config.steps * passes, desc="profile", unit="step",
@@ -111,7 +110,8 @@ def profile_pipeline(config: ProfileConfig, *, pipe=None) -> list[Path]:
             if len(experts) > 1:
                 index = _same_index(config.out, index, ExpertIndex.from_calls(
                     calls, config.steps, pipe.config.boundary_ratio))
-            written = _write_unit(config, manifest.run_id, static, recorded, index,
+            sigmas = scheduler_sigmas(pipe.scheduler, config.steps)
+            written = _write_unit(config, manifest.run_id, static, recorded, index, sigmas,
                                   prompt_index, seed)
             manifest.mark_finished(unit_name(prompt_index, seed), written)
     from ditplan.profiler.report import write_report
@@ -133,10 +133,12 @@ def _same_index(out: Path, index: ExpertIndex | None, found: ExpertIndex) -> Exp
 
 
 def _write_unit(config: ProfileConfig, run_id: str, static: dict, recorded: dict,
-                index: ExpertIndex | None, prompt_index: int, seed: int) -> list[Path]:
+                index: ExpertIndex | None, sigmas: tuple[float, ...] | None, prompt_index: int,
+                seed: int) -> list[Path]:
     """Write one (prompt, seed)'s tables: into ``config.out``, or with an expert ``index`` into
-    each expert's folder with its steps numbered from its first (and the index beside them).
-    Nothing is written when an expert has no attention statistics."""
+    each expert's folder with its steps numbered from its first (and the index beside them),
+    the generation's ``sigmas`` in the metadata. Nothing is written when an expert has no
+    attention statistics."""
     ranges = {} if index is None else index.step_ranges
     tables = {e: build_tables(rows, run_id=run_id, prompt_index=prompt_index, seed=seed,
                               step_offset=ranges[e][0] if ranges else 0)
@@ -147,7 +149,7 @@ def _write_unit(config: ProfileConfig, run_id: str, static: dict, recorded: dict
     written = []
     for expert, (_, recorder) in recorded.items():
         metadata = _metadata(run_id, static[expert], recorder, config, expert,
-                             ranges.get(expert))
+                             ranges.get(expert), sigmas)
         folder = config.out / expert if ranges else config.out
         written += write_unit(folder, unit_name(prompt_index, seed), tables[expert], metadata)
     return written
@@ -168,15 +170,16 @@ def _profile_unit(pipe, config: ProfileConfig, mode: str, prompt: str, seed: int
     """Record one (prompt, seed): per expert its rows and recorder, and the step of each of
     its calls."""
     settings = config.recorder_settings()
-    arguments = PipelineCall.of(pipe).arguments(
+    pipeline_call = PipelineCall.of(pipe)
+    arguments = pipeline_call.arguments(
         prompt, steps=config.steps, height=config.height, width=config.width,
         frames=config.frames, guidance_scale=config.guidance_scale)
     call = dict(**arguments, output_type="latent", return_dict=False)
     if mode == "clip":
         mask, callbacks = _clip_inputs(pipe, config, prompt, seed, call)
     else:
-        mask = generated_foreground(pipe, {**call, "generator": _generator(seed),
-                                           "callback_on_step_end": _chain([_progress(bar)])})
+        mask = generated_foreground(pipe, {**call, "generator": _generator(seed)},
+                                    _chain([_progress(bar)]))
         callbacks, call["generator"] = [], _generator(seed)
     with ExitStack() as stack:
         recorders = {n: stack.enter_context(ProfileRecorder(getattr(pipe, n), settings,
@@ -184,8 +187,7 @@ def _profile_unit(pipe, config: ProfileConfig, mode: str, prompt: str, seed: int
         calls = {n: _steps_of_calls(r, stack) for n, r in recorders.items()}
         for recorder in recorders.values():
             recorder.set_foreground(mask)
-        pipe(**call, callback_on_step_end=_chain([*callbacks, _progress(bar)]),
-             callback_on_step_end_tensor_inputs=["latents"])
+        pipeline_call.invoke(pipe, call, _chain([*callbacks, _progress(bar)]))
         return {n: (r.take_rows(), r) for n, r in recorders.items()}, calls
 
 
@@ -236,16 +238,14 @@ def _chain(callbacks: list[Callable]) -> Callable:
 
 
 def scheduler_sigmas(scheduler, steps: int) -> tuple[float, ...] | None:
-    """The sigma of each of ``steps`` steps (a copy of the scheduler is set), or None when the
-    scheduler has no sigmas."""
-    scheduler = copy.deepcopy(scheduler)
-    scheduler.set_timesteps(steps, device="cpu")
+    """The sigma of each of ``steps`` steps as the pipeline's last generation set its scheduler
+    (pipelines pass their own sigmas: HunyuanVideo's and HV1.5's linear ones, FLUX.1's shifted
+    by ``mu``), or None when the scheduler has no sigmas."""
     sigmas = getattr(scheduler, "sigmas", None)
     return None if sigmas is None else tuple(float(s) for s in sigmas[:steps])
 
 
-def _static_metadata(transformer, pipe, config: ProfileConfig, mode: str,
-                     call: PipelineCall) -> dict:
+def _static_metadata(transformer, config: ProfileConfig, mode: str, call: PipelineCall) -> dict:
     settings = config.recorder_settings().to_metadata()
     method = (foreground.GROUND_TRUTH_METHOD if mode == "clip"
               else foreground.ESTIMATE_METHOD)
@@ -253,17 +253,18 @@ def _static_metadata(transformer, pipe, config: ProfileConfig, mode: str,
     return dict(fingerprint=ModelFingerprint(**model_fingerprint(transformer, with_weights=True)),
                 settings=settings, versions=library_versions(),
                 adapter=get_adapter(transformer), transformer=transformer,
-                sigmas=scheduler_sigmas(pipe.scheduler, config.steps),
                 cfg=call.cfg(config.guidance_scale))
 
 
 def _metadata(run_id: str, static: dict, recorder: ProfileRecorder, config: ProfileConfig,
-              expert: str, step_range: tuple[int, int] | None) -> TraceMetadata:
+              expert: str, step_range: tuple[int, int] | None,
+              sigmas: tuple[float, ...] | None) -> TraceMetadata:
     """One transformer's trace metadata; an expert's covers its steps only (``step_range`` of
-    the generation's, numbered from 0) and its settings name the expert and the range."""
+    the generation's, numbered from 0, and their ``sigmas``) and its settings name the expert
+    and the range."""
     model = static["adapter"].model_config(static["transformer"], recorder.text_len)
     start, stop = step_range or (0, config.steps)
-    sigmas, settings = static["sigmas"], static["settings"]
+    settings = static["settings"]
     if step_range is not None:
         sigmas = None if sigmas is None else sigmas[start:stop]
         local = {k: None if settings[k] is None else

@@ -10,6 +10,8 @@ from torch import nn
 
 STEP_TRACKER_HOOK = "ditplan_step_tracker"
 DEFAULT_CONTEXT = "default"
+# diffusers' guiders name the CFG branches by their predictions (HunyuanVideo-1.5's pipeline).
+GUIDER_CONTEXTS = {"pred_cond": "cond", "pred_uncond": "uncond"}
 
 
 @dataclass
@@ -35,9 +37,10 @@ class _ContextProbe(StateManager):
 class StepTracker(ModelHook):
     """Transformer hook that sets :attr:`state` before every forward.
 
-    The step comes from the pipeline's ``cache_context(name, step_index=i)`` when it gives one;
-    otherwise calls are counted per context name (modulo ``num_inference_steps`` when known),
-    as MagCache does. Listeners are called with the new state before the forward runs.
+    The step comes from the pipeline's ``cache_context(name, step_index=i)`` when it gives one
+    (a guider's names become "cond" and "uncond"); otherwise calls are counted per context
+    name (modulo ``num_inference_steps`` when known), as MagCache does. Listeners are called
+    with the new state before the forward runs.
     """
 
     _is_stateful = True
@@ -61,6 +64,7 @@ class StepTracker(ModelHook):
     def _next_state(self) -> StepState:
         ctx = self.probe.current
         name = DEFAULT_CONTEXT if ctx is None else (ctx if isinstance(ctx, str) else ctx.name)
+        name = GUIDER_CONTEXTS.get(name, name)
         step_index = getattr(ctx, "step_index", None)
         calls = self._calls.get(name, 0)
         self._calls[name] = calls + 1

@@ -126,7 +126,7 @@ def generate_samples(pipe, prompts: Sequence[str], seeds: Sequence[int], work,
                                guidance_scale=work.guidance_scale)
     synchronize(device)
     start = time.perf_counter()
-    output = pipe(**arguments, generator=generators, output_type="np")
+    output = call.invoke(pipe, arguments, generator=generators, output_type="np")
     synchronize(device)
     seconds = time.perf_counter() - start
     frames = call.samples(output)  # [N, F, H, W, 3]
@@ -147,12 +147,8 @@ def generate(pipe, config: RunConfig, workload: dict) -> tuple[np.ndarray, dict]
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
     synchronize(config.device)
     start = time.perf_counter()
-    output = pipe(
-        **call.arguments(config.prompt or REFERENCE_PROMPT, **workload),
-        generator=generator,
-        output_type="np",
-        callback_on_step_end=on_step_end,
-    )
+    output = call.invoke(pipe, call.arguments(config.prompt or REFERENCE_PROMPT, **workload),
+                         on_step_end, generator=generator, output_type="np")
     synchronize(config.device)
     wall = time.perf_counter() - start
     per_step = np.diff([start, *step_times]) if step_times else np.array([wall])

@@ -15,16 +15,18 @@ CHARACTERS = sorted(set(string.printable) - set(string.whitespace) | {" ", "\n"}
 CLIP_MAX_LENGTH = 16  # FluxPipeline pads CLIP prompts to the tokenizer's model_max_length
 
 
-def _clip(dim: int):
+def tiny_clip(dim: int, max_length: int = CLIP_MAX_LENGTH):
+    """A one-layer CLIP text encoder of width ``dim`` and its character tokenizer (prompts
+    padded to ``max_length``)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     vocab = {c: i for i, c in enumerate(CHARACTERS)}
     vocab.update({f"{c}</w>": len(vocab) + i for i, c in enumerate(CHARACTERS)})
     vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CLIP_MAX_LENGTH)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
     config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=dim, intermediate_size=2 * dim,
                             num_hidden_layers=1, num_attention_heads=2, projection_dim=dim,
-                            max_position_embeddings=CLIP_MAX_LENGTH,
+                            max_position_embeddings=max_length,
                             bos_token_id=vocab["<|startoftext|>"],
                             eos_token_id=vocab["<|endoftext|>"])
     return CLIPTextModel(config).eval(), tokenizer
@@ -46,7 +48,7 @@ def tiny_flux_pipeline(guidance_embeds: bool = True):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
 
     torch.manual_seed(0)
-    clip, clip_tokenizer = _clip(TINY_FLUX_CONFIG["pooled_projection_dim"])
+    clip, clip_tokenizer = tiny_clip(TINY_FLUX_CONFIG["pooled_projection_dim"])
     t5, t5_tokenizer = _t5(TINY_FLUX_CONFIG["joint_attention_dim"])
     vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(4,),
                         layers_per_block=1, latent_channels=TINY_FLUX_CONFIG["in_channels"] // 4,

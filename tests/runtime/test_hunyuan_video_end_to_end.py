@@ -1,10 +1,11 @@
 """HunyuanVideo and HunyuanVideo-1.5: profile -> compile -> apply through the Python API on
 tiny transformers.
 
-Their pipelines' text encoders (Llama and CLIP for HunyuanVideo) are not built in the tests
-yet, so the pipeline steps are driven by hand as in test_joint_end_to_end: the recorder on the
-transformer, traces written as the profiler writes them, the compiler, apply_plan. The prompts
-are padded (both models always mask their text keys): the profiler masks them too.
+The pipeline steps are driven by hand as in test_joint_end_to_end (the recorder on the
+transformer, traces written as the profiler writes them, the compiler, apply_plan), so the
+plan's exact removal can be checked on the transformer's own outputs; the CLI on saved tiny
+pipelines is tests/e2e/test_cli_hunyuan_video.py. The prompts are padded (both models always
+mask their text keys): the profiler masks them too.
 """
 
 from __future__ import annotations

@@ -6,13 +6,22 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from diffusers import ClassifierFreeGuidance
 
-from ditplan.runtime.pipeline_calls import CFG, EMBEDDED, NEGATIVE_PROMPT, TRUE_CFG, PipelineCall
+from ditplan.runtime.pipeline_calls import (
+    CFG,
+    EMBEDDED,
+    GUIDER,
+    NEGATIVE_PROMPT,
+    TRUE_CFG,
+    PipelineCall,
+)
 
 
 class VideoPipeline:  # Wan, the reference model
-    def __call__(self, prompt, num_inference_steps, height, width, num_frames, guidance_scale):
-        pass
+    def __call__(self, prompt, num_inference_steps, height, width, num_frames, guidance_scale,
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",)):
+        return callback_on_step_end, callback_on_step_end_tensor_inputs
 
 
 class ImagePipeline:  # FLUX.1, Qwen-Image
@@ -20,8 +29,27 @@ class ImagePipeline:  # FLUX.1, Qwen-Image
         self.transformer = SimpleNamespace(config={"guidance_embeds": guidance_embeds})
 
     def __call__(self, prompt, negative_prompt=None, true_cfg_scale=1.0, height=None,
-                 width=None, num_inference_steps=28, guidance_scale=3.5):
+                 width=None, num_inference_steps=28, guidance_scale=3.5,
+                 callback_on_step_end=None):
         pass
+
+
+class Scheduler:
+    def step(self, model_output, timestep, sample):
+        return sample
+
+
+class GuiderPipeline:  # HunyuanVideo-1.5: a guider, no guidance argument, no step callbacks
+    def __init__(self):
+        self.guider = ClassifierFreeGuidance(guidance_scale=6.0)
+        self.scheduler = Scheduler()
+        self.scales: list[float] = []  # the guider's scale in each call
+
+    def __call__(self, prompt, num_inference_steps, height=None, width=None, num_frames=121):
+        self.scales.append(self.guider.guidance_scale)
+        for t in range(num_inference_steps):
+            self.scheduler.step(None, 10 * t, None)
+        return "video"
 
 
 WORK = dict(steps=4, height=16, width=32, frames=1, guidance_scale=3.5)
@@ -63,3 +91,28 @@ def test_frames_and_samples():
     frames = np.zeros((2, 3, 8, 8, 3))
     assert video.samples(SimpleNamespace(frames=frames)).shape == (2, 3, 8, 8, 3)
     assert image.samples(SimpleNamespace(images=frames[:, 0])).shape == (2, 1, 8, 8, 3)
+
+
+def test_invoke_passes_step_callbacks_to_the_pipeline():
+    pipe, on_step_end = VideoPipeline(), lambda pipe, step, timestep, tensors: {}
+    call = PipelineCall.of(pipe)
+    arguments = call.arguments("p", **{**WORK, "frames": 5})
+    assert call.invoke(pipe, arguments, on_step_end) == (on_step_end, ["latents"])
+    assert call.invoke(pipe, arguments) == (None, ("latents",))
+
+
+def test_a_guider_pipeline_gets_the_scale_and_its_scheduler_steps_end_steps():
+    pipe = GuiderPipeline()
+    call = PipelineCall.of(pipe)
+    assert call == PipelineCall("GuiderPipeline", True, GUIDER, step_callbacks=False)
+    assert call.cfg(3.5) and call.cfg(0.5) and not call.cfg(1.0)
+    arguments = call.arguments("p", **{**WORK, "frames": 5})
+    ended = []
+    assert call.invoke(pipe, arguments,
+                       lambda p, step, t, tensors: ended.append((step, t, tensors))) == "video"
+    assert ended == [(0, 0, {}), (1, 10, {}), (2, 20, {}), (3, 30, {})]
+    assert pipe.scales == [3.5] and pipe.guider.guidance_scale == 6.0  # restored after
+    assert "step" not in vars(pipe.scheduler)  # the scheduler's own step is back
+    with pytest.raises(ValueError, match="GuiderPipeline takes no callback_on_step_end"):
+        call.invoke(pipe, arguments, lambda p, step, t, tensors: {"latents": None})
+    assert pipe.guider.guidance_scale == 6.0 and "step" not in vars(pipe.scheduler)
