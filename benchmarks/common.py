@@ -77,3 +77,14 @@ def timed_once(fn, device: str) -> tuple[float, float]:
         torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
     return time.perf_counter() - start, peak
+
+
+def time_ms_and_peak(fn, *, warmup: int, repeats: int) -> tuple[float, float]:
+    """:func:`time_ms` of ``fn`` and the peak allocated device memory (GiB) over all its calls,
+    warm-up included; peak 0 on CPU."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    ms = time_ms(fn, warmup=warmup, repeats=repeats)
+    return ms, torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
