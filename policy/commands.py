@@ -37,6 +37,9 @@ def register(subparsers) -> None:
     compile_.add_argument("--density", action="append", default=[], metavar="[BLOCK=]D",
                           help="force attention density D for one block, or for all blocks")
     compile_.add_argument("--no-cache", action="store_true", help="no layer caching")
+    compile_.add_argument("--no-model-runs", action="store_true",
+                          help="never skip whole transformer calls (needed for plans run under "
+                               "context parallelism, `ditplan run --nproc N`)")
     compile_.add_argument("--min-psnr", type=float, default=None, metavar="DB",
                           help="with --calibrate: the fastest plan measuring at least DB dB")
     calibration = compile_.add_argument_group(
@@ -96,7 +99,7 @@ def _parse_overrides(args: argparse.Namespace) -> dict:
         else:
             fixed = density
     return dict(roles=roles, all_roles=args.all_roles, densities=densities,
-                fixed_density=fixed, caching=not args.no_cache,
+                fixed_density=fixed, caching=not args.no_cache, model_runs=not args.no_model_runs,
                 target_speedup=args.target_speedup, min_psnr=args.min_psnr,
                 calibrate_candidates=args.candidates, refine_rounds=args.refine)
 

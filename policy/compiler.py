@@ -161,7 +161,8 @@ def search_designs(profile: Profile, roles: dict[str, str], config: CompilerConf
             continue  # the traces support no sparsity at this recall: same as dense
         specs = {b: lp.attention for b, lp in layers.items()}
         suffix = " densities=given" if forced else f" recall={recall}" if recall else ""
-        for choice in run_choices(profile, warmup, config.search_sigma, config.search_newton):
+        for choice in run_choices(profile, warmup, config.search_sigma, config.search_newton,
+                                  config.model_runs):
             runs = (build_run(profile, choice),)
             label = choice.label + suffix
             designs.append(Design(config, layers, runs,
@@ -226,15 +227,23 @@ def closer_to_target(designs: list[Design], measured_designs: list[Design],
     in [target / r, CALIBRATION_MARGIN x target / r). Where the plans ran faster than predicted
     they compute more and may keep more quality; where slower (3x on the reference model ran
     0.89 of its prediction, more than the margin covers) they are the ones that reach the target.
+    Schedules already measured (in any scope: a stack run and a whole-call run on the same steps
+    measured within 0.6 dB of each other, H200) are left out, so this round measures new ones.
     At most half as many as the first shortlist, spread as it is; none without a target."""
     if config.target_speedup is None or not measured:
         return []
     ratio = statistics.median(m.speedup / d.speedup
                               for m, d in zip(measured, measured_designs, strict=True))
     low = config.target_speedup / ratio
+    schedules = {_schedules(d) for d in measured_designs}
     pool = [d for d in designs if low <= d.speedup < CALIBRATION_MARGIN * low
-            and d not in measured_designs]
+            and _schedules(d) not in schedules]
     return _spread(pool, max(1, config.calibrate_candidates // 2))
+
+
+def _schedules(design: Design) -> tuple:
+    """Where each of the design's runs computes, per context (its blocks and forecast aside)."""
+    return tuple(tuple(sorted(r.schedule.items())) for r in design.runs)
 
 
 def retime_boundary(plans: Sequence[Plan], measured: list[Calibration],

@@ -50,6 +50,7 @@ class CompilerConfig:
     calibrate_candidates: int = 12  # candidate plans --calibrate measures
     search_sigma: bool = False  # also search forecasts in sigma (traces with sigmas only)
     search_newton: bool = False  # also search Newton's order-2 extrapolation
+    model_runs: bool = True  # also search runs that skip whole transformer calls (not under CP)
     refine_rounds: int = 0  # after calibration: rounds of moving single compute steps
     refine_candidates: int = 4  # neighbours measured per refine round
     roles: dict[str, str] = field(default_factory=dict)

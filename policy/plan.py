@@ -7,6 +7,9 @@ cached residual, or forecast it (``BlockRun.schedule[context][step]`` in "C", "R
 decisions are static tables, so the runtime reads them without host syncs and every process
 decides alike. This module does not read or write files: JSON I/O (``save_plan``,
 ``load_plan``) lives in ``plan_io``, which imports this one and never the other way round.
+A run with target "model" (schema 3.3) covers every block and stands for the whole
+transformer call: on its skipped steps the call returns the cached or forecast model output
+without running the embeddings or the head either.
 A Wan2.2 pipeline's two experts each get a complete plan whose ``workload.step_range`` says
 which steps that expert runs (schema 3.1); ``policy.experts`` holds the pair in one file.
 """
@@ -15,12 +18,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-PLAN_SCHEMA_VERSION = "3.2"
+PLAN_SCHEMA_VERSION = "3.3"
 SUPPORTED_BLOCK_SIZES = (64, 128)
 ROLES = ("foreground", "background")
 COMPUTE, REUSE, FORECAST = "C", "R", "F"
 ACTIONS = (COMPUTE, REUSE, FORECAST)
-TARGETS = ("residual", "output")
+TARGETS = ("residual", "output", "model")  # "model": schema 3.3
 VARIABLES = ("step", "sigma")
 EXTRAPOLATIONS = ("taylor", "newton")  # how a forecast extends the computed steps
 RECOMPILE = "recompile it with `ditplan compile-policy`"
@@ -230,7 +233,9 @@ class BlockRun:
     step index or in sigma), or with ``extrapolation`` "newton" by the polynomial through the
     last ``order`` + 1 computed steps (schema 3.2). ``target`` is what is cached: "residual"
     (out - in, added to the run's current input) or "output" (the run's output itself, as
-    TaylorSeer caches).
+    TaylorSeer caches), or "model" (schema 3.3): the transformer's whole output, so a skipped
+    call runs nothing at all (embeddings and head included); such a run lists every block and
+    has one schedule for all CFG contexts.
     """
 
     blocks: tuple[str, ...] = field(metadata=_schema(minItems=1))
@@ -364,6 +369,17 @@ def _check_runs(plan: Plan) -> None:
             )
         seen |= set(run.blocks)
         _check_schedule(run, plan.workload, where)
+        if run.target == "model":
+            _check_model_run(run, plan, where)
+
+
+def _check_model_run(run: BlockRun, plan: Plan, where: str) -> None:
+    if run.blocks != plan.block_order:
+        raise PlanError(f"{where}: a run with target 'model' skips whole transformer calls and "
+                        f"must list every block of block_order; {RECOMPILE}")
+    if len(set(run.schedule.values())) > 1:
+        raise PlanError(f"{where}.schedule: a run with target 'model' computes all CFG contexts "
+                        f"at the same steps (one call may carry them all); {RECOMPILE}")
 
 
 def _check_schedule(run: BlockRun, workload: Workload, where: str) -> None:

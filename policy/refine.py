@@ -21,13 +21,17 @@ def moved(actions: str, step: int, to: int) -> str:
 def run_moves(run: BlockRun) -> list[BlockRun]:
     """Every run that moves one computed step to a skipped neighbour step (step 0 keeps
     computing: nothing is cached before it): in all contexts at once where they share that
-    compute and skip (batched CFG then keeps whole-batch computes), and in each context alone."""
+    compute and skip (batched CFG then keeps whole-batch computes), and in each context alone
+    (never for a whole-call "model" run, which keeps one schedule)."""
     out = []
     contexts = tuple(run.schedule)
+    together = len(contexts) > 1 or run.target == "model"
     for step, to in _shifts(len(next(iter(run.schedule.values())))):
-        if len(contexts) > 1 and all(_movable(a, step, to) for a in run.schedule.values()):
+        if together and all(_movable(a, step, to) for a in run.schedule.values()):
             out.append(dataclasses.replace(run, schedule={
                 c: moved(a, step, to) for c, a in run.schedule.items()}))
+    if run.target == "model":
+        return out
     for context, actions in run.schedule.items():
         for step, to in _shifts(len(actions)):
             if _movable(actions, step, to):

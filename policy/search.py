@@ -1,7 +1,8 @@
 """The plan space the compiler searches: block runs x step schedules x CFG reuse x sparsity.
 
 A ``RunChoice`` describes one family member: which blocks form the run ("stack": every block,
-"tail": all but the first, as FirstBlockCache; background runs come from the preset designs),
+"tail": all but the first, as FirstBlockCache; "model": the whole transformer call, embeddings
+and head too, forecasting the model's output; background runs come from the preset designs),
 what a skipped step does (reuse, or a Taylor forecast of order 1 or 2), and where the computed
 steps go. Steps are placed from the traces, not at fixed intervals: after the warm-up, change is
 accumulated along the run's profiled step-change curve and the run computes whenever skipping
@@ -21,7 +22,10 @@ import numpy as np
 from ditplan.policy.load_profile import Profile
 from ditplan.policy.plan import COMPUTE, FORECAST, REUSE, BlockRun
 
-SCOPES = ("stack", "tail")
+SCOPES = ("stack", "tail", "model")
+# A "model" run skips whole calls: on the reference model (H200, 16 calibration captions) its
+# output forecasts kept 0.3-0.6 dB more than the stack's residual forecasts on the same
+# schedules and ran 2.4-3.8% faster (BENCHMARKS.md, session 8 probe)
 # (skip action, forecast order, extrapolation) searched; order 1 is the same line both ways
 SKIP_KINDS = ((REUSE, 1, "taylor"), (FORECAST, 1, "taylor"), (FORECAST, 2, "taylor"))
 # Newton's order 2, the quadratic through the last three computes, is searched when asked
@@ -72,7 +76,7 @@ class RunChoice:
 
 def run_blocks(profile: Profile, scope: str) -> tuple[str, ...]:
     """The blocks of a ``scope`` run: all of them, or all but the first."""
-    blocks = profile.blocks if scope == "stack" else profile.blocks[1:]
+    blocks = profile.blocks if scope in ("stack", "model") else profile.blocks[1:]
     if not blocks:
         raise ValueError(f"scope {scope!r} leaves no blocks in a {len(profile.blocks)}-block model")
     return blocks
@@ -114,11 +118,14 @@ def thin_uncond(cond_mask: list[bool], warmup: int, every: int) -> list[bool]:
 
 
 def build_run(profile: Profile, choice: RunChoice) -> BlockRun:
-    """The BlockRun of ``choice`` with a schedule per CFG context from that context's curve."""
+    """The BlockRun of ``choice`` with a schedule per CFG context from that context's curve
+    (a "model" run: one schedule for all contexts, from their mean curve)."""
     blocks = run_blocks(profile, choice.scope)
     masks = {}
-    for c, context in enumerate(profile.contexts):
-        curve = run_curve(profile, blocks, c)
+    curves = [run_curve(profile, blocks, c) for c in range(len(profile.contexts))]
+    if choice.scope == "model":
+        curves = [np.mean(curves, axis=0)] * len(curves)
+    for context, curve in zip(profile.contexts, curves, strict=True):
         masks[context] = place_computes(curve, choice.warmup, choice.threshold, choice.max_skip,
                                         choice.cooldown)
     if "uncond" in masks and choice.uncond_every > 1:
@@ -126,7 +133,8 @@ def build_run(profile: Profile, choice: RunChoice) -> BlockRun:
     schedule = {c: "".join(COMPUTE if m else choice.skip for m in mask)
                 for c, mask in masks.items()}
     return BlockRun(blocks=blocks, schedule=schedule, order=choice.order,
-                    target="residual", variable=choice.variable,
+                    target="model" if choice.scope == "model" else "residual",
+                    variable=choice.variable,
                     extrapolation=choice.extrapolation)
 
 
@@ -139,25 +147,26 @@ def plateau_of(profile: Profile, scope: str) -> float:
 
 
 def run_choices(profile: Profile, warmup: int, sigma: bool = False,
-                newton: bool = False) -> list[RunChoice]:
+                newton: bool = False, model: bool = True) -> list[RunChoice]:
     """Every step-level candidate for these traces (thresholds scaled to each scope's curve;
     warm-ups: ``warmup``, where the traces settle, and the shorter WARMUP_FRACTIONS; forecasts
     in sigma too with ``sigma`` when the traces record sigmas; Newton's order 2 too with
-    ``newton``)."""
+    ``newton``; whole-call "model" runs with ``model``, never thinning the unconditional
+    branch)."""
     choices = []
     kinds = (*SKIP_KINDS, NEWTON_KIND) if newton else SKIP_KINDS
     uncond = UNCOND_EVERY if len(profile.contexts) > 1 else (1,)
     warmups = sorted({warmup, *(max(1, math.ceil(f * profile.steps)) for f in WARMUP_FRACTIONS)})
     variables = VARIABLES if sigma and profile.metadata.workload.sigmas else VARIABLES[:1]
     for scope in SCOPES:
-        if scope == "tail" and len(profile.blocks) < 2:
+        if (scope == "tail" and len(profile.blocks) < 2) or (scope == "model" and not model):
             continue
         level = max(plateau_of(profile, scope), 1e-6)
         for (skip, order, extrapolation), scale, max_skip, every, start, cooldown, variable in (
                 itertools.product(kinds, THRESHOLD_SCALES, MAX_SKIPS, uncond, warmups,
                                   COOLDOWNS, variables)):
-            if variable == "sigma" and skip == REUSE:
-                continue  # a reuse has no variable
+            if (variable == "sigma" and skip == REUSE) or (scope == "model" and every > 1):
+                continue  # a reuse has no variable; a model run computes all branches together
             choices.append(RunChoice(scope, skip, order, level * scale, max_skip, every,
                                      start, cooldown, variable, extrapolation))
     return choices

@@ -12,9 +12,15 @@ from torch import nn
 from ditplan.policy.plan import AttentionSpec, Plan, PlanError
 from ditplan.runtime.adapters.base import block_io, get_adapter
 from ditplan.runtime.cache import RunState, install_block_runs, remove_block_runs
-from ditplan.runtime.context import StepTracker, install_step_tracker, remove_step_tracker
+from ditplan.runtime.context import (
+    StepTracker,
+    install_step_tracker,
+    refuse_applied,
+    remove_step_tracker,
+)
 from ditplan.runtime.fingerprint import config_hash, weights_hash
 from ditplan.runtime.kernels.registry import parse_backend
+from ditplan.runtime.model_run import install_model_runs, remove_model_runs
 from ditplan.runtime.parallel import (
     check_chunks,
     check_parallel_config,
@@ -68,6 +74,7 @@ class PlanHandle:
         for hook in self._hooks:
             hook.remove()
         remove_block_runs(self._blocks)
+        remove_model_runs(self.transformer)
         remove_step_tracker(self.transformer)
         self._originals, self._hooks, self._blocks = {}, [], {}
 
@@ -198,6 +205,10 @@ def apply_plan(
     adapter = get_adapter(transformer)
     _check_experts(plan, pipe, adapter)
     check_plan_fits(plan, transformer, adapter, check_weights=check_weights)
+    if parallel is not None and any(r.target == "model" for r in plan.runs):
+        raise PlanError("this plan skips whole transformer calls (a run with target 'model'), "
+                        "which context parallelism does not support yet; compile a plan without "
+                        "them (`compile-policy --no-model-runs`) or run on one GPU")
     refuse_parallel_model(transformer)
     check_chunks(ulysses_chunks, parallel)
     cp_plan = None if parallel is None else check_parallel_config(parallel, transformer, adapter,
@@ -206,17 +217,21 @@ def apply_plan(
     names = [name for name, _ in adapter.attention_layers(transformer)]
     specs = resolve_layer_specs(names, {n: plan.attention_spec(n) for n in names})
     permuter = TokenPermuter(shared_tile(specs), plan.workload.tokens_grid)
-    tracker = install_step_tracker(transformer, plan.workload.steps)
+    refuse_applied(transformer)
+    run_options = dict(positions=plan.workload.sigmas,
+                       batch_order=cfg_batch_order if plan.workload.cfg else None,
+                       first_step=plan.workload.first_step)
+    tracker = StepTracker(plan.workload.steps)
+    model_runs = install_model_runs(transformer, plan.runs, tracker, **run_options)
+    install_step_tracker(transformer, tracker=tracker)  # wraps the model run: reads the step first
     tracker.listeners.append(lambda state: _check_step(state, plan))
     originals, layers, hooks = install_sparse_layers(
         transformer, adapter, specs, tracker, permuter, backend, ulysses_chunks
     )
     blocks = dict(adapter.blocks(transformer))
-    runs = install_block_runs(blocks, plan.runs, tracker,
-                              io=block_io(adapter, transformer),
-                              positions=plan.workload.sigmas,
-                              batch_order=cfg_batch_order if plan.workload.cfg else None,
-                              first_step=plan.workload.first_step)
+    block_runs = [r for r in plan.runs if r.target != "model"]
+    runs = model_runs + install_block_runs(blocks, block_runs, tracker,
+                                           io=block_io(adapter, transformer), **run_options)
     handle = PlanHandle(transformer, tracker, layers, runs, len(blocks), originals, hooks, blocks)
     if parallel is not None:
         handle.group = _enable_parallel(handle, transformer, parallel, cp_plan, adapter)

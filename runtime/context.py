@@ -81,17 +81,25 @@ class StepTracker(ModelHook):
 
 
 def install_step_tracker(
-    transformer: nn.Module, num_inference_steps: int | None = None
+    transformer: nn.Module, num_inference_steps: int | None = None,
+    tracker: StepTracker | None = None,
 ) -> StepTracker:
-    """Register a :class:`StepTracker` on ``transformer`` (one per model; refuses a second)."""
+    """Register ``tracker`` (default: a new :class:`StepTracker`) on ``transformer``, outside
+    every hook registered before it (one per model; refuses a second)."""
+    refuse_applied(transformer)
+    tracker = tracker or StepTracker(num_inference_steps)
+    HookRegistry.check_if_exists_or_initialize(transformer).register_hook(
+        tracker, STEP_TRACKER_HOOK)
+    return tracker
+
+
+def refuse_applied(transformer: nn.Module) -> None:
+    """Raises when a ditplan plan (its step tracker) is already on ``transformer``."""
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
     if registry.get_hook(STEP_TRACKER_HOOK) is not None:
         raise ValueError(
             "a ditplan plan is already applied to this transformer; call handle.remove() first"
         )
-    tracker = StepTracker(num_inference_steps)
-    registry.register_hook(tracker, STEP_TRACKER_HOOK)
-    return tracker
 
 
 def remove_step_tracker(transformer: nn.Module) -> None:

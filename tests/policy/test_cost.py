@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from ditplan.policy import cost
@@ -44,8 +46,18 @@ def test_speedup_of_dense_sparse_and_cached_plans():
     sparser = {b: AttentionSpec(density=0.05) for b in BLOCKS}
     assert model.predict_speedup(sparser, (), 10, ("cond",)) > model.predict_speedup(
         sparse, (), 10, ("cond",)) > 1.0
-    # half the blocks skipped on half the steps: 1 / (1 - 0.25) of dense
+    # half the blocks skipped on half the steps: 1 / (1 - 0.25) of the blocks' time, every
+    # call still paying its overhead outside the blocks
     mask = tuple(s % 2 == 0 for s in range(10))
     group = BlockRun.from_masks(BLOCKS[:15], {"cond": mask})
-    assert model.predict_speedup(dense, (group,), 10, ("cond",)) == pytest.approx(1 / 0.75)
+    o = cost.CALL_OVERHEAD
+    assert model.predict_speedup(dense, (group,), 10, ("cond",)) == pytest.approx(
+        (1 + o) / (0.75 + o))
+    # a stack run forecasting on half the steps still pays every call's overhead; a whole-call
+    # run skipping the same steps does not
+    stack = BlockRun.from_masks(BLOCKS, {"cond": mask}, skip="F")
+    whole = dataclasses.replace(stack, target="model")
+    assert model.predict_speedup(dense, (stack,), 10, ("cond",)) == pytest.approx(
+        (1 + o) / (0.5 + o))
+    assert model.predict_speedup(dense, (whole,), 10, ("cond",)) == pytest.approx(2.0)
     assert cost.SPARSE_FIXED + cost.SPARSE_SLOWDOWN * 0.5 == pytest.approx(7.60 / 11.07, abs=0.01)

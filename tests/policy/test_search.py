@@ -10,7 +10,8 @@ import pytest
 from ditplan.policy.compiler import compile_policy, pareto_front, pick_measured
 from ditplan.policy.config import CompilerConfig, CompilerError
 from ditplan.policy.plan import Calibration
-from ditplan.policy.search import place_computes, thin_uncond
+from ditplan.policy.load_profile import load_profile
+from ditplan.policy.search import place_computes, run_choices, thin_uncond
 from tests.policy.policy_factories import LayerTruth, TraceSpec, write_traces
 
 LAYERS = (LayerTruth(True, 0.1), LayerTruth(False, 0.2), LayerTruth(False, 0.1),
@@ -58,7 +59,22 @@ def test_searched_plans_use_step_level_runs(traces):
     assert plan.provenance.predicted_speedup >= 2.0
     (run,) = plan.runs
     assert set("".join(run.schedule.values())) > {"C"}
-    assert plan.provenance.compiler_settings["design"].split()[0] in ("stack", "tail")
+    assert plan.provenance.compiler_settings["design"].split()[0] in ("stack", "tail", "model")
+
+
+def test_model_runs_skip_whole_calls_in_every_branch_alike_and_can_be_left_out(traces):
+    plan = compile_policy(traces, CompilerConfig.from_name("balanced", target_speedup=2.0))
+    (run,) = plan.runs
+    # a stack run on the same schedule predicts the same error for more time: the model run wins
+    assert run.target == "model"
+    assert run.blocks == plan.block_order and len(set(run.schedule.values())) == 1
+    without = compile_policy(traces, CompilerConfig.from_name("balanced", target_speedup=2.0,
+                                                              model_runs=False))
+    assert all(r.target != "model" for r in without.runs)
+    profile = load_profile(traces)
+    models = [c for c in run_choices(profile, 2) if c.scope == "model"]
+    assert models and all(c.uncond_every == 1 for c in models)
+    assert not [c for c in run_choices(profile, 2, model=False) if c.scope == "model"]
 
 
 def test_min_psnr_needs_calibration(traces):

@@ -1,0 +1,105 @@
+"""Whole-call runs (target "model"): skipped calls run nothing and return Taylor forecasts."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from ditplan.policy.plan import BlockRun, PlanError
+from ditplan.runtime.apply import apply_plan
+from tests.factories import tiny_reference_pipeline, tiny_wan_plan
+
+STEPS = 8
+PROMPTS = ["a red circle slowly moves right", "a blue square quickly moves up"]
+SCHEDULE = "CCCFFCFC"
+
+
+def _generate(pipe) -> torch.Tensor:
+    generators = [torch.Generator().manual_seed(i) for i in range(len(PROMPTS))]
+    return pipe(PROMPTS, num_inference_steps=STEPS, guidance_scale=4.0, num_frames=3, height=16,
+                width=16, generator=generators, output_type="latent").frames  # [B, 3, F, H, W]
+
+
+def _model_plan(pipe, order: int, schedule: str = SCHEDULE):
+    plan = tiny_wan_plan(pipe.transformer, steps=STEPS, densities=(1.0, 1.0), dense_steps=())
+    run = BlockRun(blocks=plan.block_order, schedule=dict.fromkeys(("cond", "uncond"), schedule),
+                   target="model", order=order, extrapolation="taylor")
+    return replace(plan, runs=(run,))
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipeline = tiny_reference_pipeline()
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def _twin(pipe, order: int) -> torch.Tensor:
+    """The reference: the transformer's forward wrapped by hand, per CFG call in the pipeline's
+    order (cond, uncond), extrapolating TaylorSeer's factors in float64."""
+    transformer, original = pipe.transformer, pipe.transformer.forward
+    calls, history = [0], {}
+
+    def forward(*args, **kwargs):
+        step, branch = divmod(calls[0], 2)
+        calls[0] += 1
+        factors, last = history.get(branch, ([], None))
+        if SCHEDULE[step] == "C":
+            out = original(*args, **kwargs)[0]
+            new = [out.double()]
+            for previous in factors[:order]:
+                new.append((new[-1] - previous) / (step - last))
+            history[branch] = (new, step)
+            return (out,)
+        forecast = sum(f * (step - last) ** k / math.factorial(k) for k, f in enumerate(factors))
+        return (forecast.to(transformer.dtype),)
+
+    transformer.forward = forward
+    try:
+        return _generate(pipe)
+    finally:
+        del transformer.forward
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_model_run_matches_a_hand_written_forecast_and_skips_the_whole_call(pipe, order):
+    expected = _twin(pipe, order)
+    entered = []
+    hook = pipe.transformer.patch_embedding.register_forward_hook(lambda *a: entered.append(1))
+    handle = apply_plan(pipe, _model_plan(pipe, order))
+    try:
+        ours = _generate(pipe)
+        stats = handle.stats()
+    finally:
+        handle.remove()
+        hook.remove()
+    # the forecasts in float32 against float64: well under the latents' scale of ~1
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+    assert len(entered) == 2 * SCHEDULE.count("C")  # skipped calls never reach the embeddings
+    assert stats["blocks_skipped_share"] == pytest.approx(SCHEDULE.count("F") / STEPS)
+
+
+def test_model_run_removes_exactly_and_reuses(pipe):
+    dense = _generate(pipe)
+    handle = apply_plan(pipe, _model_plan(pipe, 1, schedule="CCRRCRCR"))
+    try:
+        reused = _generate(pipe)
+    finally:
+        handle.remove()
+    assert not torch.equal(reused, dense)
+    torch.testing.assert_close(_generate(pipe), dense, rtol=0, atol=0)
+
+
+def test_model_runs_refuse_a_partial_stack_other_branch_schedules_and_parallelism(pipe):
+    plan = _model_plan(pipe, 1)
+    (run,) = plan.runs
+    with pytest.raises(PlanError, match="must list every block"):
+        replace(plan, runs=(replace(run, blocks=run.blocks[1:]),))
+    with pytest.raises(PlanError, match="computes all CFG contexts at the same steps"):
+        replace(plan, runs=(replace(run, schedule={"cond": SCHEDULE, "uncond": "C" * STEPS}),))
+    with pytest.raises(PlanError, match="--no-model-runs"):
+        apply_plan(pipe, plan, parallel=object())
+    torch.testing.assert_close(_generate(pipe), _generate(pipe))  # nothing was left installed
