@@ -9,8 +9,8 @@ import pytest
 
 from ditplan.policy.compiler import compile_policy, pareto_front, pick_measured
 from ditplan.policy.config import CompilerConfig, CompilerError
-from ditplan.policy.plan import Calibration
 from ditplan.policy.load_profile import load_profile
+from ditplan.policy.plan import Calibration
 from ditplan.policy.search import place_computes, run_choices, thin_uncond
 from tests.policy.policy_factories import LayerTruth, TraceSpec, write_traces
 
