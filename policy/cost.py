@@ -96,7 +96,7 @@ class CostModel:
         """
         skipped = {b: r for r in runs for b in r.blocks}
         call = (self.other + self.attention) * len(specs)  # one dense call's blocks
-        model = next((r for r in runs if r.target == "model"), None)
+        model = next((r for r in runs if r.whole_call), None)
         plan_time = sum(CALL_OVERHEAD * call for context in contexts for step in range(steps)
                         if model is None or model.computes(step, context))
         for block, spec in specs.items():

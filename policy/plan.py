@@ -269,6 +269,11 @@ class BlockRun:
         return self.blocks[0] if len(self.blocks) == 1 else f"{self.blocks[0]}..{self.blocks[-1]}"
 
     @property
+    def whole_call(self) -> bool:
+        """True for a "model" run: its skipped steps skip the transformer's whole call."""
+        return self.target == "model"
+
+    @property
     def forecasts(self) -> bool:
         return any(FORECAST in s for s in self.schedule.values())
 
@@ -369,7 +374,7 @@ def _check_runs(plan: Plan) -> None:
             )
         seen |= set(run.blocks)
         _check_schedule(run, plan.workload, where)
-        if run.target == "model":
+        if run.whole_call:
             _check_model_run(run, plan, where)
 
 

@@ -25,12 +25,12 @@ def run_moves(run: BlockRun) -> list[BlockRun]:
     (never for a whole-call "model" run, which keeps one schedule)."""
     out = []
     contexts = tuple(run.schedule)
-    together = len(contexts) > 1 or run.target == "model"
+    together = len(contexts) > 1 or run.whole_call
     for step, to in _shifts(len(next(iter(run.schedule.values())))):
         if together and all(_movable(a, step, to) for a in run.schedule.values()):
             out.append(dataclasses.replace(run, schedule={
                 c: moved(a, step, to) for c, a in run.schedule.items()}))
-    if run.target == "model":
+    if run.whole_call:
         return out
     for context, actions in run.schedule.items():
         for step, to in _shifts(len(actions)):

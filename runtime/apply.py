@@ -205,7 +205,7 @@ def apply_plan(
     adapter = get_adapter(transformer)
     _check_experts(plan, pipe, adapter)
     check_plan_fits(plan, transformer, adapter, check_weights=check_weights)
-    if parallel is not None and any(r.target == "model" for r in plan.runs):
+    if parallel is not None and any(r.whole_call for r in plan.runs):
         raise PlanError("this plan skips whole transformer calls (a run with target 'model'), "
                         "which context parallelism does not support yet; compile a plan without "
                         "them (`compile-policy --no-model-runs`) or run on one GPU")
@@ -229,7 +229,7 @@ def apply_plan(
         transformer, adapter, specs, tracker, permuter, backend, ulysses_chunks
     )
     blocks = dict(adapter.blocks(transformer))
-    block_runs = [r for r in plan.runs if r.target != "model"]
+    block_runs = [r for r in plan.runs if not r.whole_call]
     runs = model_runs + install_block_runs(blocks, block_runs, tracker,
                                            io=block_io(adapter, transformer), **run_options)
     handle = PlanHandle(transformer, tracker, layers, runs, len(blocks), originals, hooks, blocks)

@@ -14,7 +14,6 @@ from ditplan.runtime.cache import RunState
 from ditplan.runtime.context import StepTracker
 
 MODEL_RUN_HOOK = "ditplan_model_run"
-MODEL = "model"
 
 
 class ModelRunHook(ModelHook):
@@ -56,7 +55,7 @@ def install_model_runs(transformer: nn.Module, runs: Sequence[BlockRun], tracker
     """Hook the plan's run with target "model" (at most one) onto ``transformer``; call this
     before the step tracker is registered, so that the tracker wraps it. Returns its state."""
     states = []
-    for run in (r for r in runs if r.target == MODEL):
+    for run in (r for r in runs if r.whole_call):
         state = RunState(run, tracker, positions if run.variable == "sigma" else None,
                          batch_order, first_step)
         HookRegistry.check_if_exists_or_initialize(transformer).register_hook(
