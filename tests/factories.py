@@ -117,6 +117,25 @@ def tiny_reference_pipeline():
     )
 
 
+TINY_PROMPTS = ("a red circle slowly moves right", "a blue square quickly moves up")
+
+
+def tiny_reference_latents(pipe, steps: int) -> torch.Tensor:
+    """The final latents [B, 3, F, H, W] of :data:`TINY_PROMPTS` (seeds 0, 1) at 3 x 16 x 16,
+    guidance 4."""
+    generators = [torch.Generator().manual_seed(i) for i in range(len(TINY_PROMPTS))]
+    return pipe(list(TINY_PROMPTS), num_inference_steps=steps, guidance_scale=4.0, num_frames=3,
+                height=16, width=16, generator=generators, output_type="latent").frames
+
+
+def tiny_plan_with_run(pipe, run, steps: int):
+    """A dense :func:`tiny_wan_plan` for ``pipe``'s transformer whose only block run is ``run``."""
+    from dataclasses import replace
+
+    plan = tiny_wan_plan(pipe.transformer, steps=steps, densities=(1.0, 1.0), dense_steps=())
+    return replace(plan, runs=(run,))
+
+
 def saved_tiny_reference_pipeline(folder):
     """:func:`tiny_reference_pipeline` saved as a diffusers folder (what ``--model`` takes)."""
     path = folder / "tiny-ref"

@@ -10,21 +10,14 @@ from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
 
 from ditplan.policy.plan import BlockRun
 from ditplan.runtime.apply import apply_plan
-from tests.factories import tiny_reference_pipeline, tiny_wan_plan
+from tests.factories import (
+    tiny_plan_with_run,
+    tiny_reference_latents,
+    tiny_reference_pipeline,
+    tiny_wan_plan,
+)
 
 STEPS = 10
-PROMPTS = ["a red circle slowly moves right", "a blue square quickly moves up"]
-
-
-def _generate(pipe) -> torch.Tensor:
-    generators = [torch.Generator().manual_seed(i) for i in range(len(PROMPTS))]
-    return pipe(PROMPTS, num_inference_steps=STEPS, guidance_scale=4.0, num_frames=3, height=16,
-                width=16, generator=generators, output_type="latent").frames  # [B, 3, F, H, W]
-
-
-def _plan(pipe, run: BlockRun):
-    plan = tiny_wan_plan(pipe.transformer, steps=STEPS, densities=(1.0, 1.0), dense_steps=())
-    return replace(plan, runs=(run,))
 
 
 @pytest.fixture(scope="module")
@@ -44,20 +37,20 @@ def taylorseer_schedule(warmup: int, interval: int) -> str:
 @pytest.mark.parametrize("order", [1, 2])
 def test_taylorseer_as_a_plan_matches_diffusers(pipe, order):
     transformer = pipe.transformer
-    dense = _generate(pipe)
+    dense = tiny_reference_latents(pipe, STEPS)
     transformer.enable_cache(TaylorSeerCacheConfig(
         cache_interval=3, disable_cache_before_step=2, max_order=order,
         taylor_factors_dtype=torch.float32, cache_identifiers=[r"blocks\.\d+"]))
     try:
-        theirs = _generate(pipe)
+        theirs = tiny_reference_latents(pipe, STEPS)
     finally:
         transformer.disable_cache()
     schedule = taylorseer_schedule(warmup=2, interval=3)
     run = BlockRun(blocks=("blocks.0", "blocks.1"), schedule=dict.fromkeys(("cond", "uncond"),
                    schedule), target="output", order=order)
-    handle = apply_plan(pipe, _plan(pipe, run))
+    handle = apply_plan(pipe, tiny_plan_with_run(pipe, run, STEPS))
     try:
-        ours = _generate(pipe)
+        ours = tiny_reference_latents(pipe, STEPS)
         stats = handle.stats()
     finally:
         handle.remove()
@@ -74,7 +67,7 @@ def test_fixed_first_block_cache_schedule_matches_diffusers(pipe):
     tail = transformer.blocks[1].ffn.register_forward_hook(lambda *_: tail_ran.append(calls[0]))
     transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))
     try:
-        theirs = _generate(pipe)
+        theirs = tiny_reference_latents(pipe, STEPS)
     finally:
         transformer.disable_cache()
         counter.remove()
@@ -84,9 +77,9 @@ def test_fixed_first_block_cache_schedule_matches_diffusers(pipe):
              for i, c in enumerate(("cond", "uncond"))}
     assert not all(masks["cond"]) and masks["cond"][0]  # FirstBlockCache skipped some steps
     run = BlockRun.from_masks(("blocks.1",), masks)
-    handle = apply_plan(pipe, _plan(pipe, run))
+    handle = apply_plan(pipe, tiny_plan_with_run(pipe, run, STEPS))
     try:
-        ours = _generate(pipe)
+        ours = tiny_reference_latents(pipe, STEPS)
     finally:
         handle.remove()
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
