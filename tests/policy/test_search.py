@@ -173,16 +173,12 @@ def test_fixed_interval_choices_schedule_like_taylorseer(traces):
 
 
 def test_shortlist_measures_every_warmup_first(traces):
-    from ditplan.policy.compiler import (
-        CALIBRATION_MARGIN,
-        _warmup,
-        shortlist_for_calibration,
-    )
+    from ditplan.policy.compiler import _warmup, shortlist_for_calibration
     from tests.policy.test_compiler import search_designs_for
 
     designs = search_designs_for(traces)
     config = CompilerConfig.from_name("balanced", target_speedup=1.5, calibrate_candidates=12)
-    pool = [d for d in designs if d.speedup >= CALIBRATION_MARGIN * 1.5]
+    pool = [d for d in designs if d.speedup >= 1.5]
     warmups = sorted({_warmup(d) for d in pool})
     assert 3 <= len(warmups) <= 12
     chosen = shortlist_for_calibration(designs, config)
@@ -194,7 +190,7 @@ def test_shortlist_measures_every_warmup_first(traces):
 
 
 def test_calibration_spends_the_slack_the_speed_model_left(traces):
-    from ditplan.policy.compiler import CALIBRATION_MARGIN
+    from ditplan.policy.compiler import CLOSER_BAND
 
     def fake(plans, repeats=None):  # runs 2% slower than predicted; more compute keeps more quality
         return [_measured(0.98 * p.provenance.predicted_speedup,
@@ -203,7 +199,7 @@ def test_calibration_spends_the_slack_the_speed_model_left(traces):
     config = CompilerConfig.from_name("balanced", target_speedup=1.5, calibrate_candidates=6)
     plan = compile_policy(traces, config, calibrate=fake)
     predicted = plan.provenance.predicted_speedup
-    assert 1.5 / 0.98 <= predicted < CALIBRATION_MARGIN * 1.5 / 0.98  # the second round
+    assert 1.5 / 0.98 <= predicted < CLOSER_BAND * 1.5 / 0.98  # the second round
     assert plan.provenance.calibration.speedup >= 1.5
     assert plan.provenance.calibration.candidates == 6 + 3
 
@@ -213,7 +209,7 @@ def test_calibration_spends_the_slack_the_speed_model_left(traces):
 
     plan = compile_policy(traces, config, calibrate=slower)
     predicted = plan.provenance.predicted_speedup
-    assert 1.5 / 0.9 <= predicted < CALIBRATION_MARGIN * 1.5 / 0.9
+    assert 1.5 / 0.9 <= predicted < CLOSER_BAND * 1.5 / 0.9
     assert plan.provenance.calibration.candidates == 6 + 3
 
 
