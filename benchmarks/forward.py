@@ -1,15 +1,19 @@
 """Wan2.1-1.3B-shaped transformer forward (480p x 81 frames): dense vs block-mean sparse attention.
 
 Usage: python benchmarks/forward.py [--densities 0.5 0.2 0.1] [--backends flex fa4] [--compile]
-       [--quick]
+       [--unfused-too] [--quick]
 Times every variant in the same run on the same card and prints ratios against dense; each
 backend named in --backends (default auto) gets its sparse rows, one it can't run here none.
+``--unfused-too`` adds each backend's first d=0.2 row with the q/k norm + rotary run eager
+(DITPLAN_FUSED_QK=0), so the share of the compiled q/k kernel in the speedup shows.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import time
 
 import torch
@@ -24,6 +28,7 @@ from benchmarks.common import (
     time_ms,
 )
 from ditplan.policy.plan import AttentionSpec
+from ditplan.runtime.adapters.wan_qk import ENV_SWITCH
 from ditplan.runtime.apply import apply_sparse_attention
 from ditplan.runtime.kernels.registry import backend_spec
 
@@ -86,6 +91,8 @@ def main():
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(model)")
     parser.add_argument("--backends", nargs="+", default=["auto"],
                         help="kernel backends of the sparse rows (auto, fa4, flex, torch)")
+    parser.add_argument("--unfused-too", action="store_true",
+                        help="also time d=0.2 with the q/k norm + rotary eager")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke run)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", help="write the rows here")
@@ -103,10 +110,15 @@ def main():
         for d in args.densities
         for t in args.tiles
     ]
+    first_tile = tuple(map(int, args.tiles[0].split(",")))
+    if args.unfused_too:
+        variants += [(f"sparse d=0.2 tile={args.tiles[0]} {b} unfused q/k",
+                      AttentionSpec(density=0.2, tile=first_tile), b) for b in backends]
     compiled_labels = ["dense"] + [f"sparse d=0.2 tile={args.tiles[0]} {b}" for b in backends]
     for label, spec, backend in variants:
         handle = apply_sparse_attention(model, spec, backend=backend) if spec else None
-        measure(model, inputs, label, rows, args.repeats)
+        with _fused_qk(not label.endswith("unfused q/k")):
+            measure(model, inputs, label, rows, args.repeats)
         if args.compile and label in compiled_labels:
             compiled = torch.compile(model)
             start = time.perf_counter()
@@ -123,6 +135,20 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(banner=banner(), rows=rows), f, indent=1)
+
+
+@contextlib.contextmanager
+def _fused_qk(on: bool):
+    """The compiled q/k norm + rotary on (the default) or off (its environment switch)."""
+    before = os.environ.get(ENV_SWITCH)
+    os.environ[ENV_SWITCH] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[ENV_SWITCH]
+        else:
+            os.environ[ENV_SWITCH] = before
 
 
 def _runs_here(backend: str, device: str) -> bool:

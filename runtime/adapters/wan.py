@@ -7,27 +7,15 @@ from diffusers import WanTransformer3DModel
 from torch import nn
 
 from ditplan.runtime.adapters.base import BlockList, register_adapter
+from ditplan.runtime.adapters.wan_qk import norm_rotate_qk
 from ditplan.runtime.layout import AttnCall, PermutePoint, StreamIO, TokenLayout
 from ditplan.runtime.parallel import model_cp_plan
 from ditplan.runtime.sparse import SparseProcessorBase
 
 
-def apply_wan_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Wan's interleaved rotary embedding, the same arithmetic as diffusers' WanAttnProcessor.
-
-    Args:
-        x: [B, S, H, D]; cos, sin: [1, S, 1, D].
-    """
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[..., 0::2], sin[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(x)
-
-
 def wan_self_attention_qkv(attn: nn.Module, hidden_states: torch.Tensor, rotary_emb):
-    """Project, normalize and rotate q/k/v exactly as WanAttnProcessor does for self-attention.
+    """Project, normalize and rotate q/k/v as WanAttnProcessor does for self-attention (on CUDA
+    the norms and rotation run compiled: runtime/adapters/wan_qk.py).
 
     Args:
         hidden_states: [B, S, C].
@@ -39,10 +27,11 @@ def wan_self_attention_qkv(attn: nn.Module, hidden_states: torch.Tensor, rotary_
         q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
     else:
         q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-    q, k = attn.norm_q(q), attn.norm_k(k)
-    q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))  # [B, S, H, D]
-    if rotary_emb is not None:
-        q, k = apply_wan_rotary(q, *rotary_emb), apply_wan_rotary(k, *rotary_emb)
+    if rotary_emb is None:
+        q, k = (t.unflatten(2, (attn.heads, -1)) for t in (attn.norm_q(q), attn.norm_k(k)))
+    else:
+        q, k = norm_rotate_qk(attn, q, k, rotary_emb)  # [B, S, H, D]
+    v = v.unflatten(2, (attn.heads, -1))
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
