@@ -1,6 +1,7 @@
 """Transformer forward per model family at its full-size shape: dense vs sparse attention at d=0.2.
 
-Usage: python -m benchmarks.families [--families NAME ...] [--repeats 3] [--json PATH] [--quick]
+Usage: python -m benchmarks.families [--families NAME ...] [--backend flex|fa4|auto] [--repeats 3]
+       [--json PATH] [--quick]
 
 Per family (benchmarks/family_configs.py: Wan2.2-TI2V-5B at 704 x 1280 x 121 frames, 27,280
 tokens; Qwen-Image at 1328 x 1328, 6,889 tokens; FLUX.1-dev at 2048 x 2048, 16,384 tokens;
@@ -12,8 +13,9 @@ process on one GPU:
    copy, no CPU initialisation), and random inputs of the pipeline's shapes;
 2. time one no-grad forward dense: one warm-up, then ``--repeats`` timed calls (median, CUDA
    events) and the peak allocated memory over them;
-3. install ``apply_sparse_attention`` at density 0.2 in every self-attention layer (flex
-   backend; the warm-up compiles its block mask and kernel), time it the same way, compare its
+3. install ``apply_sparse_attention`` at density 0.2 in every self-attention layer (``--backend``,
+   default flex; fa4 refuses key padding, which a text mask makes: ``auto`` runs flex there; the
+   warm-up compiles the kernels), time it the same way, compare its
    output with dense's (relative L2 difference: nonzero when sparse attention ran) and remove it;
 4. free the model (del, ``torch.cuda.empty_cache()``) before the next family.
 
@@ -169,12 +171,14 @@ def main(argv: list[str] | None = None) -> dict:
                         help="in this order by default (HunyuanVideo, the longest, last)")
     parser.add_argument("--repeats", type=int, default=3, help="timed forwards per variant")
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--backend", default="flex", choices=["flex", "fa4", "auto"],
+                        help="sparse kernel backend on the GPU (default flex)")
     parser.add_argument("--quick", action="store_true", help="tiny configs on the CPU")
     args = parser.parse_args(argv)
     if args.quick:  # 64-token blocks: the tiny grids' ~1,200 tokens make ~19 blocks
         device, backend, shapes, block = "cpu", "torch", QUICK, 64
     elif torch.cuda.is_available():
-        device, backend, shapes, block = "cuda", "flex", FULL, 128
+        device, backend, shapes, block = "cuda", args.backend, FULL, 128
     else:
         parser.error("the full-size shapes need a CUDA GPU; --quick runs tiny ones on the CPU")
     spec = AttentionSpec(density=DENSITY, block_size=block)
