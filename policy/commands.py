@@ -45,7 +45,13 @@ def register(subparsers) -> None:
     calibration = compile_.add_argument_group(
         "calibration", "run the best candidates on this device against dense output (same "
         "seeds) and choose by what they measure; the plan records it")
-    calibration.add_argument("--calibrate", action="store_true")
+    calibration.add_argument(
+        "--calibrate", action="store_true",
+        help="measure the shortlisted candidates (needs --target-speedup and/or --min-psnr). "
+             "A two-expert (Wan2.2) profile: each expert's shortlist comes from its own traces, "
+             "the i-th candidates of the two run together and each pair is measured end to end "
+             "(no second round closer to the target, no --refine); both sections record the "
+             "pair's measurement")
     calibration.add_argument("--model", default=None,
                              help="pipeline to calibrate on (default: the one profiled)")
     calibration.add_argument("--device", default=None,
@@ -59,10 +65,12 @@ def register(subparsers) -> None:
                                   "host: 3)")
     calibration.add_argument("--refine", type=int, default=0, metavar="ROUNDS",
                              help="then move single compute steps of the best plan, 4 measured "
-                                  "neighbours a round, keeping what measures better (default 0)")
+                                  "neighbours a round, keeping what measures better (default 0; "
+                                  "not for two-expert profiles)")
     calibration.add_argument("--candidates", type=int, default=12,
                              help="candidate plans to measure (default 12), then with a "
-                                  "target up to half as many closer to it")
+                                  "target up to half as many closer to it (two experts: this "
+                                  "many pairs, no second round)")
     calibration.add_argument("--calibration-record", type=Path, default=None,
                              help="JSONL of finished measurements, to resume (default: next "
                                   "to --out)")
@@ -133,7 +141,11 @@ def run_compile_policy(args: argparse.Namespace) -> int:
     """Handler of ``compile-policy``: traces -> plan file. Returns the exit code."""
     from ditplan.policy.compiler import compile_policy
     from ditplan.policy.config import CompilerConfig, CompilerError
-    from ditplan.policy.expert_compiler import compile_experts, is_expert_profile
+    from ditplan.policy.expert_compiler import (
+        check_expert_config,
+        compile_experts,
+        is_expert_profile,
+    )
     from ditplan.policy.experts import save_any_plan
     from ditplan.policy.plan import PlanError
     from ditplan.profiler.schema import TraceError
@@ -146,8 +158,8 @@ def run_compile_policy(args: argparse.Namespace) -> int:
     try:
         config = CompilerConfig.from_name(args.quality, **overrides)
         if is_expert_profile(args.trace_dir):
-            _refuse_expert_calibration(args)
-            plans = compile_experts(args.trace_dir, config)
+            check_expert_config(config)  # before the calibrator loads the pipeline
+            plans = compile_experts(args.trace_dir, config, calibrate=_calibrator(args))
         else:
             plans = compile_policy(args.trace_dir, config, calibrate=_calibrator(args))
         save_any_plan(plans, args.out)
@@ -158,30 +170,28 @@ def run_compile_policy(args: argparse.Namespace) -> int:
     return 0
 
 
-def _refuse_expert_calibration(args: argparse.Namespace) -> None:
-    if args.calibrate:
-        raise ValueError(
-            "--calibrate is not supported for a two-expert (Wan2.2) profile yet: it would "
-            "measure each pair of candidates end to end; compile without --calibrate (each "
-            "expert reaches --target-speedup by prediction), then time the plan with "
-            "`ditplan run --compare-dense`")
-
-
 def _summary(plans) -> str:
     """What the command prints about the written plan (each expert's, for expert plans)."""
     from ditplan.policy.plan import Plan
 
     if not isinstance(plans, Plan):
-        return "; ".join(f"{name} steps {list(plan.workload.step_range)}: "
-                         f"{_summary(plan)}" for name, plan in plans.experts.items())
-    prov = plans.provenance
-    said = (f"predicted speedup {prov.predicted_speedup:.2f}x, "
+        said = "; ".join(f"{name} steps {list(plan.workload.step_range)}: "
+                         f"{_predicted(plan)}" for name, plan in plans.experts.items())
+        calibration = next(iter(plans.experts.values())).provenance.calibration
+        return said + (f"; the pair {_measured(calibration)}" if calibration else "")
+    calibration = plans.provenance.calibration
+    return _predicted(plans) + (f"; {_measured(calibration)}" if calibration else "")
+
+
+def _predicted(plan) -> str:
+    prov = plan.provenance
+    return (f"predicted speedup {prov.predicted_speedup:.2f}x, "
             f"predicted error {prov.predicted_error:.4f}")
-    if prov.calibration is not None:
-        c = prov.calibration
-        said += (f"; measured {c.speedup:.2f}x at {c.psnr_db:.2f} dB on {c.device} "
-                 f"(best of {c.candidates} candidates)")
-    return said
+
+
+def _measured(c) -> str:
+    return (f"measured {c.speedup:.2f}x at {c.psnr_db:.2f} dB on {c.device} "
+            f"(best of {c.candidates} candidates)")
 
 
 def run_plan_show(args: argparse.Namespace) -> int:

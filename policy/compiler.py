@@ -16,6 +16,7 @@ import numpy as np
 from ditplan.policy.classify import RoleDecision, classify_roles
 from ditplan.policy.config import CompilerConfig, CompilerError
 from ditplan.policy.cost import CostModel
+from ditplan.policy.experts import ExpertPlans
 from ditplan.policy.load_profile import Profile, load_profile
 from ditplan.policy.plan import (
     AttentionSpec,
@@ -41,9 +42,9 @@ from ditplan.policy.search import build_run, run_choices
 from ditplan.policy.sparsity import choose_sparsity
 
 logger = logging.getLogger(__name__)
-# Measures candidate plans on the device they are for (see runtime/calibrate.py): one
-# Calibration per plan, in order; ``repeats=N`` times each over N batches (median).
-# policy/ stays torch-free: the command injects it.
+# Measures candidate plans (or expert plans, each pair end to end) on the device they are for
+# (see runtime/calibrate.py): one Calibration per plan, in order; ``repeats=N`` times each over
+# N batches (median). policy/ stays torch-free: the command injects it.
 MeasurePlans = Callable[..., list[Calibration]]
 SEARCH_RECALLS = (None, 0.95)  # attention of step-level designs: dense, or sparse at this recall
 # The second calibration round measures designs predicted within this factor above the target
@@ -73,6 +74,56 @@ class Design:
         return " ".join(w for w in self.label.split() if "=" not in w)
 
 
+@dataclass(frozen=True)
+class Shortlist:
+    """One trace folder's searched designs and those worth measuring (``chosen``, in
+    :func:`shortlist_for_calibration`'s order, the least predicted error first with a target),
+    with ``plans``: ``chosen`` assembled as validated plans, one per design."""
+
+    profile: Profile
+    decision: RoleDecision
+    designs: list[Design]
+    chosen: list[Design]
+    plans: list[Plan]
+
+    def assemble(self, designs: Sequence[Design]) -> list[Plan]:
+        """``designs`` (of this folder) as validated plans."""
+        return _assembled(self.profile, self.decision, designs)
+
+
+def _assembled(profile: Profile, decision: RoleDecision, designs: Sequence[Design]
+               ) -> list[Plan]:
+    return [normalize_plan(assemble(profile, decision, d)) for d in designs]
+
+
+def calibration_shortlist(trace_dir: str | os.PathLike, config: CompilerConfig) -> Shortlist:
+    """The candidates ``--calibrate`` measures for the traces in ``trace_dir``: the plan space
+    searched with ``config`` (which sets ``target_speedup`` and/or ``min_psnr``), shortlisted.
+
+    Raises:
+        TraceError: bad traces. CompilerError: a target no design is predicted to reach.
+    """
+    return _shortlist(*_searchable(trace_dir, config), config)
+
+
+def _searchable(trace_dir: str | os.PathLike, config: CompilerConfig
+                ) -> tuple[Profile, RoleDecision, CostModel]:
+    """The traces' profile, its role decision and cost model."""
+    profile = load_profile(trace_dir)
+    decision = classify_roles(profile, config)
+    meta = profile.metadata
+    cost = CostModel.for_model(meta.model_config, meta.workload.num_tokens, profile.densities,
+                               profile.kept_fraction)
+    return profile, decision, cost
+
+
+def _shortlist(profile: Profile, decision: RoleDecision, cost: CostModel,
+               config: CompilerConfig) -> Shortlist:
+    designs = search_designs(profile, decision.roles, config, cost)
+    chosen = shortlist_for_calibration(designs, config)
+    return Shortlist(profile, decision, designs, chosen, _assembled(profile, decision, chosen))
+
+
 def compile_policy(trace_dir: str | os.PathLike, config: CompilerConfig | None = None,
                    calibrate: MeasurePlans | None = None) -> Plan:
     """Compile the traces in ``trace_dir`` into a Plan; same traces + config -> same plan.
@@ -92,33 +143,29 @@ def compile_policy(trace_dir: str | os.PathLike, config: CompilerConfig | None =
         TraceError: bad traces. CompilerError: bad settings or an unreachable target.
     """
     config = config or CompilerConfig.from_name("balanced")
-    profile = load_profile(trace_dir)
-    decision = classify_roles(profile, config)
-    meta = profile.metadata
-    cost = CostModel.for_model(meta.model_config, meta.workload.num_tokens, profile.densities,
-                               profile.kept_fraction)
+    profile, decision, cost = _searchable(trace_dir, config)
     if config.target_speedup is None and config.min_psnr is None:
         chosen = design(profile, decision.roles, config, cost)
         return normalize_plan(assemble(profile, decision, chosen))
-    designs = search_designs(profile, decision.roles, config, cost)
     if calibrate is None:
         if config.min_psnr is not None:
             raise CompilerError("--min-psnr is a measured quality: add --calibrate (it runs the "
                                 "best candidates on calibration prompts), or use --target-speedup")
+        designs = search_designs(profile, decision.roles, config, cost)
         return normalize_plan(assemble(profile, decision, pick(designs, config.target_speedup)))
-    shortlist = shortlist_for_calibration(designs, config)
-    plans = [normalize_plan(assemble(profile, decision, d)) for d in shortlist]
+    found = _shortlist(profile, decision, cost, config)
+    shortlist, plans = list(found.chosen), list(found.plans)
     measured = calibrate(plans)
-    closer = closer_to_target(designs, shortlist, measured, config)
+    closer = closer_to_target(found.designs, shortlist, measured, config)
     if closer:  # the slack the speed model left, measured too
         shortlist += closer
-        more = [normalize_plan(assemble(profile, decision, d)) for d in closer]
+        more = found.assemble(closer)
         plans += more
         measured += calibrate(more)
     measured = retime_boundary(plans, measured, calibrate, config)
     index = pick_measured(measured, config, [d.label for d in shortlist])
-    chosen = _with_calibration(plans[index],
-                               dataclasses.replace(measured[index], candidates=len(plans)))
+    chosen = with_calibration(plans[index],
+                              dataclasses.replace(measured[index], candidates=len(plans)))
     if not config.refine_rounds:
         return chosen
 
@@ -128,11 +175,11 @@ def compile_policy(trace_dir: str | os.PathLike, config: CompilerConfig | None =
     best, calibration, extra = refine(
         chosen, profile, measure, lambda new, old: _better(new, old, config),
         config.refine_rounds, config.refine_candidates)
-    return _with_calibration(best, dataclasses.replace(calibration,
-                                                       candidates=len(plans) + extra))
+    return with_calibration(best, dataclasses.replace(calibration,
+                                                      candidates=len(plans) + extra))
 
 
-def _with_calibration(plan: Plan, calibration: Calibration) -> Plan:
+def with_calibration(plan: Plan, calibration: Calibration) -> Plan:
     """``plan`` recording what calibration measured for it."""
     provenance = dataclasses.replace(plan.provenance, calibration=calibration)
     return normalize_plan(dataclasses.replace(plan, provenance=provenance))
@@ -248,13 +295,14 @@ def _schedules(design: Design) -> tuple:
     return tuple(tuple(sorted(r.schedule.items())) for r in design.runs)
 
 
-def retime_boundary(plans: Sequence[Plan], measured: list[Calibration],
+def retime_boundary(plans: Sequence[Plan] | Sequence[ExpertPlans], measured: list[Calibration],
                     calibrate: MeasurePlans, config: CompilerConfig) -> list[Calibration]:
-    """``measured`` with the candidates that could decide the pick timed again over
-    BOUNDARY_REPEATS batches (median): those timed within BOUNDARY_BAND of the target speedup
-    that keep more PSNR than every candidate clear of the band above it. One timed batch decides
-    a 3x boundary only to about 1%, and a plan kept for reaching the target by 0.2% ran under it
-    in the benchmark; at 1.5x most candidates sit within 3%, so only the contenders go again."""
+    """``measured`` (of ``plans``: plans, or expert plans measured as pairs) with the
+    candidates that could decide the pick timed again over BOUNDARY_REPEATS batches (median):
+    those timed within BOUNDARY_BAND of the target speedup that keep more PSNR than every
+    candidate clear of the band above it. One timed batch decides a 3x boundary only to about
+    1%, and a plan kept for reaching the target by 0.2% ran under it in the benchmark; at 1.5x
+    most candidates sit within 3%, so only the contenders go again."""
     target = config.target_speedup
     if target is None:
         return measured

@@ -1,4 +1,5 @@
-"""``compile-policy --calibrate``: measure candidate plans' speed and PSNR against dense output."""
+"""``compile-policy --calibrate``: measure candidate plans' speed and PSNR against dense output
+(a two-expert plan file is measured as one candidate: both experts run their sections)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ditplan.policy.experts import ExpertPlans, experts_to_json
 from ditplan.policy.plan import Calibration, Plan
 from ditplan.policy.plan_io import plan_to_json
-from ditplan.runtime.apply import apply_plan
+from ditplan.runtime.experts import apply_any_plan
 from ditplan.runtime.loading import load_pipeline
 from ditplan.runtime.run import generate_samples
 from ditplan.runtime.video_metrics import compare_videos
@@ -53,15 +55,17 @@ class CalibrationSetup:
                              f"{self.repeats}")
 
 
-def generate_batch(pipe, setup: CalibrationSetup, plan: Plan) -> tuple[list[torch.Tensor], float]:
-    """Every prompt x seed in one call at the plan's workload: frames [F, H, W, 3] per sample
-    (CPU, in [0, 1]) and the wall seconds."""
+def generate_batch(pipe, setup: CalibrationSetup, plan: Plan | ExpertPlans
+                   ) -> tuple[list[torch.Tensor], float]:
+    """Every prompt x seed in one call at the plan's workload (expert plans: the generation
+    both experts run): frames [F, H, W, 3] per sample (CPU, in [0, 1]) and the wall seconds."""
     samples = [(p, s) for p in setup.prompts for s in setup.seeds]
     return generate_samples(pipe, [p for p, _ in samples], [s for _, s in samples],
                             plan.workload, setup.device)
 
 
-def timed(pipe, setup: CalibrationSetup, plan: Plan) -> tuple[list[torch.Tensor], float]:
+def timed(pipe, setup: CalibrationSetup, plan: Plan | ExpertPlans
+          ) -> tuple[list[torch.Tensor], float]:
     """``setup.warmup`` untimed generations, then ``setup.repeats`` timed ones: the last one's
     frames and the median seconds."""
     for _ in range(setup.warmup):
@@ -70,10 +74,16 @@ def timed(pipe, setup: CalibrationSetup, plan: Plan) -> tuple[list[torch.Tensor]
     return runs[-1][0], statistics.median(seconds for _, seconds in runs)
 
 
-def candidate_key(plan: Plan, setup: CalibrationSetup) -> str:
-    """Identifies a measurement: the plan's execution (not its provenance) and the setup."""
-    body = json.loads(plan_to_json(plan))
-    body.pop("provenance")
+def candidate_key(plan: Plan | ExpertPlans, setup: CalibrationSetup) -> str:
+    """Identifies a measurement: the plan's execution (not its provenance; expert plans: the
+    whole file's, without any section's provenance) and the setup."""
+    if isinstance(plan, ExpertPlans):
+        body = json.loads(experts_to_json(plan))
+        for section in body["experts"].values():
+            section.pop("provenance")
+    else:
+        body = json.loads(plan_to_json(plan))
+        body.pop("provenance")
     where = (setup.model, setup.prompts, setup.seeds, setup.device, setup.backend)
     if setup.repeats > 1:  # keys of single-run measurements stay as they were
         where += (setup.repeats,)
@@ -109,7 +119,8 @@ def similarity(frames: Sequence[torch.Tensor], dense: Sequence[torch.Tensor]) ->
 
 
 class Calibrator:
-    """Measures plans on one loaded pipeline; call it with the candidate plans (one workload)."""
+    """Measures plans on one loaded pipeline; call it with the candidate plans (one workload),
+    or with expert plans for a two-expert pipeline (each measured end to end)."""
 
     def __init__(self, setup: CalibrationSetup, pipe=None):
         self.setup = setup
@@ -117,8 +128,10 @@ class Calibrator:
         self.pipe.set_progress_bar_config(disable=True)
         self._dense_frames: list[torch.Tensor] | None = None
         self._dense_s: dict[int, float] = {}  # timed repeats -> median dense seconds
+        self._weights_checked: set[tuple] = set()  # identities whose weights match the pipe's
 
-    def __call__(self, plans: Sequence[Plan], repeats: int | None = None) -> list[Calibration]:
+    def __call__(self, plans: Sequence[Plan] | Sequence[ExpertPlans], repeats: int | None = None
+                 ) -> list[Calibration]:
         """One Calibration per plan (resumed from the record where measured before);
         ``repeats`` times each over that many batches instead of the setup's."""
         if len({p.workload for p in plans}) > 1:
@@ -133,12 +146,11 @@ class Calibrator:
             if key not in done:
                 done[key] = asdict(self.measure(plan, len(plans), setup))
                 _append(self.setup.record, {"key": key, "calibration": done[key],
-                                            "design": plan.provenance.compiler_settings
-                                            .get("design", "")})
+                                            "design": _design(plan)})
             out.append(Calibration(**{**done[key], "candidates": len(plans)}))
         return out
 
-    def dense(self, plan: Plan, setup: CalibrationSetup | None = None
+    def dense(self, plan: Plan | ExpertPlans, setup: CalibrationSetup | None = None
               ) -> tuple[list[torch.Tensor], float]:
         """Dense frames and seconds at the plan's workload, measured once per calibrator and
         number of timed repeats (a re-timing compares medians over as many batches)."""
@@ -151,13 +163,17 @@ class Calibrator:
             self._dense_s[setup.repeats] = timed(self.pipe, setup, plan)[1]
         return self._dense_frames, self._dense_s[setup.repeats]
 
-    def measure(self, plan: Plan, candidates: int, setup: CalibrationSetup | None = None
-                ) -> Calibration:
+    def measure(self, plan: Plan | ExpertPlans, candidates: int,
+                setup: CalibrationSetup | None = None) -> Calibration:
         """One candidate: apply, generate (timed as ``setup`` says, default the calibrator's),
-        remove; compare with dense."""
+        remove; compare with dense. The weights are hashed against the plan's identity once
+        per identity (a 14B expert takes a while to hash, and the pipeline does not change)."""
         setup = setup or self.setup
         dense_frames, dense_s = self.dense(plan, setup)
-        handle = apply_plan(self.pipe, plan, backend=setup.backend)
+        identity = _identities(plan)
+        handle = apply_any_plan(self.pipe, plan, backend=setup.backend,
+                                check_weights=identity not in self._weights_checked)
+        self._weights_checked.add(identity)
         try:
             frames, plan_s = timed(self.pipe, setup, plan)
         finally:
@@ -168,3 +184,16 @@ class Calibrator:
         return Calibration(device=name, prompts=len(self.setup.prompts), speedup=dense_s / plan_s,
                            psnr_db=psnr, cosine=cosine, dense_s=dense_s, plan_s=plan_s,
                            candidates=candidates)
+
+
+def _identities(plan: Plan | ExpertPlans) -> tuple:
+    """The model identity of each transformer the plan runs, in section order."""
+    if isinstance(plan, ExpertPlans):
+        return tuple(section.identity for section in plan.experts.values())
+    return (plan.identity,)
+
+
+def _design(plan: Plan | ExpertPlans) -> str:
+    """The compiler's name for the plan's design (expert plans: each section's, "a | b")."""
+    sections = plan.experts.values() if isinstance(plan, ExpertPlans) else (plan,)
+    return " | ".join(p.provenance.compiler_settings.get("design", "") for p in sections)

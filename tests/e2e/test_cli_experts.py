@@ -134,11 +134,49 @@ def test_bad_expert_files_refused_before_any_output(plan_path, experts_dir, tmp_
     assert main(["plan", "show", str(bad)]) == 1
 
 
+def test_calibrated_compile_measures_pairs_and_resumes(traces_dir, experts_dir, tmp_path,
+                                                       capsys, monkeypatch):
+    plan = tmp_path / "calibrated.json"
+    # the pipeline and its default: the profiled one; any pair reaches 0.1x on a busy CPU
+    argv = ["compile-policy", str(traces_dir), "--out", str(plan), "--target-speedup", "0.1",
+            "--calibrate", "--device", "cpu", "--candidates", "3",
+            "--calibration-prompts", "a blue square quickly moves up"]
+    assert main(argv) == 0
+    said = capsys.readouterr().out
+    assert "the pair measured" in said and "best of 3 candidates" in said
+    sections = json.loads(plan.read_text())["experts"]
+    calibration = sections["transformer"]["provenance"]["calibration"]
+    assert sections["transformer_2"]["provenance"]["calibration"] == calibration
+    assert calibration["prompts"] == 1 and calibration["candidates"] == 3
+    record = tmp_path / "calibrated.calibration.jsonl"
+    rows = [json.loads(line) for line in record.read_text().splitlines()]
+    assert len(rows) == 3 and all(" | " in row["design"] for row in rows)  # one row per pair
+    assert calibration["psnr_db"] == pytest.approx(max(r["calibration"]["psnr_db"]
+                                                       for r in rows))  # the best measured
+    from ditplan.runtime import calibrate
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished pair was measured again")
+
+    with monkeypatch.context() as patched:  # resumed: every pair read back, none generated
+        patched.setattr(calibrate.Calibrator, "measure", refuse)
+        again = tmp_path / "again.json"
+        assert main([*argv[:3], str(again), *argv[4:], "--calibration-record", str(record)]) == 0
+    assert json.loads(again.read_text()) == json.loads(plan.read_text())
+    assert len(record.read_text().splitlines()) == 3
+    assert main(["plan", "show", str(plan)]) == 0
+    assert capsys.readouterr().out.count("measured on cpu (1 prompts)") == 2
+    out = tmp_path / "run"
+    assert main(["run", "--model", str(experts_dir), "--plan", str(plan), "--prompt", PROMPT,
+                 "--device", "cpu", "--backend", "torch", "--out", str(out)]) == 0
+    assert set(json.loads((out / "metrics.json").read_text())["run"]["experts"]) == set(RANGES)
+
+
 def test_compile_refusals_write_no_plan(traces_dir, tmp_path, capsys):
     plan = tmp_path / "plan.json"
     assert main(["compile-policy", str(traces_dir), "--out", str(plan), "--calibrate",
-                 "--target-speedup", "1.2"]) == 1
-    assert "--calibrate is not supported for a two-expert" in capsys.readouterr().err
+                 "--target-speedup", "1.2", "--refine", "1"]) == 1
+    assert "--refine is not supported for a two-expert" in capsys.readouterr().err
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "experts.json").write_text("{")

@@ -58,8 +58,14 @@ def test_retiming_times_dense_and_the_plan_over_as_many_batches(monkeypatch, tmp
             applied.clear()
 
     monkeypatch.setattr(calibrate, "generate_batch", fake_generate)
-    monkeypatch.setattr(calibrate, "apply_plan", lambda pipe, plan, backend: applied.append(1)
-                        or Handle())
+    checked = []
+
+    def fake_apply(pipe, plan, backend, check_weights):
+        checked.append(check_weights)
+        applied.append(1)
+        return Handle()
+
+    monkeypatch.setattr(calibrate, "apply_any_plan", fake_apply)
     calibrator = Calibrator(_setup(record=tmp_path / "record.jsonl"), pipe=_Pipe())
     once = calibrator([plan])[0]
     assert once.dense_s == 8.0 and once.plan_s == 4.0  # after dense's cold call
@@ -68,3 +74,4 @@ def test_retiming_times_dense_and_the_plan_over_as_many_batches(monkeypatch, tmp
     rows = (tmp_path / "record.jsonl").read_text().splitlines()
     assert len(rows) == 2  # a re-timing is its own record entry, resumable like the first
     assert calibrator([plan], repeats=3)[0] == again  # resumed, nothing generated
+    assert checked == [True, False]  # the weights are hashed once per identity

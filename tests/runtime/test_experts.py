@@ -161,3 +161,22 @@ def test_schema_3_0_plan_loads_unchanged(pipe):
     plan = plan_from_dict(data)
     assert plan.workload.step_range is None and plan.workload.first_step == 0
     assert plan == dataclasses.replace(tiny_wan_plan(pipe.transformer), schema_version="3.0")
+
+
+def test_calibration_keys_a_pair_on_its_whole_execution(pipe):
+    from pathlib import Path
+
+    from ditplan.policy.compiler import with_calibration
+    from ditplan.policy.plan import Calibration
+    from ditplan.runtime.calibrate import CalibrationSetup, candidate_key
+
+    setup = CalibrationSetup(model="m", prompts=("p",), device="cpu", record=Path("unused"))
+    plans = _plans(pipe)
+    calibrated = Calibration(device="cpu", prompts=1, speedup=1.5, psnr_db=30.0, cosine=0.99,
+                             dense_s=3.0, plan_s=2.0, candidates=4)
+    recorded = ExpertPlans({n: with_calibration(p, calibrated) for n, p in plans.experts.items()},
+                           BOUNDARY)
+    assert candidate_key(recorded, setup) == candidate_key(plans, setup)  # not the provenance
+    other = _plans(pipe, second="CCCR")  # transformer_2's schedule only
+    assert candidate_key(other, setup) != candidate_key(plans, setup)
+    assert candidate_key(plans.experts["transformer"], setup) != candidate_key(plans, setup)
