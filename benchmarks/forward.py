@@ -28,9 +28,9 @@ from benchmarks.common import (
     time_ms,
 )
 from ditplan.policy.plan import AttentionSpec
-from ditplan.runtime.adapters.wan_qk import ENV_SWITCH
 from ditplan.runtime.apply import apply_sparse_attention
 from ditplan.runtime.kernels.registry import backend_spec
+from ditplan.runtime.kernels.wan_qk import ENV_SWITCH
 
 QUICK_CONFIG = dict(
     WAN_1_3B, num_attention_heads=2, attention_head_dim=32, ffn_dim=128, num_layers=2, text_dim=64

@@ -7,7 +7,7 @@ from diffusers import WanTransformer3DModel
 from torch import nn
 
 from ditplan.runtime.adapters.base import BlockList, register_adapter
-from ditplan.runtime.adapters.wan_qk import norm_rotate_qk
+from ditplan.runtime.kernels.wan_qk import norm_rotate_qk
 from ditplan.runtime.layout import AttnCall, PermutePoint, StreamIO, TokenLayout
 from ditplan.runtime.parallel import model_cp_plan
 from ditplan.runtime.sparse import SparseProcessorBase
@@ -15,7 +15,7 @@ from ditplan.runtime.sparse import SparseProcessorBase
 
 def wan_self_attention_qkv(attn: nn.Module, hidden_states: torch.Tensor, rotary_emb):
     """Project, normalize and rotate q/k/v as WanAttnProcessor does for self-attention (on CUDA
-    the norms and rotation run compiled: runtime/adapters/wan_qk.py).
+    the norms and rotation run compiled: runtime/kernels/wan_qk.py).
 
     Args:
         hidden_states: [B, S, C].

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from ditplan.runtime.adapters import wan_qk
-from ditplan.runtime.adapters.wan_qk import (
+from ditplan.runtime.kernels import wan_qk
+from ditplan.runtime.kernels.wan_qk import (
     _Fused,
     apply_wan_rotary,
     compiled,
