@@ -433,10 +433,11 @@ def pick(designs: list[Design], target: float | None) -> Design:
     feasible = [d for d in designs if d.speedup >= target]
     if not feasible:
         best = max(designs, key=lambda d: (d.speedup, -d.error))
+        reachable = math.floor(best.speedup * 100) / 100  # rounded down: 1.996x is not 2.00x
         raise CompilerError(
             f"target speedup {target:.2f}x is not reachable from these traces: the best "
-            f"predicted is {best.speedup:.2f}x ({best.label}); ask for at most "
-            f"{best.speedup:.2f}x, or override roles/densities with --role/--density"
+            f"predicted is {best.speedup:.3f}x ({best.label}); ask for at most "
+            f"{reachable:.2f}x, or override roles/densities with --role/--density"
         )
     return min(feasible, key=lambda d: (d.error, -d.speedup))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -83,8 +85,12 @@ def test_target_speedup_picks_least_error_that_reaches_it(traces, plan):
     assert chosen.provenance.predicted_error == pytest.approx(best_error, rel=1e-5)
     assert chosen.provenance.compiler_settings["target_speedup"] == pytest.approx(target, rel=1e-5)
     best = max(d.speedup for d in designs)
-    with pytest.raises(CompilerError, match=f"not reachable.*best predicted is {best:.2f}x"):
+    with pytest.raises(CompilerError, match=f"not reachable.*best predicted is {best:.3f}x"):
         compile_policy(traces, CompilerConfig.from_name("balanced", target_speedup=best + 0.5))
+    # just short of a round target: the suggestion is rounded down, never up to the target
+    short = math.floor(best * 100) / 100
+    with pytest.raises(CompilerError, match=f"ask for at most {short:.2f}x"):
+        compile_policy(traces, CompilerConfig.from_name("balanced", target_speedup=best + 1e-4))
 
 
 def test_separate_schedules_when_cfg_branches_differ(tmp_path):
