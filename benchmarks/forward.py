@@ -1,11 +1,12 @@
 """Wan2.1-1.3B-shaped transformer forward (480p x 81 frames): dense vs block-mean sparse attention.
 
 Usage: python benchmarks/forward.py [--densities 0.5 0.2 0.1] [--backends flex fa4] [--compile]
-       [--unfused-too] [--quick]
+       [--unfused-too] [--profile DIR] [--quick]
 Times every variant in the same run on the same card and prints ratios against dense; each
 backend named in --backends (default auto) gets its sparse rows, one it can't run here none.
 ``--unfused-too`` adds each backend's first d=0.2 row with the q/k norm + rotary run eager
 (DITPLAN_FUSED_QK=0), so the share of the compiled q/k kernel in the speedup shows.
+``--profile DIR`` writes each variant's profiled forward (time by kind, top ops) to DIR.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from benchmarks.common import (
     peak_memory_gib,
     time_ms,
 )
+from benchmarks.forward_profile import profile_call, write_profile
 from ditplan.policy.plan import AttentionSpec
 from ditplan.runtime.apply import apply_sparse_attention
 from ditplan.runtime.kernels.registry import backend_spec
@@ -52,7 +54,7 @@ def build(quick: bool, device: str, dtype: torch.dtype):
     return model, inputs
 
 
-def measure(model, inputs, label, rows, repeats):
+def measure(model, inputs, label, rows, repeats, profile_dir=None):
     def forward():
         with torch.no_grad():
             model(**inputs)
@@ -60,6 +62,8 @@ def measure(model, inputs, label, rows, repeats):
     ms = time_ms(forward, repeats=repeats)
     rows.append(dict(variant=label, ms=ms, peak_gib=peak_memory_gib(forward)))
     print(f"  {label:<40} {ms:9.1f} ms", flush=True)
+    if profile_dir:  # after the timing, so the profiler's cost stays out of it
+        write_profile(profile_dir, label, profile_call(forward, inputs["hidden_states"].device))
 
 
 def call_counting_graphs(compiled, inputs, device: str) -> int:
@@ -84,7 +88,7 @@ def warm_up_compiled(compiled, inputs, device: str, max_calls: int = 6) -> int:
                        "(a guard that changes every call); not timing it")
 
 
-def main():
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--densities", type=float, nargs="+", default=[0.5, 0.2, 0.1])
     parser.add_argument("--tiles", nargs="+", default=["1,8,8", "1,1,1"])
@@ -93,10 +97,12 @@ def main():
                         help="kernel backends of the sparse rows (auto, fa4, flex, torch)")
     parser.add_argument("--unfused-too", action="store_true",
                         help="also time d=0.2 with the q/k norm + rotary eager")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="also profile one forward per variant into DIR/profile-*.txt")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke run)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", help="write the rows here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     print(banner(), flush=True)
@@ -118,7 +124,7 @@ def main():
     for label, spec, backend in variants:
         handle = apply_sparse_attention(model, spec, backend=backend) if spec else None
         with _fused_qk(not label.endswith("unfused q/k")):
-            measure(model, inputs, label, rows, args.repeats)
+            measure(model, inputs, label, rows, args.repeats, args.profile)
         if args.compile and label in compiled_labels:
             compiled = torch.compile(model)
             start = time.perf_counter()
@@ -135,6 +141,7 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(banner=banner(), rows=rows), f, indent=1)
+    return rows
 
 
 @contextlib.contextmanager

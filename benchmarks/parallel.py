@@ -2,7 +2,7 @@
 sparse attention, one GPU against W GPUs (diffusers' Ulysses), in one torchrun.
 
     torchrun --nproc-per-node 2 -m benchmarks.parallel [--density 0.2] [--steps N]
-        [--repeats 5] [--chunks 1 2 ...] [--json out.json]
+        [--repeats 5] [--chunks 1 2 ...] [--profile DIR] [--json out.json]
     --quick: the tiny model (4 heads) on CPU over gloo (a smoke run; the test suite runs it in
     2 ranks)
 
@@ -16,6 +16,9 @@ second installation, so the sparse rows come first). Each time is one transforme
 (median of --repeats after 2 warm-ups, the slowest rank's); --steps N also times one N-step
 CFG denoising loop per variant (warm from the forwards). The W-GPU outputs are
 compared with the 1-GPU ones of the same variant (bf16: equal within rounding, not bitwise).
+--profile DIR: after each row's timing one more forward runs under torch.profiler and rank 0
+writes its self time by kind (communication, attention, matmul, copy, other) and its top ops to
+DIR/profile-<row>.txt: where the W-GPU rows spend the time a perfect split would not.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from diffusers import ContextParallelConfig, WanTransformer3DModel
 
 from benchmarks.common import banner, peak_memory_gib, time_ms
 from benchmarks.forward import QUICK_CONFIG, build
+from benchmarks.forward_profile import profile_call, write_profile
 from benchmarks.quality.scale import Denoiser
 from ditplan.policy.plan import AttentionSpec
 from ditplan.runtime.adapters.base import get_adapter
@@ -76,8 +80,9 @@ def shared_model(quick: bool, device: torch.device):
 class Timer:
     """Times the model as it is now: a forward, and with ``steps`` a denoising loop."""
 
-    def __init__(self, model, inputs: dict, steps: int, repeats: int):
+    def __init__(self, model, inputs: dict, steps: int, repeats: int, profile_dir=None):
         self.model, self.inputs, self.repeats = model, inputs, repeats
+        self.profile_dir = profile_dir
         self.denoise = Denoiser(model, inputs, steps) if steps else None
         if self.denoise is not None:
             dist.broadcast(self.denoise.text["uncond"], src=0)  # drawn on each rank
@@ -101,6 +106,12 @@ class Timer:
                 torch.cuda.synchronize()
             row.update(loop_s=_over_ranks(time.perf_counter() - start, dist.ReduceOp.MAX),
                        loop_out=out.float().cpu())
+        if self.profile_dir is not None:  # after the timing: the profiler's cost stays out
+            dist.barrier()
+            report = profile_call(self.forward, self.inputs["hidden_states"].device)
+            if dist.get_rank() == 0:
+                chunks = f"-chunks{extra['chunks']}" if "chunks" in extra else ""
+                write_profile(self.profile_dir, f"{variant}-{gpus}gpu{chunks}", report)
         densities = [d for d in (layer.achieved_density() for layer in layers) if d is not None]
         if densities:  # each rank selects for its own heads
             row["density"] = mean_over_ranks([sum(densities) / len(densities)], None)[0]
@@ -123,7 +134,7 @@ def run(args) -> list[dict]:
     for chunks in args.chunks:  # refused before anything is timed
         check_chunks(chunks, parallel)
         check_parallel_config(parallel, model, get_adapter(model), chunks)
-    timer = Timer(model, inputs, args.steps, args.repeats)
+    timer = Timer(model, inputs, args.steps, args.repeats, args.profile)
     spec = AttentionSpec(density=args.density)
     sparse = f"sparse d={args.density:g}"
     rows = [timer.measure("dense", 1)]
@@ -178,6 +189,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--chunks", type=int, nargs="+", default=[1],
                    help="time the sparse W-GPU row with each ulysses_chunks count (1: "
                         "diffusers' all-to-alls; C > 1: C pipelined head chunks a rank)")
+    p.add_argument("--profile", metavar="DIR",
+                   help="also profile one forward per row; rank 0 writes DIR/profile-*.txt")
     p.add_argument("--quick", action="store_true", help="tiny model on CPU (smoke run)")
     p.add_argument("--json", help="rank 0 writes the rows here")
     args = p.parse_args(argv)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 
-def rank_benchmark():
+def rank_benchmark(profile_dir: str):
     from benchmarks.parallel import main
 
-    return main(["--quick", "--steps", "2", "--repeats", "1", "--chunks", "1", "2"])
+    return main(["--quick", "--steps", "2", "--repeats", "1", "--chunks", "1", "2",
+                 "--profile", profile_dir])
 
 
-def test_quick_run_times_dense_and_sparse_on_one_and_two_ranks(gloo_ranks):
-    table, others = gloo_ranks.run(rank_benchmark)
+def test_quick_run_times_dense_and_sparse_on_one_and_two_ranks(gloo_ranks, tmp_path):
+    table, others = gloo_ranks.run(rank_benchmark, str(tmp_path))
     assert others == []  # only rank 0 reports
     assert [(r["variant"], r["gpus"]) for r in table] == [
         ("dense", 1), ("sparse d=0.2", 1), ("sparse d=0.2", 2), ("sparse d=0.2", 2), ("dense", 2)]
@@ -21,3 +22,23 @@ def test_quick_run_times_dense_and_sparse_on_one_and_two_ranks(gloo_ranks):
     # averaged over the ranks' heads; the pipelined chunks select alike
     assert table[1]["density"] == table[2]["density"] == table[3]["density"] < 1
     assert table[3]["vs_dense"] == table[4]["ms"] / table[3]["ms"]
+    # --profile: one report per row, by rank 0; the 2-rank rows spend time communicating
+    names = sorted(p.name for p in tmp_path.glob("profile-*.txt"))
+    assert names == ["profile-dense-1gpu.txt", "profile-dense-2gpu.txt",
+                     "profile-sparse_d_0.2-1gpu.txt", "profile-sparse_d_0.2-2gpu-chunks1.txt",
+                     "profile-sparse_d_0.2-2gpu-chunks2.txt"]
+    two_ranks = (tmp_path / "profile-sparse_d_0.2-2gpu-chunks1.txt").read_text()
+    one_rank = (tmp_path / "profile-sparse_d_0.2-1gpu.txt").read_text()
+    assert "communication" in two_ranks and "communication" not in one_rank
+    assert "self CPU time by kind" in one_rank and "aten::" in one_rank
+
+
+def test_op_kinds_by_name():
+    from benchmarks.forward_profile import kind_of
+
+    assert kind_of("ncclDevKernel_SendRecv") == "communication"
+    assert kind_of("c10d::alltoall_base_") == "communication"
+    assert kind_of("triton_tem_fused_flex_attention_0") == "attention"
+    assert kind_of("aten::addmm") == "matmul"
+    assert kind_of("aten::copy_") == "copy"
+    assert kind_of("aten::add") == "other"
