@@ -15,6 +15,7 @@ from ditplan.runtime.adapters.joint import (
     forward_inputs,
     joint_attention_layers,
     joint_model_config,
+    stream_qkv,
 )
 from ditplan.runtime.layout import AttnCall, PermutePoint, StreamIO, TokenLayout
 
@@ -26,10 +27,6 @@ HUNYUAN_STREAMS = StreamIO(video="hidden_states", text="encoder_hidden_states",
 
 # the forward inputs token_layout reads
 LAYOUT_INPUTS = ("hidden_states", "encoder_hidden_states")
-
-
-def _heads(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return x.unflatten(2, (attn.heads, -1))  # [B, S, H*D] -> [B, S, H, D]
 
 
 def hunyuan_qkv(attn: nn.Module, hidden_states: torch.Tensor,
@@ -48,20 +45,15 @@ def hunyuan_qkv(attn: nn.Module, hidden_states: torch.Tensor,
     text_len = encoder_hidden_states.shape[1]
     single = attn.add_q_proj is None
     joint = torch.cat([hidden_states, encoder_hidden_states], dim=1) if single else hidden_states
-    main = [_heads(attn, f(joint)) for f in (attn.to_q, attn.to_k, attn.to_v)]
-    for i, norm in enumerate((attn.norm_q, attn.norm_k)):
-        if norm is not None:
-            main[i] = norm(main[i])
+    main = stream_qkv(attn, joint, (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k))
     if single:
         video = [x[:, :-text_len] for x in main]
         text = [x[:, -text_len:] for x in main]
     else:
         video = main
-        text = [_heads(attn, f(encoder_hidden_states))
-                for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)]
-        for i, norm in enumerate((attn.norm_added_q, attn.norm_added_k)):
-            if norm is not None:
-                text[i] = norm(text[i])
+        text = stream_qkv(attn, encoder_hidden_states,
+                          (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
+                          (attn.norm_added_q, attn.norm_added_k))
     if image_rotary_emb is not None:
         video[:2] = (apply_rotary_emb(x, image_rotary_emb, sequence_dim=1) for x in video[:2])
     return tuple(video), tuple(text)

@@ -17,6 +17,7 @@ from ditplan.runtime.adapters.joint import (
     forward_inputs,
     joint_attention_layers,
     joint_model_config,
+    stream_qkv,
 )
 from ditplan.runtime.layout import AttnCall, PermutePoint, StreamIO, TokenLayout
 
@@ -44,19 +45,14 @@ def hv15_qkv(attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states
     Returns:
         (q, k, v) of the video and of the text, [B, S, H, D] each.
     """
-    def heads(x):
-        return x.unflatten(2, (attn.heads, -1))  # [B, S, H*D] -> [B, S, H, D]
-
-    q, k, v = (heads(f(hidden_states)) for f in (attn.to_q, attn.to_k, attn.to_v))
-    q, k = attn.norm_q(q), attn.norm_k(k)
+    video = stream_qkv(attn, hidden_states, (attn.to_q, attn.to_k, attn.to_v),
+                       (attn.norm_q, attn.norm_k))
     if image_rotary_emb is not None:
-        q, k = (apply_rotary_emb(x, image_rotary_emb, sequence_dim=1) for x in (q, k))
-    text = [heads(f(encoder_hidden_states))
-            for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)]
-    for i, norm in enumerate((attn.norm_added_q, attn.norm_added_k)):
-        if norm is not None:
-            text[i] = norm(text[i])
-    return (q, k, v), tuple(text)
+        video[:2] = (apply_rotary_emb(x, image_rotary_emb, sequence_dim=1) for x in video[:2])
+    text = stream_qkv(attn, encoder_hidden_states,
+                      (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
+                      (attn.norm_added_q, attn.norm_added_k))
+    return tuple(video), tuple(text)
 
 
 def key_valid_from_text_mask(video_tokens: int, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 
+import torch
 from torch import nn
 
 from ditplan.runtime.layout import ForwardArgument
@@ -38,6 +40,19 @@ class JointAdapter:
     def experts(self, pipe) -> list[str]:
         """The pipeline's transformer (these families have one)."""
         return ["transformer"] if getattr(pipe, "transformer", None) is not None else []
+
+
+def stream_qkv(attn: nn.Module, x: torch.Tensor,
+               projections: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+               norms: Sequence[nn.Module | None]) -> list[torch.Tensor]:
+    """q, k, v of one stream as the families' processors make them: each of ``projections``
+    of ``x`` [B, S, C] split into ``attn.heads`` heads, [B, S, H, D]; q and k then through
+    ``norms`` (a None norm leaves its tensor as it is)."""
+    out = [f(x).unflatten(2, (attn.heads, -1)) for f in projections]
+    for i, norm in enumerate(norms):
+        if norm is not None:
+            out[i] = norm(out[i])
+    return out
 
 
 def joint_attention_layers(blocks: list[tuple[str, nn.Module]], original: type,

@@ -17,6 +17,7 @@ from ditplan.runtime.adapters.joint import (
     forward_inputs,
     joint_attention_layers,
     joint_model_config,
+    stream_qkv,
 )
 from ditplan.runtime.layout import AttnCall, PermutePoint, StreamIO, TokenLayout
 from ditplan.runtime.parallel import model_cp_plan
@@ -55,19 +56,11 @@ def qwen_qkv(attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states
     Returns:
         (q, k, v) of the image and of the text, [B, S, H, D] each.
     """
-    head_dim = attn.inner_dim // attn.heads
-
-    def heads(x):
-        return x.unflatten(-1, (-1, head_dim))  # [B, S, H*D] -> [B, S, H, D]
-
-    img = [heads(f(hidden_states)) for f in (attn.to_q, attn.to_k, attn.to_v)]
-    txt = [heads(f(encoder_hidden_states)) for f in
-           (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)]
-    for stream, norms in ((img, (attn.norm_q, attn.norm_k)),
-                          (txt, (attn.norm_added_q, attn.norm_added_k))):
-        for i, norm in enumerate(norms):
-            if norm is not None:
-                stream[i] = norm(stream[i])
+    img = stream_qkv(attn, hidden_states, (attn.to_q, attn.to_k, attn.to_v),
+                     (attn.norm_q, attn.norm_k))
+    txt = stream_qkv(attn, encoder_hidden_states,
+                     (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
+                     (attn.norm_added_q, attn.norm_added_k))
     if image_rotary_emb is not None:
         for stream, freqs in zip((img, txt), image_rotary_emb, strict=True):
             stream[0], stream[1] = (apply_rotary_emb_qwen(x, freqs, use_real=False)
