@@ -8,6 +8,8 @@ import torch
 from diffusers import ContextParallelConfig
 
 from ditplan.policy.plan import AttentionSpec, Plan
+from ditplan.runtime.adapters.base import get_adapter
+from ditplan.runtime.sparse import SparseProcessorBase
 
 
 def ulysses() -> ContextParallelConfig:
@@ -19,6 +21,15 @@ def with_attention(plan: Plan, spec: AttentionSpec, runs: tuple = ()) -> Plan:
     layers = {name: dataclasses.replace(layer, attention=spec)
               for name, layer in plan.layers.items()}
     return dataclasses.replace(plan, layers=layers, runs=runs)
+
+
+def carries_config(model, sparse_layers: int) -> bool:
+    """``sparse_layers`` of the model's self-attention layers run ditplan's processor, and every
+    processor, and the original a sparse one wraps, has the model's context-parallel config."""
+    processors = [attn.processor for _, attn in get_adapter(model).attention_layers(model)]
+    originals = [p.original for p in processors if isinstance(p, SparseProcessorBase)]
+    return len(originals) == sparse_layers and all(
+        p._parallel_config is model._parallel_config for p in processors + originals)
 
 
 def forward(model, inputs: dict) -> torch.Tensor:

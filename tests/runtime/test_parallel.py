@@ -16,9 +16,8 @@ from ditplan.policy.plan import AttentionSpec, BlockRun, PlanError
 from ditplan.runtime.apply import CHECK_RANKS, apply_plan, apply_sparse_attention
 from ditplan.runtime.kernels.permute import tile_permutation
 from ditplan.runtime.parallel import check_diffusers_version
-from ditplan.runtime.sparse import SparseProcessorBase
 from tests.factories import tiny_wan, tiny_wan_inputs, tiny_wan_plan
-from tests.parallel_helpers import cfg_steps, forward, ulysses, with_attention
+from tests.parallel_helpers import carries_config, cfg_steps, forward, ulysses, with_attention
 
 HEADS = 4  # 2 per rank
 GRID = dict(frames=3, height=16, width=24)  # 3 x 8 x 12 = 288 tokens, 96 a frame: the split
@@ -44,15 +43,6 @@ def plan_for(transformer, spec: AttentionSpec, runs: tuple = (), steps: int = 1)
     return with_attention(plan, spec, runs)
 
 
-def carries_config(transformer) -> bool:
-    """Every self-attention processor, and the original a sparse one wraps, has the config."""
-    config = transformer._parallel_config
-    processors = [block.attn1.processor for block in transformer.blocks]
-    originals = [p.original for p in processors if isinstance(p, SparseProcessorBase)]
-    return bool(originals) and all(p._parallel_config is config
-                                   for p in processors + originals)
-
-
 # Functions run on each of the two ranks (importable by name for the spawned processes).
 
 def rank_dense():
@@ -76,7 +66,7 @@ def rank_sparse():
     handle = apply_plan(two, plan_for(two, SPARSE), backend="torch", parallel=ulysses())
     parallel = forward(two, inputs)
     return dict(dense=dense, single=single, parallel=parallel, single_stats=single_stats,
-                parallel_stats=handle.stats(), configured=carries_config(two))
+                parallel_stats=handle.stats(), configured=carries_config(two, len(two.blocks)))
 
 
 def rank_pipelined():

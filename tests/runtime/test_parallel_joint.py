@@ -12,10 +12,9 @@ from ditplan.policy.plan import AttentionSpec, BlockRun
 from ditplan.runtime.apply import CHECK_RANKS, apply_plan
 from ditplan.runtime.kernels.permute import tile_permutation
 from ditplan.runtime.parallel import _by_rank, _by_segment
-from ditplan.runtime.sparse import SparseProcessorBase
 from tests.flux_factories import tiny_flux, tiny_flux_inputs
 from tests.joint_factories import tiny_joint_plan
-from tests.parallel_helpers import cfg_steps, forward, ulysses, with_attention
+from tests.parallel_helpers import carries_config, cfg_steps, forward, ulysses, with_attention
 from tests.qwenimage_factories import tiny_qwenimage, tiny_qwenimage_inputs
 
 # A 12 x 24 token image (288 tokens: 144 a rank, the split falls after row 5) and 10 text
@@ -42,16 +41,6 @@ def plan_for(model, spec: AttentionSpec, runs: tuple = (), steps: int = 1):
     return with_attention(plan, spec, runs)
 
 
-def carries_config(model) -> bool:
-    """Every joint-attention processor, and the original a sparse one wraps, has the config."""
-    processors = [block.attn.processor for blocks in (model.transformer_blocks,
-                                                      model.single_transformer_blocks)
-                  for block in blocks]
-    originals = [p.original for p in processors if isinstance(p, SparseProcessorBase)]
-    return len(originals) == 4 and all(p._parallel_config is model._parallel_config
-                                       for p in processors + originals)
-
-
 # Functions run on each of the two ranks (importable by name for the spawned processes).
 
 def rank_flux():
@@ -64,7 +53,8 @@ def rank_flux():
     single, single_stats = forward(one, inputs), handle.stats()
     two = flux()
     handle = apply_plan(two, plan_for(two, SPARSE), backend="torch", parallel=ulysses())
-    parallel, parallel_stats, configured = forward(two, inputs), handle.stats(), carries_config(two)
+    parallel, parallel_stats = forward(two, inputs), handle.stats()
+    configured = carries_config(two, 4)  # every layer of the tiny FLUX
     handle.remove()
     plain = flux()
     plain.enable_parallelism(config=ulysses())
