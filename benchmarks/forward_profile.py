@@ -39,8 +39,8 @@ def profile_call(call: Callable[[], object], device: torch.device) -> str:
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     totals: dict[str, float] = {}
     for event in events:
-        us = float(getattr(event, key, 0.0) or 0.0)
-        totals[kind_of(event.key)] = totals.get(kind_of(event.key), 0.0) + us
+        kind = kind_of(event.key)
+        totals[kind] = totals.get(kind, 0.0) + float(getattr(event, key, 0.0) or 0.0)
     whole = sum(totals.values()) or 1.0
     lines = [f"self {'device' if cuda else 'CPU'} time by kind (ms, share):"]
     lines += [f"  {kind:<14} {us / 1e3:10.2f} {us / whole:7.1%}"

@@ -252,10 +252,10 @@ def pareto_front(designs: list[Design]) -> list[Design]:
 def shortlist_for_calibration(designs: list[Design], config: CompilerConfig) -> list[Design]:
     """At most ``config.calibrate_candidates`` designs worth measuring: with a target, those
     predicted to reach it, the best of each warm-up length first, then the best of each family,
-    then by error; else the predicted Pareto front, evenly spread over its
-    speedups. The warm-up is spread because the traces rank it least reliably: on the reference
-    model TaylorSeer gained 5 dB from 4 to 8 warm-up steps of 32 that the error model barely
-    tells apart (H200, BENCHMARKS.md)."""
+    then by error; else the predicted Pareto front, evenly spread over its speedups. The
+    warm-up is spread because the traces rank it least reliably: on the reference model
+    TaylorSeer gained 5 dB from 4 to 8 warm-up steps of 32 that the error model barely tells
+    apart (H200, BENCHMARKS.md)."""
     n = config.calibrate_candidates
     if config.target_speedup is not None:
         pool = [d for d in designs if d.speedup >= config.target_speedup]
@@ -275,7 +275,7 @@ def closer_to_target(designs: list[Design], measured_designs: list[Design],
     scaled by how the measured candidates ran (median measured / predicted speed r): predicted
     in [target / r, CLOSER_BAND x target / r). Where the plans ran faster than predicted
     they compute more and may keep more quality; where slower (3x on the reference model ran
-    0.89 of its prediction, more than the margin covers) they are the ones that reach the target.
+    0.93 of its prediction on a busy host, H200) they are the ones that reach the target.
     Schedules already measured (in any scope: a stack run and a whole-call run on the same steps
     measured within 0.6 dB of each other, H200) are left out, so this round measures new ones.
     At most half as many as the first shortlist, spread as it is; none without a target."""

@@ -186,14 +186,16 @@ class Calibrator:
                            candidates=candidates)
 
 
+def _sections(plan: Plan | ExpertPlans) -> tuple[Plan, ...]:
+    """The plan of each transformer the plan runs, in section order."""
+    return tuple(plan.experts.values()) if isinstance(plan, ExpertPlans) else (plan,)
+
+
 def _identities(plan: Plan | ExpertPlans) -> tuple:
     """The model identity of each transformer the plan runs, in section order."""
-    if isinstance(plan, ExpertPlans):
-        return tuple(section.identity for section in plan.experts.values())
-    return (plan.identity,)
+    return tuple(section.identity for section in _sections(plan))
 
 
 def _design(plan: Plan | ExpertPlans) -> str:
     """The compiler's name for the plan's design (expert plans: each section's, "a | b")."""
-    sections = plan.experts.values() if isinstance(plan, ExpertPlans) else (plan,)
-    return " | ".join(p.provenance.compiler_settings.get("design", "") for p in sections)
+    return " | ".join(p.provenance.compiler_settings.get("design", "") for p in _sections(plan))
