@@ -33,7 +33,6 @@ from ditplan.runtime.video_metrics import compare_videos
 logger = logging.getLogger(__name__)
 
 CALIBRATION_PROMPT = "a red circle slowly moves right"  # a training caption, as profiling uses
-CALIBRATION_CAPTIONS = 16  # training captions --calibrate measures plans on
 BATCHED = "|batched"  # quality rows of batched runs do not mix with older per-sample rows
 TIMED_CALLS = 1  # batched generations timed per method after the warm-up (GPU: ~8 s each)
 CAPTION_KEYS = ("caption_accuracy", "colour_accuracy", "shape_accuracy", "direction_cos_mean")
@@ -175,19 +174,20 @@ def run_quality(config: QualityConfig) -> list[dict]:
 
 
 def calibration_captions(n: int, like: SpriteAttributes) -> tuple[str, ...]:
-    """``n`` single-sprite training captions (held-out combinations excluded, so calibration
-    never sees an evaluation caption) with the speeds of the evaluation samples ``like`` [N, 1]
-    in the same shares. Speed sets the error a plan keeps: on the reference model the 1.5x plan
-    kept 45.13 dB on 16 slow training captions and 43.62 on 16 quick ones, 44.61 on the 32
-    (slow) evaluation captions and 42.96 on the 32 quick held-out ones (H200, BENCHMARKS.md);
-    calibrating on a speed mix recorded 1.7 dB under what the plan achieved on slow captions."""
+    """``n`` distinct single-sprite training captions (held-out combinations excluded, so
+    calibration never sees an evaluation caption) with the speeds of the evaluation samples
+    ``like`` [N, 1] in the same shares. Speed sets the error a plan keeps: on the reference model
+    the 1.5x plan kept 45.13 dB on 16 slow training captions and 43.62 on 16 quick ones, 44.61 on
+    the 32 (slow) evaluation captions and 42.96 on the 32 quick held-out ones (H200,
+    BENCHMARKS.md); calibrating on a speed mix recorded 1.7 dB under what the plan achieved on
+    slow captions."""
     speeds = like.speed[:, 0].tolist()
     drawn = sample_attributes(16 * n, torch.Generator().manual_seed(2026), max_sprites=1)
     texts = captions_for(drawn)
     picked = []
     for speed, count in _shares(speeds, n).items():
-        picked += [t for t, s in zip(texts, drawn.speed[:, 0].tolist(), strict=True)
-                   if s == speed][:count]
+        picked += list(dict.fromkeys(t for t, s in zip(texts, drawn.speed[:, 0].tolist(),
+                                                       strict=True) if s == speed))[:count]
     if len(picked) < n:
         raise RuntimeError(f"drew {len(picked)} of {n} calibration captions; draw more")
     return tuple(picked)
@@ -215,9 +215,12 @@ def catalog_context(pipe, config: QualityConfig, **overrides) -> CatalogContext:
     traces = functools.cache(
         lambda: profile_traces(pipe, workload, config.out / "traces", config.device,
                                **config.suite.profile_settings(workload.steps)))
+    samples, attributes = held_out_samples(config.captions, config.seeds)
+    # as many training captions as evaluation samples: one batch of the size the methods are
+    # timed at (per-step work outside the transformer weighs more in a smaller batch, so a
+    # 16-caption batch timed the 1.5x whole-call plan 1.504x where the 32-sample one ran 1.520x)
     setup = CalibrationSetup(
-        model=config.model, prompts=calibration_captions(
-            CALIBRATION_CAPTIONS, like=held_out_samples(config.captions, config.seeds)[1]),
+        model=config.model, prompts=calibration_captions(len(samples), like=attributes),
         device=config.device, record=config.out / "calibration.jsonl", backend=config.backend,
         warmup=1 if torch.device(config.device).type == "cuda" else 0)
     fields = dict(steps=workload.steps, block_size=workload.block_size, tile=workload.tile,

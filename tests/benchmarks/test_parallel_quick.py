@@ -42,3 +42,23 @@ def test_op_kinds_by_name():
     assert kind_of("aten::addmm") == "matmul"
     assert kind_of("aten::copy_") == "copy"
     assert kind_of("aten::add") == "other"
+
+
+def test_device_time_by_kind_counts_each_kernel_once():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from benchmarks.forward_profile import time_by_kind
+
+    def row(key, device_type, self_device, self_cpu):
+        return SimpleNamespace(key=key, device_type=device_type,
+                               self_device_time_total=self_device, self_cpu_time_total=self_cpu)
+
+    # the op's row carries its kernel's device time as well as the kernel's own row does
+    rows = [row("aten::addmm", DeviceType.CPU, 117.0, 9.0),
+            row("nvjet_sm90_tst_256x152", DeviceType.CUDA, 116.0, 0.0),
+            row("FlashAttnFunc", DeviceType.CPU, 67.5, 7.0),
+            row("kernel_cutlass_flash_fwd_sm90", DeviceType.CUDA, 67.5, 0.0)]
+    assert time_by_kind(rows, cuda=True) == {"matmul": 116.0, "attention": 67.5}
+    assert time_by_kind(rows, cuda=False) == {"matmul": 9.0, "attention": 7.0}
