@@ -63,6 +63,10 @@ def register(subparsers) -> None:
     calibration.add_argument("--calibration-repeats", type=int, default=1, metavar="N",
                              help="timed generations per candidate, median kept (a noisy "
                                   "host: 3)")
+    calibration.add_argument("--calibration-batch", type=_batch_size, default=None, metavar="N",
+                             help="generate the calibration prompts x seeds N at a time; set "
+                                  "it to the batch you generate with (`ditplan run`: 1), since "
+                                  "speed depends on it (default: all in one batch)")
     calibration.add_argument("--refine", type=int, default=0, metavar="ROUNDS",
                              help="then move single compute steps of the best plan, 4 measured "
                                   "neighbours a round, keeping what measures better (default 0; "
@@ -87,6 +91,17 @@ def register(subparsers) -> None:
                       "reuse/forecast and shaded by attention density (an expert plan: one "
                       "FILE-<expert>.png per section)")
     show.set_defaults(handler=run_plan_show)
+
+
+def _batch_size(text: str) -> int:
+    """``--calibration-batch``: a whole number of samples, at least 1 (argparse: exit code 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of samples, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 sample, got {value}")
+    return value
 
 
 def _parse_overrides(args: argparse.Namespace) -> dict:
@@ -133,7 +148,7 @@ def _calibrator(args: argparse.Namespace):
         device=device, seeds=tuple(args.calibration_seeds), backend=args.backend,
         record=args.calibration_record or args.out.with_suffix(".calibration.jsonl"),
         warmup=1 if torch.device(device).type == "cuda" else 0,
-        repeats=args.calibration_repeats)
+        repeats=args.calibration_repeats, batch=args.calibration_batch)
     return Calibrator(setup)
 
 

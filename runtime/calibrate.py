@@ -31,9 +31,11 @@ PSNR_CAP_DB = 100.0  # identical clips have infinite PSNR; a plan records at mos
 class CalibrationSetup:
     """Where and on what candidates are measured.
 
-    prompts x seeds are generated in one batch per measurement (never the evaluation captions);
-    ``warmup`` untimed generations precede the ``repeats`` timed ones, whose median time counts
-    (GPU: kernel compilation, allocator; a busy CPU: repeats smooth its noise);
+    prompts x seeds (never the evaluation captions) are generated ``batch`` samples at a time
+    per measurement (None: all in one batch); speed depends on the batch, so calibrate at the
+    one you will run (``ditplan run``: 1). ``warmup`` untimed generations precede the
+    ``repeats`` timed ones, whose median time counts (GPU: kernel compilation, allocator; a
+    busy CPU: repeats smooth its noise);
     ``record`` is a JSONL file of finished measurements, so an interrupted calibration resumes.
     """
 
@@ -45,6 +47,7 @@ class CalibrationSetup:
     backend: str = "auto"
     warmup: int = 0
     repeats: int = 1
+    batch: int | None = None
 
     def __post_init__(self):
         if not self.prompts or not self.seeds:
@@ -53,15 +56,26 @@ class CalibrationSetup:
         if self.warmup < 0 or self.repeats < 1:
             raise ValueError(f"need warmup >= 0 and repeats >= 1, got {self.warmup}, "
                              f"{self.repeats}")
+        if self.batch is not None and self.batch < 1:
+            raise ValueError(f"--calibration-batch must be at least 1, got {self.batch}")
 
 
 def generate_batch(pipe, setup: CalibrationSetup, plan: Plan | ExpertPlans
                    ) -> tuple[list[torch.Tensor], float]:
-    """Every prompt x seed in one call at the plan's workload (expert plans: the generation
-    both experts run): frames [F, H, W, 3] per sample (CPU, in [0, 1]) and the wall seconds."""
+    """Every prompt x seed in calls of at most ``setup.batch`` samples (None: one call) at the
+    plan's workload (expert plans: the generation both experts run): frames [F, H, W, 3] per
+    sample in sample order (CPU, in [0, 1]) and the wall seconds summed over the calls."""
     samples = [(p, s) for p in setup.prompts for s in setup.seeds]
-    return generate_samples(pipe, [p for p, _ in samples], [s for _, s in samples],
-                            plan.workload, setup.device)
+    size = setup.batch or len(samples)
+    frames, seconds = [], 0.0
+    for start in range(0, len(samples), size):
+        chunk = samples[start:start + size]
+        chunk_frames, chunk_s = generate_samples(pipe, [p for p, _ in chunk],
+                                                 [s for _, s in chunk], plan.workload,
+                                                 setup.device)
+        frames += chunk_frames
+        seconds += chunk_s
+    return frames, seconds
 
 
 def timed(pipe, setup: CalibrationSetup, plan: Plan | ExpertPlans
@@ -87,6 +101,8 @@ def candidate_key(plan: Plan | ExpertPlans, setup: CalibrationSetup) -> str:
     where = (setup.model, setup.prompts, setup.seeds, setup.device, setup.backend)
     if setup.repeats > 1:  # keys of single-run measurements stay as they were
         where += (setup.repeats,)
+    if setup.batch is not None:  # named: a bare number would read as the repeats
+        where += (("batch", setup.batch),)
     text = json.dumps([body, where], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -148,6 +148,37 @@ def test_calibrated_compile_measures_candidates_and_resumes(model_dir, traces_di
     assert json.loads(again.read_text())["provenance"]["calibration"] == calibration
 
 
+def test_calibration_batch_reaches_the_generation(model_dir, traces_dir, tmp_path,
+                                                  monkeypatch):
+    from ditplan.runtime import calibrate
+
+    generated = calibrate.generate_samples
+    batches = []
+
+    def counting(pipe, prompts, *args):
+        batches.append(len(prompts))
+        return generated(pipe, prompts, *args)
+
+    monkeypatch.setattr(calibrate, "generate_samples", counting)
+    plan = tmp_path / "calibrated.json"
+    assert main(["compile-policy", str(traces_dir), "--out", str(plan), "--min-psnr", "5",
+                 "--calibrate", "--model", str(model_dir), "--device", "cpu", "--candidates",
+                 "2", "--calibration-prompts", PROMPT, "--calibration-seeds", "0", "1",
+                 "--calibration-batch", "1"]) == 0
+    assert batches and set(batches) == {1}  # 2 samples, one at a time
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_a_bad_calibration_batch_is_refused_before_any_work(traces_dir, tmp_path, capsys, value):
+    out = tmp_path / "p.json"
+    with pytest.raises(SystemExit) as exit_:
+        main(["compile-policy", str(traces_dir), "--out", str(out), "--min-psnr", "5",
+              "--calibrate", "--calibration-batch", value])
+    assert exit_.value.code == 2
+    assert "argument --calibration-batch:" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # no plan file, no calibration record
+
+
 def test_calibrate_needs_a_target(traces_dir, tmp_path, capsys):
     argv = ["compile-policy", str(traces_dir), "--out", str(tmp_path / "p.json"), "--calibrate"]
     assert main(argv) == 1

@@ -1,20 +1,23 @@
-"""Calibration timing: warm-ups untimed, the median of the timed repeats, validated setup."""
+"""Calibration timing: warm-ups untimed, the median of the timed repeats, samples generated
+--calibration-batch at a time, validated setup, resumable keys."""
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
 from ditplan.runtime import calibrate
-from ditplan.runtime.calibrate import CalibrationSetup, timed
+from ditplan.runtime.calibrate import CalibrationSetup, candidate_key, generate_batch, timed
+
+CALIBRATED_PLAN = Path(__file__).parents[2] / "artifacts/plans/ditplan-ref-t2v-calibrated.json"
 
 
 def _setup(**kw) -> CalibrationSetup:
-    kw = {"record": Path("unused.jsonl"), **kw}
-    return CalibrationSetup(model="reference", prompts=("a red circle slowly moves right",),
-                            device="cpu", **kw)
+    kw = {"record": Path("unused.jsonl"), "prompts": ("a red circle slowly moves right",), **kw}
+    return CalibrationSetup(model="reference", device="cpu", **kw)
 
 
 def test_timed_skips_warmups_and_keeps_the_median_of_repeats(monkeypatch):
@@ -35,6 +38,60 @@ def test_setup_refuses_bad_counts():
         _setup(repeats=0)
     with pytest.raises(ValueError, match="--calibration-prompts"):
         CalibrationSetup(model="reference", prompts=(), device="cpu", record=Path("x"))
+    with pytest.raises(ValueError, match="--calibration-batch must be at least 1, got 0"):
+        _setup(batch=0)
+
+
+def test_batch_generates_samples_in_order_in_chunks_and_sums_seconds(monkeypatch):
+    samples = [(p, s) for p in ("a", "b") for s in (0, 1, 2)]
+    calls = []
+
+    def fake_generate_samples(pipe, prompts, seeds, work, device):
+        calls.append(list(zip(prompts, seeds, strict=True)))
+        frames = [torch.tensor([samples.index(sample)]) for sample in calls[-1]]
+        return frames, 0.5 * len(calls)
+
+    monkeypatch.setattr(calibrate, "generate_samples", fake_generate_samples)
+    plan = types.SimpleNamespace(workload=None)
+    frames, seconds = generate_batch(None, _setup(prompts=("a", "b"), seeds=(0, 1, 2), batch=4),
+                                     plan)
+    assert calls == [samples[:4], samples[4:]]
+    assert [f.item() for f in frames] == list(range(len(samples)))
+    assert seconds == 0.5 + 1.0
+    calls.clear()
+    generate_batch(None, _setup(prompts=("a", "b"), seeds=(0, 1, 2)), plan)
+    assert calls == [samples]  # no batch: one call, as before
+
+
+def test_a_batch_of_one_generates_what_one_batch_does():
+    from ditplan.policy.plan import Workload
+    from tests.factories import TINY_PROMPTS, tiny_reference_pipeline
+
+    pipe = tiny_reference_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    plan = types.SimpleNamespace(workload=Workload(steps=3, height=16, width=16, frames=3,
+                                                   guidance_scale=4.0, cfg=True))
+    together, _ = generate_batch(pipe, _setup(prompts=TINY_PROMPTS, seeds=(0, 1)), plan)
+    one_by_one, _ = generate_batch(pipe, _setup(prompts=TINY_PROMPTS, seeds=(0, 1), batch=1),
+                                   plan)
+    assert len(one_by_one) == len(together) == 4
+    # each sample has its own generator, so only float32 rounding differs: CPU matmuls sum in
+    # another order at another batch (~1e-6 here); different samples differ by >= 0.05
+    for alone, batched in zip(one_by_one, together, strict=True):
+        torch.testing.assert_close(alone, batched, rtol=0, atol=1e-5)
+
+
+def test_candidate_key_names_the_batch_only_when_set():
+    from ditplan.policy.plan_io import load_plan
+
+    plan = load_plan(CALIBRATED_PLAN)
+    # this plan's keys from candidate_key before --calibration-batch (aae3f6f): records
+    # written then still resume (a recalibrated plan file needs them recomputed)
+    assert candidate_key(plan, _setup()) == "54a92d643994d4b6"
+    assert candidate_key(plan, _setup(repeats=3)) == "bfe18c4fb95ca869"
+    batched = candidate_key(plan, _setup(batch=2))
+    assert batched not in {candidate_key(plan, _setup()), candidate_key(plan, _setup(batch=1))}
+    assert batched != candidate_key(plan, _setup(repeats=2))  # the batch is not read as repeats
 
 
 class _Pipe:
@@ -46,7 +103,7 @@ def test_retiming_times_dense_and_the_plan_over_as_many_batches(monkeypatch, tmp
     from ditplan.policy.plan_io import load_plan
     from ditplan.runtime.calibrate import Calibrator
 
-    plan = load_plan(Path(__file__).parents[2] / "artifacts/plans/ditplan-ref-t2v-calibrated.json")
+    plan = load_plan(CALIBRATED_PLAN)
     applied = []
     seconds = {False: iter([9.0, 8.0, 8.2, 7.8, 8.0]), True: iter([4.0, 4.2, 3.8, 4.0])}
 
