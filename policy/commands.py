@@ -60,10 +60,10 @@ def register(subparsers) -> None:
                              help="prompts, or a .txt file with one per line (default: the "
                                   "profiling prompts; never use your evaluation prompts)")
     calibration.add_argument("--calibration-seeds", type=int, nargs="+", default=[0])
-    calibration.add_argument("--calibration-repeats", type=int, default=1, metavar="N",
+    calibration.add_argument("--calibration-repeats", type=_count, default=1, metavar="N",
                              help="timed generations per candidate, median kept (a noisy "
                                   "host: 3)")
-    calibration.add_argument("--calibration-batch", type=_batch_size, default=None, metavar="N",
+    calibration.add_argument("--calibration-batch", type=_count, default=None, metavar="N",
                              help="generate the calibration prompts x seeds N at a time; set "
                                   "it to the batch you generate with (`ditplan run`: 1), since "
                                   "speed depends on it (default: all in one batch)")
@@ -93,14 +93,15 @@ def register(subparsers) -> None:
     show.set_defaults(handler=run_plan_show)
 
 
-def _batch_size(text: str) -> int:
-    """``--calibration-batch``: a whole number of samples, at least 1 (argparse: exit code 2)."""
+def _count(text: str) -> int:
+    """A whole number, at least 1 (``--calibration-batch``, ``--calibration-repeats``); a bad
+    one is an argparse error (exit code 2) before any work."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of samples, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 sample, got {value}")
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 

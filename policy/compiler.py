@@ -265,6 +265,8 @@ def shortlist_for_calibration(designs: list[Design], config: CompilerConfig) -> 
     front = sorted(pareto_front(designs), key=lambda d: d.speedup)
     if len(front) <= n:
         return front
+    if n == 1:  # one point spread over the front: its middle
+        return [front[len(front) // 2]]
     picks = sorted({round(i * (len(front) - 1) / (n - 1)) for i in range(n)})
     return [front[i] for i in picks]
 

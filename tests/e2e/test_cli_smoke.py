@@ -168,14 +168,16 @@ def test_calibration_batch_reaches_the_generation(model_dir, traces_dir, tmp_pat
     assert batches and set(batches) == {1}  # 2 samples, one at a time
 
 
+@pytest.mark.parametrize("option", ["--calibration-batch", "--calibration-repeats"])
 @pytest.mark.parametrize("value", ["0", "-1", "two"])
-def test_a_bad_calibration_batch_is_refused_before_any_work(traces_dir, tmp_path, capsys, value):
+def test_a_bad_calibration_count_is_refused_before_any_work(traces_dir, tmp_path, capsys,
+                                                            option, value):
     out = tmp_path / "p.json"
     with pytest.raises(SystemExit) as exit_:
         main(["compile-policy", str(traces_dir), "--out", str(out), "--min-psnr", "5",
-              "--calibrate", "--calibration-batch", value])
+              "--calibrate", option, value])
     assert exit_.value.code == 2
-    assert "argument --calibration-batch:" in capsys.readouterr().err
+    assert f"argument {option}:" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # no plan file, no calibration record
 
 

@@ -258,3 +258,20 @@ def test_newton_extrapolation_is_searched_only_when_asked(traces):
     newton = [c for c in both if c.extrapolation == "newton"]
     assert newton and all(c.order == 2 and "forecast2-newton" in c.label for c in newton)
     assert len(both) == len(plain) + len(newton)
+
+
+def test_shortlist_without_a_target_spreads_any_number_over_the_front(traces):
+    from ditplan.policy.compiler import pareto_front, shortlist_for_calibration
+    from tests.policy.test_compiler import search_designs_for
+
+    designs = search_designs_for(traces)
+    front = sorted(pareto_front(designs), key=lambda d: d.speedup)
+    assert len(front) >= 3
+    for n in (1, 2, 3):
+        config = CompilerConfig.from_name("balanced", min_psnr=30.0, calibrate_candidates=n)
+        chosen = shortlist_for_calibration(designs, config)
+        assert len(chosen) == n and all(d in front for d in chosen)
+    one = CompilerConfig.from_name("balanced", min_psnr=30.0, calibrate_candidates=1)
+    assert shortlist_for_calibration(designs, one) == [front[len(front) // 2]]
+    two = CompilerConfig.from_name("balanced", min_psnr=30.0, calibrate_candidates=2)
+    assert shortlist_for_calibration(designs, two) == [front[0], front[-1]]
