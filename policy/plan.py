@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-PLAN_SCHEMA_VERSION = "3.3"
+PLAN_SCHEMA_VERSION = "3.4"
 SUPPORTED_BLOCK_SIZES = (64, 128)
 ROLES = ("foreground", "background")
 COMPUTE, REUSE, FORECAST = "C", "R", "F"
@@ -192,6 +192,8 @@ class Calibration:
     dense_s: float = field(metadata=_schema(exclusiveMinimum=0))
     plan_s: float = field(metadata=_schema(exclusiveMinimum=0))
     candidates: int = field(metadata=_schema(minimum=1))  # measured to choose this one
+    # samples per generation when timed (speed depends on it); None: not recorded (before 3.4)
+    batch: int | None = field(default=None, metadata=_schema(minimum=1))
 
 
 @dataclass(frozen=True)

@@ -52,8 +52,9 @@ def _step_actions(plan: Plan, block: str) -> str:
 def _calibration_lines(cal: Calibration | None) -> list[str]:
     if cal is None:
         return []
-    return [f"measured on {cal.device} ({cal.prompts} prompts): speedup {cal.speedup:.2f}x, "
-            f"PSNR {cal.psnr_db:.1f} dB, cosine {cal.cosine:.4f} vs dense"]
+    batch = "" if cal.batch is None else f" in batches of {cal.batch}"
+    return [f"measured on {cal.device} ({cal.prompts} prompts){batch}: speedup "
+            f"{cal.speedup:.2f}x, PSNR {cal.psnr_db:.1f} dB, cosine {cal.cosine:.4f} vs dense"]
 
 
 def format_plan(plan: Plan) -> str:

@@ -163,7 +163,7 @@ class Calibrator:
                 done[key] = asdict(self.measure(plan, len(plans), setup))
                 _append(self.setup.record, {"key": key, "calibration": done[key],
                                             "design": _design(plan)})
-            out.append(Calibration(**{**done[key], "candidates": len(plans)}))
+            out.append(Calibration(**{"batch": self.batch, **done[key], "candidates": len(plans)}))
         return out
 
     def dense(self, plan: Plan | ExpertPlans, setup: CalibrationSetup | None = None
@@ -199,7 +199,12 @@ class Calibrator:
                 else self.setup.device)
         return Calibration(device=name, prompts=len(self.setup.prompts), speedup=dense_s / plan_s,
                            psnr_db=psnr, cosine=cosine, dense_s=dense_s, plan_s=plan_s,
-                           candidates=candidates)
+                           candidates=candidates, batch=self.batch)
+
+    @property
+    def batch(self) -> int:
+        """Samples per generation: the setup's batch, else every prompt x seed at once."""
+        return self.setup.batch or len(self.setup.prompts) * len(self.setup.seeds)
 
 
 def _sections(plan: Plan | ExpertPlans) -> tuple[Plan, ...]:

@@ -165,7 +165,7 @@ def test_calibrated_compile_measures_pairs_and_resumes(traces_dir, experts_dir, 
     assert json.loads(again.read_text()) == json.loads(plan.read_text())
     assert len(record.read_text().splitlines()) == 3
     assert main(["plan", "show", str(plan)]) == 0
-    assert capsys.readouterr().out.count("measured on cpu (1 prompts)") == 2
+    assert capsys.readouterr().out.count("measured on cpu (1 prompts) in batches of 1") == 2
     out = tmp_path / "run"
     assert main(["run", "--model", str(experts_dir), "--plan", str(plan), "--prompt", PROMPT,
                  "--device", "cpu", "--backend", "torch", "--out", str(out)]) == 0

@@ -72,7 +72,7 @@ def test_cli_writes_the_png_beside_the_table(tmp_path, capsys):
     assert main(["plan", "show", str(plan_path), "--png", str(png)]) == 0
     out = capsys.readouterr().out
     assert "steps C/R/F" in out and "C3 R3 F2 cond, C2 R4 F2 uncond" in out
-    assert "measured on cpu (2 prompts): speedup 1.80x, PSNR 31.2 dB" in out
+    assert "measured on cpu (2 prompts): speedup 1.80x, PSNR 31.2 dB" in out  # batch unknown
     assert f"wrote {png}" in out
     assert Image.open(png).format == "PNG"
     assert [p.name for p in png.parent.iterdir()] == ["plan.png"]  # no temp file left

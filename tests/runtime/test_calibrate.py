@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from pathlib import Path
 
@@ -132,3 +133,31 @@ def test_retiming_times_dense_and_the_plan_over_as_many_batches(monkeypatch, tmp
     assert len(rows) == 2  # a re-timing is its own record entry, resumable like the first
     assert calibrator([plan], repeats=3)[0] == again  # resumed, nothing generated
     assert checked == [True, False]  # the weights are hashed once per identity
+
+
+def test_a_measurement_records_its_batch_and_a_resumed_older_one_gets_the_setups(
+        monkeypatch, tmp_path):
+    import json
+
+    from ditplan.policy.plan_io import load_plan, plan_to_json
+    from ditplan.runtime.calibrate import Calibrator
+
+    plan = load_plan(CALIBRATED_PLAN)
+    assert plan.provenance.calibration.batch is None  # a schema 3.3 plan loads, batch unknown
+    monkeypatch.setattr(calibrate, "generate_batch",
+                        lambda pipe, setup, plan: ([torch.zeros(2, 2, 2, 3)], 1.0))
+    monkeypatch.setattr(calibrate, "apply_any_plan",
+                        lambda *a, **k: types.SimpleNamespace(remove=lambda: None))
+    setup = _setup(record=tmp_path / "record.jsonl", prompts=("a", "b", "c"), seeds=(0, 1))
+    assert Calibrator(setup, pipe=_Pipe())([plan])[0].batch == 6  # all 3 x 2 at once
+    chunked = dataclasses.replace(setup, record=tmp_path / "chunked.jsonl", batch=4)
+    assert Calibrator(chunked, pipe=_Pipe())([plan])[0].batch == 4
+
+    row = json.loads((tmp_path / "record.jsonl").read_text())
+    del row["calibration"]["batch"]  # a record written before the batch was recorded
+    (tmp_path / "record.jsonl").write_text(json.dumps(row) + "\n")
+    resumed = Calibrator(setup, pipe=_Pipe())([plan])[0]
+    assert resumed.batch == 6
+    recorded = dataclasses.replace(plan, provenance=dataclasses.replace(
+        plan.provenance, calibration=resumed))
+    assert '"batch": 6' in plan_to_json(recorded)
