@@ -44,7 +44,7 @@ class _RecordingRun:
         self.recorder = recorder
 
     def run(self, attn, hidden_states, *args):
-        out = self.original(attn, hidden_states, *args)
+        out = self.original(attn, hidden_states, *self.original_args(attn, args))
         if self.recorder.call.record_attention:
             with torch.no_grad():
                 call = self.adapter.attention_call(attn, self.recorder.layout, hidden_states,

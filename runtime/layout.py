@@ -173,19 +173,25 @@ class PermutePoint:
     back in the native token order). ``index`` names the argument of an input point, and for
     an output point indexes a tuple return value (None: the value itself). ``dim`` is the
     token dimension; an input without it (Wan's [B] timestep, unlike TI2V's [B, S]) is left
-    alone.
+    alone. ``channels`` (start, step), for a ``module_output`` point, keeps only the last
+    dimension's channels ``start::step``, copied compact with the permuted tokens: Wan's rotary
+    tables hold every value twice and its attention reads one of each pair (cos at even, sin
+    at odd channels), so the permuted tables take half the memory of diffusers' own.
     """
 
     module: str
     kind: str
     index: str | int | None
     dim: int
+    channels: tuple[int, int] | None = None
 
     KINDS = ("model_input", "module_input", "module_output", "unpermute_output")
 
     def __post_init__(self):
         if self.kind not in self.KINDS:
             raise ValueError(f"permute point kind must be one of {self.KINDS}, got {self.kind!r}")
+        if self.channels is not None and self.kind != "module_output":
+            raise ValueError(f"only module_output points keep a channel subset, not {self.kind}")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from itertools import groupby
 
 import torch
@@ -135,8 +136,12 @@ def permute_tokens(
     return permuted
 
 
-def install_permute_points(transformer: nn.Module, adapter, permuter: TokenPermuter) -> list:
+def install_permute_points(transformer: nn.Module, adapter, permuter: TokenPermuter,
+                           compact: bool = True) -> list:
     """Hooks that set each forward's token layout and permute at the adapter's permute points.
+
+    ``compact`` keeps only the channels a point names (:class:`PermutePoint`); pass False when
+    some attention layer keeps the family's own processor, which reads the full tensors.
 
     A transformer pre-hook computes the layout from the forward's inputs
     (``adapter.token_layout``) and begins ``permuter``. When the permuter is active it also
@@ -149,6 +154,8 @@ def install_permute_points(transformer: nn.Module, adapter, permuter: TokenPermu
         removable handles (``handle.remove()``).
     """
     points = adapter.permute_points(transformer) if permuter.active else []
+    if not compact:
+        points = [dataclasses.replace(p, channels=None) for p in points]
     permute_model_inputs = _input_permuter(
         transformer.forward, [p for p in points if p.kind == "model_input"], permuter,
         in_place=False)
@@ -195,14 +202,22 @@ def _input_permuter(forward, points: list[PermutePoint], permuter: TokenPermuter
 
 
 def _permute_outputs(output, points: list[PermutePoint], index: torch.Tensor):
-    """``output`` with each point's tensor (the value itself, or a tuple item) gathered."""
+    """``output`` with each point's tensor (the value itself, or a tuple item) gathered (and
+    cut to the point's channels)."""
     for point in points:
         if point.index is None:
-            output = permute_tokens(output, index, point.dim)
+            output = _permute_point(output, point, index)
         else:
             i = point.index
-            output = (*output[:i], permute_tokens(output[i], index, point.dim), *output[i + 1:])
+            output = (*output[:i], _permute_point(output[i], point, index), *output[i + 1:])
     return output
+
+
+def _permute_point(x: torch.Tensor, point: PermutePoint, index: torch.Tensor) -> torch.Tensor:
+    if point.channels is not None:
+        start, step = point.channels
+        x = x[..., start::step]  # a view: the gather below makes the compact copy
+    return permute_tokens(x, index, point.dim)
 
 
 def _output_unpermuter(points: list[PermutePoint], permuter: TokenPermuter):

@@ -131,7 +131,7 @@ class SparseProcessorBase:
         op on [video | text], the adapter's output projection."""
         if not self.layer.sparse_now():
             self.layer.record_dense(hidden_states.device)
-            return self.original(attn, hidden_states, *args)
+            return self.original(attn, hidden_states, *self.original_args(attn, args))
         call = self.adapter.attention_call(attn, self.layer.permuter.layout, hidden_states, *args)
         q, k, v = call.joint()  # [B, S, H, D]; S: this rank's tokens under Ulysses
         if is_ulysses(self._config):
@@ -146,6 +146,11 @@ class SparseProcessorBase:
             q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, S, D]
             out = self._attend(q, k, v, key_valid=call.key_valid).transpose(1, 2)
         return self.adapter.attention_return(attn, call, *call.split(out))
+
+    def original_args(self, attn: nn.Module, args: tuple) -> tuple:
+        """The arguments after ``hidden_states`` as the original processor takes them (a
+        family whose permute points change a tensor's form converts it back here)."""
+        return args
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 heads: slice = slice(None), key_valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -189,13 +194,15 @@ def install_sparse_layers(
     ulysses_chunks: int = 1,
 ) -> tuple[dict[nn.Module, object], list[LayerRuntime], list]:
     """Swap in the adapter's sparse processor for every non-dense layer and install the
-    permute points (a static permutation, see :class:`TokenPermuter`).
+    permute points (a static permutation, see :class:`TokenPermuter`), compact where every
+    layer runs the sparse processor (a dense layer's own processor reads the full tensors).
 
     Returns:
         (original processors by module, the layers' runtimes, removable hook handles).
     """
     originals, runtimes = {}, []
-    for name, attn in adapter.attention_layers(transformer):
+    layers = adapter.attention_layers(transformer)
+    for name, attn in layers:
         if specs[name].is_dense:
             continue
         runtime = LayerRuntime(name, specs[name], tracker, permuter, backend, ulysses_chunks)
@@ -203,7 +210,9 @@ def install_sparse_layers(
         originals[attn] = attn.processor
         attn.set_processor(adapter.processor_class(attn.processor, runtime, adapter))
         logger.debug("%s: sparse attention %s", name, runtime.spec)
-    return originals, runtimes, install_permute_points(transformer, adapter, permuter)
+    every_layer = len(runtimes) == len(layers)
+    return originals, runtimes, install_permute_points(transformer, adapter, permuter,
+                                                       compact=every_layer)
 
 
 def restore_processors(originals: Mapping[nn.Module, object]) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from benchmarks.quality.methods import Installed, Method, dense_warmup_steps, transformer_of
 from ditplan.runtime.adapters.base import get_adapter
-from ditplan.runtime.adapters.wan import wan_self_attention_qkv
+from ditplan.runtime.adapters.wan import diffusers_rotary, wan_self_attention_qkv
 from ditplan.runtime.context import StepTracker, install_step_tracker, remove_step_tracker
 from ditplan.runtime.kernels import block_sparse_attention
 from ditplan.runtime.permutation import TokenPermuter, install_permute_points
@@ -128,7 +128,7 @@ class StaticWindowProcessor:
         if encoder_hidden_states is not None or attention_mask is not None or \
                 not self.window.sparse_now():
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask,
-                                 rotary_emb)
+                                 diffusers_rotary(attn, rotary_emb))
         q, k, v = wan_self_attention_qkv(attn, hidden_states, rotary_emb)  # [B, H, S, D]
         block_map = self.window.block_map(q.device)  # [1, 1, Nb, Nb]
         out = block_sparse_attention(q, k, v, block_map, block_size=self.window.block_size,

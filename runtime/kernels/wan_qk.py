@@ -25,10 +25,13 @@ def apply_wan_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     """Wan's interleaved rotary embedding, the same arithmetic as diffusers' WanAttnProcessor.
 
     Args:
-        x: [B, S, H, D]; cos, sin: [1, S, 1, D].
+        x: [B, S, H, D]; cos, sin: diffusers' tables [1, S, 1, D] (each value twice), or the
+            channels its processor reads, [1, S, 1, D / 2]: cos[..., 0::2], sin[..., 1::2]
+            (what the token permutation keeps, runtime/adapters/wan.py).
     """
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    if cos.shape[-1] == x.shape[-1]:
+        cos, sin = cos[..., 0::2], sin[..., 1::2]
     out = torch.empty_like(x)
     out[..., 0::2] = x1 * cos - x2 * sin
     out[..., 1::2] = x1 * sin + x2 * cos

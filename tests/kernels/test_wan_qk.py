@@ -123,3 +123,29 @@ def test_cuda_compiled_path_matches_eager_and_the_float64_reference(seq, monkeyp
     for got, want in ((got_q, want_q), (got_k, want_k)):
         torch.testing.assert_close(got, want, rtol=2 ** -7, atol=2 ** -7)
     assert (got_q.double() - ref_q).abs().max() <= 2 * (want_q.double() - ref_q).abs().max()
+
+
+def test_compact_tables_rotate_as_diffusers_full_ones_bitwise():
+    """The token permutation keeps only cos[..., 0::2] and sin[..., 1::2] (what Wan's processor
+    reads); the rotation is the same, also when a table's pairs differ, and the compiled twin
+    takes them too."""
+    from ditplan.runtime.adapters.wan import diffusers_rotary
+
+    attn = _Attn()
+    q, k, _, _ = _inputs()
+    gen = torch.Generator().manual_seed(3)
+    cos, sin = (torch.randn(1, 40, 1, DIM, generator=gen) for _ in range(2))  # pairs differ
+    compact = (cos[..., 0::2].contiguous(), sin[..., 1::2].contiguous())
+    x = q.unflatten(2, (HEADS, -1))
+    assert torch.equal(apply_wan_rotary(x, *compact), apply_wan_rotary(x, cos, sin))
+    args = (attn.norm_q.weight, attn.norm_k.weight, attn.norm_q.eps)
+    want = norm_rotate_qk_eager(q, k, *args, cos, sin, HEADS)
+    got = compiled("aot_eager")(q, k, *args, *compact, HEADS)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+    attn.inner_dim = HEADS * DIM  # as WanAttention has it
+    full = diffusers_rotary(attn, compact)  # what diffusers' processor gets on dense steps
+    assert full[0].shape == cos.shape
+    assert torch.equal(full[0][..., 0::2], cos[..., 0::2])
+    assert torch.equal(full[1][..., 1::2], sin[..., 1::2])
+    assert diffusers_rotary(attn, (cos, sin)) == (cos, sin)  # diffusers' own tables pass

@@ -71,3 +71,5 @@ def test_attention_call_joins_video_then_text_and_splits_back():
 def test_permute_point_kinds_are_checked():
     with pytest.raises(ValueError, match="module_output"):
         PermutePoint("rope", "output", 0, 1)
+    with pytest.raises(ValueError, match="only module_output points keep a channel subset"):
+        PermutePoint("blocks.0", "module_input", "hidden_states", 1, channels=(0, 2))
