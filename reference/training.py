@@ -9,6 +9,9 @@ pipeline folder (weights + training_state.json + loss.csv, no optimizer state), 
 checkpoint: AdamW then restarts from zero moments and the learning rate re-warms (see
 `learning_rate`). A fine-tune starts from another model's weights (`TrainConfig.init`, e.g. the
 long preset from the shipped reference export) at step 0 with its own schedule and loss curve.
+Under data parallelism (`Shard`) every process generates the whole batch of a step and trains on
+its slice, the gradients are averaged over the processes, and only the first one writes, so a
+run on W GPUs is the single-process run up to float rounding.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ditplan.reference.checkpoint import (
     Checkpoint,
@@ -101,6 +106,35 @@ class TrainConfig:
     device: str | None = None  # default: cuda if available, else cpu
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of each batch under data parallelism: rank of world processes."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        """The process that writes checkpoints, exports and the log."""
+        return self.rank == 0
+
+    def share(self, batch_size: int) -> int:
+        """Samples per process of a global batch of `batch_size`.
+
+        Raises:
+            ValueError: if `batch_size` does not split evenly over the processes.
+        """
+        if batch_size % self.world:
+            raise ValueError(f"--batch-size {batch_size} does not split evenly over {self.world} "
+                             f"data-parallel processes: pass a multiple of {self.world}")
+        return batch_size // self.world
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous slice of dim 0: [B, ...] -> [B / world, ...]."""
+        n = self.share(x.shape[0])
+        return x[self.rank * n:(self.rank + 1) * n]
+
+
 def learning_rate(config: TrainConfig, step: int, restarted_at: int | None = None) -> float:
     """The learning rate of (0-based) `step`.
 
@@ -126,10 +160,15 @@ def _cosine_schedule(config: TrainConfig, step: int) -> float:
 
 
 class Trainer:
-    """Owns the models, optimizer, step counter and loss curve of one training process."""
+    """Owns the models, optimizer, step counter and loss curve of one training process (one
+    `shard` of a data-parallel run: all processes load the same weights and take the same steps).
+    """
 
-    def __init__(self, config: TrainConfig, started_at: float | None = None):
+    def __init__(self, config: TrainConfig, started_at: float | None = None,
+                 shard: Shard = Shard()):
+        shard.share(config.batch_size)  # refuses a batch that does not split evenly
         self.config = config
+        self.shard = shard
         self.started_at = time.monotonic() if started_at is None else started_at
         default = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(config.device or default)
@@ -297,19 +336,24 @@ class Trainer:
         return clips.video, ids, noise_gen
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step on a fresh batch. Returns (loss, grad norm) as device scalars."""
-        x0, ids, gen = self._batch(self.step)  # x0: [B, 3, F, H, W]
+        """One optimizer step on a fresh batch. Returns (loss of this shard, grad norm of the
+        whole batch) as device scalars."""
+        x0, ids, gen = self._batch(self.step)  # x0: [B, 3, F, H, W], ids: [B, L]
         sigma = sample_sigmas(x0.shape[0], gen, shift=self.preset.sigma_shift,
-                              uniform_fraction=self.config.uniform_sigma_fraction)
-        noise = torch.randn(x0.shape, generator=gen, device=self.device)
+                              uniform_fraction=self.config.uniform_sigma_fraction)  # [B]
+        noise = torch.randn(x0.shape, generator=gen, device=self.device)  # [B, 3, F, H, W]
+        take = self.shard.take  # this rank's samples of the whole batch: B -> B / world
+        x0, ids, sigma, noise = take(x0), take(ids), take(sigma), take(noise)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            embeds = self.text_encoder(ids)  # embeds: [B, L, text_dim]
+            embeds = self.text_encoder(ids)  # embeds: [B / world, L, text_dim]
             pred = self.model(hidden_states=noisy_sample(x0, noise, sigma),
                               timestep=sigma * NUM_TRAIN_TIMESTEPS,
                               encoder_hidden_states=embeds, return_dict=False)[0]
         loss = F.mse_loss(pred.float(), velocity_target(x0, noise))
         loss.backward()
         params = [p for _, p in self.named_params]
+        if self.shard.world > 1:
+            self._average_gradients(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate(self.step)
@@ -318,18 +362,32 @@ class Trainer:
         self.step += 1
         return loss.detach(), grad_norm.detach()
 
+    def _average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Each gradient becomes its mean over the ranks, i.e. the whole batch's gradient (equal
+        shards of a mean loss). One all-reduce of one flat fp32 buffer; a missing gradient counts
+        as zeros so that every rank reduces the same shapes."""
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        flat = _flatten_dense_tensors(grads)  # [total parameter count]
+        dist.all_reduce(flat)  # SUM: gloo has no AVG
+        flat /= self.shard.world
+        for p, grad in zip(params, _unflatten_dense_tensors(flat, grads), strict=True):
+            p.grad = grad
+
     def save(self) -> Path:
         """Writes the checkpoint to <out>/checkpoint atomically."""
         return save_checkpoint(Path(self.config.out) / CHECKPOINT_DIR, self.checkpoint())
 
     def run(self) -> None:
-        """Trains until max_steps or the time budget, saves, and exports if asked."""
+        """Trains until max_steps or the time budget, saves, and exports if asked (the main
+        shard only)."""
         if self.config.resume is not None:
             self.load(load_resume_source(self.config.resume))
         elif self.config.init is not None:
             self.initialise(load_resume_source(self.config.init), self.config.init)
         first_step = self.step
         _TrainLoop(self).run()
+        if not self.shard.main:
+            return
         if self.step > first_step:
             self.save()
         if self.config.export is not None:
@@ -356,7 +414,8 @@ def load_resume_source(directory: str | Path) -> Checkpoint:
 
 
 class _TrainLoop:
-    """The step loop: logging, periodic saves and the time-budget stop rule."""
+    """The step loop: logging, periodic saves and the time-budget stop rule, the same on all
+    ranks (the logged loss is the whole batch's; any rank out of time stops them all)."""
 
     def __init__(self, trainer: Trainer):
         self.t = trainer
@@ -377,7 +436,7 @@ class _TrainLoop:
             self.step_seconds = self.step_seconds or time.monotonic() - tick
             if self.t.step % cfg.log_every == 0:
                 self._log()
-            if cfg.save_every and self.t.step % cfg.save_every == 0:
+            if cfg.save_every and self.t.step % cfg.save_every == 0 and self.t.shard.main:
                 self.t.save()
         if self.window_steps:
             self._log()
@@ -389,10 +448,18 @@ class _TrainLoop:
         if cfg.time_budget_min is None:
             return False
         elapsed = time.monotonic() - self.t.started_at
-        return elapsed + 2 * self.step_seconds + cfg.reserve_s > 60 * cfg.time_budget_min
+        stop = elapsed + 2 * self.step_seconds + cfg.reserve_s > 60 * cfg.time_budget_min
+        if self.t.shard.world == 1:
+            return stop
+        decision = torch.tensor(float(stop), device=self.t.device)  # 0/1 scalar
+        dist.all_reduce(decision, op=dist.ReduceOp.MAX)  # ranks' clocks differ: any stops all
+        return bool(decision.item())
 
     def _log(self) -> None:
-        loss = self.loss_sum.item() / self.window_steps  # the only host sync of the loop
+        if self.t.shard.world > 1:  # the whole batch's loss: the mean of the equal shards'
+            dist.all_reduce(self.loss_sum)
+            self.loss_sum /= self.t.shard.world
+        loss = self.loss_sum.item() / self.window_steps  # a single process's only host sync
         grad = self.grad_sum.item() / self.window_steps
         seconds = time.monotonic() - self.window_start
         self.step_seconds = seconds / self.window_steps

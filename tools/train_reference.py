@@ -21,6 +21,13 @@ device call each: it continues <out>/checkpoint if there is one, else starts fro
 export, and keeps lean checkpoints (weights only):
 
     python tools/train_reference.py --long --out OUT --time-budget-min 8
+
+Data-parallel on the GPUs of one host, about 2x faster on 2: the same recipe and the same
+batches (each rank trains on its slice of every step's global --batch-size, which must split
+evenly), so the same run up to float rounding; rank 0 writes the checkpoint, export and log:
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 \
+        tools/train_reference.py --long --out OUT --time-budget-min 8
 """
 
 from __future__ import annotations
@@ -30,9 +37,12 @@ import time
 STARTED_AT = time.monotonic()  # the time budget counts from here, imports included
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+from ditplan.runtime.launch import LaunchError, detect_launch, joined  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE_DEFAULTS = dict(preset="smoke", device="cpu", compile=False, batch_size=2, max_steps=3,
@@ -50,6 +60,7 @@ LONG_DEFAULTS = dict(preset="long", init=ROOT / "artifacts" / "models" / "ditpla
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, with `launch`: this rank of a torchrun launch, None in one process."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="run folder: <out>/checkpoint/")
     p.add_argument("--resume", type=Path,
@@ -109,22 +120,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.resume = existing  # a fine-tune that has started continues
     if args.max_steps == 0 and args.export is None:
         p.error("--max-steps 0 only makes sense with --export")
+    try:
+        args.launch = detect_launch()
+    except LaunchError as e:
+        p.error(str(e))
+    if args.launch is not None:
+        from ditplan.reference.training import Shard
+
+        try:
+            Shard(args.launch.rank, args.launch.world).share(args.batch_size)
+        except ValueError as e:
+            p.error(str(e))
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    launch = args.launch
+    quiet = launch is not None and not launch.writes_outputs  # rank 0 logs for the run
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(asctime)s %(message)s", stream=sys.stdout)
     import torch
 
-    from ditplan.reference.training import TrainConfig, Trainer
+    from ditplan.reference.training import Shard, TrainConfig, Trainer
 
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     fields = set(TrainConfig.__dataclass_fields__)
     config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    Trainer(config, started_at=STARTED_AT).run()
+    if launch is None:
+        Trainer(config, started_at=STARTED_AT).run()
+        return 0
+    with joined(launch, config.device or ("cuda" if torch.cuda.is_available() else "cpu")) as dev:
+        config = dataclasses.replace(config, device=dev)
+        Trainer(config, started_at=STARTED_AT, shard=Shard(launch.rank, launch.world)).run()
     return 0
 
 
