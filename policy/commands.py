@@ -60,10 +60,12 @@ def register(subparsers) -> None:
                              help="prompts, or a .txt file with one per line (default: the "
                                   "profiling prompts; never use your evaluation prompts)")
     calibration.add_argument("--calibration-seeds", type=int, nargs="+", default=[0])
-    calibration.add_argument("--calibration-repeats", type=_count, default=1, metavar="N",
+    calibration.add_argument("--calibration-repeats", type=positive_int, default=1,
+                             metavar="N",
                              help="timed generations per candidate, median kept (a noisy "
                                   "host: 3)")
-    calibration.add_argument("--calibration-batch", type=_count, default=None, metavar="N",
+    calibration.add_argument("--calibration-batch", type=positive_int, default=None,
+                             metavar="N",
                              help="generate the calibration prompts x seeds N at a time; set "
                                   "it to the batch you generate with (`ditplan run`: 1), since "
                                   "speed depends on it (default: all in one batch)")
@@ -93,9 +95,9 @@ def register(subparsers) -> None:
     show.set_defaults(handler=run_plan_show)
 
 
-def _count(text: str) -> int:
-    """A whole number, at least 1 (``--calibration-batch``, ``--calibration-repeats``); a bad
-    one is an argparse error (exit code 2) before any work."""
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number, at least 1 (``--calibration-batch``, ``run --steps``
+    ...); a bad one is an argparse error (exit code 2) before any work."""
     try:
         value = int(text)
     except ValueError:

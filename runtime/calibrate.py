@@ -59,14 +59,23 @@ class CalibrationSetup:
         if self.batch is not None and self.batch < 1:
             raise ValueError(f"--calibration-batch must be at least 1, got {self.batch}")
 
+    @property
+    def samples(self) -> list[tuple[str, int]]:
+        """Every (prompt, seed), in generation order."""
+        return [(p, s) for p in self.prompts for s in self.seeds]
+
+    @property
+    def per_call(self) -> int:
+        """Samples per generation call: ``batch``, else every prompt x seed at once."""
+        return self.batch or len(self.prompts) * len(self.seeds)
+
 
 def generate_batch(pipe, setup: CalibrationSetup, plan: Plan | ExpertPlans
                    ) -> tuple[list[torch.Tensor], float]:
     """Every prompt x seed in calls of at most ``setup.batch`` samples (None: one call) at the
     plan's workload (expert plans: the generation both experts run): frames [F, H, W, 3] per
     sample in sample order (CPU, in [0, 1]) and the wall seconds summed over the calls."""
-    samples = [(p, s) for p in setup.prompts for s in setup.seeds]
-    size = setup.batch or len(samples)
+    samples, size = setup.samples, setup.per_call
     frames, seconds = [], 0.0
     for start in range(0, len(samples), size):
         chunk = samples[start:start + size]
@@ -163,7 +172,8 @@ class Calibrator:
                 done[key] = asdict(self.measure(plan, len(plans), setup))
                 _append(self.setup.record, {"key": key, "calibration": done[key],
                                             "design": _design(plan)})
-            out.append(Calibration(**{"batch": self.batch, **done[key], "candidates": len(plans)}))
+            out.append(Calibration(**{"batch": self.setup.per_call, **done[key],
+                                      "candidates": len(plans)}))
         return out
 
     def dense(self, plan: Plan | ExpertPlans, setup: CalibrationSetup | None = None
@@ -199,12 +209,7 @@ class Calibrator:
                 else self.setup.device)
         return Calibration(device=name, prompts=len(self.setup.prompts), speedup=dense_s / plan_s,
                            psnr_db=psnr, cosine=cosine, dense_s=dense_s, plan_s=plan_s,
-                           candidates=candidates, batch=self.batch)
-
-    @property
-    def batch(self) -> int:
-        """Samples per generation: the setup's batch, else every prompt x seed at once."""
-        return self.setup.batch or len(self.setup.prompts) * len(self.setup.seeds)
+                           candidates=candidates, batch=self.setup.per_call)
 
 
 def _sections(plan: Plan | ExpertPlans) -> tuple[Plan, ...]:

@@ -8,13 +8,6 @@ import sys
 from pathlib import Path
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -23,6 +16,7 @@ def _positive_float(text: str) -> float:
 
 
 def _add_run(subparsers) -> None:
+    from ditplan.policy.commands import positive_int
     from ditplan.runtime.pipeline_calls import GUIDANCE_HELP
 
     p = subparsers.add_parser("run", help="generate a video or image with a plan applied")
@@ -34,10 +28,10 @@ def _add_run(subparsers) -> None:
     p.add_argument("--plan", type=Path, help="plan JSON from compile-policy (none: dense)")
     p.add_argument("--prompt", help="text prompt (reference model: its caption vocabulary)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=_positive_int)
-    p.add_argument("--height", type=_positive_int)
-    p.add_argument("--width", type=_positive_int)
-    p.add_argument("--frames", type=_positive_int,
+    p.add_argument("--steps", type=positive_int)
+    p.add_argument("--height", type=positive_int)
+    p.add_argument("--width", type=positive_int)
+    p.add_argument("--frames", type=positive_int,
                    help="video pipelines; image pipelines (FLUX.1, Qwen-Image) make one frame")
     p.add_argument("--guidance-scale", type=_positive_float, help=GUIDANCE_HELP)
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
@@ -50,14 +44,14 @@ def _add_run(subparsers) -> None:
     )
     p.add_argument(
         "--repeats",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         help="generate this many times (each of dense and the plan) and report median times; "
         "on a GPU use 3 or more so warm-up and kernel compilation are left out",
     )
     p.add_argument(
         "--nproc",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         help="run as N processes (torchrun, one GPU each) with diffusers' context parallelism "
         "(Ulysses, degree N); rank 0 writes the outputs. Under torchrun, leave it out",

@@ -183,11 +183,10 @@ def calibration_captions(n: int, like: SpriteAttributes) -> tuple[str, ...]:
     slow captions."""
     speeds = like.speed[:, 0].tolist()
     drawn = sample_attributes(16 * n, torch.Generator().manual_seed(2026), max_sprites=1)
-    texts = captions_for(drawn)
+    drawn_captions = list(zip(captions_for(drawn), drawn.speed[:, 0].tolist(), strict=True))
     picked = []
     for speed, count in _shares(speeds, n).items():
-        picked += list(dict.fromkeys(t for t, s in zip(texts, drawn.speed[:, 0].tolist(),
-                                                       strict=True) if s == speed))[:count]
+        picked += list(dict.fromkeys(t for t, s in drawn_captions if s == speed))[:count]
     if len(picked) < n:
         raise RuntimeError(f"drew {len(picked)} of {n} calibration captions; draw more")
     return tuple(picked)
