@@ -4,8 +4,10 @@
 #   downloads the pinned wheels of pyproject's `fa4` extra (flash-attn-4 and its CuTe-DSL stack,
 #   nvidia-cutlass-dsl[cu13]), unpacks them (wheels are plain zips: unpacked = installed with
 #   --target), drops the aarch64/QNX stubs and packs the tree with xz into .whl_fa4/ as parts of
-#   at most $FA4_PART_MIB MiB (default 38; the 92 MB cu13 wheel packs to 65 MiB, and one device
-#   call carries 64 MiB with the working tree) plus SHA256SUMS.
+#   at most $FA4_PART_MIB MiB (default 18) plus SHA256SUMS. The 92 MB cu13 wheel packs to 65 MiB,
+#   and one device call carries 64 MiB with the working tree (43 MiB since the long model ships):
+#   four parts, one per call, the last beside .whl (7 MiB); to re-split without downloading,
+#   cat the parts and split -b 18M again (the sum is the whole archive's).
 # There, in every call, after benchmarks/gpu_env.sh:   . benchmarks/fa4_env.sh
 #   stashes the parts this call carries (carry .whl_fa4) in /tmp/fa4_parts, which a warm machine
 #   keeps ~30 s between calls; once all parts are there it checks the sum, unpacks into /tmp/site
@@ -27,7 +29,7 @@ if [ "${1:-}" = pack ]; then
     rm -rf "$work"/site/nvidia_cutlass_dsl/cu13/lib/stubs "$work/site/build_backend.py"
     tar -C "$work/site" -cf - . | xz -9e -T0 > "$work/fa4_site.tar.xz"
     rm -f .whl_fa4/fa4_site.tar.xz.part*
-    split -b "${FA4_PART_MIB:-38}M" "$work/fa4_site.tar.xz" .whl_fa4/fa4_site.tar.xz.part
+    split -b "${FA4_PART_MIB:-18}M" "$work/fa4_site.tar.xz" .whl_fa4/fa4_site.tar.xz.part
     (cd "$work" && sha256sum fa4_site.tar.xz) > .whl_fa4/SHA256SUMS
     ls -l .whl_fa4 && rm -rf "$work"
     exit 0

@@ -172,12 +172,12 @@ def _runs_here(backend: str, device: str) -> bool:
 def report(rows):
     dense = next(r for r in rows if r["variant"] == "dense")
     dense_c = next((r for r in rows if r["variant"] == "dense + torch.compile"), dense)
-    print(f"\n{'variant':<40} {'ms':>9} {'vs dense':>9} {'peak GiB':>9}")
+    print(f"\n{'variant':<40} {'ms':>9} {'vs dense':>9} {'peak GiB':>9} {'peak vs dense':>14}")
     for r in rows:
         base = dense_c if "compile" in r["variant"] else dense
-        print(
-            f"{r['variant']:<40} {r['ms']:9.1f} {base['ms'] / r['ms']:8.2f}x {r['peak_gib']:9.2f}"
-        )
+        extra_mib = (r["peak_gib"] - base["peak_gib"]) * 1024
+        print(f"{r['variant']:<40} {r['ms']:9.1f} {base['ms'] / r['ms']:8.2f}x "
+              f"{r['peak_gib']:9.3f} {extra_mib:+10.1f} MiB")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,12 @@
 # a stage already finished there is skipped, the benchmark resumes its rows. Each call stops
 # its stages at $LONG_PART3_BUDGET_S seconds (default 540) and copies the results (7 files)
 # into RESULTS; it prints "part 3 done" once every stage has finished, else run it again.
+# On two GPUs the stages can run side by side after the export, each process on its own GPU:
+#   LONG_PART3_STAGES=export bash benchmarks/long_part3.sh "$OUT"
+#   CUDA_VISIBLE_DEVICES=0 LONG_PART3_STAGES=eval,concentration bash benchmarks/long_part3.sh "$OUT" &
+#   CUDA_VISIBLE_DEVICES=1 LONG_PART3_STAGES=benchmark bash benchmarks/long_part3.sh "$OUT"; wait
+# (the export runs first in every selection when the model folder has no weights; each
+# selection logs to its own part3-<stages>.log).
 set -uo pipefail
 
 RESULTS=${1:?usage: benchmarks/long_part3.sh RESULTS_DIR}
@@ -15,10 +21,15 @@ WORK=${LONG_PART3_WORK:-out/long_part3}
 BUDGET_S=${LONG_PART3_BUDGET_S:-540}
 MODEL=artifacts/models/ditplan-ref-t2v-long
 RUN=artifacts/runs/long
+STAGES=${LONG_PART3_STAGES:-eval,concentration,benchmark}
 DEADLINE=$((SECONDS + BUDGET_S))
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 mkdir -p "$WORK" "$RESULTS"
-exec > >(tee -a "$WORK/part3.log") 2>&1
+LOG=part3-${STAGES//,/-}.log
+exec > >(tee -a "$WORK/$LOG") 2>&1
+
+# True when the stage named $1 is in this call's selection.
+selected() { [[ ",$STAGES," == *",$1,"* ]]; }
 
 # Runs "$@" with the seconds left (SIGINT first: the benchmark keeps the rows it finished).
 stage() {
@@ -35,7 +46,7 @@ finish() {
     python3 -m benchmarks.quality --workload long --out "$WORK/quality" --report-only \
         > /dev/null 2>&1 || true
     for file in quality/table.md quality/quality.jsonl quality/pareto.png eval/eval_results.json \
-            eval/sample_grid.png attention_concentration.json part3.log; do
+            eval/sample_grid.png attention_concentration.json "$LOG"; do
         [[ -f "$WORK/$file" ]] && cp "$WORK/$file" "$RESULTS/"
     done
     echo "$1"
@@ -55,13 +66,13 @@ LONG_PART3_ALLOW_PARTIAL=1 to measure these weights)" 1
         || finish "export failed" 1
 fi
 
-if [[ ! -f "$WORK/eval/eval_results.json" ]]; then
+if selected eval && [[ ! -f "$WORK/eval/eval_results.json" ]]; then
     stage python3 tools/eval_reference.py --model "$MODEL" --out "$WORK/eval" --preset long \
         --guidance 4 \
         || finish "evaluation not finished: run again" 1
 fi
 
-if [[ ! -f "$WORK/attention_concentration.json" ]]; then
+if selected concentration && [[ ! -f "$WORK/attention_concentration.json" ]]; then
     # sample mode: the profiler's clip mode draws the small model's clips; no sink, so the
     # numbers are the pure top-block shares (as the shipped model's card)
     stage python3 -m ditplan.runtime.cli profile --model "$MODEL" --out "$WORK/concentration" \
@@ -71,6 +82,9 @@ if [[ ! -f "$WORK/attention_concentration.json" ]]; then
         --json "$WORK/attention_concentration.json" || finish "concentration failed" 1
 fi
 
-stage python3 -m benchmarks.quality --workload long --out "$WORK/quality" \
-    || finish "benchmark not finished: run again (finished rows are kept)" 1
-finish "part 3 done" 0
+if selected benchmark; then
+    stage python3 -m benchmarks.quality --workload long --out "$WORK/quality" \
+        || finish "benchmark not finished: run again (finished rows are kept)" 1
+fi
+if [[ $STAGES == eval,concentration,benchmark ]]; then finish "part 3 done" 0; fi
+finish "part 3 stages done: $STAGES" 0

@@ -88,6 +88,7 @@ class TrainConfig:
     caption_dropout: float = 0.1
     uniform_sigma_fraction: float = 0.1
     max_steps: int | None = None  # steps in this run; None = until the time budget
+    stop_step: int | None = None  # global step at which training ends, over all runs
     time_budget_min: float | None = None  # wall clock of this run, counted from `started_at`
     reserve_s: float = 15.0  # kept free at the end of the budget for the final save/export
     log_every: int = 25
@@ -444,6 +445,8 @@ class _TrainLoop:
     def _should_stop(self, start_step: int) -> bool:
         cfg = self.t.config
         if cfg.max_steps is not None and self.t.step - start_step >= cfg.max_steps:
+            return True
+        if cfg.stop_step is not None and self.t.step >= cfg.stop_step:
             return True
         if cfg.time_budget_min is None:
             return False

@@ -55,8 +55,8 @@ SMOKE_DEFAULTS = dict(preset="smoke", device="cpu", compile=False, batch_size=2,
 # AdamW then restarts on every resume, hence a short re-warm.
 LONG_DEFAULTS = dict(preset="long", init=ROOT / "artifacts" / "models" / "ditplan-ref-t2v",
                      lean_checkpoint=True, curriculum="16x64x64:800", batch_size=16, lr=2e-4,
-                     warmup_steps=100, total_steps=2000, rewarm_steps=30, log_every=50,
-                     save_every=150)
+                     warmup_steps=100, total_steps=2000, stop_step=2000, rewarm_steps=30,
+                     log_every=50, save_every=150)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--export", type=Path, help="write the diffusers pipeline folder here")
     p.add_argument("--time-budget-min", type=float, help="stop, save and exit within M minutes")
     p.add_argument("--max-steps", type=int, help="stop after this many steps in this run")
+    p.add_argument("--stop-at-step", type=int, dest="stop_step",
+                   help="end training at this global step, over all runs (a run that starts "
+                        "there only exports)")
     p.add_argument("--preset", choices=["reference", "long", "smoke"], default="reference")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -109,6 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args = p.parse_args(argv)
     if args.max_steps is not None and args.max_steps < 0:
         p.error("--max-steps must be >= 0")
+    if args.stop_step is not None and args.stop_step < 1:
+        p.error("--stop-at-step must be >= 1")
     if args.clip_frames is not None and args.clip_frames < 2:
         p.error("--clip-frames must be >= 2 (motion needs two frames)")
     if args.rewarm_steps < 0:

@@ -7,10 +7,11 @@ import functools
 from benchmarks.quality.catalog import CatalogContext
 from benchmarks.quality.methods import RAINFUSION_DENSITY, Method, dense_repeat, rainfusion
 from benchmarks.quality.plans import plan_method
-from benchmarks.quality.sparse_layers import choose_layers, sparse_layers_method
+from benchmarks.quality.sparse_layers import choose_layers, every_layer, sparse_layers_method
 
 LONG_GRID = dict(
-    densities=(0.5, 0.2, 0.1),  # sparse attention alone, in the layers the compiler chooses
+    densities=(0.5, 0.2, 0.1),  # sparse attention alone: in the layers the compiler chooses,
+    # and in every layer (the compiler may choose none)
     # ditplan plans with sparse attention + caching, and the same without sparse attention: two
     # curves over about 1.2-3x, so that they can be compared at equal PSNR
     presets=("high", "balanced", "fast"), targets=(1.5, 2.0, 3.0),
@@ -19,12 +20,16 @@ LONG_QUICK_GRID = dict(densities=(0.2,), presets=("fast",), targets=(1.5,))
 
 
 def build_long_methods(ctx: CatalogContext, quick: bool) -> list[Method]:
-    """dense repeat, sparse attention alone at each density, RainFusion2.0 as published, then
-    ditplan's plans with sparse attention and caching, then with caching only."""
+    """dense repeat, sparse attention alone at each density (the compiler's layers, then every
+    layer), RainFusion2.0 as published, then ditplan's plans with sparse attention and caching,
+    then with caching only."""
     grid = LONG_QUICK_GRID if quick else LONG_GRID
     choice = functools.cache(lambda: choose_layers(ctx.trace_dir()))
+    every = functools.cache(lambda: every_layer(ctx.trace_dir()))
     sparse = [sparse_layers_method(d, ctx.trace_dir, choice, backend=ctx.backend)
               for d in grid["densities"]]
+    sparse += [sparse_layers_method(d, ctx.trace_dir, every, backend=ctx.backend, every=True)
+               for d in grid["densities"]]
     published = rainfusion(RAINFUSION_DENSITY, steps=ctx.steps, block_size=ctx.block_size,
                            tile=ctx.tile, backend=ctx.backend)
     return [dense_repeat(), *sparse, published, *_plans(ctx, grid, "ditplan", {}),

@@ -1,4 +1,4 @@
-"""Sparse attention alone at one density, in the layers ditplan's compiler makes sparse."""
+"""Sparse attention alone at one density, in the layers the compiler makes sparse or in all."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from ditplan.runtime.apply import apply_plan
 
 LAYER_CHOOSER = "balanced"  # the preset whose sparse-only plan picks the layers
 FAMILY = "ditplan-sparse-only"
+EVERY_LAYER_FAMILY = "sparse-every-layer"
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,18 @@ def choose_layers(trace_dir: Path, preset: str = LAYER_CHOOSER) -> LayerChoice:
     return LayerChoice(tuple(plan.layers), sparse)
 
 
+def every_layer(trace_dir: Path) -> LayerChoice:
+    """Every block sparse, whatever the compiler would choose."""
+    blocks = choose_layers(trace_dir).blocks
+    return LayerChoice(blocks, blocks)
+
+
 def sparse_layers_method(density: float, trace_dir: Callable[[], Path],
-                         choice: Callable[[], LayerChoice], *, backend: str) -> Method:
+                         choice: Callable[[], LayerChoice], *, backend: str,
+                         every: bool = False) -> Method:
     """A no-caching plan with ``density`` in ``choice()``'s sparse blocks and the compiler's dense
-    warm-up steps; the other blocks stay dense.
+    warm-up steps; the other blocks stay dense. ``every``: ``choice`` is `every_layer`'s (the
+    rows are named and described so).
 
     ``choice`` is shared by the densities of one run (compiled once, on first install).
     """
@@ -60,6 +69,11 @@ def sparse_layers_method(density: float, trace_dir: Callable[[], Path],
         return Installed(undo=handle.remove, stats=lambda: {**handle.stats(), **recorded},
                          reset=handle.reset)
 
+    if every:
+        params = {"density": density, "layers_from": "every layer, caching off"}
+        return Method(EVERY_LAYER_FAMILY, f"d={density:g}", install, params,
+                      notes=f"density {density:g} in every layer after the {LAYER_CHOOSER} "
+                            "plan's dense warm-up steps; no caching")
     params = {"density": density, "layers_from": f"{LAYER_CHOOSER}, caching off"}
     return Method(FAMILY, f"d={density:g}", install, params,
                   notes=f"density {density:g} in the layers a sparse-only {LAYER_CHOOSER} plan "

@@ -74,6 +74,18 @@ def test_sparse_quality_reads_the_density_goal_row():
     assert failed.met is None and "not_applicable: why" in failed.detail
 
 
+def test_sparse_quality_quotes_every_layer_when_the_compiler_chose_none():
+    chose_none = row("ditplan-sparse-only/d=0.2", None, None, params={"density": 0.2},
+                     status="not_applicable")
+    every = row("sparse-every-layer/d=0.2", 1.9, 24.5, cosine=0.97, density=0.25,
+                params={"density": 0.2})
+    verdict = sparse_quality([chose_none, every])
+    assert verdict.met is None  # the goal is about the compiler's layers: never judged from all
+    assert verdict.detail == ("ditplan-sparse-only/d=0.2: not_applicable: why; for comparison, "
+                              "every layer sparse: sparse-every-layer/d=0.2: cosine 0.9700, "
+                              "PSNR 24.50 dB, 1.90x")
+
+
 def test_goal_lines_say_met_missed_or_not_measured():
     lines = goal_lines([*CACHE_ONLY])
     assert len(lines) == 2 and all("**not measured**" in line for line in lines)

@@ -16,7 +16,8 @@ from ditplan.reference.attributes import captions_for, heldout_attributes
 
 # 4 frames x 16 x 16 px -> 4 x 8 x 8 tokens = 4 blocks of 64 (one frame each); 4 steps with CFG.
 WORKLOAD = ["--frames", "4", "--height", "16", "--width", "16", "--block-size", "64"]
-METHODS = ["dense/baseline", "dense/repeat", "ditplan-sparse-only/d=0.2", "rainfusion2/d=0.2",
+METHODS = ["dense/baseline", "dense/repeat", "ditplan-sparse-only/d=0.2",
+           "sparse-every-layer/d=0.2", "rainfusion2/d=0.2",
            "ditplan/fast", "ditplan/target=1.5x", "ditplan-cache-only/fast",
            "ditplan-cache-only/target=1.5x"]
 VERDICTS = ("**met**", "**missed**", "**not measured**")
@@ -70,6 +71,9 @@ def test_the_part3_set_ran_in_catalog_order(out):
     sparse = by_method["ditplan-sparse-only/d=0.2"]
     assert sparse["stats"]["sparse_layers"] and sparse["stats"]["attention_density"] < 1.0
     assert sparse["stats"]["blocks_skipped_share"] == 0.0  # sparse attention alone
+    every = by_method["sparse-every-layer/d=0.2"]
+    assert set(every["stats"]["sparse_layers"]) > set(sparse["stats"]["sparse_layers"])
+    assert every["stats"]["blocks_skipped_share"] == 0.0
     for name in ("ditplan-cache-only/fast", "ditplan-cache-only/target=1.5x"):
         stats = by_method[name]["stats"]
         assert stats["attention_density"] == 1.0 and stats["blocks_skipped_share"] > 0.0

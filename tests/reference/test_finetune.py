@@ -130,12 +130,15 @@ def test_long_recipe_defaults_and_explicit_flags_win(tmp_path):
     args = tool.parse_args(["--long", "--out", str(tmp_path)])
     assert args.preset == "long" and args.init == SHIPPED and args.lean_checkpoint
     assert args.curriculum == "16x64x64:800" and args.batch_size == 16
+    assert args.stop_step == args.total_steps == 2000  # running it again past 2,000: no steps
     assert args.resume is None  # no checkpoint yet: start from --init
     (tmp_path / "checkpoint").mkdir()
     args = tool.parse_args(["--long", "--out", str(tmp_path), "--batch-size", "8"])
     assert args.resume == tmp_path / "checkpoint" and args.batch_size == 8
     with pytest.raises(SystemExit):
         tool.parse_args(["--long", "--smoke", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--long", "--out", str(tmp_path), "--stop-at-step", "0"])
 
 
 def test_long_recipe_command_runs_again_and_again(tmp_path, smoke_export):

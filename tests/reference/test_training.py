@@ -4,6 +4,7 @@ export limits."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
 import json
 import math
@@ -349,3 +350,14 @@ def test_shipped_model_resumes_at_its_recorded_step():
     assert trainer.step == 7859 and trainer.restarted_at == 7859  # an export has no AdamW state
     assert torch.equal(trainer.transformer.proj_out.weight.detach(),
                        ckpt.tensors["transformer.proj_out.weight"].float())
+
+
+def test_stop_step_ends_training_at_that_global_step_over_runs(tmp_path):
+    config = TrainConfig(out=tmp_path, preset="smoke", device="cpu", compile=False, batch_size=2,
+                         stop_step=2, log_every=1, save_every=0, max_steps=5)
+    Trainer(config).run()
+    assert load_checkpoint(tmp_path / "checkpoint").state["step"] == 2  # not max_steps' 5
+    resumed = Trainer(dataclasses.replace(config, resume=tmp_path / "checkpoint"))
+    resumed.load(load_resume_source(tmp_path / "checkpoint"))
+    resumed.run()
+    assert resumed.step == 2  # a run that starts at the stop step trains nothing
