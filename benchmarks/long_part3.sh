@@ -6,8 +6,8 @@
 #
 # Work happens in $LONG_PART3_WORK (default out/long_part3, git-ignored, kept on a warm machine):
 # a stage already finished there is skipped, the benchmark resumes its rows. Each call stops
-# its stages at $LONG_PART3_BUDGET_S seconds (default 540) and copies the results (7 files)
-# into RESULTS; it prints "part 3 done" once every stage has finished, else run it again.
+# its stages at $LONG_PART3_BUDGET_S seconds (default 540) and copies the results (8 files: the
+# benchmark's traces as long_traces.tgz) into RESULTS; it prints "part 3 done" once every stage has finished, else run it again.
 # On two GPUs the stages can run side by side after the export, each process on its own GPU:
 #   LONG_PART3_STAGES=export bash benchmarks/long_part3.sh "$OUT"
 #   CUDA_VISIBLE_DEVICES=0 LONG_PART3_STAGES=eval,concentration bash benchmarks/long_part3.sh "$OUT" &
@@ -49,6 +49,8 @@ finish() {
             eval/sample_grid.png attention_concentration.json "$LOG"; do
         [[ -f "$WORK/$file" ]] && cp "$WORK/$file" "$RESULTS/"
     done
+    # the benchmark's traces (no block maps: small), to ship as artifacts/traces/<model>
+    [[ -d "$WORK/quality/traces" ]] && tar -C "$WORK/quality/traces" -czf "$RESULTS/long_traces.tgz" .
     echo "$1"
     exit "$2"
 }

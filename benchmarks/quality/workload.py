@@ -58,8 +58,9 @@ LONG_MISSING = ("the long model's weights are missing from {path} (no model_inde
 @dataclass(frozen=True)
 class Suite:
     """A model and its workloads: the full and ``--quick`` ones, the default number of held-out
-    captions, and how its traces are profiled (ProfileConfig's mode, and how many evenly spaced
-    steps get exact attention statistics; None: every step)."""
+    captions, and how its traces are profiled (ProfileConfig's mode; how many evenly spaced
+    steps get exact attention statistics, None: every step; the steps whose block maps are
+    stored, None: the profiler's first, middle and last)."""
 
     name: str
     full: Workload
@@ -67,6 +68,7 @@ class Suite:
     captions: int
     profile_mode: str = "auto"
     attention_steps: int | None = None
+    map_steps: tuple[int, ...] | None = None
 
     def workload_from(self, quick: bool, **overrides) -> Workload:
         """The full or quick workload with the given fields replaced (None values ignored)."""
@@ -75,10 +77,12 @@ class Suite:
 
     def profile_settings(self, steps: int) -> dict:
         """ProfileConfig fields beyond the workload for a profile of ``steps`` steps."""
-        if self.attention_steps is None:
-            return {"mode": self.profile_mode}
-        return {"mode": self.profile_mode,
-                "attention_steps": evenly_spaced(steps, self.attention_steps)}
+        settings = {"mode": self.profile_mode}
+        if self.map_steps is not None:
+            settings["map_steps"] = self.map_steps
+        if self.attention_steps is not None:
+            settings["attention_steps"] = evenly_spaced(steps, self.attention_steps)
+        return settings
 
 
 def evenly_spaced(steps: int, count: int) -> tuple[int, ...]:
@@ -92,8 +96,11 @@ def evenly_spaced(steps: int, count: int) -> tuple[int, ...]:
 REFERENCE_SUITE = Suite("reference", FULL, QUICK, captions=32)
 # The long model: profiled by sampling (the profiler's clip mode draws the small model's clips),
 # with exact attention statistics at 8 of the steps (each costs ~20 forwards at 32,768 tokens);
-# 8 held-out captions keep the whole grid within about 10 GPU minutes.
-LONG_SUITE = Suite("long", LONG, QUICK, captions=8, profile_mode="sample", attention_steps=8)
+# no block maps (256 x 256 per head and step, ~50 MB per prompt at three steps; the compiler
+# does not read them), so the traces are small enough to ship. 8 held-out captions keep the
+# whole grid within about 10 GPU minutes.
+LONG_SUITE = Suite("long", LONG, QUICK, captions=8, profile_mode="sample", attention_steps=8,
+                   map_steps=())
 SUITES = {s.name: s for s in (REFERENCE_SUITE, LONG_SUITE)}
 
 

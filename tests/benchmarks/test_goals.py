@@ -96,7 +96,7 @@ def test_goal_lines_say_met_missed_or_not_measured():
 def test_profile_steps_of_the_suites():
     assert evenly_spaced(32, 8) == (0, 4, 9, 13, 18, 22, 27, 31)
     assert evenly_spaced(4, 8) == (0, 1, 2, 3) and evenly_spaced(5, 1) == (0,)
-    assert LONG_SUITE.profile_settings(32) == {"mode": "sample",
+    assert LONG_SUITE.profile_settings(32) == {"mode": "sample", "map_steps": (),
                                                "attention_steps": evenly_spaced(32, 8)}
     assert REFERENCE_SUITE.profile_settings(32) == {"mode": "auto"}  # as before the suites
     long = LONG_SUITE.full

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -85,6 +86,9 @@ def test_plans_come_from_sampled_traces_of_training_captions(out):
     (manifest,) = (out / "traces").glob("*/manifest.json")
     arguments = json.loads(manifest.read_text())["arguments"]
     assert arguments["mode"] == "sample" and arguments["attention_steps"] == [0, 1, 2, 3]
+    assert arguments["map_steps"] == []  # no block maps: the long traces stay small to ship
+    maps = (manifest.parent / "traces" / "attention_maps").glob("*.parquet")
+    assert all(pq.read_metadata(path).num_rows == 0 for path in maps)
     assert tuple(arguments["prompts"]) == DEFAULT_PROMPTS
     assert not set(arguments["prompts"]) & set(captions_for(heldout_attributes()))
 
