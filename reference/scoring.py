@@ -30,6 +30,7 @@ from ditplan.reference.clips import REFERENCE_SIZE, rasterize_sprites
 
 FG_THRESHOLD = 0.1  # data margin: palette vs background differ by >= 0.18 (attributes.COLOURS)
 MIN_PIXELS = 6  # smaller components are noise, not sprites (on a 48-pixel frame: min_pixels)
+ALIGNED_COS = 0.9  # a clip moves along its captioned direction: cosine above this (model cards)
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 # A box of w pixels fits radii in (w/2 - 1/2, w/2] depending on the sub-pixel position of the
 # sprite; templates are tried at a few radii in that range (plus w/2 for blurry samples).
@@ -247,8 +248,10 @@ def to_frames(video: torch.Tensor) -> torch.Tensor:
 
 
 def summarize(scores: list[ClipScore]) -> dict:
-    """Aggregates ClipScores: accuracies (share of clips), and mean/median of the motion and
-    background statistics over the clips where they are defined."""
+    """Aggregates ClipScores: accuracies (share of clips), the share of clips moving along the
+    captioned direction (cosine > ALIGNED_COS; no measurable motion counts as not), and
+    mean/median of the motion and background statistics over the clips where they are
+    defined."""
     table = {k: np.array([asdict(s)[k] for s in scores]) for k in asdict(scores[0])}
     both = table["colour_ok"] & table["shape_ok"]
     out = {
@@ -257,6 +260,8 @@ def summarize(scores: list[ClipScore]) -> dict:
         "shape_accuracy": float(table["shape_ok"].mean()),
         "caption_accuracy": float(both.mean()),
         "caption_and_count_accuracy": float((both & table["count_ok"]).mean()),
+        # NaN (undefined) compares False: a clip without measurable motion is not aligned
+        "direction_aligned": float((table["direction_cos"].astype(float) > ALIGNED_COS).mean()),
     }
     for key in ("direction_cos", "jitter_px", "speed_px", "background_std"):
         values = table[key].astype(float)
