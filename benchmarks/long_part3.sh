@@ -6,8 +6,9 @@
 #
 # Work happens in $LONG_PART3_WORK (default out/long_part3, git-ignored, kept on a warm machine):
 # a stage already finished there is skipped, the benchmark resumes its rows. Each call stops
-# its stages at $LONG_PART3_BUDGET_S seconds (default 540) and copies the results (8 files: the
-# benchmark's traces as long_traces.tgz) into RESULTS; it prints "part 3 done" once every stage has finished, else run it again.
+# its stages at $LONG_PART3_BUDGET_S seconds (default 540) and copies the results (8 files, the
+# benchmark's traces as long_traces.tgz) into RESULTS; it prints "part 3 done" once every stage
+# has finished, else run it again.
 # On two GPUs the stages can run side by side after the export, each process on its own GPU:
 #   LONG_PART3_STAGES=export bash benchmarks/long_part3.sh "$OUT"
 #   CUDA_VISIBLE_DEVICES=0 LONG_PART3_STAGES=eval,concentration bash benchmarks/long_part3.sh "$OUT" &
