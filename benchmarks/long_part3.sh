@@ -4,8 +4,10 @@
 #
 #   . benchmarks/gpu_env.sh && bash benchmarks/long_part3.sh "$OUT"
 #
-# Work happens in $LONG_PART3_WORK (default out/long_part3, git-ignored, kept on a warm machine):
-# a stage already finished there is skipped, the benchmark resumes its rows. Each call stops
+# Work happens in $LONG_PART3_WORK/step-N (default out/long_part3, git-ignored, kept on a warm
+# machine), N the weights' training step: a stage already finished there is skipped, the
+# benchmark resumes its rows. A checkpoint in artifacts/runs/long newer than the model folder's
+# weights is exported first (refused before its stop step unless LONG_PART3_ALLOW_PARTIAL=1). Each call stops
 # its stages at $LONG_PART3_BUDGET_S seconds (default 540) and copies the results (8 files, the
 # benchmark's traces as long_traces.tgz) into RESULTS; it prints "part 3 done" once every stage
 # has finished, else run it again.
@@ -13,21 +15,22 @@
 #   LONG_PART3_STAGES=export bash benchmarks/long_part3.sh "$OUT"
 #   CUDA_VISIBLE_DEVICES=0 LONG_PART3_STAGES=eval,concentration bash benchmarks/long_part3.sh "$OUT" &
 #   CUDA_VISIBLE_DEVICES=1 LONG_PART3_STAGES=benchmark bash benchmarks/long_part3.sh "$OUT"; wait
-# (the export runs first in every selection when the model folder has no weights; each
-# selection logs to its own part3-<stages>.log).
+# (each selection logs to its own part3-<stages>.log). LONG_PART3_MODEL and LONG_PART3_RUN
+# replace the model folder and the training run folder.
 set -uo pipefail
 
 RESULTS=${1:?usage: benchmarks/long_part3.sh RESULTS_DIR}
-WORK=${LONG_PART3_WORK:-out/long_part3}
+BASE=${LONG_PART3_WORK:-out/long_part3}
 BUDGET_S=${LONG_PART3_BUDGET_S:-540}
-MODEL=artifacts/models/ditplan-ref-t2v-long
-RUN=artifacts/runs/long
+MODEL=${LONG_PART3_MODEL:-artifacts/models/ditplan-ref-t2v-long}
+RUN=${LONG_PART3_RUN:-artifacts/runs/long}
 STAGES=${LONG_PART3_STAGES:-eval,concentration,benchmark}
 DEADLINE=$((SECONDS + BUDGET_S))
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-mkdir -p "$WORK" "$RESULTS"
+mkdir -p "$BASE" "$RESULTS"
 LOG=part3-${STAGES//,/-}.log
-exec > >(tee -a "$WORK/$LOG") 2>&1
+WORK=$BASE  # until the weights are known: then $BASE/step-N, results per weights
+exec > >(tee -a "$BASE/$LOG") 2>&1
 
 # True when the stage named $1 is in this call's selection.
 selected() { [[ ",$STAGES," == *",$1,"* ]]; }
@@ -44,30 +47,46 @@ stage() {
 }
 
 finish() {
-    python3 -m benchmarks.quality --workload long --out "$WORK/quality" --report-only \
+    python3 -m benchmarks.quality --workload long --model "$MODEL" --out "$WORK/quality" --report-only \
         > /dev/null 2>&1 || true
     for file in quality/table.md quality/quality.jsonl quality/pareto.png eval/eval_results.json \
-            eval/sample_grid.png attention_concentration.json "$LOG"; do
+            eval/sample_grid.png attention_concentration.json; do
         [[ -f "$WORK/$file" ]] && cp "$WORK/$file" "$RESULTS/"
     done
+    cp "$BASE/$LOG" "$RESULTS/"
     # the benchmark's traces (no block maps: small), to ship as artifacts/traces/<model>
     [[ -d "$WORK/quality/traces" ]] && tar -C "$WORK/quality/traces" -czf "$RESULTS/long_traces.tgz" .
     echo "$1"
     exit "$2"
 }
 
-if [[ ! -f "$MODEL/model_index.json" ]]; then
-    [[ -f "$RUN/checkpoint/state.json" ]] || finish "no weights in $MODEL and no $RUN/checkpoint: \
-train it: python tools/train_reference.py --long --out $RUN --time-budget-min 8 (carry $RUN)" 1
-    read -r step total < <(python3 -c "import json; s = json.load(open('$RUN/checkpoint/state.json'))
-print(s['step'], s['config']['total_steps'])")
-    if ((step < total)) && [[ -z ${LONG_PART3_ALLOW_PARTIAL:-} ]]; then
-        finish "$RUN/checkpoint is at step $step of $total: train on (or set \
+# The training step of the weights in a state file (an export's training_state.json or a
+# checkpoint's state.json); -1 when there is none.
+step_of() {
+    python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['step'])" "$1" 2>/dev/null \
+        || echo -1
+}
+
+shipped=$(step_of "$MODEL/training_state.json")
+[[ -f "$MODEL/model_index.json" ]] || shipped=-1
+trained=$(step_of "$RUN/checkpoint/state.json")
+if ((trained > shipped)); then  # a checkpoint newer than the model folder: export it first
+    stop=$(python3 -c "import json; c = json.load(open('$RUN/checkpoint/state.json'))['config']
+print(c.get('stop_step') or c['total_steps'])")
+    if ((trained < stop)) && [[ -z ${LONG_PART3_ALLOW_PARTIAL:-} ]]; then
+        finish "$RUN/checkpoint is at step $trained of $stop: train on (or set \
 LONG_PART3_ALLOW_PARTIAL=1 to measure these weights)" 1
     fi
     stage python3 tools/train_reference.py --long --out "$RUN" --max-steps 0 --export "$MODEL" \
         || finish "export failed" 1
+    shipped=$trained
+elif ((shipped < 0)); then
+    finish "no weights in $MODEL and no $RUN/checkpoint: train it: python \
+tools/train_reference.py --long --out $RUN --time-budget-min 8 (carry $RUN)" 1
 fi
+WORK=$BASE/step-$shipped
+mkdir -p "$WORK"
+echo "== weights of step $shipped: results in $WORK"
 
 if selected eval && [[ ! -f "$WORK/eval/eval_results.json" ]]; then
     stage python3 tools/eval_reference.py --model "$MODEL" --out "$WORK/eval" --preset long \
@@ -86,7 +105,7 @@ if selected concentration && [[ ! -f "$WORK/attention_concentration.json" ]]; th
 fi
 
 if selected benchmark; then
-    stage python3 -m benchmarks.quality --workload long --out "$WORK/quality" \
+    stage python3 -m benchmarks.quality --workload long --model "$MODEL" --out "$WORK/quality" \
         || finish "benchmark not finished: run again (finished rows are kept)" 1
 fi
 if [[ $STAGES == eval,concentration,benchmark ]]; then finish "part 3 done" 0; fi
