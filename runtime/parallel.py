@@ -183,7 +183,8 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config,
         query, key, value = (_by_segment(x, segments, degree) for x in (query, key, value))
         out = attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                      slice(rank * heads, (rank + 1) * heads))  # [B, H / W, S, D]
-        return _by_rank(out.transpose(1, 2), segments, degree).contiguous()  # [B, S, H / W, D]
+        # [B, S, H / W, D]; diffusers copies it into the all-to-all's layout itself
+        return _by_rank(out.transpose(1, 2), segments, degree)
 
     return TemplatedUlyssesAttention.apply(q, k, v, None, 0.0, False, None, False, False,
                                            forward_op, None, config)
