@@ -36,6 +36,10 @@ CALIBRATION_PROMPT = "a red circle slowly moves right"  # a training caption, as
 BATCHED = "|batched"  # quality rows of batched runs do not mix with older per-sample rows
 TIMED_CALLS = 1  # batched generations timed per method after the warm-up (GPU: ~8 s each)
 CAPTION_KEYS = ("caption_accuracy", "colour_accuracy", "shape_accuracy", "direction_cos_mean")
+# what evaluate() measures for a row (a row whose plan an earlier row ran copies these)
+MEASURED_FIELDS = ("dense_s_median", "method_s_median", "speedup", "timed_calls", "stats",
+                   "psnr_db_mean", "psnr_db_min", "identical_clips", "ssim_mean", "cosine_mean",
+                   *CAPTION_KEYS)
 CATALOGS = {"reference": build_methods, "long": build_long_methods}  # suite name -> builder
 
 
@@ -129,16 +133,50 @@ def caption_scores(run: Measured, attributes: SpriteAttributes) -> dict:
     return {k: summary[k] for k in CAPTION_KEYS}
 
 
-def evaluate(pipe, method: Method, samples, dense: Measured, attributes, config) -> dict:
-    """One method's row: install, warm up, time every sample, score, undo."""
+class MeasuredPlans:
+    """This run's rows by the compiled plan they ran: a method whose plan an earlier row already
+    ran (e.g. a caching-only setting where the compiler keeps attention dense anyway) takes that
+    row's measurements instead of generating the same thing again."""
+
+    def __init__(self, rows: list[dict]):
+        self._rows: dict[str, dict] = {}
+        for row in rows:
+            self.add(row)
+
+    def add(self, row: dict) -> None:
+        """Remember ``row`` if it measured a plan itself."""
+        if row.get("status") == "ok" and row.get("plan_key") and not row.get("same_plan_as"):
+            self._rows.setdefault(row["plan_key"], row)
+
+    def reuse(self, key: str | None) -> dict | None:
+        """The measured fields of the row that ran plan ``key``, naming it; None if none did."""
+        earlier = self._rows.get(key) if key else None
+        if earlier is None:
+            return None
+        return {**{k: earlier[k] for k in MEASURED_FIELDS if k in earlier},
+                "same_plan_as": earlier["method"]}
+
+
+def evaluate(pipe, method: Method, samples, dense: Measured, attributes, config,
+             plans: MeasuredPlans | None = None) -> dict:
+    """One method's row: install, warm up, time every sample, score, undo (or, for a plan an
+    earlier row of ``plans`` ran, that row's measurements)."""
 
     def measure_quality(installed) -> dict:
+        key = {"plan_key": installed.plan_key} if installed.plan_key else {}
+        reused = plans.reuse(installed.plan_key) if plans is not None else None
+        if reused is not None:
+            logger.info("%s: the plan %s ran; its measurements stand for this row",
+                        method.name, reused["same_plan_as"])
+            return {**reused, **key}
         run = measure(pipe, samples, config, before_timing=installed.reset)
         dense_s, method_s = statistics.median(dense.seconds), statistics.median(run.seconds)
-        return dict(dense_s_median=dense_s, method_s_median=method_s, speedup=dense_s / method_s,
-                    timed_calls=len(run.seconds),
-                    stats=installed.stats(), **similarity(run, dense),
-                    **caption_scores(run, attributes))
+        fields = dict(dense_s_median=dense_s, method_s_median=method_s,
+                      speedup=dense_s / method_s, timed_calls=len(run.seconds),
+                      stats=installed.stats(), **similarity(run, dense),
+                      **caption_scores(run, attributes))
+        assert set(fields) == set(MEASURED_FIELDS), "MEASURED_FIELDS must list what is measured"
+        return {**fields, **key}
 
     return method_row(method, pipe, measure_quality)
 
@@ -164,12 +202,15 @@ def run_quality(config: QualityConfig) -> list[dict]:
                "status": "ok", "dense_s_median": dense_s, "method_s_median": dense_s,
                "speedup": 1.0, "timed_calls": len(dense.seconds), "psnr_db_mean": None,
                **caption_scores(dense, attributes)})
+    plans = MeasuredPlans(store.current())
     for method in methods:
         if store.done(method.name):
             logger.info("%s: already in %s, skipped", method.name, store.path)
             continue
         logger.info("%s ...", method.name)
-        store.add({**base, **evaluate(pipe, method, samples, dense, attributes, config)})
+        row = {**base, **evaluate(pipe, method, samples, dense, attributes, config, plans)}
+        store.add(row)
+        plans.add(row)
     return store.current()
 
 

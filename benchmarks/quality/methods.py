@@ -31,6 +31,7 @@ class Installed:
     undo: Callable[[], None]
     stats: Callable[[], dict] = dict
     reset: Callable[[], None] = lambda: None
+    plan_key: str | None = None  # what runs, for a compiled plan: rows that share it share results
 
     def __call__(self) -> None:
         self.undo()

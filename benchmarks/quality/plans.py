@@ -3,6 +3,8 @@ budgets, ablations and ProfilingDiT as published, and apply them as methods."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +17,7 @@ from ditplan.policy.compiler import compile_policy
 from ditplan.policy.config import CompilerConfig, CompilerError
 from ditplan.policy.load_profile import load_profile
 from ditplan.policy.plan import Plan
-from ditplan.policy.plan_io import load_plan, save_plan
+from ditplan.policy.plan_io import load_plan, plan_to_json, save_plan
 from ditplan.runtime.apply import apply_plan
 
 logger = logging.getLogger(__name__)
@@ -90,9 +92,16 @@ def plan_method(family: str, setting: str, trace_dir: Callable[[], Path], preset
         handle = apply_plan(pipe, plan, backend=backend)
         predicted = {"predicted_speedup": plan.provenance.predicted_speedup}
         return Installed(undo=handle.remove, stats=lambda: {**handle.stats(), **predicted},
-                         reset=handle.reset)
+                         reset=handle.reset, plan_key=plan_key(plan))
 
     return Method(family, setting, install, {"preset": preset, **(params or {})}, notes)
+
+
+def plan_key(plan: Plan) -> str:
+    """A digest of what ``plan`` runs (everything but its provenance: two compiler settings that
+    give the same plan give the same key)."""
+    what_runs = {k: v for k, v in json.loads(plan_to_json(plan)).items() if k != "provenance"}
+    return hashlib.sha256(json.dumps(what_runs, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def calibrated_method(target: float, trace_dir: Callable[[], Path], *, calibrator: Callable,

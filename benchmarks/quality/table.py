@@ -25,6 +25,8 @@ def _num(value, digits: int = 2, suffix: str = "") -> str:
 def _line(row: dict, scale: dict) -> str:
     stats = row.get("stats") or {}
     status = row["status"] if row["status"] == "ok" else f"{row['status']}: {row.get('reason')}"
+    if row.get("same_plan_as"):
+        status = f"ok: the plan of {row['same_plan_as']} (its measurements, not run again)"
     psnr = _num(row.get("psnr_db_mean"))
     if row.get("identical_clips"):
         psnr = f"{psnr} ({row['identical_clips']} identical)".strip()

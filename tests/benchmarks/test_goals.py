@@ -108,3 +108,18 @@ def test_profile_steps_of_the_suites():
 def test_layer_choice_densities():
     choice = LayerChoice(("blocks.0", "blocks.1", "blocks.2"), ("blocks.1",))
     assert choice.densities(0.1) == {"blocks.0": 1.0, "blocks.1": 0.1, "blocks.2": 1.0}
+
+
+def test_measured_plans_lend_a_rows_measurements_to_the_same_plan():
+    from benchmarks.quality.harness import MEASURED_FIELDS, MeasuredPlans
+
+    measured = {k: 1.0 for k in MEASURED_FIELDS}
+    first = {"method": "ditplan/target=2x", "status": "ok", "plan_key": "abc", **measured}
+    copied = {"method": "ditplan-cache-only/target=2x", "status": "ok", "plan_key": "abc",
+              "same_plan_as": "ditplan/target=2x", **measured}
+    failed = {"method": "ditplan/fast", "status": "failed", "plan_key": "def"}
+    plans = MeasuredPlans([first, copied, failed])  # a resumed run's rows
+    assert plans.reuse("abc") == {**measured, "same_plan_as": "ditplan/target=2x"}
+    assert plans.reuse("def") is None and plans.reuse(None) is None  # failed rows lend nothing
+    plans.add({"method": "x/y", "status": "ok", "plan_key": "def", **measured})
+    assert plans.reuse("def")["same_plan_as"] == "x/y"

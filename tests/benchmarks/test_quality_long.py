@@ -80,6 +80,13 @@ def test_the_part3_set_ran_in_catalog_order(out):
         assert stats["attention_density"] == 1.0 and stats["blocks_skipped_share"] > 0.0
         assert by_method[name]["params"]["fixed_density"] == 1.0
     assert by_method["rainfusion2/d=0.2"]["params"]["sink"] is True
+    # a plan that an earlier row ran is not generated again: the later row names that row
+    first_of = {}
+    for r in rows:
+        if r.get("plan_key"):
+            earlier = first_of.setdefault(r["plan_key"], r)
+            assert r.get("same_plan_as") == (None if earlier is r else earlier["method"])
+            assert r["speedup"] == earlier["speedup"] and r["stats"] == earlier["stats"]
 
 
 def test_plans_come_from_sampled_traces_of_training_captions(out):
