@@ -386,6 +386,9 @@ class Trainer:
         elif self.config.init is not None:
             self.initialise(load_resume_source(self.config.init), self.config.init)
         first_step = self.step
+        if self.config.stop_step is not None and first_step >= self.config.stop_step:
+            logger.info("step %d is at --stop-at-step %d: nothing to train (raise --stop-at-step "
+                        "and --total-steps to train on)", first_step, self.config.stop_step)
         _TrainLoop(self).run()
         if not self.shard.main:
             return

@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import importlib.util
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -352,12 +353,14 @@ def test_shipped_model_resumes_at_its_recorded_step():
                        ckpt.tensors["transformer.proj_out.weight"].float())
 
 
-def test_stop_step_ends_training_at_that_global_step_over_runs(tmp_path):
+def test_stop_step_ends_training_at_that_global_step_over_runs(tmp_path, caplog):
     config = TrainConfig(out=tmp_path, preset="smoke", device="cpu", compile=False, batch_size=2,
                          stop_step=2, log_every=1, save_every=0, max_steps=5)
     Trainer(config).run()
     assert load_checkpoint(tmp_path / "checkpoint").state["step"] == 2  # not max_steps' 5
     resumed = Trainer(dataclasses.replace(config, resume=tmp_path / "checkpoint"))
     resumed.load(load_resume_source(tmp_path / "checkpoint"))
-    resumed.run()
-    assert resumed.step == 2  # a run that starts at the stop step trains nothing
+    with caplog.at_level(logging.INFO, logger="ditplan.reference.training"):
+        resumed.run()
+    assert resumed.step == 2  # a run that starts at the stop step trains nothing, and says so
+    assert "step 2 is at --stop-at-step 2: nothing to train" in caplog.text
