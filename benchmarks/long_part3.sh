@@ -95,7 +95,7 @@ if selected eval && [[ ! -f "$WORK/eval/eval_results.json" ]]; then
 fi
 
 if selected concentration && [[ ! -f "$WORK/attention_concentration.json" ]]; then
-    # sample mode: the profiler's clip mode draws the small model's clips; no sink, so the
+    # sample mode, as the shipped numbers were measured; no sink, so the
     # numbers are the pure top-block shares (as the shipped model's card)
     stage python3 -m ditplan.runtime.cli profile --model "$MODEL" --out "$WORK/concentration" \
         --no-sink --mode sample --frames 32 --height 64 --width 64 --steps 32 --seeds 0 \

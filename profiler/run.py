@@ -23,6 +23,7 @@ import json
 import logging
 from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -202,10 +203,12 @@ def _steps_of_calls(recorder: ProfileRecorder, stack: ExitStack) -> list[int]:
 
 def _clip_inputs(pipe, config: ProfileConfig, prompt: str, seed: int, call: dict):
     """Ground-truth mask [tokens] and the teacher-forcing callback; sets call['latents']."""
-    from ditplan.reference.clips import ClipSpec
+    from ditplan.reference.export import trained_preset
 
     device = pipe.transformer.device
-    spec = ClipSpec(frames=config.frames, height=config.height, width=config.width)
+    # the model's own training clips (the long model's speeds and backgrounds), at this size
+    spec = replace(trained_preset(pipe).clip, frames=config.frames, height=config.height,
+                   width=config.width)
     clip = clip_inputs.reference_clip(prompt, seed, spec, device)
     pipe.scheduler.set_timesteps(config.steps, device=device)
     forcing = clip_inputs.TeacherForcing(clip.video, seed, pipe.scheduler.sigmas)

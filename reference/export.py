@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from ditplan.reference.captions import CaptionEncoder
 from ditplan.reference.checkpoint import LOSS_FILE, Checkpoint, CheckpointError
-from ditplan.reference.config import ModelPreset, build_scheduler
+from ditplan.reference.config import REFERENCE, ModelPreset, build_scheduler, get_preset
 from ditplan.reference.pipeline import ReferenceVideoPipeline
 
 logger = logging.getLogger(__name__)
@@ -152,6 +152,21 @@ def write_training_state(folder: str | Path, state: dict) -> Path:
     tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def trained_preset(pipe: ReferenceVideoPipeline) -> ModelPreset:
+    """The preset a loaded reference pipeline was trained as: the one its folder's
+    training_state.json names (so clips drawn for it match its training data), else the
+    reference preset (a pipeline built in memory, or an export without its record)."""
+    folder = Path(getattr(pipe.config, "_name_or_path", None) or "")
+    record = folder / TRAINING_STATE_FILE
+    if not str(folder) or not record.is_file():
+        return REFERENCE
+    try:
+        return get_preset(json.loads(record.read_text())["preset"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{record} names no known preset ({error}): re-export the folder "
+                              "with tools/train_reference.py --export") from error
 
 
 def load_export(directory: str | Path) -> Checkpoint:

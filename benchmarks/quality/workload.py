@@ -94,7 +94,8 @@ def evenly_spaced(steps: int, count: int) -> tuple[int, ...]:
 
 
 REFERENCE_SUITE = Suite("reference", FULL, QUICK, captions=32)
-# The long model: profiled by sampling (the profiler's clip mode draws the small model's clips),
+# The long model: profiled by sampling, as its numbers so far were (clip mode would now draw its
+# own training clips too: ditplan.reference.export.trained_preset),
 # with exact attention statistics at 8 of the steps (each costs ~20 forwards at 32,768 tokens);
 # no block maps (256 x 256 per head and step, ~50 MB per prompt at three steps; the compiler
 # does not read them), so the traces are small enough to ship. 8 held-out captions keep the

@@ -59,3 +59,30 @@ def test_teacher_forcing_interpolates_clip_and_noise():
     torch.testing.assert_close(forcing.latents_at(1), 0.4 * x0 + 0.6 * forcing.noise)
     replaced = forcing.callback()(None, 0, None, {"latents": torch.zeros(1)})
     torch.testing.assert_close(replaced["latents"], forcing.latents_at(1))
+
+
+def test_clip_mode_draws_the_models_own_training_clips(monkeypatch, tmp_path):
+    """The long model's clips (its speeds and textured backgrounds), not the reference's."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from ditplan.profiler import run as profiler_run
+    from ditplan.profiler.config import ProfileConfig
+    from ditplan.reference.config import LONG
+    from ditplan.runtime.loading import load_pipeline
+
+    long_model = Path(__file__).resolve().parents[2] / "artifacts/models/ditplan-ref-t2v-long"
+    drawn = []
+
+    def recording(caption, seed, spec, device):
+        drawn.append(spec)
+        return reference_clip(caption, seed, spec, device)
+
+    monkeypatch.setattr(profiler_run.clip_inputs, "reference_clip", recording)
+    pipe = load_pipeline(str(long_model), device="cpu")
+    config = ProfileConfig(out=tmp_path, model=str(long_model), frames=4, height=16, width=16,
+                           steps=2)
+    call = {}
+    profiler_run._clip_inputs(pipe, config, "a red circle slowly moves left", 0, call)
+    assert drawn == [replace(LONG.clip, frames=4, height=16, width=16)]
+    assert call["latents"].shape == (1, 3, 4, 16, 16)  # [B, C, F, H, W]

@@ -4,7 +4,9 @@ backgrounds, and a scorer that holds at that size."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
+import pytest
 import torch
 
 from ditplan.reference.attributes import heldout_attributes
@@ -18,6 +20,8 @@ from ditplan.reference.clips import generate_clips, render_clips
 from ditplan.reference.config import LONG, REFERENCE
 from ditplan.reference.evaluation import eval_clip
 from ditplan.reference.scoring import min_pixels, score_clips, summarize, to_frames
+
+ROOT = Path(__file__).resolve().parents[2]
 
 SINGLE = replace(LONG.clip, max_sprites=1, min_sprites=1, bounce_prob=0.0)
 
@@ -91,3 +95,21 @@ def test_data_clips_of_the_long_workload_score_high():
     assert summary["direction_cos_mean"] > 0.99
     assert 1.0 <= summary["speed_px_median"] <= 1.6 * 2**0.5  # px/frame at 64 px
     assert summary["background_std_mean"] < 1e-6
+
+
+def test_trained_preset_reads_the_exports_record(tmp_path):
+    from types import SimpleNamespace
+
+    from ditplan.reference.checkpoint import CheckpointError
+    from ditplan.reference.export import trained_preset
+
+    def pipe_from(folder):
+        return SimpleNamespace(config=SimpleNamespace(_name_or_path=str(folder)))
+
+    long_folder = ROOT / "artifacts" / "models" / "ditplan-ref-t2v-long"
+    assert trained_preset(pipe_from(long_folder)) is LONG  # the shipped long model says so
+    assert trained_preset(pipe_from(tmp_path)) is REFERENCE  # no record: the reference preset
+    assert trained_preset(SimpleNamespace(config=SimpleNamespace())) is REFERENCE  # in memory
+    (tmp_path / "training_state.json").write_text('{"preset": "huge"}')
+    with pytest.raises(CheckpointError, match="names no known preset"):
+        trained_preset(pipe_from(tmp_path))
