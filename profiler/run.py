@@ -30,7 +30,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ditplan.profiler import clip_inputs, foreground
-from ditplan.profiler.config import ProfileConfig, ProfileConfigError, RecorderSettings
+from ditplan.profiler.config import (
+    DEFAULT_FRAMES,
+    ProfileConfig,
+    ProfileConfigError,
+    RecorderSettings,
+)
 from ditplan.profiler.experts import ExpertIndex, read_index, write_index
 from ditplan.profiler.generated import generated_foreground
 from ditplan.profiler.manifest import Manifest
@@ -96,6 +101,7 @@ def profile_pipeline(config: ProfileConfig, *, pipe=None) -> list[Path]:
     manifest = Manifest.open(config.out, run_id_of(identity), identity)
     pipe.set_progress_bar_config(disable=True)
     mode = resolve_mode(config.mode, pipe)
+    _warn_off_workload(pipe, config)
     experts = get_adapter(pipe.transformer).experts(pipe)
     units = [(i, p, s) for i, p in enumerate(config.prompts) for s in config.seeds]
     todo = [u for u in units if not manifest.is_finished(unit_name(u[0], u[2]))]
@@ -121,6 +127,24 @@ def profile_pipeline(config: ProfileConfig, *, pipe=None) -> list[Path]:
     reports = [write_report(f, f / REPORT_NAME) for f in folders]
     files = sorted(config.out / f for unit in manifest.finished.values() for f in unit)
     return [*files, *reports]
+
+
+def _warn_off_workload(pipe, config: ProfileConfig) -> None:
+    """Log when a reference pipeline trained at another size (the long model) is profiled at
+    the profiler's default size, which was most likely not asked for: its traces describe it."""
+    from ditplan.reference.export import trained_preset
+    from ditplan.reference.pipeline import ReferenceVideoPipeline
+
+    if not isinstance(pipe, ReferenceVideoPipeline):
+        return
+    defaults = ProfileConfig(out=config.out)
+    clip = trained_preset(pipe).clip
+    trained = (clip.frames, clip.height, clip.width)
+    asked = (config.frames, config.height, config.width)
+    if asked == (DEFAULT_FRAMES, defaults.height, defaults.width) and asked != trained:
+        logger.warning("profiling at the default %d frames x %d x %d px; this model was trained "
+                       "at %d x %d x %d (pass --frames %d --height %d --width %d for its own "
+                       "workload)", *asked, *trained, *trained)
 
 
 def _same_index(out: Path, index: ExpertIndex | None, found: ExpertIndex) -> ExpertIndex:

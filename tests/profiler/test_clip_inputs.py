@@ -86,3 +86,22 @@ def test_clip_mode_draws_the_models_own_training_clips(monkeypatch, tmp_path):
     profiler_run._clip_inputs(pipe, config, "a red circle slowly moves left", 0, call)
     assert drawn == [replace(LONG.clip, frames=4, height=16, width=16)]
     assert call["latents"].shape == (1, 3, 4, 16, 16)  # [B, C, F, H, W]
+
+
+def test_long_model_at_the_default_size_gets_a_warning(caplog, tmp_path):
+    import logging
+    from pathlib import Path
+
+    from ditplan.profiler.config import ProfileConfig
+    from ditplan.profiler.run import _warn_off_workload
+    from ditplan.runtime.loading import load_pipeline
+
+    models = Path(__file__).resolve().parents[2] / "artifacts/models"
+    long_pipe = load_pipeline(str(models / "ditplan-ref-t2v-long"), device="cpu")
+    small_pipe = load_pipeline(str(models / "ditplan-ref-t2v"), device="cpu")
+    with caplog.at_level(logging.WARNING, logger="ditplan.profiler.run"):
+        _warn_off_workload(small_pipe, ProfileConfig(out=tmp_path, frames=16))  # its own size
+        _warn_off_workload(long_pipe, ProfileConfig(out=tmp_path, frames=8, height=32, width=32))
+        assert not caplog.records  # a size asked for on purpose is not second-guessed
+        _warn_off_workload(long_pipe, ProfileConfig(out=tmp_path, frames=16))
+    assert "trained at 32 x 64 x 64 (pass --frames 32 --height 64 --width 64" in caplog.text
