@@ -24,6 +24,7 @@ from ditplan.policy.plan_io import (
     parse_plan_json,
     plan_from_dict,
     plan_to_dict,
+    plan_to_json,
     read_plan_text,
     save_plan,
     write_plan_text,
@@ -81,6 +82,20 @@ def experts_to_json(plans: ExpertPlans) -> str:
             "experts": {n: plan_to_dict(p) for n, p in plans.experts.items()},
             "schema_version": plans.schema_version}
     return json.dumps(data, sort_keys=True, indent=2, allow_nan=False) + "\n"
+
+
+def execution_dict(plans: Plan | ExpertPlans) -> dict:
+    """What a plan file runs, as JSON values: its canonical content without the provenance
+    (expert plans: without any section's), so two compiles that give the same plan give equal
+    dicts."""
+    if isinstance(plans, Plan):
+        data = json.loads(plan_to_json(plans))
+        data.pop("provenance")
+        return data
+    data = json.loads(experts_to_json(plans))
+    for section in data["experts"].values():
+        section.pop("provenance")
+    return data
 
 
 def save_any_plan(plans: Plan | ExpertPlans, path: str | os.PathLike) -> Path:

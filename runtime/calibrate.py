@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ditplan.policy.experts import ExpertPlans, experts_to_json
+from ditplan.policy.experts import ExpertPlans, execution_dict
 from ditplan.policy.plan import Calibration, Plan
-from ditplan.policy.plan_io import plan_to_json
 from ditplan.runtime.experts import apply_any_plan
 from ditplan.runtime.loading import load_pipeline
 from ditplan.runtime.run import generate_samples
@@ -100,13 +99,7 @@ def timed(pipe, setup: CalibrationSetup, plan: Plan | ExpertPlans
 def candidate_key(plan: Plan | ExpertPlans, setup: CalibrationSetup) -> str:
     """Identifies a measurement: the plan's execution (not its provenance; expert plans: the
     whole file's, without any section's provenance) and the setup."""
-    if isinstance(plan, ExpertPlans):
-        body = json.loads(experts_to_json(plan))
-        for section in body["experts"].values():
-            section.pop("provenance")
-    else:
-        body = json.loads(plan_to_json(plan))
-        body.pop("provenance")
+    body = execution_dict(plan)
     where = (setup.model, setup.prompts, setup.seeds, setup.device, setup.backend)
     if setup.repeats > 1:  # keys of single-run measurements stay as they were
         where += (setup.repeats,)

@@ -15,9 +15,10 @@ from benchmarks.quality.methods import Installed, Method, NotApplicable, transfo
 from benchmarks.quality.workload import Workload
 from ditplan.policy.compiler import compile_policy
 from ditplan.policy.config import CompilerConfig, CompilerError
+from ditplan.policy.experts import execution_dict
 from ditplan.policy.load_profile import load_profile
 from ditplan.policy.plan import Plan
-from ditplan.policy.plan_io import load_plan, plan_to_json, save_plan
+from ditplan.policy.plan_io import load_plan, save_plan
 from ditplan.runtime.apply import apply_plan
 
 logger = logging.getLogger(__name__)
@@ -100,8 +101,8 @@ def plan_method(family: str, setting: str, trace_dir: Callable[[], Path], preset
 def plan_key(plan: Plan) -> str:
     """A digest of what ``plan`` runs (everything but its provenance: two compiler settings that
     give the same plan give the same key)."""
-    what_runs = {k: v for k, v in json.loads(plan_to_json(plan)).items() if k != "provenance"}
-    return hashlib.sha256(json.dumps(what_runs, sort_keys=True).encode()).hexdigest()[:16]
+    text = json.dumps(execution_dict(plan), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def calibrated_method(target: float, trace_dir: Callable[[], Path], *, calibrator: Callable,
