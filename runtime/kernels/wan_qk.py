@@ -32,6 +32,12 @@ def apply_wan_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
     if cos.shape[-1] == x.shape[-1]:
         cos, sin = cos[..., 0::2], sin[..., 1::2]
+    if torch.compiler.is_compiling():
+        # The same values as below, in a form inductor writes in one pass. diffusers' slice
+        # assignments (below) compiled into separate half-tensors of q and k, 8 x 48 MiB live at
+        # the compiled dense Wan2.1-1.3B forward's peak (BENCHMARKS.md, issue 14, session 12).
+        pairs = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+        return pairs.flatten(-2).to(x.dtype)
     out = torch.empty_like(x)
     out[..., 0::2] = x1 * cos - x2 * sin
     out[..., 1::2] = x1 * sin + x2 * cos
