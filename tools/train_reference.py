@@ -85,6 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="lr ramp after resuming from an export (AdamW restarts there)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--foreground-weight", type=float, default=1.0,
+                   help="loss weight of the sprites' pixels, the background's being 1 (> 0)")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--save-every", type=int, default=500, help="0 = only at the end")
     p.add_argument("--seed", type=int, default=0)
@@ -116,6 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--stop-at-step must be >= 1")
     if args.clip_frames is not None and args.clip_frames < 2:
         p.error("--clip-frames must be >= 2 (motion needs two frames)")
+    if not args.foreground_weight > 0:
+        p.error("--foreground-weight must be > 0 (1: plain mean squared error)")
     if args.rewarm_steps < 0:
         p.error("--rewarm-steps must be >= 0")
     existing = args.out / "checkpoint"

@@ -31,6 +31,7 @@ from ditplan.reference.training import (
     Trainer,
     learning_rate,
     load_resume_source,
+    weighted_mse,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,15 +118,15 @@ def test_export_from_checkpoint_equals_export_from_live_model(tmp_path):
 def test_batches_depend_only_on_seed_and_step(tmp_path):
     config = TrainConfig(out=tmp_path, preset="smoke", device="cpu", compile=False, batch_size=2)
     a, b = Trainer(config), Trainer(config)
-    xa, ida, _ = a._batch(7)
-    xb, idb, _ = b._batch(7)
-    xc, _, _ = a._batch(8)
+    xa, _, ida, _ = a._batch(7)
+    xb, _, idb, _ = b._batch(7)
+    xc, _, _, _ = a._batch(8)
     assert torch.equal(xa, xb) and torch.equal(ida, idb) and not torch.equal(xa, xc)
 
 
 def test_clip_frames_stage_trains_on_shorter_clips_of_the_same_model(tmp_path):
     short = Trainer(_smoke_config(tmp_path, clip_frames=2))
-    x0, _, _ = short._batch(0)  # x0: [B, 3, F, H, W]
+    x0, _, _, _ = short._batch(0)  # x0: [B, 3, F, H, W]
     assert x0.shape[2] == 2 and x0.shape[3:] == (16, 16)
     short.train_step()
     short.save()
@@ -364,3 +365,32 @@ def test_stop_step_ends_training_at_that_global_step_over_runs(tmp_path, caplog)
         resumed.run()
     assert resumed.step == 2  # a run that starts at the stop step trains nothing, and says so
     assert "step 2 is at --stop-at-step 2: nothing to train" in caplog.text
+
+
+def test_weighted_mse_weights_only_the_sprites_pixels_and_shards_average_to_the_batch():
+    gen = torch.Generator().manual_seed(0)
+    pred, target = (torch.randn(4, 3, 2, 5, 5, generator=gen) for _ in range(2))  # [B, C, F, H, W]
+    fg = torch.rand(4, 2, 5, 5, generator=gen) < 0.2  # [B, F, H, W]
+    plain = torch.nn.functional.mse_loss(pred, target)
+    assert torch.equal(weighted_mse(pred, target, fg, 1.0), plain)
+    err = (pred - target).square()
+    fg_part = (err * fg[:, None]).sum() / err.numel()
+    assert fg_part > 0
+    # weight 4: the sprites' share counts 3 more times; background pixels are unchanged
+    torch.testing.assert_close(weighted_mse(pred, target, fg, 4.0), plain + 3 * fg_part)
+    torch.testing.assert_close(weighted_mse(pred, target, torch.zeros_like(fg), 4.0), plain)
+    halves = [weighted_mse(pred[i:i + 2], target[i:i + 2], fg[i:i + 2], 4.0) for i in (0, 2)]
+    torch.testing.assert_close(sum(halves) / 2, weighted_mse(pred, target, fg, 4.0))
+
+
+def test_foreground_weight_reaches_the_training_loss(tmp_path):
+    losses = {}
+    for weight in (1.0, 4.0):
+        torch.manual_seed(0)
+        trainer = Trainer(_smoke_config(tmp_path / str(weight), foreground_weight=weight))
+        losses[weight] = trainer.train_step()[0].item()
+    # the same batch, noise and initial weights: only the sprites' pixels count more
+    assert losses[4.0] > losses[1.0] * 1.01
+    with pytest.raises(SystemExit):
+        _tool().parse_args(["--smoke", "--out", str(tmp_path / "x"), "--foreground-weight", "0"])
+    assert _tool().parse_args(["--smoke", "--out", str(tmp_path / "y")]).foreground_weight == 1.0
