@@ -212,6 +212,7 @@ class Trainer:
         self.train_seconds = 0.0
         self.restarted_at: int | None = None  # step at which AdamW last restarted from zero
         self.initialised_from: dict | None = None  # the fine-tune's source model, if any
+        self.resumed_state: dict | None = None  # the resume source's training record
         self.loss_csv = LOSS_HEADER
         self.model = self.transformer
         if config.compile:  # static shapes: a curriculum stage recompiles, specialised again
@@ -271,6 +272,7 @@ class Trainer:
         self.loss_csv = ckpt.loss_csv or LOSS_HEADER
         self.restarted_at = ckpt.state.get("optimizer_restarted_at")
         self.initialised_from = ckpt.state.get("initialised_from")
+        self.resumed_state = dict(ckpt.state)  # the record of these weights, as trained
         with torch.no_grad():
             for name, p in self.named_params:
                 p.copy_(ckpt.tensors[name])
@@ -418,8 +420,12 @@ class Trainer:
         if self.step > first_step:
             self.save()
         if self.config.export is not None:
+            # Nothing trained since the resume: the weights' record is the resume source's (its
+            # run's config and optimizer restart), not this export-only command's.
+            untrained = self.step == first_step and self.resumed_state is not None
+            state = self.resumed_state if untrained else self.training_state()
             export_pipeline(self.transformer, self.text_encoder, self.preset, self.config.export,
-                            state=self.training_state(), loss_csv=self.loss_csv)
+                            state=state, loss_csv=self.loss_csv)
 
 
 def load_resume_source(directory: str | Path) -> Checkpoint:

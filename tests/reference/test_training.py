@@ -394,3 +394,17 @@ def test_foreground_weight_reaches_the_training_loss(tmp_path):
     with pytest.raises(SystemExit):
         _tool().parse_args(["--smoke", "--out", str(tmp_path / "x"), "--foreground-weight", "0"])
     assert _tool().parse_args(["--smoke", "--out", str(tmp_path / "y")]).foreground_weight == 1.0
+
+
+def test_export_without_training_keeps_the_checkpoints_record(tmp_path):
+    """Exporting a lean checkpoint (the long model's device-call loop) must not record the
+    export command's config, nor the optimizer restart its loading implies."""
+    Trainer(_smoke_config(tmp_path, lean_checkpoint=True, max_steps=2)).run()
+    saved = load_checkpoint(tmp_path / "checkpoint").state
+    export = tmp_path / "export"
+    Trainer(_smoke_config(tmp_path, resume=tmp_path / "checkpoint", max_steps=0,
+                          export=export)).run()
+    record = json.loads((export / "training_state.json").read_text())
+    assert saved["config"]["max_steps"] == 2 and saved["optimizer_restarted_at"] is None
+    for key in ("step", "config", "optimizer_restarted_at", "train_seconds"):
+        assert record[key] == saved[key], key
