@@ -33,11 +33,15 @@ def apply_wan_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     if cos.shape[-1] == x.shape[-1]:
         cos, sin = cos[..., 0::2], sin[..., 1::2]
     if torch.compiler.is_compiling():
-        # The same values as below, in a form inductor writes in one pass. diffusers' slice
-        # assignments (below) compiled into separate half-tensors of q and k, 8 x 48 MiB live at
-        # the compiled dense Wan2.1-1.3B forward's peak (BENCHMARKS.md, issue 14, session 12).
-        pairs = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-        return pairs.flatten(-2).to(x.dtype)
+        # The same values as below in one elementwise expression over (even, odd) pairs, which
+        # inductor writes in one pass. diffusers' slice assignments (below) compiled into
+        # separate half-tensors of q and k, 8 x 48 MiB live at the compiled dense Wan2.1-1.3B
+        # forward's peak (BENCHMARKS.md, issue 14, session 12); a torch.stack of the halves
+        # compiled into a float32 pair buffer. even: x1 c + x2 (-s), odd: x2 c + x1 s.
+        pairs = x.unflatten(-1, (-1, 2))  # [B, S, H, D / 2, 2]
+        sign = torch.tensor([-1.0, 1.0], dtype=cos.dtype, device=cos.device)
+        rotated = pairs * cos[..., None] + pairs.flip(-1) * (sin[..., None] * sign)
+        return rotated.flatten(-2).to(x.dtype)
     out = torch.empty_like(x)
     out[..., 0::2] = x1 * cos - x2 * sin
     out[..., 1::2] = x1 * sin + x2 * cos
