@@ -18,7 +18,7 @@ from PIL import Image
 from ditplan.reference.attributes import SpriteAttributes, captions_for, heldout_attributes
 from ditplan.reference.clips import ClipSpec, render_clips
 from ditplan.reference.pipeline import ReferenceVideoPipeline
-from ditplan.reference.scoring import score_clips, summarize, to_frames
+from ditplan.reference.scoring import aligned_by_attribute, score_clips, summarize, to_frames
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +133,7 @@ def evaluate(pipe: ReferenceVideoPipeline, out_dir: str | Path, settings: EvalSe
         scores = score_clips(samples, attributes)
         results["by_guidance"][str(guidance)] = {
             "samples": summarize(scores), "generation_seconds": seconds,
+            "direction_aligned_by": aligned_by_attribute(scores, attributes),
             "per_clip": [asdict(s) for s in scores]}
         logger.info("guidance %.1f: %s", guidance, summarize(scores))
         if guidance == settings.guidance_scales[0]:

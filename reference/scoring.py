@@ -21,7 +21,9 @@ from scipy import ndimage
 
 from ditplan.reference.attributes import (
     COLOUR_NAMES,
+    DIRECTIONS,
     SHAPES,
+    SPEEDS,
     SpriteAttributes,
     colour_table,
     direction_table,
@@ -245,6 +247,23 @@ def score_clips(frames: torch.Tensor, attributes: SpriteAttributes) -> list[Clip
 def to_frames(video: torch.Tensor) -> torch.Tensor:
     """Data video [B, 3, F, H, W] in [-1, 1] -> frames [B, F, H, W, 3] in [0, 1]."""
     return ((video.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1)
+
+
+def aligned_by_attribute(scores: list[ClipScore], attributes: SpriteAttributes) -> dict:
+    """The share of clips moving along their captioned direction (as in :func:`summarize`), per
+    captioned direction and per speed word: {"direction": {name: share}, "speed": {...}}.
+
+    Args:
+        scores: one per clip, in the order of ``attributes`` [B, 1].
+    """
+    aligned = np.array([s.direction_cos > ALIGNED_COS for s in scores])  # NaN: not aligned
+    out = {}
+    for key, names, index in (("direction", list(DIRECTIONS), attributes.direction),
+                              ("speed", list(SPEEDS), attributes.speed)):
+        index = index[:, 0].cpu().numpy()
+        out[key] = {name: float(aligned[index == i].mean())
+                    for i, name in enumerate(names) if (index == i).any()}
+    return out
 
 
 def summarize(scores: list[ClipScore]) -> dict:

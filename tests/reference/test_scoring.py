@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ditplan.reference.attributes import SHAPES, SpriteAttributes, heldout_attributes
+from ditplan.reference.attributes import DIRECTIONS, SHAPES, SpriteAttributes, heldout_attributes
 from ditplan.reference.clips import ClipSpec, rasterize_sprites, render_clips
 from ditplan.reference.config import (
     SMOKE,
@@ -20,7 +20,13 @@ from ditplan.reference.config import (
 )
 from ditplan.reference.evaluation import eval_settings, evaluate
 from ditplan.reference.pipeline import ReferenceVideoPipeline
-from ditplan.reference.scoring import score_clips, shape_ious, summarize, to_frames
+from ditplan.reference.scoring import (
+    aligned_by_attribute,
+    score_clips,
+    shape_ious,
+    summarize,
+    to_frames,
+)
 
 EVAL_SPEC = ClipSpec(bounce_prob=0.0)
 
@@ -121,6 +127,23 @@ def test_evaluate_writes_strict_json_and_grid(tmp_path):
     assert json.loads(text, parse_constant=refuse) == json.loads(json.dumps(results))
     assert set(results["by_guidance"]) == {"1.0", "3.0"}
     assert len(results["by_guidance"]["1.0"]["per_clip"]) == 3
+    assert set(results["by_guidance"]["1.0"]["direction_aligned_by"]) == {"direction", "speed"}
     grid = Image.open(tmp_path / "sample_grid.png")
     assert grid.size == (8 * 16 * 2, 6 * 16 * 2)  # 3 captions x (data, sample) rows, 8 frames
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval_results.json", "sample_grid.png"]
+
+
+def test_aligned_share_per_direction_and_speed(data):
+    attrs, frames = data
+    scores = score_clips(frames, attrs)
+    by = aligned_by_attribute(scores, attrs)
+    assert set(by["direction"]) == {"left", "right", "up", "down", "upper_left", "upper_right",
+                                    "lower_left", "lower_right"}
+    assert set(by["speed"]) == {"slowly", "quickly"}
+    assert all(share == 1.0 for part in by.values() for share in part.values())  # data moves
+    # reversing the right-moving clips in time makes exactly those misaligned
+    right = attrs.direction[:, 0] == list(DIRECTIONS).index("right")
+    reversed_frames = torch.where(right[:, None, None, None, None], frames.flip(1), frames)
+    by = aligned_by_attribute(score_clips(reversed_frames, attrs), attrs)
+    assert by["direction"]["right"] == 0.0 and by["direction"]["left"] == 1.0
+    assert by["speed"]["slowly"] < 1.0 and by["speed"]["quickly"] < 1.0
