@@ -25,7 +25,7 @@ def build_long_methods(ctx: CatalogContext, quick: bool) -> list[Method]:
     then with caching only."""
     grid = LONG_QUICK_GRID if quick else LONG_GRID
     choice = functools.cache(lambda: choose_layers(ctx.trace_dir()))
-    every = functools.cache(lambda: every_layer(ctx.trace_dir()))
+    every = functools.cache(lambda: every_layer(choice()))  # the same compile's blocks
     sparse = [sparse_layers_method(d, ctx.trace_dir, choice, backend=ctx.backend)
               for d in grid["densities"]]
     sparse += [sparse_layers_method(d, ctx.trace_dir, every, backend=ctx.backend, every=True)

@@ -35,10 +35,9 @@ def choose_layers(trace_dir: Path, preset: str = LAYER_CHOOSER) -> LayerChoice:
     return LayerChoice(tuple(plan.layers), sparse)
 
 
-def every_layer(trace_dir: Path) -> LayerChoice:
-    """Every block sparse, whatever the compiler would choose."""
-    blocks = choose_layers(trace_dir).blocks
-    return LayerChoice(blocks, blocks)
+def every_layer(choice: LayerChoice) -> LayerChoice:
+    """Every block of ``choice`` sparse, whatever the compiler chose."""
+    return LayerChoice(choice.blocks, choice.blocks)
 
 
 def sparse_layers_method(density: float, trace_dir: Callable[[], Path],
