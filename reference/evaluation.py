@@ -131,11 +131,12 @@ def evaluate(pipe: ReferenceVideoPipeline, out_dir: str | Path, settings: EvalSe
         samples = generate(pipe, captions, guidance, settings)
         seconds = time.perf_counter() - began
         scores = score_clips(samples, attributes)
+        summary = summarize(scores)
         results["by_guidance"][str(guidance)] = {
-            "samples": summarize(scores), "generation_seconds": seconds,
+            "samples": summary, "generation_seconds": seconds,
             "direction_aligned_by": aligned_by_attribute(scores, attributes),
             "per_clip": [asdict(s) for s in scores]}
-        logger.info("guidance %.1f: %s", guidance, summarize(scores))
+        logger.info("guidance %.1f: %s", guidance, summary)
         if guidance == settings.guidance_scales[0]:
             rows = [v for i in range(min(8, len(captions))) for v in (data[i], samples[i])]
             _write_atomic(out / GRID_FILE, lambda p, r=rows: sample_grid(r).save(p, format="PNG"))

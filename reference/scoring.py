@@ -249,6 +249,12 @@ def to_frames(video: torch.Tensor) -> torch.Tensor:
     return ((video.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1)
 
 
+def aligned_clips(scores: list[ClipScore]) -> np.ndarray:
+    """bool [B]: the clip moves along its captioned direction (cosine > ALIGNED_COS; NaN, no
+    measurable motion, compares False: not aligned)."""
+    return np.array([s.direction_cos for s in scores], dtype=float) > ALIGNED_COS
+
+
 def aligned_by_attribute(scores: list[ClipScore], attributes: SpriteAttributes) -> dict:
     """The share of clips moving along their captioned direction (as in :func:`summarize`), per
     captioned direction and per speed word: {"direction": {name: share}, "speed": {...}}.
@@ -256,7 +262,7 @@ def aligned_by_attribute(scores: list[ClipScore], attributes: SpriteAttributes) 
     Args:
         scores: one per clip, in the order of ``attributes`` [B, 1].
     """
-    aligned = np.array([s.direction_cos > ALIGNED_COS for s in scores])  # NaN: not aligned
+    aligned = aligned_clips(scores)
     out = {}
     for key, names, index in (("direction", list(DIRECTIONS), attributes.direction),
                               ("speed", list(SPEEDS), attributes.speed)):
@@ -279,8 +285,7 @@ def summarize(scores: list[ClipScore]) -> dict:
         "shape_accuracy": float(table["shape_ok"].mean()),
         "caption_accuracy": float(both.mean()),
         "caption_and_count_accuracy": float((both & table["count_ok"]).mean()),
-        # NaN (undefined) compares False: a clip without measurable motion is not aligned
-        "direction_aligned": float((table["direction_cos"].astype(float) > ALIGNED_COS).mean()),
+        "direction_aligned": float(aligned_clips(scores).mean()),
     }
     for key in ("direction_cos", "jitter_px", "speed_px", "background_std"):
         values = table[key].astype(float)

@@ -361,8 +361,8 @@ class Trainer:
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on a fresh batch. Returns (loss of this shard, grad norm of the
         whole batch) as device scalars."""
-        x0, fg_mask, ids, gen = self._batch(self.step)  # x0: [B, 3, F, H, W], fg_mask:
-        # bool [B, F, H, W], ids: [B, L]
+        # x0: [B, 3, F, H, W]; fg_mask: bool [B, F, H, W], the sprites' pixels; ids: [B, L]
+        x0, fg_mask, ids, gen = self._batch(self.step)
         sigma = sample_sigmas(x0.shape[0], gen, shift=self.preset.sigma_shift,
                               uniform_fraction=self.config.uniform_sigma_fraction)  # [B]
         noise = torch.randn(x0.shape, generator=gen, device=self.device)  # [B, 3, F, H, W]
