@@ -12,7 +12,8 @@ from torch.profiler import ProfilerActivity, profile
 # Kinds by op or kernel name (lower case, first match wins): a convenience beside the exact op
 # table, since kernel names are the libraries' own (NCCL, cuBLAS/CUTLASS, Triton, FlashAttention).
 KINDS = (
-    ("communication", ("nccl", "all_to_all", "alltoall", "c10d", "gloo", "broadcast")),
+    ("communication", ("nccl", "all_to_all", "alltoall", "c10d", "gloo", "broadcast",
+                       "param_comms")),
     ("attention", ("flash", "fmha", "attention", "flex", "triton_tem", "sdpa", "softmax")),
     ("matmul", ("gemm", "matmul", "aten::mm", "aten::addmm", "aten::linear", "cutlass",
                 "cublas", "xmma", "nvjet", "sm90")),
@@ -51,10 +52,12 @@ def time_by_kind(events, cuda: bool) -> dict[str, float]:
     """Microseconds per kind over profiler rows (``key_averages()``). On a GPU only the kernels'
     rows count: a CPU op's row also carries the device time of the kernels it launched, so
     summing every row counted each kernel twice (aten::addmm and its cuBLAS kernel). On a CPU
-    self CPU time counts, which excludes children."""
+    self CPU time counts, which excludes children. GPU user annotations (``nccl:all_to_all``, a
+    span over its NCCL kernel on the device timeline) are skipped: they doubled communication."""
     totals: dict[str, float] = {}
     for event in events:
-        if cuda and event.device_type != DeviceType.CUDA:
+        if cuda and (event.device_type != DeviceType.CUDA
+                     or getattr(event, "is_user_annotation", False)):
             continue
         time = event.self_device_time_total if cuda else event.self_cpu_time_total
         kind = kind_of(event.key)

@@ -51,14 +51,20 @@ def test_device_time_by_kind_counts_each_kernel_once():
 
     from benchmarks.forward_profile import time_by_kind
 
-    def row(key, device_type, self_device, self_cpu):
-        return SimpleNamespace(key=key, device_type=device_type,
+    def row(key, device_type, self_device, self_cpu, annotation=False):
+        return SimpleNamespace(key=key, device_type=device_type, is_user_annotation=annotation,
                                self_device_time_total=self_device, self_cpu_time_total=self_cpu)
 
-    # the op's row carries its kernel's device time as well as the kernel's own row does
+    # the op's row carries its kernel's device time as well as the kernel's own row does; so
+    # does the GPU annotation NCCL's collectives put over their kernels (session 13's profile)
     rows = [row("aten::addmm", DeviceType.CPU, 117.0, 9.0),
             row("nvjet_sm90_tst_256x152", DeviceType.CUDA, 116.0, 0.0),
             row("FlashAttnFunc", DeviceType.CPU, 67.5, 7.0),
-            row("kernel_cutlass_flash_fwd_sm90", DeviceType.CUDA, 67.5, 0.0)]
-    assert time_by_kind(rows, cuda=True) == {"matmul": 116.0, "attention": 67.5}
-    assert time_by_kind(rows, cuda=False) == {"matmul": 9.0, "attention": 7.0}
+            row("kernel_cutlass_flash_fwd_sm90", DeviceType.CUDA, 67.5, 0.0),
+            row("record_param_comms", DeviceType.CPU, 53.3, 10.1),
+            row("ncclDevKernel_SendRecv", DeviceType.CUDA, 53.2, 0.0),
+            row("nccl:all_to_all", DeviceType.CUDA, 53.2, 0.0, annotation=True)]
+    assert time_by_kind(rows, cuda=True) == {"matmul": 116.0, "attention": 67.5,
+                                             "communication": 53.2}
+    assert time_by_kind(rows, cuda=False) == {"matmul": 9.0, "attention": 7.0,
+                                              "communication": 10.1}
