@@ -330,8 +330,13 @@ class Trainer:
                 "exp_avg_sq": exp_avg_sq.to(device=p.device, dtype=p.dtype)}
 
     def _warn_changed(self, saved: dict) -> None:
+        """Warn of recipe settings that differ from the run that wrote the checkpoint (not in an
+        export-only run, which trains nothing)."""
+        if self.config.max_steps == 0:
+            return
         current = _jsonable(self.config)
-        for key in ("lr", "total_steps", "warmup_steps", "batch_size", "seed", "curriculum"):
+        for key in ("lr", "total_steps", "warmup_steps", "batch_size", "seed", "curriculum",
+                    "foreground_weight"):
             if key in saved and saved[key] != current[key]:
                 logger.warning("%s changed on resume: %s -> %s", key, saved[key], current[key])
 

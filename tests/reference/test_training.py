@@ -408,3 +408,14 @@ def test_export_without_training_keeps_the_checkpoints_record(tmp_path):
     assert saved["config"]["max_steps"] == 2 and saved["optimizer_restarted_at"] is None
     for key in ("step", "config", "optimizer_restarted_at", "train_seconds"):
         assert record[key] == saved[key], key
+
+
+def test_resume_warns_of_a_changed_recipe_unless_it_only_exports(tmp_path, caplog):
+    Trainer(_smoke_config(tmp_path, lean_checkpoint=True, max_steps=1)).run()
+    checkpoint = load_checkpoint(tmp_path / "checkpoint")
+    caplog.set_level(logging.WARNING, logger="ditplan.reference.training")
+    Trainer(_smoke_config(tmp_path, foreground_weight=4.0, max_steps=1)).load(checkpoint)
+    assert "foreground_weight changed on resume: 1.0 -> 4.0" in caplog.text
+    caplog.clear()
+    Trainer(_smoke_config(tmp_path, foreground_weight=4.0, max_steps=0)).load(checkpoint)
+    assert "changed on resume" not in caplog.text
