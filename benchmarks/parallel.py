@@ -19,6 +19,9 @@ compared with the 1-GPU ones of the same variant (bf16: equal within rounding, n
 --profile DIR: after each row's timing one more forward runs under torch.profiler and rank 0
 writes its self time by kind (communication, attention, matmul, copy, other) and its top ops to
 DIR/profile-<row>.txt: where the W-GPU rows spend the time a perfect split would not.
+--compile: every row times ``torch.compile(model)`` instead (inductor; dynamo's eager backend on
+CPU), compiled anew for the row and called on every rank until no rank compiles a new graph;
+the rows then say how long that took. Not with --steps (the loop runs the model eagerly).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import torch.distributed as dist
 from diffusers import ContextParallelConfig, WanTransformer3DModel
 
 from benchmarks.common import banner, peak_memory_gib, time_ms
-from benchmarks.forward import QUICK_CONFIG, build
+from benchmarks.forward import QUICK_CONFIG, build, call_counting_graphs
 from benchmarks.forward_profile import profile_call, write_profile
 from benchmarks.quality.scale import Denoiser
 from ditplan.policy.plan import AttentionSpec
@@ -78,22 +81,44 @@ def shared_model(quick: bool, device: torch.device):
 
 
 class Timer:
-    """Times the model as it is now: a forward, and with ``steps`` a denoising loop."""
+    """Times the model as it is now: a forward, and with ``steps`` a denoising loop; with
+    ``compile_backend`` the forward of ``torch.compile(model, backend=compile_backend)``."""
 
-    def __init__(self, model, inputs: dict, steps: int, repeats: int, profile_dir=None):
+    def __init__(self, model, inputs: dict, steps: int, repeats: int, profile_dir=None,
+                 compile_backend: str | None = None):
         self.model, self.inputs, self.repeats = model, inputs, repeats
-        self.profile_dir = profile_dir
+        self.runner = model  # what forward() calls: the model, or the row's compiled model
+        self.profile_dir, self.compile_backend = profile_dir, compile_backend
         self.denoise = Denoiser(model, inputs, steps) if steps else None
         if self.denoise is not None:
             dist.broadcast(self.denoise.text["uncond"], src=0)  # drawn on each rank
 
     def forward(self) -> torch.Tensor:
         with torch.no_grad():
-            return self.model(**self.inputs)[0]  # [1, C, F, H, W]
+            return self.runner(**self.inputs)[0]  # [1, C, F, H, W]
+
+    def compile(self, max_calls: int = 6) -> dict:
+        """Compile the model as installed now and call it until no rank compiles a new graph
+        (every rank makes the same calls: the collectives inside must pair up)."""
+        torch._dynamo.reset()
+        self.runner = torch.compile(self.model, backend=self.compile_backend)
+        device = self.inputs["hidden_states"].device.type
+        start, graphs = time.perf_counter(), 0
+        for call in range(max_calls):
+            new = _over_ranks(call_counting_graphs(self.runner, self.inputs, device),
+                              dist.ReduceOp.MAX)
+            if new == 0:  # graphs: how many frames were compiled (graph breaks add frames)
+                return dict(compile_s=_over_ranks(time.perf_counter() - start,
+                                                  dist.ReduceOp.MAX), compiling_calls=call,
+                            graphs=int(graphs))
+            graphs += new
+        raise RuntimeError(f"torch.compile still compiled new graphs after {max_calls} calls")
 
     def measure(self, variant: str, gpus: int, layers=(), **extra) -> dict:
         """The row of the model as installed now; ``layers``: its sparse layers' runtimes;
         ``extra``: more columns of the row."""
+        if self.compile_backend is not None:
+            extra = {**extra, **self.compile()}
         dist.barrier()
         ms = _over_ranks(time_ms(self.forward, repeats=self.repeats), dist.ReduceOp.MAX)
         row = dict(variant=variant, gpus=gpus, ms=ms, peak_gib=peak_memory_gib(self.forward),
@@ -115,6 +140,7 @@ class Timer:
         densities = [d for d in (layer.achieved_density() for layer in layers) if d is not None]
         if densities:  # each rank selects for its own heads
             row["density"] = mean_over_ranks([sum(densities) / len(densities)], None)[0]
+        self.runner = self.model
         return row
 
 
@@ -134,7 +160,9 @@ def run(args) -> list[dict]:
     for chunks in args.chunks:  # refused before anything is timed
         check_chunks(chunks, parallel)
         check_parallel_config(parallel, model, get_adapter(model), chunks)
-    timer = Timer(model, inputs, args.steps, args.repeats, args.profile)
+    compile_backend = "inductor" if device.type == "cuda" else "eager"
+    timer = Timer(model, inputs, args.steps, args.repeats, args.profile,
+                  compile_backend if args.compile else None)
     spec = AttentionSpec(density=args.density)
     sparse = f"sparse d={args.density:g}"
     rows = [timer.measure("dense", 1)]
@@ -174,6 +202,9 @@ def report(rows: list[dict]) -> list[dict]:
         if loops:
             row["loop_max_abs_diff"] = (r["loop_out"] - one["loop_out"]).abs().max().item()
             line += f" {r['loop_s']:>8.1f} {row['loop_max_abs_diff']:>15.2e}"
+        if "compile_s" in r:
+            line += (f"  compiled: {r['graphs']} graphs in {r['compiling_calls']} calls, "
+                     f"{r['compile_s']:.0f} s")
         print(line, flush=True)
         table.append(row)
     return table
@@ -191,9 +222,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "diffusers' all-to-alls; C > 1: C pipelined head chunks a rank)")
     p.add_argument("--profile", metavar="DIR",
                    help="also profile one forward per row; rank 0 writes DIR/profile-*.txt")
+    p.add_argument("--compile", action="store_true",
+                   help="time torch.compile(model) in every row instead of the eager model")
     p.add_argument("--quick", action="store_true", help="tiny model on CPU (smoke run)")
     p.add_argument("--json", help="rank 0 writes the rows here")
     args = p.parse_args(argv)
+    if args.compile and args.steps:
+        p.error("--compile times forwards only: leave out --steps")
     rows = run(args)
     if dist.get_rank() != 0:
         return []

@@ -68,3 +68,21 @@ def test_device_time_by_kind_counts_each_kernel_once():
                                              "communication": 53.2}
     assert time_by_kind(rows, cuda=False) == {"matmul": 9.0, "attention": 7.0,
                                               "communication": 10.1}
+
+
+def rank_benchmark_compiled():
+    from benchmarks.parallel import main
+
+    return main(["--quick", "--compile", "--repeats", "1", "--chunks", "1"])
+
+
+def test_quick_compiled_run_traces_every_row_and_matches_eager(gloo_ranks):
+    """--compile on CPU: dynamo (eager backend) traces the model under diffusers' Ulysses with
+    ditplan's sparse attention, the ranks warm up in step, and the outputs stay one GPU's."""
+    table, others = gloo_ranks.run(rank_benchmark_compiled)
+    assert others == []
+    assert [(r["variant"], r["gpus"]) for r in table] == [
+        ("dense", 1), ("sparse d=0.2", 1), ("sparse d=0.2", 2), ("dense", 2)]
+    for row in table:
+        assert row["compiling_calls"] >= 1 and row["graphs"] >= 1 and row["compile_s"] > 0
+        assert row["max_abs_diff"] < 1e-5
