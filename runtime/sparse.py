@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ditplan.policy.plan import AttentionSpec
-from ditplan.runtime.context import StepTracker
+from ditplan.runtime.context import StepState, StepTracker
 from ditplan.runtime.kernels import select_and_attend
 from ditplan.runtime.parallel import is_ulysses, ulysses_attention
 from ditplan.runtime.permutation import TokenPermuter, install_permute_points
@@ -35,9 +35,20 @@ class LayerRuntime:
     kept_sum: torch.Tensor | float = 0.0  # sum over sparse calls of the kept block share
     sparse_calls: torch.Tensor | int = 0
     dense_calls: torch.Tensor | int = 0
+    # This call's choice, set by the step tracker's listener before the forward: the layer reads
+    # a bool, not the step (under torch.compile a block compiled as its own frame, as under
+    # context parallelism, would otherwise specialize on every step's value and recompile).
+    dense_now: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.follow(self.tracker.state)
+
+    def follow(self, state: StepState) -> None:
+        """Take the tracker's new state: dense or sparse attention for this call."""
+        self.dense_now = self.spec.dense_at(state.step)
 
     def sparse_now(self) -> bool:
-        return not self.spec.dense_at(self.tracker.state.step)
+        return not self.dense_now
 
     def record_dense(self, device: torch.device) -> None:
         """Count one call that ran dense attention."""
@@ -210,6 +221,8 @@ def install_sparse_layers(
         originals[attn] = attn.processor
         attn.set_processor(adapter.processor_class(attn.processor, runtime, adapter))
         logger.debug("%s: sparse attention %s", name, runtime.spec)
+    for runtime in runtimes:
+        tracker.listeners.append(runtime.follow)
     every_layer = len(runtimes) == len(layers)
     return originals, runtimes, install_permute_points(transformer, adapter, permuter,
                                                        compact=every_layer)
