@@ -155,12 +155,17 @@ def write_training_state(folder: str | Path, state: dict) -> Path:
 
 
 def trained_preset(pipe: ReferenceVideoPipeline) -> ModelPreset:
-    """The preset a loaded reference pipeline was trained as: the one its folder's
-    training_state.json names (so clips drawn for it match its training data), else the
-    reference preset (a pipeline built in memory, or an export without its record)."""
-    folder = Path(getattr(pipe.config, "_name_or_path", None) or "")
-    record = folder / TRAINING_STATE_FILE
-    if not str(folder) or not record.is_file():
+    """The preset a loaded reference pipeline was trained as (see :func:`folder_preset`; a
+    pipeline built in memory: the reference preset)."""
+    folder = getattr(pipe.config, "_name_or_path", None)
+    return folder_preset(folder) if folder else REFERENCE
+
+
+def folder_preset(folder: str | Path) -> ModelPreset:
+    """The preset an export folder's training_state.json names (so clips drawn for it match
+    its training data), else the reference preset (an export without its record)."""
+    record = Path(folder) / TRAINING_STATE_FILE
+    if not record.is_file():
         return REFERENCE
     try:
         return get_preset(json.loads(record.read_text())["preset"])

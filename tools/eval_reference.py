@@ -44,15 +44,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.limit is not None and not 1 <= args.limit <= 64:
         p.error("--limit must be in 1..64")
     if args.preset is None:
-        args.preset = trained_preset(args.model)
+        from ditplan.reference.checkpoint import CheckpointError
+        from ditplan.reference.export import folder_preset
+
+        try:
+            args.preset = folder_preset(args.model).name
+        except CheckpointError as error:
+            p.error(str(error))
     return args
-
-
-def trained_preset(model: Path) -> str:
-    """The preset recorded in `model`/training_state.json; "reference" if there is none."""
-    record = model / "training_state.json"
-    preset = json.loads(record.read_text()).get("preset") if record.is_file() else None
-    return preset if preset in PRESETS else "reference"
 
 
 def main(argv: list[str] | None = None) -> int:
