@@ -30,20 +30,10 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.common import banner
+from benchmarks.parallel import setup
 
 WAN_13B = dict(tokens=32760, hidden=1536)
 QUICK = dict(tokens=64, hidden=32)
-
-
-def setup() -> torch.device:
-    """Join the launch's process group (NCCL on GPUs, gloo on CPU) unless the caller has;
-    this rank's device."""
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
 
 def exchange(x: torch.Tensor, async_op: bool):
