@@ -19,9 +19,12 @@ compared with the 1-GPU ones of the same variant (bf16: equal within rounding, n
 --profile DIR: after each row's timing one more forward runs under torch.profiler and rank 0
 writes its self time by kind (communication, attention, matmul, copy, other) and its top ops to
 DIR/profile-<row>.txt: where the W-GPU rows spend the time a perfect split would not.
---compile: every row times ``torch.compile(model)`` instead (inductor; dynamo's eager backend on
-CPU), compiled anew for the row and called on every rank until no rank compiles a new graph;
-the rows then say how long that took. Not with --steps (the loop runs the model eagerly).
+--compile [model|blocks]: every row times the model compiled (inductor; dynamo's eager backend
+on CPU), compiled anew for the row and called on every rank until no rank compiles a new graph;
+the rows then say how long that took. ``model`` (the default) is ``torch.compile(model)``;
+``blocks`` is diffusers' regional compilation (``model.compile_repeated_blocks()``: each
+transformer block compiled, the blocks sharing their graphs), much quicker to compile. Not with
+--steps (the loop runs the model eagerly).
 """
 
 from __future__ import annotations
@@ -82,13 +85,15 @@ def shared_model(quick: bool, device: torch.device):
 
 class Timer:
     """Times the model as it is now: a forward, and with ``steps`` a denoising loop; with
-    ``compile_backend`` the forward of ``torch.compile(model, backend=compile_backend)``."""
+    ``compile_backend`` the forward compiled by it, the whole model or (``compile_scope``
+    "blocks") each transformer block."""
 
     def __init__(self, model, inputs: dict, steps: int, repeats: int, profile_dir=None,
-                 compile_backend: str | None = None):
+                 compile_backend: str | None = None, compile_scope: str = "model"):
         self.model, self.inputs, self.repeats = model, inputs, repeats
         self.runner = model  # what forward() calls: the model, or the row's compiled model
         self.profile_dir, self.compile_backend = profile_dir, compile_backend
+        self.compile_scope = compile_scope
         self.denoise = Denoiser(model, inputs, steps) if steps else None
         if self.denoise is not None:
             dist.broadcast(self.denoise.text["uncond"], src=0)  # drawn on each rank
@@ -101,7 +106,10 @@ class Timer:
         """Compile the model as installed now and call it until no rank compiles a new graph
         (every rank makes the same calls: the collectives inside must pair up)."""
         torch._dynamo.reset()
-        self.runner = torch.compile(self.model, backend=self.compile_backend)
+        if self.compile_scope == "blocks":
+            self.model.compile_repeated_blocks(backend=self.compile_backend)
+        else:
+            self.runner = torch.compile(self.model, backend=self.compile_backend)
         device = self.inputs["hidden_states"].device.type
         start, graphs = time.perf_counter(), 0
         for call in range(max_calls):
@@ -141,7 +149,18 @@ class Timer:
         if densities:  # each rank selects for its own heads
             row["density"] = mean_over_ranks([sum(densities) / len(densities)], None)[0]
         self.runner = self.model
+        _uncompile_blocks(self.model)
+        if dist.get_rank() == 0:  # progress: a compiled row can take minutes
+            print(f"measured {variant} on {gpus} GPU(s): {ms:.1f} ms"
+                  + (f" (compiled: {extra['graphs']} graphs, {extra['compile_s']:.0f} s)"
+                     if "compile_s" in extra else ""), flush=True)
         return row
+
+
+def _uncompile_blocks(model) -> None:
+    """Undo ``compile_repeated_blocks``: every submodule runs its eager forward again."""
+    for module in model.modules():
+        module._compiled_call_impl = None  # set by nn.Module.compile
 
 
 def _over_ranks(value: float, op) -> float:
@@ -162,7 +181,7 @@ def run(args) -> list[dict]:
         check_parallel_config(parallel, model, get_adapter(model), chunks)
     compile_backend = "inductor" if device.type == "cuda" else "eager"
     timer = Timer(model, inputs, args.steps, args.repeats, args.profile,
-                  compile_backend if args.compile else None)
+                  compile_backend if args.compile else None, args.compile or "model")
     spec = AttentionSpec(density=args.density)
     sparse = f"sparse d={args.density:g}"
     rows = [timer.measure("dense", 1)]
@@ -222,8 +241,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "diffusers' all-to-alls; C > 1: C pipelined head chunks a rank)")
     p.add_argument("--profile", metavar="DIR",
                    help="also profile one forward per row; rank 0 writes DIR/profile-*.txt")
-    p.add_argument("--compile", action="store_true",
-                   help="time torch.compile(model) in every row instead of the eager model")
+    p.add_argument("--compile", nargs="?", const="model", choices=["model", "blocks"],
+                   help="time every row compiled instead of eager: the whole model "
+                        "(torch.compile(model), the default) or each transformer block "
+                        "(diffusers' compile_repeated_blocks: quicker to compile)")
     p.add_argument("--quick", action="store_true", help="tiny model on CPU (smoke run)")
     p.add_argument("--json", help="rank 0 writes the rows here")
     args = p.parse_args(argv)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 
 def rank_benchmark(profile_dir: str):
     from benchmarks.parallel import main
@@ -70,20 +72,23 @@ def test_device_time_by_kind_counts_each_kernel_once():
                                               "communication": 10.1}
 
 
-def rank_benchmark_compiled():
+def rank_benchmark_compiled(scope: str):
     from benchmarks.parallel import main
 
     # the dense backend: no host syncs, so no graph breaks inside attention (as flex on a GPU)
-    return main(["--quick", "--compile", "--backend", "dense", "--repeats", "1", "--chunks", "1"])
+    return main(["--quick", "--compile", scope, "--backend", "dense", "--repeats", "1",
+                 "--chunks", "1"])
 
 
-def test_quick_compiled_run_traces_every_row_and_matches_eager(gloo_ranks):
-    """--compile on CPU: dynamo (eager backend) traces the model under diffusers' Ulysses with
+@pytest.mark.parametrize("scope", ["model", "blocks"])
+def test_quick_compiled_run_traces_every_row_and_matches_eager(gloo_ranks, scope):
+    """--compile on CPU: dynamo (eager backend) traces the model (or, "blocks", each
+    transformer block: nothing else would compile then) under diffusers' Ulysses with
     ditplan's sparse attention, the ranks warm up in step, and the outputs stay one GPU's.
     diffusers' context-parallel hooks break the graph, so each block is a frame of its own:
     when the sparse layers read the step there, every call recompiled (warm-up never ended);
     they read the tracker listener's dense-or-sparse bool instead."""
-    table, others = gloo_ranks.run(rank_benchmark_compiled)
+    table, others = gloo_ranks.run(rank_benchmark_compiled, scope)
     assert others == []
     assert [(r["variant"], r["gpus"]) for r in table] == [
         ("dense", 1), ("sparse d=0.2", 1), ("sparse d=0.2", 2), ("dense", 2)]
