@@ -16,7 +16,15 @@ the card. Per layer, at the rank's shard of that model (S / W tokens, hidden 153
   three waited after the last projection (the output exchange stays in line, as it must).
 
 ``overlapped`` near ``projections + one exchange`` means the exchanges hide; near ``in line``
-means they do not.
+means they do not. On GPUs one more variant:
+
+- ``copy engine``: the real Ulysses layout (each rank projects the columns of every rank's heads
+  for its own tokens), through PyTorch's symmetric memory: the chunk a peer needs is projected
+  into a buffer that peer reads with a copy-engine copy while this rank projects its own chunk
+  (``torch.distributed._symmetric_memory._pipelined_produce_and_all2all``, a private API: the
+  row says why if it is unavailable); then the output's exchange in line, as above. Its result
+  is checked against the same layout through NCCL (``max|diff|``). NCCL's kernels take SMs from
+  the matmuls; a copy engine does not.
 """
 
 from __future__ import annotations
@@ -43,12 +51,19 @@ def exchange(x: torch.Tensor, async_op: bool):
     return received, work
 
 
-def layer_fns(tokens_local: int, hidden: int, device: torch.device, dtype: torch.dtype) -> dict:
-    """The four per-layer variants as functions of no argument."""
-    x = torch.randn(tokens_local, hidden, device=device, dtype=dtype)  # [S / W, C]
+def layer_inputs(tokens_local: int, hidden: int, device: torch.device,
+                 dtype: torch.dtype) -> tuple:
+    """A rank's layer input x [S / W, C], the q/k/v weights [C, C] each, and the attention
+    output it sends [S / W, C]."""
+    x = torch.randn(tokens_local, hidden, device=device, dtype=dtype)
     weights = [torch.randn(hidden, hidden, device=device, dtype=dtype) / hidden**0.5
                for _ in range(3)]
-    sent = torch.randn(tokens_local, hidden, device=device, dtype=dtype)  # [S / W, C]
+    sent = torch.randn(tokens_local, hidden, device=device, dtype=dtype)
+    return x, weights, sent
+
+
+def layer_fns(x: torch.Tensor, weights: list[torch.Tensor], sent: torch.Tensor) -> dict:
+    """The four per-layer variants as functions of no argument."""
 
     def exchanges():
         for _ in range(4):
@@ -71,6 +86,36 @@ def layer_fns(tokens_local: int, hidden: int, device: torch.device, dtype: torch
 
     return {"all-to-all x4": exchanges, "q/k/v projections": projections, "in line": in_line,
             "overlapped": overlapped}
+
+
+def copy_engine_fn(x: torch.Tensor, weights: list[torch.Tensor], sent: torch.Tensor):
+    """The ``copy engine`` variant and its largest difference from the NCCL exchange of the same
+    layout; raises (RuntimeError, ...) when symmetric memory cannot run here."""
+    from torch.distributed import _symmetric_memory as symm_mem
+
+    world, group = dist.get_world_size(), dist.group.WORLD.group_name
+    if hasattr(symm_mem, "enable_symm_mem_for_group"):  # older torch needs it, newer ignores it
+        symm_mem.enable_symm_mem_for_group(group)
+    tokens, hidden = x.shape
+    # per projection, the columns of each rank's heads: [C, C / W] each
+    parts = [[w[:, r * hidden // world:(r + 1) * hidden // world].contiguous()
+              for r in range(world)] for w in weights]
+    outs = [torch.empty(world * tokens, hidden // world, device=x.device, dtype=x.dtype)
+            for _ in weights]  # [W * S / W, C / W]: every rank's tokens, this rank's heads
+
+    def run():
+        for w_parts, out in zip(parts, outs, strict=True):
+            symm_mem._pipelined_produce_and_all2all(
+                lambda rank, buf, w_parts=w_parts: torch.matmul(x, w_parts[rank], out=buf),
+                out, group)
+        exchange(sent, async_op=False)
+
+    run()
+    worst = 0.0
+    for w_parts, out in zip(parts, outs, strict=True):
+        expected, _ = exchange(torch.cat([x @ w for w in w_parts]), async_op=False)
+        worst = max(worst, (out - expected).abs().max().item())
+    return run, worst
 
 
 def time_layers(fn, layers: int, repeats: int, device: torch.device) -> float:
@@ -107,16 +152,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if shape["tokens"] % world:
         parser.error(f"{shape['tokens']} tokens do not split over {world} ranks")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    fns = layer_fns(shape["tokens"] // world, shape["hidden"], device, dtype)
+    inputs = layer_inputs(shape["tokens"] // world, shape["hidden"], device, dtype)
+    fns = layer_fns(*inputs)
     rows = [{"variant": name, "ms": time_layers(fn, args.layers, args.repeats, device)}
             for name, fn in fns.items()]
+    if device.type == "cuda":
+        rows.append(_copy_engine_row(inputs, args, device))
     if dist.get_rank() != 0:
         return []  # rank 0 reports
     print(banner(), f"| {world} ranks | {args.layers} layers | "
           f"{shape['tokens'] // world} tokens a rank, hidden {shape['hidden']}")
     for row in rows:
-        print(f"{row['variant']:<20} {row['ms']:9.2f} ms")
+        ms = f"{row['ms']:9.2f} ms" if "ms" in row else f"unavailable: {row['error']}"
+        diff = f"  max|diff| vs NCCL {row['max_abs_diff']:.1e}" if "max_abs_diff" in row else ""
+        print(f"{row['variant']:<20} {ms}{diff}")
     return rows
+
+
+def _copy_engine_row(inputs: tuple, args, device: torch.device) -> dict:
+    try:
+        fn, worst = copy_engine_fn(*inputs)
+    except (RuntimeError, ImportError, AttributeError, TypeError) as error:
+        return {"variant": "copy engine", "error": f"{type(error).__name__}: {error}"[:300]}
+    return {"variant": "copy engine", "ms": time_layers(fn, args.layers, args.repeats, device),
+            "max_abs_diff": worst}
 
 
 if __name__ == "__main__":
