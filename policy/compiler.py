@@ -19,6 +19,7 @@ from ditplan.policy.cost import CostModel
 from ditplan.policy.experts import ExpertPlans
 from ditplan.policy.load_profile import Profile, load_profile
 from ditplan.policy.plan import (
+    IDENTICAL_PSNR_DB,
     AttentionSpec,
     BlockRun,
     Calibration,
@@ -189,7 +190,8 @@ def _better(new: Calibration, old: Calibration, config: CompilerConfig) -> bool:
     """A refined plan replaces the current one when it measures a higher PSNR and still meets
     the requested speedup and PSNR."""
     return (new.psnr_db > old.psnr_db
-            and (config.target_speedup is None or new.speedup >= config.target_speedup)
+            and (config.target_speedup is None
+                 or credited_speedup(new) >= config.target_speedup)
             and (config.min_psnr is None or new.psnr_db >= config.min_psnr))
 
 
@@ -308,10 +310,10 @@ def retime_boundary(plans: Sequence[Plan] | Sequence[ExpertPlans], measured: lis
     target = config.target_speedup
     if target is None:
         return measured
-    clear = [m.psnr_db for m in measured if m.speedup >= target * (1 + BOUNDARY_BAND)]
+    clear = [m.psnr_db for m in measured if credited_speedup(m) >= target * (1 + BOUNDARY_BAND)]
     bar = max(clear, default=-math.inf)
     close = [i for i, m in enumerate(measured)
-             if abs(m.speedup / target - 1) < BOUNDARY_BAND and m.psnr_db > bar]
+             if abs(credited_speedup(m) / target - 1) < BOUNDARY_BAND and m.psnr_db > bar]
     if not close:
         return measured
     again = calibrate([plans[i] for i in close], repeats=BOUNDARY_REPEATS)
@@ -351,25 +353,38 @@ def pick_measured(measured: Sequence[Calibration], config: CompilerConfig,
                   labels: Sequence[str]) -> int:
     """Index of the measured candidate to keep: with a target speedup, the best PSNR at or above
     it (and at or above min_psnr when both are set); with min_psnr alone, the fastest meeting it.
+    A candidate whose clips were identical to dense counts as 1x (:func:`credited_speedup`).
     """
     for m, label in zip(measured, labels, strict=True):
         logger.info("calibrated %s: %.2fx, %.2f dB", label, m.speedup, m.psnr_db)
+        if credited_speedup(m) != m.speedup:
+            logger.info("%s changed nothing (clips identical to dense): counted as 1.00x, its "
+                        "%.2fx is timing noise", label, m.speedup)
+    speed = [credited_speedup(m) for m in measured]
     target, floor = config.target_speedup, config.min_psnr
     ok = [i for i, m in enumerate(measured)
-          if (target is None or m.speedup >= target) and (floor is None or m.psnr_db >= floor)]
+          if (target is None or speed[i] >= target) and (floor is None or m.psnr_db >= floor)]
     if not ok:
-        fastest = max(measured, key=lambda m: m.speedup)
-        sharpest = max(measured, key=lambda m: m.psnr_db)
+        fastest = max(range(len(measured)), key=lambda i: speed[i])
+        sharpest = max(range(len(measured)), key=lambda i: measured[i].psnr_db)
         asked = " and ".join(x for x in (target and f"{target:.2f}x",
                                          floor and f"{floor:.1f} dB") if x)
         raise CompilerError(
             f"no calibrated candidate reaches {asked}: of {len(measured)} measured, the fastest "
-            f"ran {fastest.speedup:.2f}x at {fastest.psnr_db:.1f} dB and the best kept "
-            f"{sharpest.psnr_db:.1f} dB at {sharpest.speedup:.2f}x; ask for what these reach"
+            f"ran {speed[fastest]:.2f}x at {measured[fastest].psnr_db:.1f} dB and the best kept "
+            f"{measured[sharpest].psnr_db:.1f} dB at {speed[sharpest]:.2f}x; ask for what these "
+            "reach"
         )
     if target is not None:
-        return max(ok, key=lambda i: (measured[i].psnr_db, measured[i].speedup))
-    return max(ok, key=lambda i: (measured[i].speedup, measured[i].psnr_db))
+        return max(ok, key=lambda i: (measured[i].psnr_db, speed[i]))
+    return max(ok, key=lambda i: (speed[i], measured[i].psnr_db))
+
+
+def credited_speedup(measured: Calibration) -> float:
+    """The speedup a candidate is credited with: 1.0 when its clips were identical to dense (it
+    changed nothing, so what it measured above or below 1x is the timer's noise, e.g. a busy
+    machine), else what it measured."""
+    return 1.0 if measured.psnr_db >= IDENTICAL_PSNR_DB else measured.speedup
 
 
 def design(profile: Profile, roles: dict[str, str], config: CompilerConfig,

@@ -16,14 +16,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ditplan.policy.experts import ExpertPlans, execution_dict
-from ditplan.policy.plan import Calibration, Plan
+from ditplan.policy.plan import IDENTICAL_PSNR_DB, Calibration, Plan
 from ditplan.runtime.experts import apply_any_plan
 from ditplan.runtime.loading import load_pipeline
 from ditplan.runtime.run import generate_samples
 from ditplan.runtime.video_metrics import compare_videos
 
 logger = logging.getLogger(__name__)
-PSNR_CAP_DB = 100.0  # identical clips have infinite PSNR; a plan records at most this
 
 
 @dataclass(frozen=True)
@@ -130,9 +129,9 @@ def _append(path: Path, row: dict) -> None:
 
 def similarity(frames: Sequence[torch.Tensor], dense: Sequence[torch.Tensor]) -> tuple[float,
                                                                                          float]:
-    """Mean PSNR (capped at PSNR_CAP_DB) and mean cosine of each sample against dense."""
+    """Mean PSNR (capped at IDENTICAL_PSNR_DB) and mean cosine of each sample against dense."""
     scores = [compare_videos(a, b) for a, b in zip(frames, dense, strict=True)]
-    psnr = statistics.fmean(min(s["psnr_db"], PSNR_CAP_DB) for s in scores)
+    psnr = statistics.fmean(min(s["psnr_db"], IDENTICAL_PSNR_DB) for s in scores)
     return psnr, statistics.fmean(s["cosine"] for s in scores)
 
 

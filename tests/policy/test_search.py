@@ -7,10 +7,15 @@ import dataclasses
 import numpy as np
 import pytest
 
-from ditplan.policy.compiler import compile_policy, pareto_front, pick_measured
+from ditplan.policy.compiler import (
+    compile_policy,
+    credited_speedup,
+    pareto_front,
+    pick_measured,
+)
 from ditplan.policy.config import CompilerConfig, CompilerError
 from ditplan.policy.load_profile import load_profile
-from ditplan.policy.plan import Calibration
+from ditplan.policy.plan import IDENTICAL_PSNR_DB, Calibration
 from ditplan.policy.search import place_computes, run_choices, thin_uncond
 from tests.policy.policy_factories import LayerTruth, TraceSpec, write_traces
 
@@ -98,6 +103,22 @@ def test_pick_measured_rules():
     with pytest.raises(CompilerError, match=r"reaches 3.00x: of 3 measured, the fastest ran "
                                             r"2.60x at 27.0 dB and the best kept 36.0 dB"):
         pick(target_speedup=3.0)
+
+
+def test_a_candidate_identical_to_dense_counts_as_1x():
+    # it changed nothing, so the speed it measured is the timer's noise (a busy machine); the
+    # benchmark's quick calibrated row once kept a plan with identical clips on a loaded CPU
+    measured = [_measured(1.7, IDENTICAL_PSNR_DB), _measured(1.6, 31.0), _measured(1.3, 38.0)]
+    labels = ["identical", "b", "c"]
+    assert pick_measured(measured, CompilerConfig(target_speedup=1.5), labels) == 1
+    assert pick_measured(measured, CompilerConfig(min_psnr=30.0), labels) == 1  # fastest real
+    assert pick_measured(measured, CompilerConfig(min_psnr=35.0), labels) == 2
+    with pytest.raises(CompilerError, match=r"reaches 1.65x: of 3 measured, the fastest ran "
+                                            r"1.60x at 31.0 dB and the best kept 100.0 dB at "
+                                            r"1.00x"):
+        pick_measured(measured, CompilerConfig(target_speedup=1.65), labels)
+    assert credited_speedup(_measured(0.9, IDENTICAL_PSNR_DB)) == 1.0
+    assert credited_speedup(_measured(0.9, 99.9)) == 0.9
 
 
 def test_calibrated_compile_measures_a_shortlist_and_records_it(traces):
