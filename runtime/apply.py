@@ -12,6 +12,11 @@ from torch import nn
 from ditplan.policy.plan import AttentionSpec, Plan, PlanError
 from ditplan.runtime.adapters.base import block_io, get_adapter
 from ditplan.runtime.cache import RunState, install_block_runs, remove_block_runs
+from ditplan.runtime.compiled_blocks import (
+    compile_options,
+    install_compiled_blocks,
+    remove_compiled_blocks,
+)
 from ditplan.runtime.context import (
     StepTracker,
     install_step_tracker,
@@ -74,6 +79,7 @@ class PlanHandle:
         for hook in self._hooks:
             hook.remove()
         remove_block_runs(self._blocks)
+        remove_compiled_blocks(self._blocks)
         remove_model_runs(self.transformer)
         remove_step_tracker(self.transformer)
         self._originals, self._hooks, self._blocks = {}, [], {}
@@ -173,7 +179,7 @@ def _check_step(state, plan: Plan) -> None:
 def apply_plan(
     pipe, plan: Plan, *, backend: str = "auto", check_weights: bool = True,
     cfg_batch_order: tuple[str, ...] = ("uncond", "cond"), parallel=None,
-    ulysses_chunks: int = 1,
+    ulysses_chunks: int = 1, compile: bool | dict = False,
 ) -> PlanHandle:
     """Execute ``plan`` on ``pipe`` (a diffusers pipeline, or its transformer).
 
@@ -196,6 +202,11 @@ def apply_plan(
         ulysses_chunks: under ``parallel``, split each rank's sparse attention into this many
             head chunks whose all-to-alls overlap the attention (the head count must divide
             by ``ulysses_chunks * N``); 1: diffusers' all-to-alls around one call.
+        compile: True, or a dict of ``torch.compile`` keyword arguments: compile each
+            transformer block's own forward, beneath the plan's cache hooks (see
+            ``ditplan.runtime.compiled_blocks``: compiling the whole model with a plan makes
+            dynamo keep a graph per combination of the runs' decisions and, past its recompile
+            limit, run eagerly). Do not also compile the transformer.
 
     Returns:
         A :class:`PlanHandle`; ``handle.remove()`` restores the transformer exactly (but for
@@ -214,6 +225,7 @@ def apply_plan(
     cp_plan = None if parallel is None else check_parallel_config(parallel, transformer, adapter,
                                                                   ulysses_chunks)
     backend = parse_backend(backend)
+    compiling = compile_options(compile)
     names = [name for name, _ in adapter.attention_layers(transformer)]
     specs = resolve_layer_specs(names, {n: plan.attention_spec(n) for n in names})
     permuter = TokenPermuter(shared_tile(specs), plan.workload.tokens_grid)
@@ -229,6 +241,8 @@ def apply_plan(
         transformer, adapter, specs, tracker, permuter, backend, ulysses_chunks
     )
     blocks = dict(adapter.blocks(transformer))
+    if compiling is not None:  # first: the innermost hook, beneath the cache hooks
+        install_compiled_blocks(blocks, compiling)
     block_runs = [r for r in plan.runs if not r.whole_call]
     runs = model_runs + install_block_runs(blocks, block_runs, tracker,
                                            io=block_io(adapter, transformer), **run_options)

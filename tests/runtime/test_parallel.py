@@ -124,6 +124,21 @@ def rank_cache(diverge: bool = False):
                 computed=[run.computed_steps for run in handle.runs])
 
 
+def rank_cache_compiled():
+    """The cache runs under Ulysses with each block's own forward compiled (dynamo's eager
+    backend): diffusers' context-parallel hooks and the runs' decisions stay outside."""
+    inputs = tiny_wan_inputs(**GRID)
+    spec = dataclasses.replace(SPARSE, dense_steps=(0,))
+    torch._dynamo.reset()
+    outs = {}
+    for compiled in (False, True):
+        transformer = model(layers=3)
+        apply_plan(transformer, plan_for(transformer, spec, RUNS, steps=3), backend="torch",
+                   parallel=ulysses(), compile={"backend": "eager"} if compiled else False)
+        outs[compiled] = cfg_steps(transformer, inputs, 3)
+    return outs, torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
 def rank_remove():
     inputs = tiny_wan_inputs(**GRID)
     single = forward(model(), inputs)
@@ -246,6 +261,13 @@ def test_cache_runs_under_parallelism_equal_one_process(gloo_ranks):
             torch.testing.assert_close(parallel, single, rtol=1e-5, atol=1e-5)
         for key in ("blocks_skipped_share", "blocks_forecast_share"):
             assert rank["parallel_stats"][key] == rank["single_stats"][key] > 0
+
+
+def test_cache_runs_under_parallelism_with_compiled_blocks_equal_eager(gloo_ranks):
+    for outs, graphs in gloo_ranks.run(rank_cache_compiled):
+        assert graphs >= 1
+        for compiled, eager in zip(outs[True], outs[False], strict=True):
+            torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
 
 
 def test_ranks_that_decide_differently_fail_together(gloo_ranks):

@@ -1,0 +1,59 @@
+"""torch.compile under a plan: each block's own forward compiled, beneath the cache hooks."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from torch import nn
+
+COMPILE_HOOK = "ditplan_compiled_block"
+
+# Why beneath the hooks: compiling the whole model (torch.compile(transformer)) or each block with
+# its hooks (diffusers' compile_repeated_blocks) traces the plan's per-call decisions, so dynamo
+# keeps a graph per combination of the runs' actions, CFG branch and dense-or-sparse step; a plan
+# with two block runs reaches the recompile limit in its first generation, and calls with a new
+# combination then run eagerly (torch warns once). Compiled beneath the cache hooks, the runs
+# decide in Python around the graphs, which depend on the block alone.
+
+
+class CompiledForwardHook(ModelHook):
+    """Calls the block's forward, as it was when this hook was registered, through
+    ``torch.compile(**options)`` (compiled at the first call)."""
+
+    def __init__(self, options: dict):
+        super().__init__()
+        self.options = options
+        self.compiled = None
+
+    def new_forward(self, module: nn.Module, *args, **kwargs):
+        if self.compiled is None:
+            self.compiled = torch.compile(self.fn_ref.original_forward, **self.options)
+        return self.compiled(*args, **kwargs)
+
+
+def compile_options(compile) -> dict | None:
+    """``apply_plan``'s ``compile`` argument as torch.compile keyword arguments (None: off)."""
+    if compile is False or compile is None:
+        return None
+    if compile is True:
+        return {}
+    if isinstance(compile, Mapping):
+        return dict(compile)
+    raise TypeError(f"compile takes True, False or a dict of torch.compile keyword arguments "
+                    f"(e.g. {{'mode': 'max-autotune'}}), got {compile!r}")
+
+
+def install_compiled_blocks(blocks: Mapping[str, nn.Module], options: dict) -> None:
+    """Register the compile hook on every block; call before the cache hooks, so that it is
+    the innermost one."""
+    for module in blocks.values():
+        registry = HookRegistry.check_if_exists_or_initialize(module)
+        registry.register_hook(CompiledForwardHook(options), COMPILE_HOOK)
+
+
+def remove_compiled_blocks(blocks: Mapping[str, nn.Module]) -> None:
+    for module in blocks.values():
+        if hasattr(module, "_diffusers_hook"):
+            module._diffusers_hook.remove_hook(COMPILE_HOOK, recurse=False)

@@ -1,0 +1,117 @@
+"""apply_plan(compile=...): each block's own forward compiled beneath the cache hooks."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+
+import pytest
+import torch
+import torch._dynamo
+from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+from ditplan.policy.plan import BlockRun
+from ditplan.runtime.apply import apply_plan
+from ditplan.runtime.compiled_blocks import COMPILE_HOOK
+from tests.factories import run_cfg_steps, tiny_wan, tiny_wan_inputs, tiny_wan_plan
+
+STEPS = 8
+
+
+def _two_run_plan(model):
+    """Sparse attention in block 0 (dense at step 0), block 1 dense; each block its own cache
+    run, with its own schedule per branch: 2 x 2 x 2 x 2 combinations a call can see."""
+    plan = tiny_wan_plan(model, steps=STEPS, densities=(0.5, 1.0), dense_steps=(0,))
+    runs = (BlockRun(("blocks.0",), dict.fromkeys(("cond", "uncond"), "CCRCRRCR")),
+            BlockRun(("blocks.1",), {"cond": "CRCCRCRC", "uncond": "CCRRCRCC"}))
+    return dataclasses.replace(plan, runs=runs)
+
+
+def _entries(function) -> int:
+    return len(_debug_get_cache_entry_list(function.__code__))
+
+
+@contextlib.contextmanager
+def _limit_warnings():
+    """The messages dynamo logs when a frame hits its recompile limit (it then runs eagerly)."""
+    seen: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("torch._dynamo.convert_frame")
+    logger.addHandler(handler)
+    try:
+        yield seen
+    finally:
+        logger.removeHandler(handler)
+
+
+@pytest.fixture(scope="module")
+def eager_outputs():
+    model, inputs = tiny_wan(), tiny_wan_inputs(frames=3, height=16, width=24)
+    handle = apply_plan(model, _two_run_plan(model), backend="dense")  # no host syncs on CPU
+    outputs = run_cfg_steps(model, inputs, STEPS)
+    handle.remove()
+    return outputs
+
+
+def test_compiled_blocks_match_eager_and_stay_under_the_recompile_limit(eager_outputs):
+    torch._dynamo.reset()
+    model, inputs = tiny_wan(), tiny_wan_inputs(frames=3, height=16, width=24)
+    handle = apply_plan(model, _two_run_plan(model), backend="dense",
+                        compile={"backend": "eager"})
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    with _limit_warnings() as limits:
+        generations = [run_cfg_steps(model, inputs, STEPS) for _ in range(2)]
+        graphs = counters["stats"]["unique_graphs"]
+        generations.append(run_cfg_steps(model, inputs, STEPS))
+    entries = _entries(WanTransformerBlock.forward)
+    handle.remove()
+    assert graphs >= 1  # the blocks did compile
+    # The runs decide outside the graphs, so the graphs depend on the block alone (processor
+    # kind, dense or sparse now) and on the statistics counters' first values (Python ints
+    # until the first call counts them: the second generation's dense first step compiles once
+    # more); from the third generation on nothing compiles.
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert entries < torch._dynamo.config.recompile_limit and not limits
+    for outputs in generations:
+        for expected, got in zip(eager_outputs, outputs, strict=True):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)  # eager backend: same ops
+
+
+def test_whole_model_compile_of_the_same_plan_reaches_the_limit():
+    # why apply_plan(compile=...) exists: the whole model keeps a graph per combination of the
+    # runs' actions, context and dense-or-sparse, and runs eagerly past the limit
+    torch._dynamo.reset()
+    model, inputs = tiny_wan(), tiny_wan_inputs(frames=3, height=16, width=24)
+    handle = apply_plan(model, _two_run_plan(model), backend="dense")
+    with _limit_warnings() as limits:
+        run_cfg_steps(torch.compile(model, backend="eager"), inputs, STEPS)
+    handle.remove()
+    assert any("recompile_limit" in message for message in limits), limits
+
+
+def test_remove_takes_the_compiled_forward_away(eager_outputs):
+    model, inputs = tiny_wan(), tiny_wan_inputs(frames=3, height=16, width=24)
+    with torch.no_grad():
+        before = model(**inputs).sample
+    handle = apply_plan(model, _two_run_plan(model), backend="dense",
+                        compile={"backend": "eager"})
+    run_cfg_steps(model, inputs, 2)
+    handle.remove()
+    for block in model.blocks:
+        registry = getattr(block, "_diffusers_hook", None)
+        assert registry is None or registry.get_hook(COMPILE_HOOK) is None
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).sample, before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, ["max-autotune"]])
+def test_compile_argument_is_checked_before_anything_is_installed(bad):
+    model = tiny_wan()
+    with pytest.raises(TypeError, match="compile takes True, False or a dict"):
+        apply_plan(model, _two_run_plan(model), backend="dense", compile=bad)
+    # nothing was left behind: the plan applies again
+    apply_plan(model, _two_run_plan(model), backend="dense").remove()
