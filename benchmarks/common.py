@@ -64,6 +64,26 @@ def peak_memory_gib(fn) -> float:
     return torch.cuda.max_memory_allocated() / 2**30
 
 
+def uncompile_blocks(model) -> None:
+    """Undo diffusers' ``compile_repeated_blocks``: every submodule runs its eager forward."""
+    for module in model.modules():
+        module._compiled_call_impl = None  # set by nn.Module.compile
+
+
+def warm_up_generations(generate, max_generations: int = 3) -> tuple[int, float, int]:
+    """Call ``generate()`` until a call compiles no new dynamo graph; (calls, seconds, graphs
+    compiled). Fails if graphs are still new after ``max_generations`` calls."""
+    counters = torch._dynamo.utils.counters["stats"]
+    start, first = time.perf_counter(), counters["unique_graphs"]
+    for calls in range(1, max_generations + 1):
+        before = counters["unique_graphs"]
+        generate()
+        if counters["unique_graphs"] == before:
+            return calls, time.perf_counter() - start, counters["unique_graphs"] - first
+    raise RuntimeError(f"torch.compile still compiled new graphs after {max_generations} "
+                       "generations; not timing it")
+
+
 def timed_once(fn, device: str) -> tuple[float, float]:
     """(seconds, peak allocated GiB) of one synchronized call of ``fn()`` on ``device``;
     peak 0 off CUDA, as in peak_memory_gib."""

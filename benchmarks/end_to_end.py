@@ -18,6 +18,11 @@ Random weights give no meaningful roles or densities, so the plan is made like t
    the steps that compute;
 3. time dense and each plan (eager, after a flex warm-up), report per-step and total time,
    speedup, achieved density, share of block evaluations skipped, and peak memory.
+
+--compile: every variant compiled block by block instead (inductor; dynamo's eager backend on
+CPU): dense with diffusers' ``compile_repeated_blocks``, each plan with ``apply_plan(...,
+compile=...)`` (each block's own forward beneath the cache hooks); generations run untimed until
+one compiles no new graph, then one is timed (the rows say how many and how long that took).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import banner, timed_once
+from benchmarks.common import banner, timed_once, uncompile_blocks, warm_up_generations
 from benchmarks.forward import build
 from benchmarks.quality.scale import Denoiser
 from ditplan.policy.compiler import compile_policy
@@ -107,6 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="block indices kept foreground (always computed)")
     p.add_argument("--step-target", type=float, default=3.0, metavar="X",
                    help="predicted speedup the searched step-run plan must reach")
+    p.add_argument("--compile", action="store_true",
+                   help="time every variant compiled block by block (warm-up generations first)")
     p.add_argument("--quick", action="store_true", help="tiny model on CPU (smoke run)")
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args(argv)
@@ -123,14 +130,23 @@ def main(argv: list[str] | None = None) -> dict:
     for name, plan in plans.items():
         save_plan(plan, args.out / f"{name.replace(' ', '_').replace('=', '')}.json")
     denoise = Denoiser(model, inputs, args.steps)
-    rows = [dict(variant="dense", **_row(*timed_once(denoise, device), args.steps))]
+    compiling = {"backend": "inductor" if device == "cuda" else "eager"} if args.compile else None
+    if compiling is not None:
+        torch._dynamo.reset()
+        model.compile_repeated_blocks(**compiling)
+    warm = _warm_up(denoise, compiling)
+    rows = [dict(variant="dense", **_row(*timed_once(denoise, device), args.steps), **warm)]
+    uncompile_blocks(model)
     print(f"dense: {rows[0]['seconds']:.1f} s", flush=True)
     warm_up_flex(model, inputs, device, dtype)
     for name, plan in plans.items():
-        handle = apply_plan(model, plan, check_weights=False)
+        torch._dynamo.reset()
+        handle = apply_plan(model, plan, check_weights=False, compile=compiling or False)
+        warm = _warm_up(denoise, compiling)
+        handle.reset()  # the statistics of the timed generation only
         seconds, peak = timed_once(denoise, device)
         rows.append(dict(variant=name, **_row(seconds, peak, args.steps), **handle.stats(),
-                         dense_steps=_dense_steps(plan)))
+                         dense_steps=_dense_steps(plan), **warm))
         print(f"{name}: {seconds:.1f} s", flush=True)
         handle.remove()
     report(rows, args)
@@ -138,6 +154,16 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def _warm_up(denoise, compiling: dict | None) -> dict:
+    """Compiled: generate until nothing new compiles; the row's warm-up columns."""
+    if compiling is None:
+        return {}
+    generations, seconds, graphs = warm_up_generations(denoise)
+    print(f"  compiled {graphs} graphs in {generations} generation(s), {seconds:.0f} s",
+          flush=True)
+    return dict(warm_up_generations=generations, warm_up_s=seconds, graphs=graphs)
 
 
 def _row(seconds: float, peak: float, steps: int) -> dict:
@@ -160,7 +186,9 @@ def report(rows: list[dict], args) -> None:
         print(f"{r['variant']:<32} {r['seconds']:8.1f} {r['ms_per_step']:8.0f} "
               f"{dense / r['seconds']:7.2f}x {r.get('attention_density', 1.0):8.3f} "
               f"{r.get('blocks_skipped_share', 0.0):8.1%} {r.get('dense_steps', '-'):>8} "
-              f"{r['peak_gib']:9.2f}")
+              f"{r['peak_gib']:9.2f}"
+              + (f"  compiled: {r['graphs']} graphs, {r['warm_up_generations']} warm-up "
+                 f"generations, {r['warm_up_s']:.0f} s" if "graphs" in r else ""))
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from diffusers import ContextParallelConfig, WanTransformer3DModel
 
-from benchmarks.common import banner, peak_memory_gib, time_ms
+from benchmarks.common import banner, peak_memory_gib, time_ms, uncompile_blocks
 from benchmarks.forward import QUICK_CONFIG, build, call_counting_graphs
 from benchmarks.forward_profile import profile_call, write_profile
 from benchmarks.quality.scale import Denoiser
@@ -149,18 +149,12 @@ class Timer:
         if densities:  # each rank selects for its own heads
             row["density"] = mean_over_ranks([sum(densities) / len(densities)], None)[0]
         self.runner = self.model
-        _uncompile_blocks(self.model)
+        uncompile_blocks(self.model)
         if dist.get_rank() == 0:  # progress: a compiled row can take minutes
             print(f"measured {variant} on {gpus} GPU(s): {ms:.1f} ms"
                   + (f" (compiled: {extra['graphs']} graphs, {extra['compile_s']:.0f} s)"
                      if "compile_s" in extra else ""), flush=True)
         return row
-
-
-def _uncompile_blocks(model) -> None:
-    """Undo ``compile_repeated_blocks``: every submodule runs its eager forward again."""
-    for module in model.modules():
-        module._compiled_call_impl = None  # set by nn.Module.compile
 
 
 def _over_ranks(value: float, op) -> float:
