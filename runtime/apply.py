@@ -13,6 +13,7 @@ from ditplan.policy.plan import AttentionSpec, Plan, PlanError
 from ditplan.runtime.adapters.base import block_io, get_adapter
 from ditplan.runtime.cache import RunState, install_block_runs, remove_block_runs
 from ditplan.runtime.compiled_blocks import (
+    check_not_compiled,
     compile_options,
     install_compiled_blocks,
     remove_compiled_blocks,
@@ -226,6 +227,7 @@ def apply_plan(
                                                                   ulysses_chunks)
     backend = parse_backend(backend)
     compiling = compile_options(compile)
+    check_not_compiled(dict(adapter.blocks(transformer)), compiling is not None)
     names = [name for name, _ in adapter.attention_layers(transformer)]
     specs = resolve_layer_specs(names, {n: plan.attention_spec(n) for n in names})
     permuter = TokenPermuter(shared_tile(specs), plan.workload.tokens_grid)

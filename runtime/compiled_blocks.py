@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import torch
@@ -9,6 +10,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
 COMPILE_HOOK = "ditplan_compiled_block"
+logger = logging.getLogger(__name__)
 
 # Why beneath the hooks: compiling the whole model (torch.compile(transformer)) or each block with
 # its hooks (diffusers' compile_repeated_blocks) traces the plan's per-call decisions, so dynamo
@@ -43,6 +45,23 @@ def compile_options(compile) -> dict | None:
         return dict(compile)
     raise TypeError(f"compile takes True, False or a dict of torch.compile keyword arguments "
                     f"(e.g. {{'mode': 'max-autotune'}}), got {compile!r}")
+
+
+def check_not_compiled(blocks: Mapping[str, nn.Module], compiling: bool) -> None:
+    """Blocks compiled already (``compile_repeated_blocks`` or ``block.compile()``) would trace
+    the plan's cache hooks: refused with ``compile=``, warned about without it."""
+    compiled = [name for name, block in blocks.items()
+                if getattr(block, "_compiled_call_impl", None) is not None]
+    if not compiled:
+        return
+    advice = ("apply the plan to the uncompiled transformer with apply_plan(..., compile=True): "
+              "it compiles each block beneath the plan's cache hooks")
+    if compiling:
+        raise ValueError(f"{len(compiled)} blocks (e.g. {compiled[0]}) are compiled already "
+                         f"(compile_repeated_blocks?); {advice}")
+    logger.warning("%d blocks (e.g. %s) are compiled with their hooks, so dynamo will keep a "
+                   "graph per combination of the plan's cache decisions and may run eagerly past "
+                   "its recompile limit; %s", len(compiled), compiled[0], advice)
 
 
 def install_compiled_blocks(blocks: Mapping[str, nn.Module], options: dict) -> None:

@@ -115,3 +115,15 @@ def test_compile_argument_is_checked_before_anything_is_installed(bad):
         apply_plan(model, _two_run_plan(model), backend="dense", compile=bad)
     # nothing was left behind: the plan applies again
     apply_plan(model, _two_run_plan(model), backend="dense").remove()
+
+
+def test_blocks_compiled_already_are_refused_with_compile_and_warned_about_without(caplog):
+    model = tiny_wan()
+    model.compile_repeated_blocks(backend="eager")  # compiles each block with its hooks
+    with pytest.raises(ValueError, match=r"blocks \(e.g. blocks.0\) are compiled already .*"
+                                         r"apply_plan\(\.\.\., compile=True\)"):
+        apply_plan(model, _two_run_plan(model), backend="dense", compile=True)
+    with caplog.at_level(logging.WARNING, logger="ditplan.runtime.compiled_blocks"):
+        handle = apply_plan(model, _two_run_plan(model), backend="dense")  # refused: nothing left
+    handle.remove()
+    assert "may run eagerly past its recompile limit" in caplog.text
