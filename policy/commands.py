@@ -37,6 +37,10 @@ def register(subparsers) -> None:
     compile_.add_argument("--density", action="append", default=[], metavar="[BLOCK=]D",
                           help="force attention density D for one block, or for all blocks")
     compile_.add_argument("--no-cache", action="store_true", help="no layer caching")
+    compile_.add_argument("--mixed-heads", action="store_true",
+                          help="heads whose recall never reaches the target stay dense while "
+                               "the layer's other heads run sparse (else such a layer is dense "
+                               "or one density serves all its heads)")
     compile_.add_argument("--no-model-runs", action="store_true",
                           help="never skip whole transformer calls (needed for plans run under "
                                "context parallelism, `ditplan run --nproc N`)")
@@ -126,6 +130,7 @@ def _parse_overrides(args: argparse.Namespace) -> dict:
             fixed = density
     return dict(roles=roles, all_roles=args.all_roles, densities=densities,
                 fixed_density=fixed, caching=not args.no_cache, model_runs=not args.no_model_runs,
+                mixed_heads=args.mixed_heads,
                 target_speedup=args.target_speedup, min_psnr=args.min_psnr,
                 calibrate_candidates=args.candidates, refine_rounds=args.refine)
 

@@ -29,6 +29,7 @@ from ditplan.policy.plan import (
     PlanDefaults,
     Provenance,
     Workload,
+    all_heads_dense,
 )
 from ditplan.policy.plan_io import normalize_plan
 from ditplan.policy.quality import predicted_error
@@ -413,7 +414,8 @@ def layer_plans(profile: Profile, roles: dict[str, str], config: CompilerConfig,
         spec = AttentionSpec(
             density=choice.density, block_size=int(settings["block_size"]),
             tile=tuple(settings["tile"]), sink=bool(settings["sink"]),
-            dense_steps=() if choice.density == 1.0 else tuple(range(warmup)),
+            dense_steps=() if all_heads_dense(choice.density, choice.head_densities)
+            else tuple(range(warmup)),
             head_densities=choice.head_densities,
         )
         logger.debug("%s: %s, density %s (%s)", block, roles[block], choice.density, choice.reason)

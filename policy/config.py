@@ -37,6 +37,9 @@ class CompilerConfig:
     recall_quantile: float = 0.1
     min_prediction_ratio: float = 0.85  # predicted/oracle recall below this: the layer stays dense
     head_spread: float = 0.15  # per-head densities when heads' densities spread more than this
+    # heads whose recall never reaches the target stay dense while the layer's other heads run
+    # sparse (off: such a layer is dense, or takes its head-mean density for every head)
+    mixed_heads: bool = False
     warmup_min_fraction: float = 0.12
     warmup_max_fraction: float = 0.5
     settle_tolerance: float = 0.5  # change within (1 + tol) x the mid-run plateau counts settled

@@ -41,6 +41,11 @@ def _schema(**constraints) -> dict:
     return {"schema": constraints}
 
 
+def all_heads_dense(density: float | None, head_densities: tuple[float, ...] | None) -> bool:
+    """A layer's attention is dense: density 1.0 and no head below it."""
+    return density == 1.0 and (head_densities is None or min(head_densities) == 1.0)
+
+
 @dataclass(frozen=True)
 class AttentionSpec:
     """How one self-attention layer runs: dense, or block-mean sparse with these settings.
@@ -104,7 +109,9 @@ class AttentionSpec:
 
     @property
     def is_dense(self) -> bool:
-        return self.density == 1.0
+        """Every head dense (with head_densities, a layer of density 1.0 may still have sparse
+        heads: the compiler's mixed heads keep diffuse heads dense beside sparse ones)."""
+        return all_heads_dense(self.density, self.head_densities)
 
     def dense_at(self, step: int | None) -> bool:
         """True when this layer runs dense attention at denoising step ``step``."""

@@ -6,7 +6,9 @@ A layer gets the smallest density whose block-mean-PREDICTED mask keeps at least
 concave function of k (a sum of sorted shares), so the chord lies below the curve and the
 interpolated density is never smaller than the true one (for the predicted mask, whose ranking
 is nearly the oracle's on well-predicted layers, this holds approximately). Densities are then
-rounded up to 0.01.
+rounded up to 0.01. With ``mixed_heads``, a head whose recall never reaches the target keeps
+density 1.0 while the layer's other heads run sparse (heads are often bimodal: some attend
+locally, some to everything).
 """
 
 from __future__ import annotations
@@ -84,15 +86,38 @@ def choose_sparsity(profile: Profile, layer: int, config: CompilerConfig,
     oracle = profile.recall_oracle[layer][..., keep]
     q, grid, target = config.recall_quantile, profile.densities, config.recall_target
     density = required_density(np.quantile(pred.mean(axis=0), q, axis=-1), grid, target)
+    heads = [required_density(np.quantile(h, q, axis=-1), grid, target) for h in pred]
+    if config.mixed_heads and None in heads:
+        return _mixed_heads(pred, oracle, grid, heads, config)
     if density is None:
         return LayerSparsity(DENSE, None, f"predicted recall < {target} at density {grid[-1]}")
     ratio = _prediction_ratio(pred, oracle, grid, density)
     if ratio < config.min_prediction_ratio:
         return LayerSparsity(DENSE, None, f"poor prediction (predicted/oracle {ratio:.2f})")
-    heads = [required_density(np.quantile(h, q, axis=-1), grid, target) for h in pred]
     if None in heads or max(heads) - min(heads) <= config.head_spread:
         return LayerSparsity(density, None, "layer")
     return LayerSparsity(max(heads), tuple(heads), "per head")
+
+
+def _mixed_heads(pred: np.ndarray, oracle: np.ndarray, grid: np.ndarray,
+                 heads: list[float | None], config: CompilerConfig) -> LayerSparsity:
+    """Heads that reach the target at their own density, the others dense (1.0).
+
+    Args:
+        pred, oracle: [H, D, N'] recall of the layer's heads on its sparse steps.
+        heads: each head's required density, None where no grid density reaches the target.
+    """
+    sparse = [h for h, d in enumerate(heads) if d is not None]
+    if not sparse:
+        return LayerSparsity(DENSE, None, f"no head's predicted recall reaches "
+                                          f"{config.recall_target} at density {grid[-1]}")
+    ratio = _prediction_ratio(pred[sparse], oracle[sparse], grid,
+                              max(heads[h] for h in sparse))
+    if ratio < config.min_prediction_ratio:
+        return LayerSparsity(DENSE, None, f"poor prediction (predicted/oracle {ratio:.2f})")
+    per_head = tuple(DENSE if d is None else d for d in heads)
+    return LayerSparsity(max(per_head), per_head,
+                         f"per head, {len(heads) - len(sparse)} of {len(heads)} dense")
 
 
 def _prediction_ratio(pred: np.ndarray, oracle: np.ndarray, grid: np.ndarray,

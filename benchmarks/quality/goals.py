@@ -12,7 +12,7 @@ GOAL_DENSITY = 0.2  # 80% sparsity
 MIN_COSINE = 0.98
 MIN_PSNR_DB = 30.0
 MIN_CACHING_GAIN = 1.3  # sparse + caching vs the best caching-only plan, at equal PSNR
-SPARSE_AND_CACHING = "ditplan"
+SPARSE_AND_CACHING = ("ditplan", "ditplan-mixed-heads")  # families of sparse + caching plans
 CACHING_ONLY = "ditplan-cache-only"
 
 
@@ -82,7 +82,7 @@ def caching_gain(rows: list[dict]) -> Verdict:
             "caching-only plan at equal PSNR")
     ok = [r for r in rows if r["status"] == "ok" and r["psnr_db_mean"] is not None]
     curve = [(r["speedup"], r["psnr_db_mean"]) for r in ok if r["family"] == CACHING_ONLY]
-    plans = [r for r in ok if r["family"] == SPARSE_AND_CACHING and _sparse_and_cached(r)]
+    plans = [r for r in ok if r["family"] in SPARSE_AND_CACHING and _sparse_and_cached(r)]
     if not curve or not plans:
         return Verdict(goal, None, f"{len(curve)} caching-only and {len(plans)} sparse + "
                                    "caching plans measured (need both)")

@@ -15,14 +15,20 @@ LONG_GRID = dict(
     # ditplan plans with sparse attention + caching, and the same without sparse attention: two
     # curves over about 1.2-3x, so that they can be compared at equal PSNR
     presets=("high", "balanced", "fast"), targets=(1.5, 2.0, 3.0),
+    # the same presets with mixed heads: diffuse heads dense beside sparse ones
+    mixed_presets=("high", "balanced", "fast"),
 )
-LONG_QUICK_GRID = dict(densities=(0.2,), presets=("fast",), targets=(1.5,))
+LONG_QUICK_GRID = dict(densities=(0.2,), presets=("fast",), targets=(1.5,),
+                       mixed_presets=("fast",))
+MIXED = {"mixed_heads": True}
+MIXED_FAMILY = "ditplan-mixed-heads"
 
 
 def build_long_methods(ctx: CatalogContext, quick: bool) -> list[Method]:
     """dense repeat, sparse attention alone at each density (the compiler's layers, then every
     layer), RainFusion2.0 as published, then ditplan's plans with sparse attention and caching,
-    then with caching only."""
+    then with caching only, then the presets with mixed heads (with caching, and balanced
+    without: sparse attention alone where each head needs it)."""
     grid = LONG_QUICK_GRID if quick else LONG_GRID
     choice = functools.cache(lambda: choose_layers(ctx.trace_dir()))
     every = functools.cache(lambda: every_layer(choice()))  # the same compile's blocks
@@ -32,8 +38,15 @@ def build_long_methods(ctx: CatalogContext, quick: bool) -> list[Method]:
                for d in grid["densities"]]
     published = rainfusion(RAINFUSION_DENSITY, steps=ctx.steps, block_size=ctx.block_size,
                            tile=ctx.tile, backend=ctx.backend)
+    common = dict(backend=ctx.backend, adapt=ctx.adapt)
+    mixed = [plan_method(MIXED_FAMILY, p, ctx.trace_dir, p, overrides=lambda: dict(MIXED),
+                         params=dict(MIXED), **common) for p in grid["mixed_presets"]]
+    alone = {**MIXED, "caching": False}
+    mixed.append(plan_method(f"{MIXED_FAMILY}-sparse-only", "balanced", ctx.trace_dir,
+                             "balanced", overrides=lambda: dict(alone), params=dict(alone),
+                             **common))
     return [dense_repeat(), *sparse, published, *_plans(ctx, grid, "ditplan", {}),
-            *_plans(ctx, grid, "ditplan-cache-only", {"fixed_density": 1.0})]
+            *_plans(ctx, grid, "ditplan-cache-only", {"fixed_density": 1.0}), *mixed]
 
 
 def _plans(ctx: CatalogContext, grid: dict, family: str, forced: dict) -> list[Method]:

@@ -20,7 +20,8 @@ WORKLOAD = ["--frames", "4", "--height", "16", "--width", "16", "--block-size", 
 METHODS = ["dense/baseline", "dense/repeat", "ditplan-sparse-only/d=0.2",
            "sparse-every-layer/d=0.2", "rainfusion2/d=0.2",
            "ditplan/fast", "ditplan/target=1.5x", "ditplan-cache-only/fast",
-           "ditplan-cache-only/target=1.5x"]
+           "ditplan-cache-only/target=1.5x", "ditplan-mixed-heads/fast",
+           "ditplan-mixed-heads-sparse-only/balanced"]
 VERDICTS = ("**met**", "**missed**", "**not measured**")
 
 

@@ -56,6 +56,12 @@ def test_overrides_for_a_benchmark_plan(traces, tmp_path):
     assert [plan.layers[b].attention.density for b in plan.block_order] == [0.5, 0.2, 0.2, 0.2]
 
 
+def test_mixed_heads_flag_reaches_the_compiler(traces, tmp_path):
+    out = tmp_path / "mixed.json"
+    assert run(["compile-policy", str(traces), "--out", str(out), "--mixed-heads"]) == 0
+    assert load_plan(out).provenance.compiler_settings["mixed_heads"] is True
+
+
 @pytest.mark.parametrize("extra, code, message", [
     (["--role", "blocks.1"], 2, "expected BLOCK=ROLE"),
     (["--density", "blocks.1=lots"], 2, "expected [BLOCK=]D"),

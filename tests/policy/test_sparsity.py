@@ -7,6 +7,7 @@ import pytest
 
 from ditplan.policy.config import CompilerConfig
 from ditplan.policy.load_profile import load_profile
+from ditplan.policy.plan import all_heads_dense
 from ditplan.policy.sparsity import DENSE, choose_sparsity, required_density
 from tests.policy.policy_factories import LayerTruth, TraceSpec, write_traces
 
@@ -39,7 +40,8 @@ def test_required_density_matches_reference_on_random_curves():
 def profile(tmp_path_factory):
     layers = (LayerTruth(mass_fraction=0.1), LayerTruth(mass_fraction=0.05, prediction=0.8),
               LayerTruth(mass_fraction=0.9), LayerTruth(head_fractions=(0.05, 0.3)),
-              LayerTruth(mass_fraction=0.25))
+              LayerTruth(mass_fraction=0.25),
+              LayerTruth(head_fractions=(0.05, 0.9)))  # one local head, one attending to all
     return load_profile(write_traces(tmp_path_factory.mktemp("t"), TraceSpec(layers=layers)))
 
 
@@ -71,6 +73,22 @@ def test_heads_that_differ_get_their_own_densities(profile):
     assert heads.head_densities is not None and heads.density == max(heads.head_densities)
     assert heads.head_densities[0] <= 0.06 and 0.27 <= heads.head_densities[1] <= 0.3
     assert choose(profile, 3, head_spread=0.5).head_densities is None
+
+
+def test_mixed_heads_keep_diffuse_heads_dense_beside_sparse_ones(profile):
+    # off: the head-mean recall misses the target at every density, so the layer is dense
+    assert choose(profile, 5).density == DENSE and choose(profile, 5).head_densities is None
+    mixed = choose(profile, 5, mixed_heads=True)
+    assert mixed.head_densities[1] == DENSE and mixed.head_densities[0] <= 0.06
+    assert mixed.density == DENSE and not all_heads_dense(mixed.density, mixed.head_densities)
+    assert mixed.reason == "per head, 1 of 2 dense"
+    # no head reaches the target: dense; a poorly predicted layer stays dense too
+    assert "no head's predicted recall reaches" in choose(profile, 2, mixed_heads=True).reason
+    poor = choose(profile, 1, recall_target=0.7, mixed_heads=True)
+    assert poor.density == DENSE and "poor prediction" in poor.reason
+    # layers whose every head reaches the target are chosen as without mixed heads
+    for layer in (0, 3, 4):
+        assert choose(profile, layer, mixed_heads=True) == choose(profile, layer)
 
 
 def test_overrides_win(profile):

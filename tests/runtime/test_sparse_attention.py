@@ -84,7 +84,9 @@ def test_in_place_permutation_equals_the_copying_one_and_spares_the_inputs():
     torch.testing.assert_close(in_place, copied, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("densities", [(0.4, 0.4), (0.2, 0.6)])  # one density; one per head
+# one density; one per head; a dense head beside a sparse one (the compiler's mixed heads:
+# density 1.0, the layer still sparse)
+@pytest.mark.parametrize("densities", [(0.4, 0.4), (0.2, 0.6), (1.0, 0.2)])
 def test_sparse_processor_matches_masked_reference(densities):
     model, inputs = tiny_wan(), tiny_wan_inputs(**GRID_INPUTS)
     attn = model.blocks[0].attn1
