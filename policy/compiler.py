@@ -41,7 +41,7 @@ from ditplan.policy.schedule import (
     warmup_steps,
 )
 from ditplan.policy.search import build_run, run_choices
-from ditplan.policy.sparsity import choose_sparsity
+from ditplan.policy.sparsity import DENSE, choose_sparsity
 
 logger = logging.getLogger(__name__)
 # Measures candidate plans (or expert plans, each pair end to end) on the device they are for
@@ -207,7 +207,7 @@ def search_designs(profile: Profile, roles: dict[str, str], config: CompilerConf
     for recall in (config.recall_target,) if forced else SEARCH_RECALLS:
         attention = (dataclasses.replace(config, fixed_density=1.0) if recall is None else
                      dataclasses.replace(config, recall_target=recall))
-        layers = layer_plans(profile, roles, attention, warmup)
+        layers = layer_plans(profile, roles, attention, warmup, cost)
         if not forced and recall is not None and all(
                 lp.attention.is_dense for lp in layers.values()):
             continue  # the traces support no sparsity at this recall: same as dense
@@ -392,7 +392,7 @@ def design(profile: Profile, roles: dict[str, str], config: CompilerConfig,
            cost: CostModel) -> Design:
     """Build one candidate: warm-up, per-layer attention specs, cache groups, predictions."""
     warmup = warmup_steps(_pooled_curves(profile), profile.steps, config)
-    layers = layer_plans(profile, roles, config, warmup)
+    layers = layer_plans(profile, roles, config, warmup, cost)
     runs = _cache_groups(profile, roles, config, warmup)
     specs = {b: lp.attention for b, lp in layers.items()}
     speedup = cost.predict_speedup(specs, runs, profile.steps, profile.contexts)
@@ -403,8 +403,10 @@ def design(profile: Profile, roles: dict[str, str], config: CompilerConfig,
 
 
 def layer_plans(profile: Profile, roles: dict[str, str], config: CompilerConfig,
-                warmup: int) -> dict[str, LayerPlan]:
-    """Each block's role and self-attention spec (sparse after ``warmup`` dense steps)."""
+                warmup: int, cost: CostModel) -> dict[str, LayerPlan]:
+    """Each block's role and self-attention spec (sparse after ``warmup`` dense steps). A
+    mixed-heads choice the cost model expects no time from (most heads dense: selection costs
+    what the sparse heads save) stays dense: it would only lose quality."""
     sparse_steps = np.arange(profile.steps) >= warmup
     settings = profile.metadata.profiler_settings
     attention = profile.metadata.model_config.self_attention
@@ -418,7 +420,12 @@ def layer_plans(profile: Profile, roles: dict[str, str], config: CompilerConfig,
             else tuple(range(warmup)),
             head_densities=choice.head_densities,
         )
-        logger.debug("%s: %s, density %s (%s)", block, roles[block], choice.density, choice.reason)
+        reason = choice.reason
+        if DENSE in (choice.head_densities or ()) and cost.sparse_factor(spec) >= 1.0:
+            spec = AttentionSpec(density=1.0, block_size=spec.block_size, tile=spec.tile,
+                                 sink=spec.sink)
+            reason = f"{reason}: no time saved (cost model), dense"
+        logger.debug("%s: %s, density %s (%s)", block, roles[block], choice.density, reason)
         layers[block] = LayerPlan(role=roles[block], attention_module=attention[block],
                                   attention=spec)
     return layers

@@ -65,3 +65,24 @@ def test_golden_mechanism_on_synthetic_traces(tmp_path):
     golden.write_text(golden.read_text().replace('"quality": "balanced"', '"quality": "fast"'))
     with pytest.raises(AssertionError, match="no longer compiles"):
         check_golden(traces, "balanced", golden, update=False)
+
+
+@pytest.mark.parametrize("preset", sorted(QUALITY_PRESETS))
+@pytest.mark.parametrize("model", ["ditplan-ref-t2v", "ditplan-ref-t2v-long"])
+def test_every_sparse_layer_saves_time_by_the_cost_model_with_mixed_heads(model, preset):
+    # a mixed-heads layer that keeps most heads dense would cost selection for little saved
+    # attention: the compiler keeps it dense (on the small model's traces high and balanced
+    # had such a layer, fast too)
+    from ditplan.policy.cost import CostModel
+    from ditplan.policy.load_profile import load_profile
+
+    trace_dir = TRACE_ROOT / model
+    plan = compile_policy(trace_dir, CompilerConfig.from_name(preset, mixed_heads=True))
+    profile = load_profile(trace_dir)
+    meta = profile.metadata
+    cost = CostModel.for_model(meta.model_config, meta.workload.num_tokens, profile.densities,
+                               profile.kept_fraction)
+    sparse = [layer.attention for layer in plan.layers.values() if not layer.attention.is_dense]
+    assert all(cost.sparse_factor(spec) < 1.0 for spec in sparse)
+    if model.endswith("long"):  # its heads are bimodal: some layers mix dense and sparse heads
+        assert any(1.0 in (spec.head_densities or ()) for spec in sparse)
