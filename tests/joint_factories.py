@@ -108,7 +108,8 @@ def profile(model, prompt_inputs, out_dir, *, settings: RecorderSettings, steps:
 def assert_plan_applies_and_removes_exactly(model, plan: Plan, inputs: dict, *, steps: int,
                                             timestep_max: float) -> None:
     """A generation under ``plan`` runs sparse and skips blocks, and differs from the dense
-    one; after ``remove()`` the model generates the dense output bitwise."""
+    one; with ``compile=`` (dynamo's eager backend: the same ops) it is the same generation;
+    after ``remove()`` the model generates the dense output bitwise."""
     expected = generate(model, inputs, steps=steps, timestep_max=timestep_max)
     handle = apply_plan(model, plan, backend="torch")
     actual = generate(model, inputs, steps=steps, timestep_max=timestep_max)
@@ -116,5 +117,12 @@ def assert_plan_applies_and_removes_exactly(model, plan: Plan, inputs: dict, *, 
     handle.remove()
     assert stats["attention_density"] < 1.0 and stats["blocks_skipped_share"] > 0
     assert torch.isfinite(actual).all() and not torch.equal(actual, expected)
+    torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    handle = apply_plan(model, plan, backend="torch", compile={"backend": "eager"})
+    compiled = generate(model, inputs, steps=steps, timestep_max=timestep_max)
+    handle.remove()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # blocks compiled
+    assert torch.equal(compiled, actual)
     assert torch.equal(generate(model, inputs, steps=steps, timestep_max=timestep_max),
                        expected)  # removed exactly
