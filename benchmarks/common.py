@@ -70,18 +70,27 @@ def uncompile_blocks(model) -> None:
         module._compiled_call_impl = None  # set by nn.Module.compile
 
 
-def warm_up_generations(generate, max_generations: int = 3) -> tuple[int, float, int]:
-    """Call ``generate()`` until a call compiles no new dynamo graph; (calls, seconds, graphs
-    compiled). Fails if graphs are still new after ``max_generations`` calls."""
+def graphs_compiled_by(fn) -> int:
+    """How many new dynamo graphs one call of ``fn()`` compiled."""
     counters = torch._dynamo.utils.counters["stats"]
-    start, first = time.perf_counter(), counters["unique_graphs"]
-    for calls in range(1, max_generations + 1):
-        before = counters["unique_graphs"]
-        generate()
-        if counters["unique_graphs"] == before:
-            return calls, time.perf_counter() - start, counters["unique_graphs"] - first
-    raise RuntimeError(f"torch.compile still compiled new graphs after {max_generations} "
-                       "generations; not timing it")
+    before = counters["unique_graphs"]
+    fn()
+    return counters["unique_graphs"] - before
+
+
+def compile_until_settled(call, max_calls: int, unit: str = "calls") -> tuple[int, int]:
+    """Call ``call()`` (one call of a compiled model, returning how many new dynamo graphs it
+    compiled) until a call compiles none, so that no recompilation lands in timed calls;
+    (calls that compiled something, graphs they compiled). Fails if graphs are still new after
+    ``max_calls`` calls (``unit`` names them in the message)."""
+    graphs = 0
+    for calls in range(max_calls):
+        new = call()
+        if new == 0:
+            return calls, graphs
+        graphs += new
+    raise RuntimeError(f"torch.compile still compiled new graphs after {max_calls} {unit} "
+                       "(a guard that changes every call); not timing it")
 
 
 def timed_once(fn, device: str) -> tuple[float, float]:

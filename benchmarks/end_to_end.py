@@ -34,7 +34,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import banner, timed_once, uncompile_blocks, warm_up_generations
+from benchmarks.common import (
+    banner,
+    compile_until_settled,
+    graphs_compiled_by,
+    timed_once,
+    uncompile_blocks,
+)
 from benchmarks.forward import build
 from benchmarks.quality.scale import Denoiser
 from ditplan.policy.compiler import compile_policy
@@ -160,7 +166,10 @@ def _warm_up(denoise, compiling: dict | None) -> dict:
     """Compiled: generate until nothing new compiles; the row's warm-up columns."""
     if compiling is None:
         return {}
-    generations, seconds, graphs = warm_up_generations(denoise)
+    start = time.perf_counter()
+    compiling, graphs = compile_until_settled(lambda: graphs_compiled_by(denoise), 3,
+                                              "generations")
+    generations, seconds = compiling + 1, time.perf_counter() - start  # with the settled one
     print(f"  compiled {graphs} graphs in {generations} generation(s), {seconds:.0f} s",
           flush=True)
     return dict(warm_up_generations=generations, warm_up_s=seconds, graphs=graphs)

@@ -25,6 +25,8 @@ from benchmarks.common import (
     WAN_480P_LATENTS,
     WAN_TEXT_TOKENS,
     banner,
+    compile_until_settled,
+    graphs_compiled_by,
     peak_memory_gib,
     time_ms,
 )
@@ -69,23 +71,21 @@ def measure(model, inputs, label, rows, repeats, profile_dir=None):
 def call_counting_graphs(compiled, inputs, device: str) -> int:
     """One synchronized no-grad call of a compiled model; returns how many new dynamo graphs
     it compiled."""
-    counters = torch._dynamo.utils.counters["stats"]
-    before = counters["unique_graphs"]
-    with torch.no_grad():
-        compiled(**inputs)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return counters["unique_graphs"] - before
+
+    def call():
+        with torch.no_grad():
+            compiled(**inputs)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return graphs_compiled_by(call)
 
 
 def warm_up_compiled(compiled, inputs, device: str, max_calls: int = 6) -> int:
-    """Call until a call compiles no new graph (so no recompilation lands in the timed calls);
-    returns how many calls compiled something. Fails if graphs are still new after max_calls."""
-    for call in range(max_calls):
-        if call_counting_graphs(compiled, inputs, device) == 0:
-            return call
-    raise RuntimeError(f"torch.compile still compiled new graphs after {max_calls} calls "
-                       "(a guard that changes every call); not timing it")
+    """Call until a call compiles no new graph (:func:`compile_until_settled`); returns how many
+    calls compiled something."""
+    return compile_until_settled(lambda: call_counting_graphs(compiled, inputs, device),
+                                 max_calls)[0]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

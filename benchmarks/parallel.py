@@ -40,7 +40,13 @@ import torch
 import torch.distributed as dist
 from diffusers import ContextParallelConfig, WanTransformer3DModel
 
-from benchmarks.common import banner, peak_memory_gib, time_ms, uncompile_blocks
+from benchmarks.common import (
+    banner,
+    compile_until_settled,
+    peak_memory_gib,
+    time_ms,
+    uncompile_blocks,
+)
 from benchmarks.forward import QUICK_CONFIG, build, call_counting_graphs
 from benchmarks.forward_profile import profile_call, write_profile
 from benchmarks.quality.scale import Denoiser
@@ -111,16 +117,13 @@ class Timer:
         else:
             self.runner = torch.compile(self.model, backend=self.compile_backend)
         device = self.inputs["hidden_states"].device.type
-        start, graphs = time.perf_counter(), 0
-        for call in range(max_calls):
-            new = _over_ranks(call_counting_graphs(self.runner, self.inputs, device),
-                              dist.ReduceOp.MAX)
-            if new == 0:  # graphs: how many frames were compiled (graph breaks add frames)
-                return dict(compile_s=_over_ranks(time.perf_counter() - start,
-                                                  dist.ReduceOp.MAX), compiling_calls=call,
-                            graphs=int(graphs))
-            graphs += new
-        raise RuntimeError(f"torch.compile still compiled new graphs after {max_calls} calls")
+        start = time.perf_counter()
+        # graphs: how many frames were compiled (graph breaks add frames), the most of any rank
+        calls, graphs = compile_until_settled(
+            lambda: int(_over_ranks(call_counting_graphs(self.runner, self.inputs, device),
+                                    dist.ReduceOp.MAX)), max_calls)
+        return dict(compile_s=_over_ranks(time.perf_counter() - start, dist.ReduceOp.MAX),
+                    compiling_calls=calls, graphs=graphs)
 
     def measure(self, variant: str, gpus: int, layers=(), **extra) -> dict:
         """The row of the model as installed now; ``layers``: its sparse layers' runtimes;
