@@ -38,25 +38,24 @@ def build_long_methods(ctx: CatalogContext, quick: bool) -> list[Method]:
                for d in grid["densities"]]
     published = rainfusion(RAINFUSION_DENSITY, steps=ctx.steps, block_size=ctx.block_size,
                            tile=ctx.tile, backend=ctx.backend)
-    common = dict(backend=ctx.backend, adapt=ctx.adapt)
-    mixed = [plan_method(MIXED_FAMILY, p, ctx.trace_dir, p, overrides=lambda: dict(MIXED),
-                         params=dict(MIXED), **common) for p in grid["mixed_presets"]]
-    alone = {**MIXED, "caching": False}
-    mixed.append(plan_method(f"{MIXED_FAMILY}-sparse-only", "balanced", ctx.trace_dir,
-                             "balanced", overrides=lambda: dict(alone), params=dict(alone),
-                             **common))
-    return [dense_repeat(), *sparse, published, *_plans(ctx, grid, "ditplan", {}),
-            *_plans(ctx, grid, "ditplan-cache-only", {"fixed_density": 1.0}), *mixed]
+    return [dense_repeat(), *sparse, published,
+            *_plans(ctx, "ditplan", {}, grid["presets"], grid["targets"]),
+            *_plans(ctx, "ditplan-cache-only", {"fixed_density": 1.0}, grid["presets"],
+                    grid["targets"]),
+            *_plans(ctx, MIXED_FAMILY, MIXED, grid["mixed_presets"]),
+            *_plans(ctx, f"{MIXED_FAMILY}-sparse-only", {**MIXED, "caching": False},
+                    ("balanced",))]
 
 
-def _plans(ctx: CatalogContext, grid: dict, family: str, forced: dict) -> list[Method]:
+def _plans(ctx: CatalogContext, family: str, forced: dict, presets: tuple[str, ...],
+           targets: tuple[float, ...] = ()) -> list[Method]:
     """The presets, then the speed targets (compiled from "balanced"), with ``forced``
     compiler settings."""
     common = dict(backend=ctx.backend, adapt=ctx.adapt)
     methods = [plan_method(family, p, ctx.trace_dir, p, overrides=lambda: dict(forced),
-                           params=dict(forced), **common) for p in grid["presets"]]
+                           params=dict(forced), **common) for p in presets]
     methods += [plan_method(family, f"target={t:g}x", ctx.trace_dir, "balanced",
                             overrides=lambda t=t: {**forced, "target_speedup": t},
                             params=dict(target_speedup=t, **forced), **common)
-                for t in grid["targets"]]
+                for t in targets]
     return methods
