@@ -41,7 +41,7 @@ from ditplan.policy.schedule import (
     warmup_steps,
 )
 from ditplan.policy.search import build_run, run_choices
-from ditplan.policy.sparsity import DENSE, choose_sparsity
+from ditplan.policy.sparsity import DENSE, LayerSparsity, choose_sparsity
 
 logger = logging.getLogger(__name__)
 # Measures candidate plans (or expert plans, each pair end to end) on the device they are for
@@ -356,12 +356,12 @@ def pick_measured(measured: Sequence[Calibration], config: CompilerConfig,
     it (and at or above min_psnr when both are set); with min_psnr alone, the fastest meeting it.
     A candidate whose clips were identical to dense counts as 1x (:func:`credited_speedup`).
     """
-    for m, label in zip(measured, labels, strict=True):
+    speed = [credited_speedup(m) for m in measured]
+    for m, credited, label in zip(measured, speed, labels, strict=True):
         logger.info("calibrated %s: %.2fx, %.2f dB", label, m.speedup, m.psnr_db)
-        if credited_speedup(m) != m.speedup:
+        if credited != m.speedup:
             logger.info("%s changed nothing (clips identical to dense): counted as 1.00x, its "
                         "%.2fx is timing noise", label, m.speedup)
-    speed = [credited_speedup(m) for m in measured]
     target, floor = config.target_speedup, config.min_psnr
     ok = [i for i, m in enumerate(measured)
           if (target is None or speed[i] >= target) and (floor is None or m.psnr_db >= floor)]
@@ -410,22 +410,24 @@ def layer_plans(profile: Profile, roles: dict[str, str], config: CompilerConfig,
     sparse_steps = np.arange(profile.steps) >= warmup
     settings = profile.metadata.profiler_settings
     attention = profile.metadata.model_config.self_attention
-    layers = {}
-    for i, block in enumerate(profile.blocks):
-        choice = choose_sparsity(profile, i, config, sparse_steps)
-        spec = AttentionSpec(
+
+    def spec_of(choice: LayerSparsity) -> AttentionSpec:
+        return AttentionSpec(
             density=choice.density, block_size=int(settings["block_size"]),
             tile=tuple(settings["tile"]), sink=bool(settings["sink"]),
             dense_steps=() if all_heads_dense(choice.density, choice.head_densities)
             else tuple(range(warmup)),
             head_densities=choice.head_densities,
         )
-        reason = choice.reason
+
+    layers = {}
+    for i, block in enumerate(profile.blocks):
+        choice = choose_sparsity(profile, i, config, sparse_steps)
+        spec = spec_of(choice)
         if DENSE in (choice.head_densities or ()) and cost.sparse_factor(spec) >= 1.0:
-            spec = AttentionSpec(density=1.0, block_size=spec.block_size, tile=spec.tile,
-                                 sink=spec.sink)
-            reason = f"{reason}: no time saved (cost model), dense"
-        logger.debug("%s: %s, density %s (%s)", block, roles[block], choice.density, reason)
+            choice = LayerSparsity(DENSE, None, f"{choice.reason}: no time saved (cost model)")
+            spec = spec_of(choice)
+        logger.debug("%s: %s, density %s (%s)", block, roles[block], choice.density, choice.reason)
         layers[block] = LayerPlan(role=roles[block], attention_module=attention[block],
                                   attention=spec)
     return layers

@@ -227,7 +227,8 @@ def apply_plan(
                                                                   ulysses_chunks)
     backend = parse_backend(backend)
     compiling = compile_options(compile)
-    check_not_compiled(dict(adapter.blocks(transformer)), compiling is not None)
+    blocks = dict(adapter.blocks(transformer))
+    check_not_compiled(blocks, compiling is not None)
     names = [name for name, _ in adapter.attention_layers(transformer)]
     specs = resolve_layer_specs(names, {n: plan.attention_spec(n) for n in names})
     permuter = TokenPermuter(shared_tile(specs), plan.workload.tokens_grid)
@@ -242,7 +243,6 @@ def apply_plan(
     originals, layers, hooks = install_sparse_layers(
         transformer, adapter, specs, tracker, permuter, backend, ulysses_chunks
     )
-    blocks = dict(adapter.blocks(transformer))
     if compiling is not None:  # first: the innermost hook, beneath the cache hooks
         install_compiled_blocks(blocks, compiling)
     block_runs = [r for r in plan.runs if not r.whole_call]

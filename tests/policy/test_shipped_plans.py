@@ -56,14 +56,20 @@ def test_shipped_traces_reach_2x_and_3x_targets(target):
     assert any(set("".join(r.schedule.values())) - {"C"} for r in plan.runs)
 
 
+@pytest.fixture(scope="module")
+def long_transformer():
+    from ditplan.runtime.loading import load_pipeline
+
+    return load_pipeline(str(ARTIFACTS / "models" / "ditplan-ref-t2v-long"),
+                         device="cpu").transformer
+
+
 @pytest.mark.parametrize("preset", ["high", "balanced", "fast"])
-def test_long_plans_fit_the_shipped_long_model(preset):
+def test_long_plans_fit_the_shipped_long_model(long_transformer, preset):
     """The long model's golden plans come from traces of the weights that ship beside them: the
     runtime accepts them on that model, weights included (a retrained export needs new traces)."""
     from ditplan.runtime.adapters.base import get_adapter
     from ditplan.runtime.apply import check_plan_fits
-    from ditplan.runtime.loading import load_pipeline
 
-    pipe = load_pipeline(str(ARTIFACTS / "models" / "ditplan-ref-t2v-long"), device="cpu")
     plan = load_plan(ARTIFACTS / "plans" / f"ditplan-ref-t2v-long-{preset}.json")
-    check_plan_fits(plan, pipe.transformer, get_adapter(pipe.transformer), check_weights=True)
+    check_plan_fits(plan, long_transformer, get_adapter(long_transformer), check_weights=True)
