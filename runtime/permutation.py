@@ -42,6 +42,7 @@ class TokenPermuter:
         self.active = self.tile != (1, 1, 1)
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._forced: dict[tuple, ForcedBlocks] = {}
+        self._forced_settings: set[tuple[int, bool]] = set()  # built at each begin()
 
     def begin(self, layout: TokenLayout, device: torch.device) -> None:
         """Start a forward with this layout."""
@@ -53,6 +54,14 @@ class TokenPermuter:
             )
         self.layout = layout
         self.device = torch.device(device)
+        for block_size, sink in sorted(self._forced_settings):
+            self.forced(block_size, sink)
+
+    def build_forced_at_begin(self, block_size: int, sink: bool) -> None:
+        """Build :meth:`forced` for these settings in each :meth:`begin` (the transformer's
+        pre-hook), not at the first sparse call: building counts blocks on the host, which
+        under torch.compile would break each block's graph at its attention."""
+        self._forced_settings.add((block_size, sink))
 
     def _key(self) -> tuple:
         # Plain values, not the TokenLayout itself: when a compiled model's first call is also

@@ -218,6 +218,7 @@ def install_sparse_layers(
             continue
         runtime = LayerRuntime(name, specs[name], tracker, permuter, backend, ulysses_chunks)
         runtimes.append(runtime)
+        permuter.build_forced_at_begin(specs[name].block_size, specs[name].sink)
         originals[attn] = attn.processor
         attn.set_processor(adapter.processor_class(attn.processor, runtime, adapter))
         logger.debug("%s: sparse attention %s", name, runtime.spec)

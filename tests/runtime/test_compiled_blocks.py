@@ -127,3 +127,18 @@ def test_blocks_compiled_already_are_refused_with_compile_and_warned_about_witho
         handle = apply_plan(model, _two_run_plan(model), backend="dense")  # refused: nothing left
     handle.remove()
     assert "may run eagerly past its recompile limit" in caplog.text
+
+
+def test_a_sparse_block_compiles_without_graph_breaks():
+    # the layout's forced-block map counts blocks on the host; built at the first sparse call,
+    # it broke every compiled block's graph at its attention (and split it into frames)
+    torch._dynamo.reset()
+    model, inputs = tiny_wan(), tiny_wan_inputs(frames=3, height=16, width=24)
+    plan = tiny_wan_plan(model, steps=4, densities=(0.5, 0.5), dense_steps=(0,))
+    handle = apply_plan(model, plan, backend="dense", compile={"backend": "eager"})
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    run_cfg_steps(model, inputs, 4)
+    handle.remove()
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert dict(counters["graph_break"]) == {}
