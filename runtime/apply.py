@@ -13,6 +13,7 @@ from ditplan.policy.plan import AttentionSpec, Plan, PlanError
 from ditplan.runtime.adapters.base import block_io, get_adapter
 from ditplan.runtime.cache import RunState, install_block_runs, remove_block_runs
 from ditplan.runtime.compiled_blocks import (
+    CompiledBlocks,
     check_not_compiled,
     compile_options,
     install_compiled_blocks,
@@ -255,6 +256,23 @@ def apply_plan(
             _check_ranks(tracker, runs, handle.group)
     logger.info("plan applied: %d sparse attention layers, %d block runs", len(layers), len(runs))
     return handle
+
+
+def compile_blocks(pipe, compile: bool | dict = True) -> CompiledBlocks:
+    """Without a plan: compile each block of ``pipe``'s transformer (every expert's, for a
+    two-expert pipeline) as ``apply_plan(..., compile=)`` does; ``.remove()`` undoes it.
+
+    Args:
+        pipe: a pipeline, or a transformer.
+        compile: True, or a dict of ``torch.compile`` keyword arguments.
+    """
+    transformer = _transformer_of(pipe)
+    adapter = get_adapter(transformer)
+    names = adapter.experts(pipe) if transformer is not pipe else []
+    transformers = [getattr(pipe, name) for name in names] or [transformer]
+    blocks = {f"{i}.{name}": block for i, t in enumerate(transformers)
+              for name, block in adapter.blocks(t)}
+    return CompiledBlocks(blocks, compile)
 
 
 def enable_parallel(pipe, parallel) -> None:

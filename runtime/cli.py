@@ -50,6 +50,13 @@ def _add_run(subparsers) -> None:
         "on a GPU use 3 or more so warm-up and kernel compilation are left out",
     )
     p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile each transformer block with torch.compile (the plan's cache decisions "
+        "stay outside the graphs); with --compare-dense, dense is compiled alike. Each side "
+        "first runs untimed generations until compiled",
+    )
+    p.add_argument(
         "--nproc",
         type=positive_int,
         default=1,

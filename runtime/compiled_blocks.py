@@ -76,3 +76,21 @@ def remove_compiled_blocks(blocks: Mapping[str, nn.Module]) -> None:
     for module in blocks.values():
         if hasattr(module, "_diffusers_hook"):
             module._diffusers_hook.remove_hook(COMPILE_HOOK, recurse=False)
+
+
+class CompiledBlocks:
+    """Blocks compiled as ``apply_plan(compile=)`` compiles them, without a plan (the dense
+    twin, so that a dense run and a plan run compile alike); :meth:`remove` undoes it."""
+
+    def __init__(self, blocks: Mapping[str, nn.Module], compile):
+        options = compile_options(compile)
+        if options is None:
+            raise ValueError("CompiledBlocks needs compile=True or a dict of torch.compile "
+                             "keyword arguments")
+        check_not_compiled(blocks, compiling=True)
+        self._blocks = dict(blocks)
+        install_compiled_blocks(self._blocks, options)
+
+    def remove(self) -> None:
+        remove_compiled_blocks(self._blocks)
+        self._blocks = {}

@@ -14,7 +14,7 @@ import torch
 
 from ditplan.policy.experts import ExpertPlans, load_any_plan
 from ditplan.policy.plan import Plan, PlanError
-from ditplan.runtime.apply import enable_parallel
+from ditplan.runtime.apply import compile_blocks, enable_parallel
 from ditplan.runtime.experts import apply_any_plan
 from ditplan.runtime.launch import Launch
 from ditplan.runtime.loading import REFERENCE, load_pipeline
@@ -37,6 +37,9 @@ REFERENCE_PROMPT = "a red circle slowly moves right"
 VIDEO_NAME, IMAGE_NAME = "video.mp4", "image.png"
 # Untimed generations before timing each side of --compare-dense (dense, then the applied plan).
 COMPARE_WARMUP_RUNS = 1
+# Compiled blocks settle in the second generation (the statistics counters become tensors in the
+# first, which the second's graphs then see); measured on an H200: nothing compiles in a third.
+COMPILE_WARMUP_RUNS = 2
 
 
 @dataclass
@@ -57,6 +60,7 @@ class RunConfig:
     backend: str = "auto"
     compare_dense: bool = False
     repeats: int = 1  # timed generations of each kind; medians are reported
+    compile: bool | dict = False  # compile each transformer block (torch.compile options)
 
 
 def resolve_workload(config: RunConfig, plan: Plan | ExpertPlans | None,
@@ -216,8 +220,11 @@ def run_generation(config: RunConfig, launch: Launch | None = None) -> dict:
         metrics["parallel"] = {"ranks": launch.world, "ulysses_degree": launch.world}
         pipe.set_progress_bar_config(disable=not launch.writes_outputs)
     warmup = COMPARE_WARMUP_RUNS if config.compare_dense else 0
-    handle = (apply_any_plan(pipe, plan, backend=config.backend, parallel=parallel)
-              if plan else None)
+    if config.compile:
+        warmup = max(warmup, COMPILE_WARMUP_RUNS)
+    handle = (apply_any_plan(pipe, plan, backend=config.backend, parallel=parallel,
+                             compile=config.compile) if plan else None)
+    compiled = compile_blocks(pipe, config.compile) if config.compile and not plan else None
     if handle is None and parallel is not None:
         enable_parallel(pipe, parallel)
     frames, metrics["run"] = timed_generations(pipe, config, workload, warmup)
@@ -226,7 +233,12 @@ def run_generation(config: RunConfig, launch: Launch | None = None) -> dict:
         handle.remove()
     dense = None
     if config.compare_dense:
+        if config.compile and compiled is None:
+            torch._dynamo.reset()  # the plan's graphs: dense starts afresh (a fair warm-up)
+            compiled = compile_blocks(pipe, config.compile)
         dense, metrics["dense"] = timed_generations(pipe, config, workload, warmup)
+    if compiled is not None:
+        compiled.remove()
     if launch is not None and not launch.writes_outputs:
         return metrics
     if dense is not None:

@@ -13,7 +13,7 @@ from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 from ditplan.policy.plan import BlockRun
-from ditplan.runtime.apply import apply_plan
+from ditplan.runtime.apply import apply_plan, compile_blocks
 from ditplan.runtime.compiled_blocks import COMPILE_HOOK
 from tests.factories import run_cfg_steps, tiny_wan, tiny_wan_inputs, tiny_wan_plan
 
@@ -142,3 +142,20 @@ def test_a_sparse_block_compiles_without_graph_breaks():
     handle.remove()
     assert counters["stats"]["unique_graphs"] >= 1
     assert dict(counters["graph_break"]) == {}
+
+
+def test_compile_blocks_without_a_plan_compiles_each_block_alike_and_removes():
+    # the dense twin of apply_plan(compile=): `ditplan run --compile --compare-dense` times
+    # dense through it, so both sides compile the same way
+    torch._dynamo.reset()
+    model, inputs = tiny_wan(), tiny_wan_inputs(frames=3, height=16, width=24)
+    eager = run_cfg_steps(model, inputs, 2)
+    compiled = compile_blocks(model, {"backend": "eager"})
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    outputs = run_cfg_steps(model, inputs, 2)
+    assert counters["stats"]["unique_graphs"] >= 1 and dict(counters["graph_break"]) == {}
+    for expected, got in zip(eager, outputs, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    compiled.remove()
+    assert all(block._diffusers_hook.get_hook(COMPILE_HOOK) is None for block in model.blocks)

@@ -28,9 +28,13 @@ class FakeGenerations:
         frames = np.zeros((workload["frames"], workload["height"], workload["width"], 3), np.uint8)
         return frames, {"wall_s": wall, "step_s_median": wall / workload["steps"]}
 
-    def apply_any_plan(self, pipe, plan, backend, parallel):
-        self.events.append("apply")
+    def apply_any_plan(self, pipe, plan, backend, parallel, compile):
+        self.events.append("apply compiled" if compile else "apply")
         return SimpleNamespace(stats=dict, remove=lambda: self.events.append("remove"))
+
+    def compile_blocks(self, pipe, compile):
+        self.events.append("compile dense")
+        return SimpleNamespace(remove=lambda: self.events.append("uncompile dense"))
 
 
 class FakeVideoPipeline:
@@ -45,6 +49,7 @@ def fake(monkeypatch):
     fake = FakeGenerations()
     monkeypatch.setattr(run, "generate", fake.generate)
     monkeypatch.setattr(run, "apply_any_plan", fake.apply_any_plan)
+    monkeypatch.setattr(run, "compile_blocks", fake.compile_blocks)
     monkeypatch.setattr(run, "load_any_plan", lambda path: SimpleNamespace(
         workload=SimpleNamespace(**WORKLOAD)))
     monkeypatch.setattr(run, "load_pipeline", lambda model, device: FakeVideoPipeline())
@@ -71,3 +76,19 @@ def test_a_plain_run_does_not_warm_up(fake, tmp_path):
     metrics = run.run_generation(run.RunConfig(out=tmp_path, plan=tmp_path / "plan.json"))
     assert fake.events == ["apply", "generate", "remove"]
     assert metrics["run"]["warmup_runs"] == 0 and "dense" not in metrics
+
+
+def test_compiled_comparison_compiles_both_sides_and_warms_each_until_settled(fake, tmp_path):
+    config = run.RunConfig(out=tmp_path, plan=tmp_path / "plan.json", compare_dense=True,
+                           repeats=2, compile=True)
+    metrics = run.run_generation(config)
+    side = ["generate"] * (run.COMPILE_WARMUP_RUNS + 2)
+    assert fake.events == ["apply compiled", *side, "remove", "compile dense", *side,
+                           "uncompile dense"]
+    assert metrics["run"]["warmup_runs"] == metrics["dense"]["warmup_runs"] == 2
+
+
+def test_a_compiled_run_without_a_plan_compiles_the_blocks(fake, tmp_path):
+    run.run_generation(run.RunConfig(out=tmp_path, compile=True, **WORKLOAD))
+    assert fake.events == ["compile dense", *["generate"] * (run.COMPILE_WARMUP_RUNS + 1),
+                           "uncompile dense"]
