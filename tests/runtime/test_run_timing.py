@@ -85,7 +85,8 @@ def test_compiled_comparison_compiles_both_sides_and_warms_each_until_settled(fa
     side = ["generate"] * (run.COMPILE_WARMUP_RUNS + 2)
     assert fake.events == ["apply compiled", *side, "remove", "compile dense", *side,
                            "uncompile dense"]
-    assert metrics["run"]["warmup_runs"] == metrics["dense"]["warmup_runs"] == 2
+    assert metrics["run"]["warmup_runs"] == metrics["dense"]["warmup_runs"] == (
+        run.COMPILE_WARMUP_RUNS)
 
 
 def test_a_compiled_run_without_a_plan_compiles_the_blocks(fake, tmp_path):
