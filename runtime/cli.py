@@ -51,10 +51,12 @@ def _add_run(subparsers) -> None:
     )
     p.add_argument(
         "--compile",
-        action="store_true",
-        help="compile each transformer block with torch.compile (the plan's cache decisions "
-        "stay outside the graphs); with --compare-dense, dense is compiled alike. Each side "
-        "first runs untimed generations until compiled",
+        nargs="?",
+        const="inductor",
+        metavar="BACKEND",
+        help="compile each transformer block with torch.compile (default backend inductor; "
+        "the plan's cache decisions stay outside the graphs); with --compare-dense, dense is "
+        "compiled alike. Each side first runs an untimed generation, which compiles",
     )
     p.add_argument(
         "--nproc",
@@ -83,6 +85,7 @@ def _run(args) -> int:
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     fields = {k: getattr(args, k) for k in RunConfig.__dataclass_fields__}
+    fields["compile"] = {"backend": args.compile} if args.compile else False
     if launch is None:
         metrics = run_generation(RunConfig(**fields))
     else:

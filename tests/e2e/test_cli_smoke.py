@@ -71,6 +71,28 @@ def test_profile_compile_run(model_dir, plan_path, tmp_path, capsys):
         assert len(runs) == 2 and metrics[kind]["wall_s"] == pytest.approx(sum(runs) / 2)
 
 
+def test_compiled_run_through_the_cli(model_dir, plan_path, tmp_path):
+    """`--compile eager` (dynamo's eager backend: no C++ build on a CI machine): the plan's blocks
+    and then dense's are compiled, each side warmed by a generation, and the plan's output is
+    the eager plan's bit for bit (the same ops)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    args = ["--plan", str(plan_path), "--prompt", PROMPT, "--device", "cpu", "--backend", "torch"]
+    assert _run(model_dir, tmp_path / "compiled", *args, "--compile", "eager",
+                "--compare-dense") == 0
+    assert counters["stats"]["unique_graphs"] >= 2  # the plan's block graphs, then dense's
+    assert _run(model_dir, tmp_path / "eager", *args) == 0
+    compiled, eager = (json.loads((tmp_path / name / "metrics.json").read_text())
+                       for name in ("compiled", "eager"))
+    assert compiled["run"]["warmup_runs"] == compiled["dense"]["warmup_runs"] == 1
+    assert compiled["config"]["compile"] == str({"backend": "eager"})
+    frames = [(tmp_path / name / "frames.png").read_bytes() for name in ("compiled", "eager")]
+    assert frames[0] == frames[1]
+
+
 def test_run_refuses_a_plan_for_another_workload(model_dir, plan_path, tmp_path, capsys):
     out = tmp_path / "run"
     code = _run(model_dir, out, "--plan", str(plan_path), "--frames", "8", "--device", "cpu")
