@@ -44,8 +44,9 @@ def run_args(model_dir, plan, out) -> list[str]:
             "--backend", "torch", "--compare-dense", "--out", str(out)]
 
 
-def rank_cli(model_dir: str, plan: str, folder: str):
-    """One torchrun rank (its environment as torchrun sets it); rank 0 also runs alone."""
+def rank_cli(model_dir: str, plan: str, folder: str, *extra: str):
+    """One torchrun rank (its environment as torchrun sets it); rank 0 also runs alone.
+    ``extra``: more ``ditplan run`` arguments, for the ranks only."""
     import torch.distributed as dist
 
     rank = dist.get_rank()
@@ -53,11 +54,11 @@ def rank_cli(model_dir: str, plan: str, folder: str):
                     MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
     os.environ.update(torchrun)
     try:  # each rank names its own folder, so the test sees which ranks wrote
-        code = main(run_args(model_dir, plan, f"{folder}/rank{rank}"))
+        code = main([*run_args(model_dir, plan, f"{folder}/rank{rank}"), *extra])
     finally:
         for name in torchrun:
             del os.environ[name]
-    alone = main(run_args(model_dir, plan, f"{folder}/alone")) if rank == 0 else None
+    alone = main(run_args(model_dir, plan, f"{folder}/alone")) if rank == 0 and not extra else None
     return code, alone
 
 
@@ -84,6 +85,21 @@ def test_two_ranks_write_once_and_match_one_process(gloo_ranks, model_dir, tmp_p
     for name in ("frames.png", "dense_frames.png"):  # uint8: equal up to rounding
         assert np.abs(image(parallel / name) - image(single / name)).max() <= 1
     assert metrics["vs_dense"]["psnr_db"] > 10
+
+
+def test_two_ranks_compiled_match_two_ranks_eager(gloo_ranks, model_dir, tmp_path):
+    """`--compile` under context parallelism: the plan's blocks compiled beneath its hooks, then
+    (after remove(), diffusers' parallel hooks staying) dense's; dynamo's eager backend runs the
+    same ops, so the frames equal the eager parallel run's."""
+    plan = write_plan(model_dir, tmp_path / "plan.json")
+    for name, extra in (("eager", ()), ("compiled", ("--compile", "eager"))):
+        results = gloo_ranks.run(rank_cli, str(model_dir), str(plan), str(tmp_path / name),
+                                 *extra)
+        assert [code for code, _ in results] == [0, 0]
+    eager, compiled = tmp_path / "eager" / "rank0", tmp_path / "compiled" / "rank0"
+    assert json.loads((compiled / "metrics.json").read_text())["run"]["warmup_runs"] == 1
+    for name in ("frames.png", "dense_frames.png"):
+        assert np.array_equal(image(compiled / name), image(eager / name))
 
 
 @pytest.mark.parametrize("environment, message", [
