@@ -64,6 +64,7 @@ class PlanHandle:
     _hooks: list = field(repr=False)
     _blocks: dict = field(repr=False)
     group: object = field(default=None, repr=False)  # the Ulysses ranks' process group, if any
+    compiled: bool = False  # apply_plan(compile=) compiled the blocks (remove() undoes it)
 
     def reset(self) -> None:
         """Forget cached residuals, step counts and statistics (a new generation)."""
@@ -81,7 +82,8 @@ class PlanHandle:
         for hook in self._hooks:
             hook.remove()
         remove_block_runs(self._blocks)
-        remove_compiled_blocks(self._blocks)
+        if self.compiled:
+            remove_compiled_blocks(self._blocks)
         remove_model_runs(self.transformer)
         remove_step_tracker(self.transformer)
         self._originals, self._hooks, self._blocks = {}, [], {}
@@ -249,7 +251,8 @@ def apply_plan(
     block_runs = [r for r in plan.runs if not r.whole_call]
     runs = model_runs + install_block_runs(blocks, block_runs, tracker,
                                            io=block_io(adapter, transformer), **run_options)
-    handle = PlanHandle(transformer, tracker, layers, runs, len(blocks), originals, hooks, blocks)
+    handle = PlanHandle(transformer, tracker, layers, runs, len(blocks), originals, hooks, blocks,
+                        compiled=compiling is not None)
     if parallel is not None:
         handle.group = _enable_parallel(handle, transformer, parallel, cp_plan, adapter)
         if os.environ.get(CHECK_RANKS) == "1":

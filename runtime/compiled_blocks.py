@@ -49,7 +49,14 @@ def compile_options(compile) -> dict | None:
 
 def check_not_compiled(blocks: Mapping[str, nn.Module], compiling: bool) -> None:
     """Blocks compiled already (``compile_repeated_blocks`` or ``block.compile()``) would trace
-    the plan's cache hooks: refused with ``compile=``, warned about without it."""
+    the plan's cache hooks: refused with ``compile=``, warned about without it. Blocks that
+    ditplan compiled (:class:`CompiledBlocks`) are refused with ``compile=`` only: their compiled
+    forward is already the innermost hook."""
+    ours = [name for name, block in blocks.items() if has_compile_hook(block)]
+    if ours and compiling:
+        raise ValueError(f"{len(ours)} blocks (e.g. {ours[0]}) are compiled by ditplan already "
+                         "(compile_blocks); call its remove() first, or apply the plan without "
+                         "compile=")
     compiled = [name for name, block in blocks.items()
                 if getattr(block, "_compiled_call_impl", None) is not None]
     if not compiled:
@@ -62,6 +69,11 @@ def check_not_compiled(blocks: Mapping[str, nn.Module], compiling: bool) -> None
     logger.warning("%d blocks (e.g. %s) are compiled with their hooks, so dynamo will keep a "
                    "graph per combination of the plan's cache decisions and may run eagerly past "
                    "its recompile limit; %s", len(compiled), compiled[0], advice)
+
+
+def has_compile_hook(block: nn.Module) -> bool:
+    registry = getattr(block, "_diffusers_hook", None)
+    return registry is not None and registry.get_hook(COMPILE_HOOK) is not None
 
 
 def install_compiled_blocks(blocks: Mapping[str, nn.Module], options: dict) -> None:

@@ -159,3 +159,18 @@ def test_compile_blocks_without_a_plan_compiles_each_block_alike_and_removes():
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
     compiled.remove()
     assert all(block._diffusers_hook.get_hook(COMPILE_HOOK) is None for block in model.blocks)
+
+
+def test_a_plan_on_blocks_compiled_by_compile_blocks_leaves_them_compiled():
+    # compile_blocks then apply_plan without compile=: the compiled forward is already the
+    # innermost hook, so the plan runs on it, and the plan's remove() leaves it to its owner
+    torch._dynamo.reset()
+    model = tiny_wan()
+    compiled = compile_blocks(model, {"backend": "eager"})
+    with pytest.raises(ValueError, match="compiled by ditplan already"):
+        apply_plan(model, tiny_wan_plan(model, steps=2), compile=True)
+    handle = apply_plan(model, tiny_wan_plan(model, steps=2))
+    handle.remove()
+    assert all(block._diffusers_hook.get_hook(COMPILE_HOOK) is not None for block in model.blocks)
+    compiled.remove()
+    assert all(block._diffusers_hook.get_hook(COMPILE_HOOK) is None for block in model.blocks)
