@@ -203,18 +203,21 @@ def report(rows: list[dict]) -> list[dict]:
     dense = {r["gpus"]: r for r in rows if r["variant"] == "dense"}
     loops = "loop_s" in rows[0]
     print(f"\n{'variant':<16} {'GPUs':>4} {'chunks':>6} {'ms/forward':>11} {'vs dense':>9} "
-          f"{'vs 1 GPU':>9} {'density':>8} {'peak GiB':>9} {'max|diff| vs 1 GPU':>19}"
+          f"{'vs 1 GPU':>9} {'density':>8} {'peak GiB':>9} {'max|diff| vs 1 GPU':>19} "
+          f"{'max|out|':>9}"
           + (f" {'loop s':>8} {'loop max|diff|':>15}" if loops else ""))
     table = []
     for r in rows:
         one = single[r["variant"]]
         diff = (r["out"] - one["out"]).abs().max().item()
+        scale = one["out"].abs().max().item()  # the difference's yardstick (bf16: 2^-8 of it)
         row = {k: v for k, v in r.items() if k not in ("out", "loop_out")}
         row.update(vs_dense=dense[r["gpus"]]["ms"] / r["ms"], vs_one_gpu=one["ms"] / r["ms"],
-                   max_abs_diff=diff)
+                   max_abs_diff=diff, max_abs_out=scale)
         line = (f"{r['variant']:<16} {r['gpus']:>4} {r.get('chunks', ''):>6} {r['ms']:>11.1f} "
                 f"{row['vs_dense']:>8.2f}x {row['vs_one_gpu']:>8.2f}x "
-                f"{r.get('density', 1.0):>8.3f} {r['peak_gib']:>9.2f} {diff:>19.2e}")
+                f"{r.get('density', 1.0):>8.3f} {r['peak_gib']:>9.2f} {diff:>19.2e} "
+                f"{scale:>9.3g}")
         if loops:
             row["loop_max_abs_diff"] = (r["loop_out"] - one["loop_out"]).abs().max().item()
             line += f" {r['loop_s']:>8.1f} {row['loop_max_abs_diff']:>15.2e}"

@@ -21,6 +21,7 @@ def test_quick_run_times_dense_and_sparse_on_one_and_two_ranks(gloo_ranks, tmp_p
     for row in table:
         assert row["ms"] > 0 and row["loop_s"] > 0
         assert row["max_abs_diff"] < 1e-5 and row["loop_max_abs_diff"] < 1e-5
+        assert row["max_abs_out"] == table[0 if row["variant"] == "dense" else 1]["max_abs_out"] > 0
     # averaged over the ranks' heads; the pipelined chunks select alike
     assert table[1]["density"] == table[2]["density"] == table[3]["density"] < 1
     assert table[3]["vs_dense"] == table[4]["ms"] / table[3]["ms"]
