@@ -86,13 +86,18 @@ def _run(args) -> int:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     fields = {k: getattr(args, k) for k in RunConfig.__dataclass_fields__}
     fields["compile"] = {"backend": args.compile} if args.compile else False
-    if launch is None:
-        metrics = run_generation(RunConfig(**fields))
-    else:
-        with joined(launch, args.device) as device:
-            metrics = run_generation(RunConfig(**{**fields, "device": device}), launch)
-        if not launch.writes_outputs:
-            return 0
+    try:
+        if launch is None:
+            metrics = run_generation(RunConfig(**fields))
+        else:
+            with joined(launch, args.device) as device:
+                metrics = run_generation(RunConfig(**{**fields, "device": device}), launch)
+            if not launch.writes_outputs:
+                return 0
+    except torch._dynamo.exc.BackendCompilerFailed as error:  # nothing is written before the end
+        raise ValueError(f"torch.compile's {args.compile} backend failed: "
+                         f"{error.inner_exception}; run without --compile, or try --compile "
+                         "eager") from error
     run = metrics["run"]
     line = (f"wrote {args.out / metrics['output']}: {run['wall_s']:.1f} s, "
             f"{run['step_s_median']:.2f} s/step")

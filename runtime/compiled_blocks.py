@@ -42,6 +42,11 @@ def compile_options(compile) -> dict | None:
     if compile is True:
         return {}
     if isinstance(compile, Mapping):
+        backend = compile.get("backend")
+        known = torch._dynamo.list_backends(exclude_tags=())
+        if isinstance(backend, str) and backend not in known:
+            raise ValueError(f"torch.compile has no backend {backend!r}; its backends: "
+                             f"{', '.join(sorted(known))}")
         return dict(compile)
     raise TypeError(f"compile takes True, False or a dict of torch.compile keyword arguments "
                     f"(e.g. {{'mode': 'max-autotune'}}), got {compile!r}")

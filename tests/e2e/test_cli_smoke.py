@@ -93,6 +93,25 @@ def test_compiled_run_through_the_cli(model_dir, plan_path, tmp_path):
     assert frames[0] == frames[1]
 
 
+def test_compile_backend_errors_are_clear_and_leave_no_output(model_dir, plan_path, tmp_path,
+                                                              capsys):
+    import torch._dynamo
+
+    @torch._dynamo.register_backend(name="ditplan_test_broken")
+    def broken(graph, example_inputs):
+        raise RuntimeError("no C compiler here")
+
+    args = ["--plan", str(plan_path), "--prompt", PROMPT, "--device", "cpu", "--backend", "torch"]
+    for backend, message in (("nosuch", "torch.compile has no backend 'nosuch'"),
+                             ("ditplan_test_broken", "ditplan_test_broken backend failed: no C "
+                                                     "compiler here; run without --compile")):
+        torch._dynamo.reset()
+        out = tmp_path / backend
+        assert _run(model_dir, out, *args, "--compile", backend) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists()
+
+
 def test_run_refuses_a_plan_for_another_workload(model_dir, plan_path, tmp_path, capsys):
     out = tmp_path / "run"
     code = _run(model_dir, out, "--plan", str(plan_path), "--frames", "8", "--device", "cpu")

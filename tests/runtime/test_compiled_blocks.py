@@ -108,10 +108,15 @@ def test_remove_takes_the_compiled_forward_away(eager_outputs):
         torch.testing.assert_close(model(**inputs).sample, before, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("bad", ["yes", 1, ["max-autotune"]])
-def test_compile_argument_is_checked_before_anything_is_installed(bad):
+@pytest.mark.parametrize("bad, error, message", [
+    ("yes", TypeError, "compile takes True, False or a dict"),
+    (1, TypeError, "compile takes True, False or a dict"),
+    (["max-autotune"], TypeError, "compile takes True, False or a dict"),
+    ({"backend": "inductr"}, ValueError, "torch.compile has no backend 'inductr'; its backends"),
+])
+def test_compile_argument_is_checked_before_anything_is_installed(bad, error, message):
     model = tiny_wan()
-    with pytest.raises(TypeError, match="compile takes True, False or a dict"):
+    with pytest.raises(error, match=message):
         apply_plan(model, _two_run_plan(model), backend="dense", compile=bad)
     # nothing was left behind: the plan applies again
     apply_plan(model, _two_run_plan(model), backend="dense").remove()
