@@ -9,7 +9,9 @@ import torch
 
 from ditplan.policy.experts import ExpertPlans, load_any_plan
 from ditplan.profiler.schema import read_traces
+from ditplan.runtime.apply import compile_blocks
 from ditplan.runtime.cli import main
+from ditplan.runtime.compiled_blocks import COMPILE_HOOK
 from ditplan.runtime.experts import apply_any_plan
 from ditplan.runtime.loading import load_pipeline
 from tests.experts_factories import BOUNDARY, saved_tiny_experts_pipeline
@@ -77,6 +79,30 @@ def test_compile_show_and_run(plan_path, experts_dir, tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["run"]["experts"]) == set(RANGES)
     assert 0 < metrics["run"]["attention_density"] < 1
+
+
+def test_compiled_run_compiles_both_experts(plan_path, experts_dir, tmp_path):
+    """`--compile` with a plan file per expert: each expert's plan compiled beneath its hooks,
+    then dense with both experts compiled; frames equal the eager plan's (dynamo's eager
+    backend runs the same ops)."""
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    run = ["run", "--model", str(experts_dir), "--plan", str(plan_path), "--prompt", PROMPT,
+           "--device", "cpu", "--backend", "torch"]
+    assert main([*run, "--out", str(tmp_path / "eager")]) == 0
+    assert counters["stats"]["unique_graphs"] == 0
+    assert main([*run, "--compile", "eager", "--compare-dense",
+                 "--out", str(tmp_path / "compiled")]) == 0
+    assert counters["stats"]["unique_graphs"] >= 2
+    frames = [(tmp_path / name / "frames.png").read_bytes() for name in ("eager", "compiled")]
+    assert frames[0] == frames[1]
+    pipe = load_pipeline(str(experts_dir))  # dense's compilation covers both experts
+    compiled = compile_blocks(pipe, {"backend": "eager"})
+    hooked = [block._diffusers_hook.get_hook(COMPILE_HOOK) is not None
+              for name in RANGES for block in getattr(pipe, name).blocks]
+    compiled.remove()
+    assert hooked == [True] * 2 * len(pipe.transformer.blocks)
 
 
 def test_each_expert_computes_only_its_steps(plan_path, experts_dir):
