@@ -77,6 +77,7 @@ def check_not_compiled(blocks: Mapping[str, nn.Module], compiling: bool) -> None
 
 
 def has_compile_hook(block: nn.Module) -> bool:
+    """True when ditplan's compiled forward is registered on ``block``."""
     registry = getattr(block, "_diffusers_hook", None)
     return registry is not None and registry.get_hook(COMPILE_HOOK) is not None
 

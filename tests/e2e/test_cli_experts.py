@@ -11,7 +11,7 @@ from ditplan.policy.experts import ExpertPlans, load_any_plan
 from ditplan.profiler.schema import read_traces
 from ditplan.runtime.apply import compile_blocks
 from ditplan.runtime.cli import main
-from ditplan.runtime.compiled_blocks import COMPILE_HOOK
+from ditplan.runtime.compiled_blocks import has_compile_hook
 from ditplan.runtime.experts import apply_any_plan
 from ditplan.runtime.loading import load_pipeline
 from tests.experts_factories import BOUNDARY, saved_tiny_experts_pipeline
@@ -99,8 +99,7 @@ def test_compiled_run_compiles_both_experts(plan_path, experts_dir, tmp_path):
     assert frames[0] == frames[1]
     pipe = load_pipeline(str(experts_dir))  # dense's compilation covers both experts
     compiled = compile_blocks(pipe, {"backend": "eager"})
-    hooked = [block._diffusers_hook.get_hook(COMPILE_HOOK) is not None
-              for name in RANGES for block in getattr(pipe, name).blocks]
+    hooked = [has_compile_hook(block) for name in RANGES for block in getattr(pipe, name).blocks]
     compiled.remove()
     assert hooked == [True] * 2 * len(pipe.transformer.blocks)
 

@@ -14,7 +14,7 @@ from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 from ditplan.policy.plan import BlockRun
 from ditplan.runtime.apply import apply_plan, compile_blocks
-from ditplan.runtime.compiled_blocks import COMPILE_HOOK
+from ditplan.runtime.compiled_blocks import has_compile_hook
 from tests.factories import run_cfg_steps, tiny_wan, tiny_wan_inputs, tiny_wan_plan
 
 STEPS = 8
@@ -101,9 +101,7 @@ def test_remove_takes_the_compiled_forward_away(eager_outputs):
                         compile={"backend": "eager"})
     run_cfg_steps(model, inputs, 2)
     handle.remove()
-    for block in model.blocks:
-        registry = getattr(block, "_diffusers_hook", None)
-        assert registry is None or registry.get_hook(COMPILE_HOOK) is None
+    assert not any(has_compile_hook(block) for block in model.blocks)
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).sample, before, rtol=0, atol=0)
 
@@ -163,7 +161,7 @@ def test_compile_blocks_without_a_plan_compiles_each_block_alike_and_removes():
     for expected, got in zip(eager, outputs, strict=True):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
     compiled.remove()
-    assert all(block._diffusers_hook.get_hook(COMPILE_HOOK) is None for block in model.blocks)
+    assert not any(has_compile_hook(block) for block in model.blocks)
 
 
 def test_a_plan_on_blocks_compiled_by_compile_blocks_leaves_them_compiled():
@@ -176,6 +174,6 @@ def test_a_plan_on_blocks_compiled_by_compile_blocks_leaves_them_compiled():
         apply_plan(model, tiny_wan_plan(model, steps=2), compile=True)
     handle = apply_plan(model, tiny_wan_plan(model, steps=2))
     handle.remove()
-    assert all(block._diffusers_hook.get_hook(COMPILE_HOOK) is not None for block in model.blocks)
+    assert all(has_compile_hook(block) for block in model.blocks)
     compiled.remove()
-    assert all(block._diffusers_hook.get_hook(COMPILE_HOOK) is None for block in model.blocks)
+    assert not any(has_compile_hook(block) for block in model.blocks)
