@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
 from . import dense, fa4, flex, torch_sparse  # noqa: F401  (import registers the backends)
-from .block_lists import lists_from_map, select_block_lists
+from .block_lists import lists_from_map, map_from_lists, select_block_lists
 from .block_map import (
     ForcedBlocks,
     block_mean_scores,
@@ -31,18 +32,22 @@ from .registry import (
     num_blocks,
     resolve_backend,
 )
+from .remainder import block_means, merge_attention, remainder_attention
 
 __all__ = [
     "Backend",
     "ForcedBlocks",
     "block_mean_scores",
     "block_sparse_attention",
+    "dropped_blocks_attention",
     "expand_block_map",
     "first_frame_mask",
     "forced_blocks",
     "invert_permutation",
     "masked_attention_reference",
+    "merge_attention",
     "permute_tokens",
+    "resolve_backend",
     "select_and_attend",
     "select_block_lists",
     "select_blocks",
@@ -90,10 +95,11 @@ def select_and_attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int,
     density: float | Sequence[float] | None = None, mass_threshold: float | None = None,
     forced: ForcedBlocks | None = None, backend: Backend | str = "auto",
-    key_valid: torch.Tensor | None = None,
+    key_valid: torch.Tensor | None = None, estimate_dropped: bool | Sequence[bool] = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """select_blocks then block_sparse_attention; for fa4 the kept-block lists come straight
-    from top-k (no bool map).
+    from top-k (no bool map). With ``estimate_dropped`` every dropped key block enters the
+    softmax as its pooled mean key and value (remainder.py), merged by log-sum-exp.
 
     Padding keys (``key_valid``) are masked in the attention only: selection ranks blocks by
     block means that include them, so they must sit in forced blocks (the adapters' padded
@@ -103,12 +109,15 @@ def select_and_attend(
         q, k, v: [B, H, S, D], tokens in the order the forced blocks refer to.
         block_size, density, mass_threshold, forced: as in select_blocks.
         backend, key_valid: as in block_sparse_attention.
+        estimate_dropped: estimate the dropped blocks' share instead of leaving it out: for
+            every head, or per head (H flags).
 
     Returns:
         (out [B, H, S, D], kept): `kept` is a tensor whose mean is the share of block pairs
         computed (the bool map [B, H, Qb, Kb], or per-row shares [B, H, Qb] from the lists).
     """
     check_key_valid(key_valid, q.shape[0], device=q.device)
+    estimated = estimated_heads(estimate_dropped, q.shape[1])  # [H] bool, or None
     spec = resolve_backend(backend, q.device, key_padding=key_valid is not None)
     if spec.name is Backend.FA4 and fa4.fa4_takes(q, k, v, block_size):
         check_qkv(q, k, v, block_size)
@@ -118,9 +127,50 @@ def select_and_attend(
         else:
             counts, indices = lists_from_map(select_blocks(
                 q, k, block_size=block_size, mass_threshold=mass_threshold, forced=forced))
-        out = fa4.fa4_attention_from_lists(q, k, v, counts, indices)  # [B, H, S, D]
-        return out, counts.float() / num_blocks(q.shape[2], block_size)
-    block_map = select_blocks(q, k, block_size=block_size, density=density,
-                              mass_threshold=mass_threshold, forced=forced)  # [B, H, Qb, Kb]
-    out = spec.fn(q, k, v, block_map, block_size=block_size, scale=None, key_valid=key_valid)
-    return out, block_map  # out: [B, H, S, D]
+        if estimated is None:
+            out = fa4.fa4_attention_from_lists(q, k, v, counts, indices)  # [B, H, S, D]
+            return out, counts.float() / num_blocks(q.shape[2], block_size)
+        block_map = map_from_lists(counts, indices, num_blocks(q.shape[2], block_size))
+        out, lse = fa4.fa4_attention_from_lists(q, k, v, counts, indices, return_lse=True)
+    else:
+        block_map = select_blocks(q, k, block_size=block_size, density=density,
+                                  mass_threshold=mass_threshold, forced=forced)  # [B, H, Qb, Kb]
+        if estimated is None:
+            out = spec.fn(q, k, v, block_map, block_size=block_size, scale=None,
+                          key_valid=key_valid)
+            return out, block_map  # out: [B, H, S, D]
+        out, lse = spec.fn(q, k, v, block_map, block_size=block_size, scale=None,
+                           key_valid=key_valid, return_lse=True)  # [B, H, S, D], [B, H, S]
+    rest, rest_lse = dropped_blocks_attention(q, k, v, block_map, block_size, key_valid)
+    if not all(estimated):  # heads without the estimate keep their sparse result
+        flags = torch.tensor(estimated, device=q.device)[None, :, None]  # [1, H, 1]
+        rest_lse = rest_lse.masked_fill(~flags, -math.inf)
+    return merge_attention(out, lse, rest, rest_lse), block_map
+
+
+def estimated_heads(estimate_dropped: bool | Sequence[bool], heads: int) -> list[bool] | None:
+    """select_and_attend's ``estimate_dropped`` as H flags; None when no head estimates."""
+    if isinstance(estimate_dropped, bool):
+        flags = [estimate_dropped] * heads
+    else:
+        flags = [bool(f) for f in estimate_dropped]
+        if len(flags) != heads:
+            raise ValueError(f"estimate_dropped gives {len(flags)} flags for {heads} heads")
+    return flags if any(flags) else None
+
+
+def dropped_blocks_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_map: torch.Tensor, block_size: int,
+    key_valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's attention to the pooled tokens of the blocks its block dropped (remainder.py):
+    one FlexAttention call on CUDA, the PyTorch twin elsewhere.
+
+    Returns:
+        (out [B, H, S, D], lse [B, H, S]): to merge_attention with the kept blocks' result.
+    """
+    k_mean, v_mean, log_count = block_means(k, v, block_size, key_valid)  # [B, H, Kb, D]
+    if flex.flex_is_available(q.device) and q.dtype in (torch.float16, torch.bfloat16):
+        return flex.flex_remainder_attention(q, k_mean.to(q.dtype), v_mean.to(q.dtype),
+                                             log_count, block_map, block_size)
+    return remainder_attention(q, k_mean, v_mean, log_count, block_map, block_size)

@@ -37,6 +37,19 @@ def lists_from_map(block_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return counts, indices[..., :num_key_blocks].contiguous()
 
 
+def map_from_lists(counts: torch.Tensor, indices: torch.Tensor,
+                   num_key_blocks: int) -> torch.Tensor:
+    """The bool map [B, H, Qb, Kb] of kept-block lists (counts [B, H, Qb], indices
+    [B, H, Qb, W]; entries past a row's count are ignored): lists_from_map's inverse."""
+    slots = torch.arange(indices.shape[-1], device=indices.device)
+    listed = slots < counts[..., None]  # [B, H, Qb, W]
+    block_map = torch.zeros((*counts.shape, num_key_blocks + 1), dtype=torch.bool,
+                            device=counts.device)
+    spare = torch.where(listed, indices.long(), num_key_blocks)  # unlisted slots: spare column
+    block_map.scatter_(-1, spare, True)
+    return block_map[..., :num_key_blocks]
+
+
 def block_logits(q: torch.Tensor, k: torch.Tensor, block_size: int) -> torch.Tensor:
     """float32 [B, H, Qb, Kb] block-mean logits q̂ k̂ᵀ: the softmax scores' order in each row
     (top-n needs no softmax)."""

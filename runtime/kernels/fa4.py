@@ -86,7 +86,8 @@ def fa4_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int
 def fa4_block_sparse_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_map: torch.Tensor,
     *, block_size: int, scale: float | None = None, key_valid: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """FlashAttention-4 over the kept blocks of `block_map` (sm90); flex for calls it can't take.
 
     Args:
@@ -96,15 +97,16 @@ def fa4_block_sparse_attention(
         scale: softmax scale; 1/sqrt(D) when None.
         key_valid: must be None: the kernel masks no padding keys (ValueError otherwise;
             `auto` resolves such calls to flex).
+        return_lse: also return the log-sum-exp of each query's kept scores.
 
     Returns:
-        [B, H, S, D] in q's dtype.
+        [B, H, S, D] in q's dtype; with `return_lse`, (out, lse [B, H, S] float32).
     """
     if key_valid is not None:
         raise ValueError("the fa4 backend takes no key padding (key_valid); use backend "
                          "'auto' or 'flex'")
     if not fa4_takes(q, k, v, block_size):
-        return _on_flex(q, k, v, block_map, block_size, scale)
+        return _on_flex(q, k, v, block_map, block_size, scale, return_lse)
     block_map = block_map.expand(*q.shape[:2], *block_map.shape[2:])  # [B, H, Qb, Kb]
     if triton_selection_applies(block_map):  # one Triton kernel, twin of lists_from_map
         from . import triton_select
@@ -112,22 +114,23 @@ def fa4_block_sparse_attention(
         counts, indices = triton_select.kv_lists(block_map, False)[2:]
     else:
         counts, indices = lists_from_map(block_map)
-    return fa4_attention_from_lists(q, k, v, counts, indices, scale)  # [B, H, S, D]
+    return fa4_attention_from_lists(q, k, v, counts, indices, scale, return_lse=return_lse)
 
 
-def _on_flex(q, k, v, block_map, block_size, scale) -> torch.Tensor:
+def _on_flex(q, k, v, block_map, block_size, scale, return_lse=False):
     from .flex import flex_block_sparse_attention
 
     _log_once(logging.INFO, f"block_sparse_attention: fa4 takes 128-token blocks, fp16/bf16, "
                             f"head dim <= 128 and no autograd; this call (block {block_size}, "
                             f"{q.dtype}, D={q.shape[-1]}) runs on flex")
-    return flex_block_sparse_attention(q, k, v, block_map, block_size=block_size, scale=scale)
+    return flex_block_sparse_attention(q, k, v, block_map, block_size=block_size, scale=scale,
+                                       return_lse=return_lse)
 
 
 def fa4_attention_from_lists(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Tensor,
-    indices: torch.Tensor, scale: float | None = None,
-) -> torch.Tensor:
+    indices: torch.Tensor, scale: float | None = None, *, return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention on kept-block lists (the fa4 kernel, no bool map).
 
     Args:
@@ -137,11 +140,14 @@ def fa4_attention_from_lists(
         indices: int32 [B, H, ceil(S/128), W] their indices, ASCENDING in each row's first
             `count` entries (the rest is never read).
         scale: softmax scale; 1/sqrt(D) when None.
+        return_lse: also return the log-sum-exp of each query's kept scores.
 
     Returns:
-        [B, H, S, D] in q's dtype (a transposed view of a [B, S, H, D] buffer).
+        [B, H, S, D] in q's dtype (a transposed view of a [B, S, H, D] buffer); with
+        `return_lse`, (out, lse [B, H, S] float32).
     """
-    return fa4_block_sparse_attention_op(q, k, v, counts, indices, scale)
+    out, lse = fa4_block_sparse_attention_op(q, k, v, counts, indices, scale)
+    return (out, lse) if return_lse else out
 
 
 _NO_PARTIAL: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -160,20 +166,22 @@ def _no_partial_blocks(batch: int, heads: int, num_q: int, device: torch.device)
 def fa4_block_sparse_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Tensor,
     indices: torch.Tensor, scale: float | None,
-) -> torch.Tensor:
-    """The kernel call as one opaque op ([B, H, S, D] in and out, int32 lists)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel call as one opaque op ([B, H, S, D] in; out [B, H, S, D] and its log-sum-exp
+    [B, H, S] float32 out, which the kernel writes anyway)."""
     _load()
     batch, heads, num_q = counts.shape
     empty_counts, empty_indices = _no_partial_blocks(batch, heads, num_q, q.device)
     sparse = _FA4["tensors"](
         mask_block_cnt=empty_counts, mask_block_idx=empty_indices, full_block_cnt=counts,
         full_block_idx=indices, block_size=(BLOCK_SIZE, BLOCK_SIZE))
-    out, _ = _FA4["func"](q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                          softmax_scale=scale, block_sparse_tensors=sparse)  # [B, S, H, D]
-    return out.transpose(1, 2)
+    out, lse = _FA4["func"](q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                            softmax_scale=scale, block_sparse_tensors=sparse)  # [B, S, H, D]
+    return out.transpose(1, 2), lse.float()  # lse: [B, H, S]
 
 
 @fa4_block_sparse_attention_op.register_fake
 def _(q, k, v, counts, indices, scale):
     batch, heads, seq_len, head_dim = q.shape
-    return q.new_empty(batch, seq_len, heads, head_dim).transpose(1, 2)
+    out = q.new_empty(batch, seq_len, heads, head_dim).transpose(1, 2)
+    return out, q.new_empty(batch, heads, seq_len, dtype=torch.float32)

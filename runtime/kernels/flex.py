@@ -176,8 +176,8 @@ def _kernel_options(block_size: int, head_dim: int, device: torch.device) -> dic
 def flex_block_sparse_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_map: torch.Tensor,
     *, block_size: int, scale: float | None = None, key_valid: torch.Tensor | None = None,
-    kernel_options: dict | None = None,
-) -> torch.Tensor:
+    kernel_options: dict | None = None, return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """FlexAttention over the kept blocks of `block_map` (CUDA).
 
     Args:
@@ -187,25 +187,33 @@ def flex_block_sparse_attention(
         scale: softmax scale; 1/sqrt(D) when None.
         key_valid: int [B] valid keys per batch element (the rest padding), or None.
         kernel_options: flex tile settings instead of the defaults (for tuning sweeps).
+        return_lse: also return the log-sum-exp (base e) of each query's kept scores.
 
     Returns:
-        [B, H, S, D] in q's dtype; query rows with no kept key are 0.
+        [B, H, S, D] in q's dtype; query rows with no kept key are 0. With `return_lse`,
+        (out, lse [B, H, S] float32, -inf for rows with no kept key).
     """
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                                or v.requires_grad)
     if needs_grad or kernel_options is not None:
         return _flex(q, k, v, block_map, block_size, scale, key_valid,
-                     compute_q_blocks=needs_grad, kernel_options=kernel_options)
+                     compute_q_blocks=needs_grad, kernel_options=kernel_options,
+                     return_lse=return_lse)
+    if return_lse:
+        return flex_block_sparse_attention_lse_op(q, k, v, block_map, block_size, scale,
+                                                  key_valid)
     return flex_block_sparse_attention_op(q, k, v, block_map, block_size, scale, key_valid)
 
 
 def _flex(q, k, v, block_map, block_size, scale, key_valid=None, *, compute_q_blocks=False,
-          kernel_options=None) -> torch.Tensor:
+          kernel_options=None, return_lse=False):
+    # out [B, H, S, D], or (out, lse [B, H, S] float32) with return_lse
     seq_len, head_dim = q.shape[-2], q.shape[-1]
     mask = block_mask_from_map(block_map, seq_len, block_size, key_valid=key_valid,
                                compute_q_blocks=compute_q_blocks)
     options = kernel_options or _kernel_options(block_size, head_dim, q.device)
-    return _call_compiled(q, k, v, block_mask=mask, scale=scale, kernel_options=options)
+    return _call_compiled(q, k, v, block_mask=mask, scale=scale, kernel_options=options,
+                          return_lse=return_lse)
 
 
 @torch.library.custom_op("ditplan::flex_block_sparse_attention", mutates_args=())
@@ -220,3 +228,72 @@ def flex_block_sparse_attention_op(
 @flex_block_sparse_attention_op.register_fake
 def _(q, k, v, block_map, block_size, scale, key_valid=None):
     return torch.empty_like(q)
+
+
+@torch.library.custom_op("ditplan::flex_block_sparse_attention_lse", mutates_args=())
+def flex_block_sparse_attention_lse_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_map: torch.Tensor,
+    block_size: int, scale: float | None, key_valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inference call with its log-sum-exp ([B, H, S, D] and [B, H, S] float32 out)."""
+    return _flex(q, k, v, block_map, block_size, scale, key_valid, return_lse=True)
+
+
+@flex_block_sparse_attention_lse_op.register_fake
+def _(q, k, v, block_map, block_size, scale, key_valid=None):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def _dropped_blocks(dropped: torch.Tensor, log_count: torch.Tensor, block_size: int):
+    # dropped: bool [B, H, Qb, Kb] (dropped and holding a valid key); log_count: [B, Kb].
+    # mask_mod: the pooled key kv_idx stands for a block the query's block dropped; score_mod:
+    # + log of its key count. Indices are clamped: flex may evaluate past the sequence ends.
+    # New functions per call (same code): the tensors become kernel inputs.
+    last_query, last_key = dropped.shape[2] - 1, dropped.shape[3] - 1
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        row = torch.clamp(q_idx // block_size, max=last_query)
+        return dropped[b, h, row, torch.clamp(kv_idx, max=last_key)] & (kv_idx <= last_key)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + log_count[b, torch.clamp(kv_idx, max=last_key)]
+
+    return mask_mod, score_mod
+
+
+@torch.library.custom_op("ditplan::flex_remainder_attention", mutates_args=())
+def flex_remainder_attention(
+    q: torch.Tensor, k_mean: torch.Tensor, v_mean: torch.Tensor, log_count: torch.Tensor,
+    block_map: torch.Tensor, block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """remainder.remainder_attention as one FlexAttention call (CUDA): each query attends to the
+    pooled tokens of the key blocks its block dropped.
+
+    Args:
+        q: [B, H, S, D]; k_mean, v_mean: [B, H, Kb, D] in q's dtype; log_count: float32
+            [B|1, 1, Kb] (-inf: no valid key); block_map: bool [B|1, H|1, Qb, Kb] (True: kept).
+
+    Returns:
+        (out [B, H, S, D] in q's dtype, lse [B, H, S] float32; -inf where nothing was dropped).
+    """
+    seq_len, num_key_blocks = q.shape[2], k_mean.shape[2]
+    pooled_blocks = -(-num_key_blocks // 128)  # flex's key tiles over the pooled tokens
+    query_blocks = -(-seq_len // 128)
+    counts = torch.full((1, 1, query_blocks), pooled_blocks, dtype=torch.int32, device=q.device)
+    indices = torch.arange(pooled_blocks, dtype=torch.int32, device=q.device)
+    indices = indices.expand(1, 1, query_blocks, pooled_blocks).contiguous()
+    batch, heads = q.shape[:2]
+    counted = log_count[:, 0].expand(batch, num_key_blocks).float().contiguous()  # [B, Kb]
+    dropped = (~block_map & (counted > -float("inf"))[:, None, None, :])  # [B, H|1, Qb, Kb]
+    dropped = dropped.expand(batch, heads, *block_map.shape[2:]).contiguous()
+    mask_mod, score_mod = _dropped_blocks(dropped, counted, block_size)
+    mask = BlockMask.from_kv_blocks(counts, indices, BLOCK_SIZE=128, mask_mod=mask_mod,
+                                    seq_lengths=(seq_len, num_key_blocks))
+    out, lse = _call_compiled(q, k_mean, v_mean, score_mod=score_mod, block_mask=mask,
+                              return_lse=True)
+    return out, lse
+
+
+@flex_remainder_attention.register_fake
+def _(q, k_mean, v_mean, log_count, block_map, block_size):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)

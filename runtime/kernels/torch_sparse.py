@@ -43,15 +43,16 @@ def _attend_rows(qb, kb, vb, rows, kv_order, counts, key_ok, width, scale, dtype
     queries = qb.index_select(0, rows).to(dtype) * scale  # [c, bs, D]; keys: [c, W*bs, D]
     scores = (queries @ keys.transpose(1, 2)).add_(bias.reshape(len(rows), 1, -1))  # [c, bs, W*bs]
     # A row keeping only padding keys has no valid key: 0/0 -> 0, as a row keeping no block.
-    return torch.softmax(scores, dim=-1).nan_to_num_(nan=0.0) @ values  # [c, bs, D]
+    out = torch.softmax(scores, dim=-1).nan_to_num_(nan=0.0) @ values  # [c, bs, D]
+    return out, torch.logsumexp(scores, dim=-1)  # lse: [c, bs], -inf without a valid key
 
 
 @register_backend(Backend.TORCH)
 def torch_block_sparse_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_map: torch.Tensor,
     *, block_size: int, scale: float | None = None, key_valid: torch.Tensor | None = None,
-    max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
-) -> torch.Tensor:
+    max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS, return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention that gathers only the kept key/value blocks of each query block.
 
     Query-block rows (over B, H, Qb) are sorted by how many key blocks they keep and processed in
@@ -68,9 +69,11 @@ def torch_block_sparse_attention(
         scale: softmax scale; 1/sqrt(D) when None.
         key_valid: int [B] valid keys per batch element (the rest padding), or None.
         max_chunk_elements: bound on scores + gathered keys/values held at once (elements).
+        return_lse: also return the log-sum-exp of each query's kept scores.
 
     Returns:
-        [B, H, S, D] in q's dtype; query rows with no kept key are 0.
+        [B, H, S, D] in q's dtype; query rows with no kept key are 0. With `return_lse`,
+        (out, lse [B, H, S] in the compute dtype, -inf for rows with no kept key).
     """
     batch, heads, seq_len, head_dim = q.shape
     nb = math.ceil(seq_len / block_size)
@@ -87,13 +90,17 @@ def torch_block_sparse_attention(
     key_ok = (positions < limits[:, None]).reshape(-1, nb, block_size)  # [B|1, Kb, bs]
     qb, kb, vb = (_to_blocks(x, block_size) for x in (q, k, v))  # [N, bs, D] each
     out = torch.zeros(qb.shape, dtype=dtype, device=q.device)  # [N, bs, D]
+    lse = torch.full(qb.shape[:2], -math.inf, dtype=dtype, device=q.device)  # [N, bs]
     per_row = block_size * (2 * head_dim + 2 * block_size)  # elements per kept block per row
     start, nonempty = 0, sum(w > 0 for w in widths)  # rows keeping no block stay 0
     while start < nonempty:
         width = widths[start]
         stop = min(nonempty, start + max(1, max_chunk_elements // (width * per_row)))
         rows = row_order[start:stop]
-        out[rows] = _attend_rows(qb, kb, vb, rows, kv_order, counts, key_ok, width, scale, dtype)
+        out[rows], lse[rows] = _attend_rows(qb, kb, vb, rows, kv_order, counts, key_ok, width,
+                                            scale, dtype)
         start = stop
-    out = out.reshape(batch, heads, nb * block_size, head_dim)[:, :, :seq_len]
-    return out.to(q.dtype)  # [B, H, S, D]
+    out = out.reshape(batch, heads, nb * block_size, head_dim)[:, :, :seq_len].to(q.dtype)
+    if return_lse:
+        return out, lse.reshape(batch, heads, nb * block_size)[:, :, :seq_len]
+    return out  # [B, H, S, D]

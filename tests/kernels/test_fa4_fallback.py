@@ -66,9 +66,10 @@ def test_fake_op_gives_the_kernels_layout():
         q = k = v = torch.empty(2, 3, 1000, 128, dtype=torch.bfloat16)
         counts = torch.empty(2, 3, 8, dtype=torch.int32)
         indices = torch.empty(2, 3, 8, 8, dtype=torch.int32)
-        out = fa4.fa4_block_sparse_attention_op(q, k, v, counts, indices, None)
+        out, lse = fa4.fa4_block_sparse_attention_op(q, k, v, counts, indices, None)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert out.stride() == (1000 * 3 * 128, 128, 3 * 128, 1)  # [B, S, H, D] seen as [B, H, S, D]
+    assert lse.shape == (2, 3, 1000) and lse.dtype == torch.float32
 
 
 @pytest.mark.parametrize("dtype,block_size,grad,takes", [

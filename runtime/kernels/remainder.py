@@ -1,0 +1,154 @@
+"""Dropped key blocks estimated from their block means, merged into sparse attention by log-sum-exp.
+
+Block-sparse attention drops the key blocks it does not keep, and with them their share of the
+softmax mass. Here each dropped block j still enters every query's softmax as one pooled token:
+its mean key k_j and mean value v_j, weighted by its count n_j of valid keys, i.e. the score
+scale * q . k_j + log n_j. That is exact when the block's scores are equal (attention flat
+inside the block, as in the diffuse heads that lose most mass to sparsity) and, by Jensen,
+underweights a block whose scores vary. It costs one [S, Kb] score matrix per head, 1/block_size
+of dense attention's, and needs the sparse kernel's log-sum-exp to merge the two parts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .registry import num_blocks
+
+# Scores one chunk of query blocks may hold ([B, H, chunk, bs, Kb] float32: 2**26 is 256 MiB).
+MAX_CHUNK_ELEMENTS = 2**26
+
+
+def key_mask(batch: int, seq_len: int, key_valid: torch.Tensor | None,
+             device: torch.device) -> torch.Tensor:
+    """bool [B|1, S]: True for keys that exist (before key_valid[b] when given)."""
+    positions = torch.arange(seq_len, device=device)
+    limits = (torch.full((1,), seq_len, device=device) if key_valid is None
+              else key_valid.clamp(max=seq_len))
+    return positions[None, :] < limits[:, None]
+
+
+def block_means(k: torch.Tensor, v: torch.Tensor, block_size: int,
+                key_valid: torch.Tensor | None = None):
+    """Mean key and value of every key block over its valid keys, and log of their count.
+
+    Args:
+        k, v: [B, H, S, D].
+        block_size: tokens per block (the last block may be partial).
+        key_valid: int [B] valid keys per batch element (the rest padding), or None.
+
+    Returns:
+        (k_mean, v_mean [B, H, Kb, D] float32 (float64 for float64 inputs), log_count
+        [B|1, 1, Kb] in the same dtype: -inf for a block without a valid key).
+    """
+    batch, heads, seq_len, head_dim = k.shape
+    dtype = torch.float64 if k.dtype == torch.float64 else torch.float32
+    nb = num_blocks(seq_len, block_size)
+    pad = nb * block_size - seq_len
+    if key_valid is None and pad == 0:  # every block whole: one reduction pass per tensor
+        log_count = torch.full((1, 1, nb), math.log(block_size), dtype=dtype, device=k.device)
+        k_mean, v_mean = (x.unflatten(2, (nb, block_size)).mean(dim=3, dtype=dtype)
+                          for x in (k, v))  # [B, H, Kb, D]
+        return k_mean, v_mean, log_count
+    valid = key_mask(batch, seq_len, key_valid, k.device)  # [B|1, S]
+    valid = torch.nn.functional.pad(valid, (0, pad)).reshape(-1, 1, nb, block_size, 1)
+    counts = valid.sum(dim=(-2, -1)).to(dtype)  # [B|1, 1, Kb]
+
+    def mean(x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.pad(x.to(dtype), (0, 0, 0, pad))
+        summed = (x.reshape(batch, heads, nb, block_size, head_dim) * valid).sum(dim=-2)
+        return summed / counts.clamp(min=1)[..., None]  # [B, H, Kb, D]
+
+    return mean(k), mean(v), counts.log()
+
+
+def remainder_attention(q: torch.Tensor, k_mean: torch.Tensor, v_mean: torch.Tensor,
+                        log_count: torch.Tensor, block_map: torch.Tensor, block_size: int,
+                        scale: float | None = None):
+    """Attention of every query to the pooled tokens of the key blocks its block dropped.
+
+    Args:
+        q: [B, H, S, D].
+        k_mean, v_mean: [B, H, Kb, D] block means (block_means).
+        log_count: [B|1, 1, Kb] log of each block's valid keys (-inf: no key).
+        block_map: bool [B|1, H|1, Qb, Kb], True = kept (attended exactly elsewhere).
+        block_size: tokens per block.
+        scale: softmax scale; 1/sqrt(D) when None.
+
+    Returns:
+        (out [B, H, S, D], lse [B, H, S]) in k_mean's dtype; a query whose block dropped no
+        block with a valid key gets out 0 and lse -inf.
+    """
+    batch, heads, seq_len, head_dim = q.shape
+    nb = k_mean.shape[2]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    dtype = k_mean.dtype
+    padded = torch.nn.functional.pad(q.to(dtype) * scale, (0, 0, 0, nb * block_size - seq_len))
+    queries = padded.reshape(batch, heads, nb, block_size, head_dim)
+    dropped = ~block_map.expand(batch, heads, nb, nb)  # [B, H, Qb, Kb]
+    bias = log_count[:, :, None, None, :]  # [B|1, 1, 1, 1, Kb]
+    chunk = max(1, MAX_CHUNK_ELEMENTS // (batch * heads * block_size * nb))
+    outs, lses = [], []
+    for start in range(0, nb, chunk):
+        rows = slice(start, start + chunk)
+        scores = torch.einsum("bhqtd,bhkd->bhqtk", queries[:, :, rows], k_mean) + bias
+        scores = scores.masked_fill(~dropped[:, :, rows, None, :], -math.inf)  # [B, H, c, bs, Kb]
+        lse = torch.logsumexp(scores, dim=-1)  # [B, H, c, bs]
+        probs = torch.exp(scores - lse[..., None]).nan_to_num_(nan=0.0)  # all dropped -inf: 0
+        outs.append(torch.einsum("bhqtk,bhkd->bhqtd", probs, v_mean))
+        lses.append(lse)
+    out = torch.cat(outs, dim=2).reshape(batch, heads, nb * block_size, head_dim)
+    lse = torch.cat(lses, dim=2).reshape(batch, heads, nb * block_size)
+    return out[:, :, :seq_len], lse[:, :, :seq_len]
+
+
+def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                    lse_b: torch.Tensor) -> torch.Tensor:
+    """Softmax attention over the union of two disjoint key sets from each set's result.
+
+    Args:
+        out_a, out_b: [B, H, S, D] attention over each key set alone (0 for an empty set).
+        lse_a, lse_b: [B, H, S] their log-sum-exp of scores (-inf for an empty set).
+
+    Returns:
+        [B, H, S, D] in out_a's dtype (rows empty in both sets: 0).
+    """
+    # b's share of the union's mass, e^lse_b / (e^lse_a + e^lse_b); both empty: nan -> 0 (a's 0)
+    dtype = torch.promote_types(torch.promote_types(lse_a.dtype, lse_b.dtype), torch.float32)
+    share = torch.sigmoid(lse_b.to(dtype) - lse_a.to(dtype)).nan_to_num_(nan=0.0)  # [B, H, S]
+    return torch.lerp(out_a, out_b.to(out_a.dtype), share[..., None].to(out_a.dtype))
+
+
+def estimated_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_map: torch.Tensor,
+    *, block_size: int, scale: float | None = None, key_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The oracle: one softmax over the kept keys and each dropped block's pooled token.
+
+    Written directly (each dropped block's keys replaced by copies of its mean key and value,
+    whose n_j equal scores give the log n_j weight), S x S memory: tests only.
+
+    Args:
+        q, k, v: [B, H, S, D]; block_map: bool [B|1, H|1, Qb, Kb]; as block_sparse_attention.
+
+    Returns:
+        [B, H, S, D] in float64 for float64 inputs, else float32.
+    """
+    from .reference import expand_block_map
+
+    batch, heads, seq_len, head_dim = q.shape
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    k_mean, v_mean, _ = block_means(k, v, block_size, key_valid)  # [B, H, Kb, D]
+    block_of = torch.arange(seq_len, device=q.device) // block_size  # [S]
+    kept = expand_block_map(block_map, seq_len, seq_len, block_size)  # [B|1, H|1, S, S]
+    valid = key_mask(batch, seq_len, key_valid, q.device)[:, None, None, :]  # [B|1, 1, 1, S]
+    exact = (q.to(dtype) @ k.to(dtype).transpose(-1, -2)) * scale  # [B, H, S, S]
+    pooled = (q.to(dtype) @ k_mean[:, :, block_of].transpose(-1, -2)) * scale  # [B, H, S, S]
+    scores = torch.where(kept, exact, pooled).masked_fill(~valid, -math.inf)
+    values = torch.where(kept[..., None], v.to(dtype)[:, :, None, :, :],
+                         v_mean[:, :, block_of][:, :, None, :, :])  # [B, H, S, S, D]
+    probs = torch.softmax(scores, dim=-1).nan_to_num(nan=0.0)
+    return (probs[..., None] * values).sum(dim=-2)

@@ -1,0 +1,196 @@
+"""Dropped key blocks estimated from block means: the merge, each path vs the float64 oracle."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ditplan.runtime.kernels import (
+    dropped_blocks_attention,
+    masked_attention_reference,
+    select_and_attend,
+)
+from ditplan.runtime.kernels.block_lists import lists_from_map, map_from_lists
+from ditplan.runtime.kernels.dense import dense_block_sparse_attention
+from ditplan.runtime.kernels.flex import flex_is_available
+from ditplan.runtime.kernels.remainder import (
+    block_means,
+    estimated_attention_reference,
+    merge_attention,
+    remainder_attention,
+)
+from ditplan.runtime.kernels.torch_sparse import torch_block_sparse_attention
+
+FP64_ATOL = 1e-12  # float64 against float64: only the summation order differs
+
+
+def _qkv(shape, dtype=torch.float64, device="cpu", seed=0):
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return [torch.randn(shape, generator=generator, dtype=dtype).to(device) for _ in range(3)]
+
+
+def _random_map(batch, heads, seq, block_size, density, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    nb = math.ceil(seq / block_size)
+    block_map = torch.rand(batch, heads, nb, nb, generator=generator) < density
+    return block_map | torch.eye(nb, dtype=torch.bool)  # every row keeps its diagonal
+
+
+def _lse_reference(q, k, block_map, block_size, key_valid=None):
+    """float64 log-sum-exp over each query's kept (valid) keys."""
+    seq_len = q.shape[2]
+    from ditplan.runtime.kernels.reference import expand_block_map, key_padding_mask
+
+    mask = expand_block_map(block_map, seq_len, seq_len, block_size)
+    if key_valid is not None:
+        mask = mask & key_padding_mask(key_valid, seq_len)
+    scores = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    return torch.logsumexp(scores.masked_fill(~mask, -math.inf), dim=-1)
+
+
+@pytest.mark.parametrize("seq,key_valid", [(256, None), (200, None), (256, [150, 256])])
+def test_sparse_backends_return_the_kept_keys_log_sum_exp(seq, key_valid):
+    q, k, v = _qkv((2, 3, seq, 16))
+    block_map = _random_map(2, 3, seq, 64, 0.4)
+    valid = None if key_valid is None else torch.tensor(key_valid)
+    ref = _lse_reference(q, k, block_map, 64, valid)
+    for backend in (torch_block_sparse_attention, dense_block_sparse_attention):
+        out, lse = backend(q, k, v, block_map, block_size=64, key_valid=valid, return_lse=True)
+        torch.testing.assert_close(lse, ref, rtol=0, atol=FP64_ATOL)
+        plain = backend(q, k, v, block_map, block_size=64, key_valid=valid)
+        torch.testing.assert_close(out, plain, rtol=0, atol=0)
+
+
+def test_merging_two_disjoint_key_sets_gives_attention_over_their_union():
+    q, k, v = _qkv((1, 2, 192, 16))
+    kept = _random_map(1, 2, 192, 64, 0.5)
+    out_a, lse_a = torch_block_sparse_attention(q, k, v, kept, block_size=64, return_lse=True)
+    # the complement minus the diagonal, which `kept` has: an empty row gives (0, -inf)
+    others = ~kept
+    out_b, lse_b = torch_block_sparse_attention(q, k, v, others, block_size=64, return_lse=True)
+    every = torch.ones_like(kept)
+    expected = masked_attention_reference(q, k, v, every, block_size=64)
+    torch.testing.assert_close(merge_attention(out_a, lse_a, out_b, lse_b), expected,
+                               rtol=0, atol=FP64_ATOL)
+
+
+def test_a_block_of_equal_keys_and_values_is_estimated_exactly():
+    # The estimate replaces a dropped block by its mean key and value with weight n: exact when
+    # every key (and value) of the block is the same, so this is dense attention.
+    q, k, v = _qkv((1, 2, 256, 16))
+    k = k[:, :, ::64].repeat_interleave(64, dim=2)  # [1, 2, 256, 16], constant per block
+    v = v[:, :, ::64].repeat_interleave(64, dim=2)
+    out, _ = select_and_attend(q, k, v, block_size=64, density=0.3, backend="torch",
+                               estimate_dropped=True)
+    dense = masked_attention_reference(q, k, v, torch.ones(1, 1, 4, 4, dtype=torch.bool),
+                                       block_size=64)
+    torch.testing.assert_close(out, dense, rtol=0, atol=FP64_ATOL)
+    dropped, _ = select_and_attend(q, k, v, block_size=64, density=0.3, backend="torch")
+    assert (dropped - dense).abs().max() > 1e-3  # without the estimate the blocks are missed
+
+
+@pytest.mark.parametrize("seq,key_valid,selection", [
+    (256, None, dict(density=0.3)), (200, None, dict(density=0.5)),
+    (256, [150, 256], dict(density=0.4)), (320, None, dict(mass_threshold=0.6)),
+    (256, None, dict(density=(0.2, 0.5, 1.0)))])
+@pytest.mark.parametrize("backend", ["torch", "dense"])
+def test_select_and_attend_with_the_estimate_matches_the_oracle(seq, key_valid, selection,
+                                                                  backend):
+    q, k, v = _qkv((2, 3, seq, 16))
+    valid = None if key_valid is None else torch.tensor(key_valid)
+    out, block_map = select_and_attend(q, k, v, block_size=64, backend=backend, key_valid=valid,
+                                       estimate_dropped=True, **selection)
+    ref = estimated_attention_reference(q, k, v, block_map, block_size=64, key_valid=valid)
+    torch.testing.assert_close(out, ref, rtol=0, atol=FP64_ATOL)
+    plain, same_map = select_and_attend(q, k, v, block_size=64, backend=backend,
+                                        key_valid=valid, **selection)
+    assert torch.equal(block_map, same_map)  # the estimate changes no selection
+    assert (out - plain).abs().max() > 1e-3
+
+
+def test_nothing_dropped_means_nothing_estimated():
+    q, k, v = _qkv((1, 2, 200, 16))
+    every = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    out, lse = dropped_blocks_attention(q, k, v, every, 64)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+    estimated, _ = select_and_attend(q, k, v, block_size=64, density=1.0, backend="torch",
+                                     estimate_dropped=True)
+    torch.testing.assert_close(estimated, masked_attention_reference(q, k, v, every,
+                                                                    block_size=64),
+                               rtol=0, atol=FP64_ATOL)
+
+
+def test_block_means_count_only_valid_keys():
+    k, v, _ = _qkv((2, 1, 200, 4))
+    k_mean, v_mean, log_count = block_means(k, v, 64, torch.tensor([100, 200]))
+    assert log_count.shape == (2, 1, 4)
+    torch.testing.assert_close(log_count.exp()[:, 0], torch.tensor(
+        [[64.0, 36.0, 0.0, 0.0], [64.0, 64.0, 64.0, 8.0]], dtype=torch.float64))
+    torch.testing.assert_close(k_mean[0, 0, 1], k[0, 0, 64:100].mean(dim=0))
+    torch.testing.assert_close(v_mean[1, 0, 3], v[1, 0, 192:200].mean(dim=0))
+
+
+def test_remainder_chunks_agree_with_one_pass(monkeypatch):
+    from ditplan.runtime.kernels import remainder
+
+    q, k, v = _qkv((2, 2, 320, 8))
+    block_map = _random_map(2, 2, 320, 64, 0.3)
+    k_mean, v_mean, log_count = block_means(k, v, 64)
+    whole = remainder_attention(q, k_mean, v_mean, log_count, block_map, 64)
+    monkeypatch.setattr(remainder, "MAX_CHUNK_ELEMENTS", 2 * 2 * 64 * 5 * 2)  # 2 query blocks
+    chunked = remainder_attention(q, k_mean, v_mean, log_count, block_map, 64)
+    for a, b in zip(whole, chunked, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=FP64_ATOL)
+
+
+def test_map_from_lists_inverts_lists_from_map():
+    block_map = torch.rand(2, 3, 5, 7, generator=torch.Generator().manual_seed(3)) < 0.4
+    counts, indices = lists_from_map(block_map)
+    assert torch.equal(map_from_lists(counts, indices, 7), block_map)
+
+
+# bf16 paths on a GPU against the float64 oracle: bf16 inputs (8 bits of mantissa) give
+# attention outputs within ~2^-8 of unit-scale values; 2e-2 allows the merge's extra rounding.
+BF16_ATOL = 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("seq,key_valid", [(2048, None), (1000, None), (2048, [1500, 2048])])
+@pytest.mark.parametrize("backend", ["flex", "fa4"])
+def test_gpu_paths_with_the_estimate_match_the_oracle(seq, key_valid, backend):
+    if not flex_is_available(torch.device("cuda")):
+        pytest.skip("flex is not available")
+    if backend == "fa4" and key_valid is not None:
+        pytest.skip("fa4 takes no key padding")
+    q, k, v = _qkv((2, 4, seq, 64), dtype=torch.bfloat16, device="cuda")
+    valid = None if key_valid is None else torch.tensor(key_valid, device="cuda")
+    out, kept = select_and_attend(q, k, v, block_size=128, density=0.25, backend=backend,
+                                  key_valid=valid, estimate_dropped=True)
+    block_map = kept if kept.dtype == torch.bool else None
+    if block_map is None:  # fa4 returned per-row shares: select the same map again
+        from ditplan.runtime.kernels import select_blocks
+
+        block_map = select_blocks(q, k, block_size=128, density=0.25)
+    ref = estimated_attention_reference(q.double().cpu(), k.double().cpu(), v.double().cpu(),
+                                        block_map.cpu(), block_size=128,
+                                        key_valid=None if valid is None else valid.cpu())
+    assert (out.double().cpu() - ref).abs().max().item() < BF16_ATOL
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_flex_remainder_matches_the_pytorch_twin():
+    if not flex_is_available(torch.device("cuda")):
+        pytest.skip("flex is not available")
+    q, k, v = _qkv((2, 4, 1000, 64), dtype=torch.bfloat16, device="cuda")
+    block_map = _random_map(2, 4, 1000, 128, 0.3).cuda()
+    out, lse = dropped_blocks_attention(q, k, v, block_map, 128)  # flex
+    k_mean, v_mean, log_count = block_means(k.double(), v.double(), 128)
+    ref_out, ref_lse = remainder_attention(q.double(), k_mean, v_mean, log_count, block_map, 128)
+    assert (out.double() - ref_out).abs().max().item() < BF16_ATOL
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert (lse.double() - ref_lse)[finite].abs().max().item() < 5e-2  # bf16 scores, S=1000
