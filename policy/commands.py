@@ -41,6 +41,12 @@ def register(subparsers) -> None:
                           help="heads whose recall never reaches the target stay dense while "
                                "the layer's other heads run sparse (else such a layer is dense "
                                "or one density serves all its heads)")
+    compile_.add_argument("--estimate-dropped", nargs="?", const="all",
+                          choices=("all", "measured"), default=None,
+                          help="sparse heads let each dropped key block enter the softmax as its "
+                               "mean key and value: 'all' (the default) every sparse head, "
+                               "'measured' those whose profiled output error it lowers (needs "
+                               "traces from this ditplan); densities are chosen as without it")
     compile_.add_argument("--no-model-runs", action="store_true",
                           help="never skip whole transformer calls (needed for plans run under "
                                "context parallelism, `ditplan run --nproc N`)")
@@ -130,7 +136,7 @@ def _parse_overrides(args: argparse.Namespace) -> dict:
             fixed = density
     return dict(roles=roles, all_roles=args.all_roles, densities=densities,
                 fixed_density=fixed, caching=not args.no_cache, model_runs=not args.no_model_runs,
-                mixed_heads=args.mixed_heads,
+                mixed_heads=args.mixed_heads, estimate_dropped=args.estimate_dropped,
                 target_speedup=args.target_speedup, min_psnr=args.min_psnr,
                 calibrate_candidates=args.candidates, refine_rounds=args.refine)
 

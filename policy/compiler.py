@@ -16,6 +16,7 @@ import numpy as np
 from ditplan.policy.classify import RoleDecision, classify_roles
 from ditplan.policy.config import CompilerConfig, CompilerError
 from ditplan.policy.cost import CostModel
+from ditplan.policy.estimate import estimate_heads
 from ditplan.policy.experts import ExpertPlans
 from ditplan.policy.load_profile import Profile, load_profile
 from ditplan.policy.plan import (
@@ -411,22 +412,25 @@ def layer_plans(profile: Profile, roles: dict[str, str], config: CompilerConfig,
     settings = profile.metadata.profiler_settings
     attention = profile.metadata.model_config.self_attention
 
-    def spec_of(choice: LayerSparsity) -> AttentionSpec:
+    def spec_of(choice: LayerSparsity, layer: int) -> AttentionSpec:
+        dense = all_heads_dense(choice.density, choice.head_densities)
+        heads = choice.head_densities or (choice.density,) * profile.recall_predicted.shape[1]
+        estimated = (estimate_heads(profile, layer, heads, sparse_steps, config.estimate_dropped)
+                     if config.estimate_dropped and not dense else None)
         return AttentionSpec(
             density=choice.density, block_size=int(settings["block_size"]),
             tile=tuple(settings["tile"]), sink=bool(settings["sink"]),
-            dense_steps=() if all_heads_dense(choice.density, choice.head_densities)
-            else tuple(range(warmup)),
-            head_densities=choice.head_densities,
+            dense_steps=() if dense else tuple(range(warmup)),
+            head_densities=choice.head_densities, estimate_heads=estimated,
         )
 
     layers = {}
     for i, block in enumerate(profile.blocks):
         choice = choose_sparsity(profile, i, config, sparse_steps)
-        spec = spec_of(choice)
+        spec = spec_of(choice, i)
         if DENSE in (choice.head_densities or ()) and cost.sparse_factor(spec) >= 1.0:
             choice = LayerSparsity(DENSE, None, f"{choice.reason}: no time saved (cost model)")
-            spec = spec_of(choice)
+            spec = spec_of(choice, i)
         logger.debug("%s: %s, density %s (%s)", block, roles[block], choice.density, choice.reason)
         layers[block] = LayerPlan(role=roles[block], attention_module=attention[block],
                                   attention=spec)

@@ -28,6 +28,9 @@ SEARCH_RECALL_TARGETS = (0.99, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6)
 SEARCH_INTERVALS = ((1, 1), (3, 2), (4, 2), (6, 2), (8, 2), (10, 3), (12, 3), (16, 4))
 
 
+ESTIMATE_MODES = (None, "measured", "all")  # CompilerConfig.estimate_dropped
+
+
 @dataclass(frozen=True)
 class CompilerConfig:
     """Everything that decides a plan besides the traces (recorded in the plan's provenance)."""
@@ -40,6 +43,10 @@ class CompilerConfig:
     # heads whose recall never reaches the target stay dense while the layer's other heads run
     # sparse (off: such a layer is dense, or takes its head-mean density for every head)
     mixed_heads: bool = False
+    # which sparse heads estimate their dropped key blocks from the blocks' mean keys and values
+    # (policy.estimate; densities are chosen as without it): None, "measured" (those whose
+    # profiled output error it lowers) or "all"
+    estimate_dropped: str | None = None
     warmup_min_fraction: float = 0.12
     warmup_max_fraction: float = 0.5
     settle_tolerance: float = 0.5  # change within (1 + tol) x the mid-run plateau counts settled
@@ -76,6 +83,9 @@ class CompilerConfig:
         if self.refine_rounds < 0 or self.refine_candidates < 1:
             raise CompilerError(f"need refine_rounds >= 0 and refine_candidates >= 1, got "
                                 f"{self.refine_rounds}, {self.refine_candidates}")
+        if self.estimate_dropped not in ESTIMATE_MODES:
+            raise CompilerError(f"estimate_dropped must be one of {list(ESTIMATE_MODES)}, got "
+                                f"{self.estimate_dropped!r}")
         if self.calibrate_candidates < 1:
             raise CompilerError(f"calibrate_candidates must be >= 1, got "
                                 f"{self.calibrate_candidates}")

@@ -91,11 +91,26 @@ def execution_dict(plans: Plan | ExpertPlans) -> dict:
     if isinstance(plans, Plan):
         data = json.loads(plan_to_json(plans))
         data.pop("provenance")
-        return data
+        return _without_unset_estimates(data)
     data = json.loads(experts_to_json(plans))
     for section in data["experts"].values():
         section.pop("provenance")
+        _without_unset_estimates(section)
     return data
+
+
+def _without_unset_estimates(value):
+    """Drops every ``estimate_heads: null`` (AttentionSpec, schema 3.5), so a plan that
+    estimates nothing keeps the execution dict (and calibration keys) it had before 3.5."""
+    if isinstance(value, dict):
+        if value.get("estimate_heads", 0) is None:
+            del value["estimate_heads"]
+        for item in value.values():
+            _without_unset_estimates(item)
+    elif isinstance(value, list):
+        for item in value:
+            _without_unset_estimates(item)
+    return value
 
 
 def save_any_plan(plans: Plan | ExpertPlans, path: str | os.PathLike) -> Path:

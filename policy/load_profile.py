@@ -30,6 +30,9 @@ class Profile:
     recall_oracle: np.ndarray  # [L, H, D, N]
     kept_fraction: np.ndarray  # [D] mean share of block pairs the predicted mask keeps
     sample_step: np.ndarray  # [N]
+    # [L, H, D, N, 2] relative output error at each density, dropped key blocks left out /
+    # estimated; None for traces before schema 2.1 (no attention_error table)
+    output_error: np.ndarray | None
     residual_change: np.ndarray  # [C, L, T] mean rel-L1 of block residuals vs previous step
     output_change: np.ndarray  # [C, T] mean rel-L1 of the model output vs previous step
 
@@ -62,10 +65,14 @@ def load_profile(trace_dir: str | os.PathLike) -> Profile:
     pred, oracle, kept, sample_step = _recall_arrays(recall, blocks, meta.model_config.num_heads,
                                                      densities)
     residual, output = _change_arrays(change, blocks, contexts, meta.workload.steps)
+    error = None
+    if "attention_error" in traces.tables:
+        error = _error_array(traces.tables["attention_error"], blocks,
+                             meta.model_config.num_heads, densities, sample_step)
     return Profile(
         metadata=meta, trace_hash=traces.content_hash, blocks=blocks, contexts=contexts,
         densities=densities, features=_layer_features(stats, blocks), recall_predicted=pred,
-        recall_oracle=oracle, kept_fraction=kept, sample_step=sample_step,
+        recall_oracle=oracle, kept_fraction=kept, sample_step=sample_step, output_error=error,
         residual_change=residual, output_change=output,
     )
 
@@ -99,13 +106,19 @@ def _sample_index(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     return inverse.reshape(-1), uniq[:, 3]
 
 
-def _recall_arrays(table: pa.Table, blocks, heads: int, densities: np.ndarray):
+def _per_density_index(name: str, table: pa.Table, blocks, heads: int, densities: np.ndarray):
+    """Each row's (layer, head, density) index in a per-density table (recall, error)."""
     layer = _codes(table, "layer", blocks)
     head = np.asarray(table["head"], dtype=np.int64)
     dens = np.asarray(table["density"], dtype=np.float64)
     d_idx = np.abs(dens[:, None] - densities[None, :]).argmin(axis=1)
     if np.abs(densities[d_idx] - dens).max() > 1e-4 or head.min() < 0 or head.max() >= heads:
-        raise TraceError("attention_recall: densities or heads disagree with the file metadata")
+        raise TraceError(f"{name}: densities or heads disagree with the file metadata")
+    return layer, head, d_idx
+
+
+def _recall_arrays(table: pa.Table, blocks, heads: int, densities: np.ndarray):
+    layer, head, d_idx = _per_density_index("attention_recall", table, blocks, heads, densities)
     sample, sample_step = _sample_index(table)
     shape = (len(blocks), heads, len(densities), len(sample_step))
     pred, oracle = np.full(shape, np.nan), np.full(shape, np.nan)
@@ -117,6 +130,21 @@ def _recall_arrays(table: pa.Table, blocks, heads: int, densities: np.ndarray):
     kept = np.bincount(d_idx, weights=np.asarray(table["kept_fraction"]), minlength=n)
     kept = kept / np.bincount(d_idx, minlength=n)
     return pred, oracle, kept, sample_step
+
+
+def _error_array(table: pa.Table, blocks, heads: int, densities: np.ndarray,
+                 sample_step: np.ndarray) -> np.ndarray:
+    """attention_error as [L, H, D, N, 2], on the samples of attention_recall (same calls)."""
+    layer, head, d_idx = _per_density_index("attention_error", table, blocks, heads, densities)
+    sample, steps = _sample_index(table)
+    if not np.array_equal(steps, sample_step):
+        raise TraceError("attention_error: its calls differ from attention_recall's; re-profile")
+    error = np.full((len(blocks), heads, len(densities), len(steps), 2), np.nan)
+    for i, name in enumerate(("error_dropped", "error_estimated")):
+        error[layer, head, d_idx, sample, i] = np.asarray(table[name])
+    if np.isnan(error).any():
+        raise TraceError("attention_error: some (layer, head, density, step) rows are missing")
+    return error
 
 
 def _layer_features(table: pa.Table, blocks) -> dict[str, np.ndarray]:

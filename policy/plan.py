@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-PLAN_SCHEMA_VERSION = "3.4"
+PLAN_SCHEMA_VERSION = "3.5"
 SUPPORTED_BLOCK_SIZES = (64, 128)
 ROLES = ("foreground", "background")
 COMPUTE, REUSE, FORECAST = "C", "R", "F"
@@ -56,7 +56,9 @@ class AttentionSpec:
     ``density=1.0`` means dense. ``dense_steps`` lists denoising step indices that run dense
     (warm-up, and any late steps the compiler keeps dense). ``head_densities``, when set, gives
     each head its own density; ``density`` is then their maximum, so a runtime that reads only
-    ``density`` still keeps at least every head's share.
+    ``density`` still keeps at least every head's share. ``estimate_heads`` (schema 3.5), when
+    set, says per head whether its dropped key blocks still enter the softmax, each as its mean
+    key and value weighted by its key count, instead of leaving their share of attention out.
     """
 
     density: float | None = field(default=1.0, metadata=_schema(exclusiveMinimum=0, maximum=1))
@@ -72,6 +74,7 @@ class AttentionSpec:
     head_densities: tuple[float, ...] | None = field(
         default=None, metadata=_schema(minItems=1, items={"exclusiveMinimum": 0, "maximum": 1})
     )
+    estimate_heads: tuple[bool, ...] | None = field(default=None, metadata=_schema(minItems=1))
 
     def __post_init__(self):
         if (self.density is None) == (self.mass_threshold is None):
@@ -96,6 +99,14 @@ class AttentionSpec:
         object.__setattr__(self, "dense_steps", tuple(sorted({int(s) for s in self.dense_steps})))
         if self.head_densities is not None:
             self._check_head_densities()
+        if self.estimate_heads is not None:
+            flags = tuple(self.estimate_heads)
+            if not flags or not all(isinstance(f, bool) for f in flags):
+                raise PlanError(f"estimate_heads must be one true/false per head, got {flags}")
+            if self.head_densities is not None and len(flags) != len(self.head_densities):
+                raise PlanError(f"estimate_heads has {len(flags)} entries but head_densities "
+                                f"{len(self.head_densities)}: give one per head")
+            object.__setattr__(self, "estimate_heads", flags)
 
     def _check_head_densities(self) -> None:
         heads = tuple(float(d) for d in self.head_densities)
@@ -116,6 +127,10 @@ class AttentionSpec:
     def dense_at(self, step: int | None) -> bool:
         """True when this layer runs dense attention at denoising step ``step``."""
         return self.is_dense or (step is not None and step in self.dense_steps)
+
+    def estimates(self) -> bool:
+        """True when some head estimates its dropped key blocks."""
+        return self.estimate_heads is not None and any(self.estimate_heads)
 
     def density_for_head(self, head: int) -> float | None:
         """The density head ``head`` uses (``density`` unless head_densities is set)."""

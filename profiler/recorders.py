@@ -16,6 +16,7 @@ from torch import nn
 
 from ditplan.profiler import metrics
 from ditplan.profiler.config import RecorderSettings
+from ditplan.profiler.output_error import output_errors
 from ditplan.profiler.rows import TraceRows
 from ditplan.runtime.adapters.base import block_io, get_adapter
 from ditplan.runtime.context import (
@@ -185,13 +186,16 @@ class ProfileRecorder:
     def record_attention(self, layer: str, attention: AttnCall) -> None:
         """Statistics of one self-attention call (called by the recording processors)."""
         call, settings = self.call, self.settings
-        q, k, _ = (x.transpose(1, 2) for x in attention.joint())  # [B, H, S, D]
-        q, k = q[:, :, call.perm], k[:, :, call.perm]  # tiled order, as the runtime sees them
+        q, k, v = (x.transpose(1, 2)[:, :, call.perm]  # [B, H, S, D] in tiled order, as the
+                   for x in attention.joint())  # runtime sees them
         summary = metrics.attention_summary(q, k, block_size=settings.block_size,
                                             tile_rows=settings.tile_rows,
                                             key_valid=attention.key_valid)  # text padding
         curves = metrics.recall_at_densities(q, k, summary, densities=settings.densities,
                                              forced=call.forced)
+        errors = output_errors(q, k, v, block_size=settings.block_size,
+                               densities=settings.densities, forced=call.forced,
+                               key_valid=attention.key_valid)  # [B, H, D, 2]
         fg = metrics.foreground_stats(summary.received, call.foreground, call.video,
                                       settings.attn_threshold)
         stats = torch.stack([  # [B, H, 6], columns as TraceRows.STATS
@@ -203,7 +207,7 @@ class ProfileRecorder:
         recall = torch.stack([curves.predicted, curves.oracle, curves.kept_fraction], -1)
         block_map = summary.block_mass.mean(0) if call.record_map else None
         self.rows.add_attention(call.step, call.cfg, layer, stats.mean(0), recall.mean(0),
-                                block_map)
+                                errors.mean(0), block_map)
 
     def _block_hook(self, name: str, streams: BlockStreams):
         def hook(module, args, kwargs, output):

@@ -25,16 +25,20 @@ class TraceRows:
         self._attention: list[tuple[int, str, str]] = []
         self._stats: list[torch.Tensor] = []  # [H, len(STATS)] each
         self._recall: list[torch.Tensor] = []  # [H, D, 3] each: predicted, oracle, kept
+        self._error: list[torch.Tensor] = []  # [H, D, 2] each: error dropped, estimated
         self._maps: list[tuple[int, str, str, torch.Tensor]] = []  # [H, Qb, Kb] each
         self._change: list[tuple[int, str, str]] = []
         self._change_values: list[torch.Tensor] = []  # [2] each: rel_l1, cos_dist
 
     def add_attention(self, step: int, cfg: str, layer: str, stats: torch.Tensor,
-                      recall: torch.Tensor, block_map: torch.Tensor | None) -> None:
-        """One self-attention call: stats [H, 6], recall [H, D, 3], optional map [H, Qb, Kb]."""
+                      recall: torch.Tensor, error: torch.Tensor,
+                      block_map: torch.Tensor | None) -> None:
+        """One self-attention call: stats [H, 6], recall [H, D, 3], output error [H, D, 2],
+        optional map [H, Qb, Kb]."""
         self._attention.append((step, cfg, layer))
         self._stats.append(stats.detach().float())
         self._recall.append(recall.detach().float())
+        self._error.append(error.detach().float())
         if block_map is not None:
             self._maps.append((step, cfg, layer, block_map.detach().float()))
 
@@ -51,7 +55,10 @@ class TraceRows:
         tables = {"step_change": self._change_columns()}
         if self._attention:
             tables["attention_stats"] = self._stats_columns()
-            tables["attention_recall"] = self._recall_columns()
+            tables["attention_recall"] = self._per_density_columns(
+                self._recall, ("recall_predicted", "recall_oracle", "kept_fraction"))
+            tables["attention_error"] = self._per_density_columns(
+                self._error, ("error_dropped", "error_estimated"))
         if self._maps:
             tables["attention_maps"] = self._map_columns()
         return tables
@@ -67,14 +74,16 @@ class TraceRows:
                                               dtype=np.float32)
         return columns
 
-    def _recall_columns(self) -> dict[str, object]:
-        recall = torch.stack(self._recall).cpu().numpy()  # [N, H, D, 3]
-        n, heads, dens, _ = recall.shape
+    def _per_density_columns(self, values: list[torch.Tensor],
+                             names: tuple[str, ...]) -> dict[str, object]:
+        """A row per (call, head, density) with one column per name (values [H, D, len])."""
+        array = torch.stack(values).cpu().numpy()  # [N, H, D, len(names)]
+        n, heads, dens, _ = array.shape
         columns = _keys(self._attention, heads * dens)
         columns["head"] = np.tile(np.repeat(np.arange(heads, dtype=np.int32), dens), n)
         columns["density"] = np.tile(np.asarray(self.settings.densities, np.float32), n * heads)
-        for i, name in enumerate(("recall_predicted", "recall_oracle", "kept_fraction")):
-            columns[name] = recall[..., i].reshape(-1)
+        for i, name in enumerate(names):
+            columns[name] = array[..., i].reshape(-1)
         return columns
 
     def _map_columns(self) -> dict[str, object]:

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 logger = logging.getLogger(__name__)
 
-PROFILE_SCHEMA_VERSION = "2.0"
+PROFILE_SCHEMA_VERSION = "2.1"
 CONTEXTS = ("cond", "uncond")
 DENSITY_GRID = (0.05, 0.1, 0.2, 0.3, 0.5)
 OUTPUT_LAYER = "__output__"
@@ -78,6 +78,14 @@ ATTENTION_RECALL_SCHEMA = pa.schema([
     _f32("recall_oracle"),  # mass share kept by the true top blocks (same count, + sink)
     _f32("kept_fraction"),  # share of block pairs the predicted mask really keeps
 ])
+# Per head, per step, per density (schema 2.1): relative error of the sparse attention output
+# against dense, ||out - dense|| / ||dense||, with the block-mean-predicted mask of that density.
+ATTENTION_ERROR_SCHEMA = pa.schema([
+    *KEY_FIELDS, HEAD_FIELD,
+    _f32("density"),  # as in attention_recall
+    _f32("error_dropped"),  # dropped key blocks left out (plain block-sparse attention)
+    _f32("error_estimated"),  # dropped key blocks estimated from their mean key and value
+])
 # Block-pooled attention maps for sampled steps: one row per query block, never S x S.
 ATTENTION_MAP_SCHEMA = pa.schema([
     *KEY_FIELDS, HEAD_FIELD,
@@ -93,6 +101,7 @@ STEP_CHANGE_SCHEMA = pa.schema([*KEY_FIELDS, _f32("rel_l1"), _f32("cos_dist")])
 TABLE_SCHEMAS = {
     "attention_stats": ATTENTION_STATS_SCHEMA,
     "attention_recall": ATTENTION_RECALL_SCHEMA,
+    "attention_error": ATTENTION_ERROR_SCHEMA,
     "attention_maps": ATTENTION_MAP_SCHEMA,
     "step_change": STEP_CHANGE_SCHEMA,
 }

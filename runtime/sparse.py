@@ -103,6 +103,7 @@ def sparse_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay
         forced=forced,
         backend=layer.backend,
         key_valid=key_valid,
+        estimate_dropped=spec.estimate_heads[heads] if spec.estimates() else False,
     )
     layer.record_sparse(kept)
     return out

@@ -36,12 +36,15 @@ from ditplan.profiler.schema import (
 @dataclass(frozen=True)
 class LayerTruth:
     """What a synthetic layer does. ``mass_fraction``: share of key blocks holding 95% of the
-    mass (per head if ``head_fractions``); ``prediction``: predicted/oracle recall."""
+    mass (per head if ``head_fractions``); ``prediction``: predicted/oracle recall;
+    ``estimate_gain``: per head, the output error with dropped blocks estimated over the error
+    without (the error without: the mass the oracle mask drops)."""
 
     foreground: bool = True
     mass_fraction: float = 0.1
     head_fractions: tuple[float, ...] | None = None
     prediction: float = 0.98
+    estimate_gain: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class TraceSpec:
     cfg: bool = True
     uncond_decay: float = 1.5  # decay rate of the uncond change curves (1.5: branches agree)
     late_rise: bool = True
+    output_errors: bool = False  # write the attention_error table (trace schema 2.1)
     fingerprint: ModelFingerprint = field(
         default_factory=lambda: ModelFingerprint("WanTransformer3DModel", "cfg-abc123", None)
     )
@@ -101,7 +105,7 @@ def _keys(spec: TraceSpec, prompt: int, run_id: str):
 
 
 def _tables(spec: TraceSpec, prompt: int, run_id: str, rng: np.random.Generator):
-    stats, recall, change = [], [], []
+    stats, recall, error, change = [], [], [], []
     for key in _keys(spec, prompt, run_id):
         for i, truth in enumerate(spec.layers):
             layer = f"blocks.{i}"
@@ -120,6 +124,9 @@ def _tables(spec: TraceSpec, prompt: int, run_id: str, rng: np.random.Generator)
                     recall.append({**key, "layer": layer, "head": head, "density": d,
                                    "recall_predicted": p, "recall_oracle": o,
                                    "kept_fraction": min(1.0, d + 0.08)})
+                    gain = (truth.estimate_gain or (1.0,) * spec.heads)[head]
+                    error.append({**key, "layer": layer, "head": head, "density": d,
+                                  "error_dropped": 1.0 - o, "error_estimated": (1.0 - o) * gain})
         if key["step"] == 0:
             continue
         decay = spec.uncond_decay if key["cfg"] == "uncond" else 1.5
@@ -127,7 +134,8 @@ def _tables(spec: TraceSpec, prompt: int, run_id: str, rng: np.random.Generator)
         for layer in [f"blocks.{i}" for i in range(len(spec.layers))] + [OUTPUT_LAYER]:
             change.append({**key, "layer": layer, "rel_l1": value * (1 + 0.02 * rng.random()),
                            "cos_dist": value / 10})
-    return {"attention_stats": stats, "attention_recall": recall, "step_change": change}
+    tables = {"attention_stats": stats, "attention_recall": recall, "step_change": change}
+    return {**tables, "attention_error": error} if spec.output_errors else tables
 
 
 def write_traces(directory: Path, spec: TraceSpec, run_id: str = "run0", seed: int = 0) -> Path:

@@ -56,6 +56,15 @@ def test_overrides_for_a_benchmark_plan(traces, tmp_path):
     assert [plan.layers[b].attention.density for b in plan.block_order] == [0.5, 0.2, 0.2, 0.2]
 
 
+def test_estimate_all_needs_no_measured_errors(traces, tmp_path):
+    out = tmp_path / "all.json"
+    assert run(["compile-policy", str(traces), "--out", str(out), "--estimate-dropped",
+                "--density", "0.2"]) == 0  # the flag alone: every sparse head
+    plan = load_plan(out)
+    assert plan.provenance.compiler_settings["estimate_dropped"] == "all"
+    assert all(layer.attention.estimate_heads == (True, True) for layer in plan.layers.values())
+
+
 def test_mixed_heads_flag_reaches_the_compiler(traces, tmp_path):
     out = tmp_path / "mixed.json"
     assert run(["compile-policy", str(traces), "--out", str(out), "--mixed-heads"]) == 0
@@ -68,6 +77,8 @@ def test_mixed_heads_flag_reaches_the_compiler(traces, tmp_path):
     (["--role", "blocks.1=middle"], 1, "roles must be one of"),
     (["--role", "blocks.77=background"], 1, "unknown blocks"),
     (["--target-speedup", "40"], 1, "not reachable"),
+    # these synthetic traces, like any profiled before trace schema 2.1, lack output errors
+    (["--estimate-dropped", "measured"], 1, "re-run `ditplan profile` to estimate dropped"),
 ])
 def test_bad_arguments_write_nothing(traces, tmp_path, capsys, extra, code, message):
     out = tmp_path / "plan.json"

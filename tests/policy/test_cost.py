@@ -61,3 +61,15 @@ def test_speedup_of_dense_sparse_and_cached_plans():
         (1 + o) / (0.5 + o))
     assert model.predict_speedup(dense, (whole,), 10, ("cond",)) == pytest.approx(2.0)
     assert cost.SPARSE_FIXED + cost.SPARSE_SLOWDOWN * 0.5 == pytest.approx(7.60 / 11.07, abs=0.01)
+
+
+def test_estimating_dropped_blocks_is_charged_whatever_the_heads():
+    model = CostModel.for_model(WAN_1_3B, S, GRID, GRID)
+    plain = AttentionSpec(density=0.2, head_densities=(0.2, 0.1))
+    some = dataclasses.replace(plain, estimate_heads=(True, False))
+    every = dataclasses.replace(plain, estimate_heads=(True, True))
+    none = dataclasses.replace(plain, estimate_heads=(False, False))
+    expected = model.sparse_factor(plain) + cost.ESTIMATE_OVERHEAD
+    assert model.sparse_factor(some) == pytest.approx(expected)
+    assert model.sparse_factor(every) == pytest.approx(expected)
+    assert model.sparse_factor(none) == model.sparse_factor(plain)

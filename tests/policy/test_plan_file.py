@@ -199,6 +199,26 @@ def test_attention_spec_head_densities_need_density():
     assert AttentionSpec(density=0.4, head_densities=(0.1, 0.4)).density_for_head(1) == 0.4
 
 
+def test_attention_spec_estimate_heads():
+    spec = AttentionSpec(density=0.3, head_densities=(0.1, 0.3), estimate_heads=[True, False])
+    assert spec.estimate_heads == (True, False) and spec.estimates()
+    assert not AttentionSpec(density=0.3, estimate_heads=(False, False)).estimates()
+    with pytest.raises(PlanError, match="one per head"):
+        AttentionSpec(density=0.3, head_densities=(0.1, 0.3), estimate_heads=(True,))
+    with pytest.raises(PlanError, match="one true/false per head"):
+        AttentionSpec(density=0.3, estimate_heads=(1, 0))
+    plan = sample_plan()
+    layers = dict(plan.layers)
+    layers["blocks.2"] = dataclasses.replace(layers["blocks.2"], attention=spec)
+    plan = dataclasses.replace(plan, layers=layers)
+    again = plan_io.plan_from_json_text(plan_io.plan_to_json(plan))
+    assert again.layers["blocks.2"].attention == spec
+    text = plan_io.plan_to_json(plan).replace('"estimate_heads": [\n', '"estimate_heads": [1, ', 1)
+    assert text != plan_io.plan_to_json(plan)
+    with pytest.raises(PlanError, match="estimate_heads"):
+        plan_io.plan_from_json_text(text)
+
+
 def test_policy_package_never_imports_torch():
     code = ("import sys, ditplan.policy.compiler, ditplan.policy.commands, ditplan.policy.plan_io;"
             "import ditplan.policy.show; print('torch' in sys.modules)")

@@ -5,10 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ditplan.policy.config import CompilerConfig
+from ditplan.policy.compiler import layer_plans
+from ditplan.policy.config import CompilerConfig, CompilerError
+from ditplan.policy.cost import CostModel
+from ditplan.policy.estimate import estimate_heads
 from ditplan.policy.load_profile import load_profile
 from ditplan.policy.plan import all_heads_dense
 from ditplan.policy.sparsity import DENSE, choose_sparsity, required_density
+from ditplan.profiler.schema import TraceError
 from tests.policy.policy_factories import LayerTruth, TraceSpec, write_traces
 
 GRID = np.array([0.05, 0.1, 0.2, 0.3, 0.5])
@@ -94,3 +98,60 @@ def test_mixed_heads_keep_diffuse_heads_dense_beside_sparse_ones(profile):
 def test_overrides_win(profile):
     assert choose(profile, 1, fixed_density=0.2).density == 0.2
     assert choose(profile, 1, densities={"blocks.1": 0.3}, fixed_density=0.2).density == 0.3
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    """Two sparse layers whose heads the estimate helps (gain < 1) or hurts, and a dense one."""
+    layers = (LayerTruth(mass_fraction=0.1, estimate_gain=(0.5, 1.3)),
+              LayerTruth(mass_fraction=0.1, estimate_gain=(0.97, 0.8)),
+              LayerTruth(mass_fraction=0.9, estimate_gain=(0.5, 0.5)))
+    spec = TraceSpec(layers=layers, output_errors=True)
+    return load_profile(write_traces(tmp_path_factory.mktemp("e"), spec))
+
+
+def test_heads_estimate_where_the_profiled_error_drops(measured):
+    steps = np.arange(measured.steps) >= 2
+    assert estimate_heads(measured, 0, (0.1, 0.1), steps) == (True, False)
+    # 0.97: a 3% cut is inside the margin; 0.8 is not
+    assert estimate_heads(measured, 1, (0.2, 0.2), steps) == (False, True)
+    assert estimate_heads(measured, 0, (0.1, 1.0), steps) == (True, False)  # a dense head: never
+    assert estimate_heads(measured, 0, (1.0, 0.1), steps) is None  # only the hurt head sparse
+
+
+def _cost(profile):
+    meta = profile.metadata
+    return CostModel.for_model(meta.model_config, meta.workload.num_tokens, profile.densities,
+                               profile.kept_fraction)
+
+
+def test_the_compiler_writes_the_flags_into_sparse_layers_only(measured):
+    config = CompilerConfig(estimate_dropped="measured", caching=False)
+    layers = layer_plans(measured, {b: "foreground" for b in measured.blocks}, config, 2,
+                         _cost(measured))
+    specs = [layers[b].attention for b in measured.blocks]
+    assert specs[0].estimate_heads == (True, False) and specs[0].estimates()
+    assert specs[2].is_dense and specs[2].estimate_heads is None
+    plain = layer_plans(measured, {b: "foreground" for b in measured.blocks},
+                        CompilerConfig(caching=False), 2, _cost(measured))
+    assert all(plain[b].attention.estimate_heads is None for b in measured.blocks)
+    assert plain["blocks.0"].attention.density == specs[0].density  # densities as without
+
+
+def test_estimating_needs_traces_that_measured_it(profile):
+    steps = np.arange(profile.steps) >= 2
+    with pytest.raises(CompilerError, match="re-run `ditplan profile`"):
+        estimate_heads(profile, 0, (0.1, 0.1), steps)
+    # "all" reads no measurement: every sparse head
+    assert estimate_heads(profile, 0, (0.1, 1.0), steps, mode="all") == (True, False)
+    assert estimate_heads(profile, 0, (1.0, 1.0), steps, mode="all") is None
+    with pytest.raises(CompilerError, match="estimate_dropped must be one of"):
+        CompilerConfig(estimate_dropped="some")
+
+
+def test_output_errors_must_cover_the_recall_tables_calls(tmp_path):
+    spec = TraceSpec(layers=(LayerTruth(estimate_gain=(0.5, 0.5)),), output_errors=True)
+    traces = write_traces(tmp_path, spec)
+    (traces / "attention_error-p1.parquet").unlink()  # one prompt's errors lost
+    with pytest.raises(TraceError, match="attention_error: its calls differ"):
+        load_profile(traces)

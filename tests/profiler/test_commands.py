@@ -99,7 +99,7 @@ def test_cli_end_to_end_then_resume_then_mismatch(cli, tmp_path, capsys):
     code, loaded = cli(["--out", str(tmp_path), *SMALL, "--map-steps", "1"])
     assert code == 0, capsys.readouterr().err
     assert loaded[0][0] == "reference" and loaded[0][1]["device"] == "cpu"
-    assert "wrote 4 trace files" in capsys.readouterr().out
+    assert "wrote 5 trace files" in capsys.readouterr().out
     assert (tmp_path / "report.png").is_file()
     assert cli(["--out", str(tmp_path), *SMALL, "--map-steps", "1"])[0] == 0  # resumes: no-op
     code, _ = cli(["--out", str(tmp_path), *SMALL])  # map steps differ now

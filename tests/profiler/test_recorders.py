@@ -7,6 +7,7 @@ import torch
 
 from ditplan.profiler import metrics
 from ditplan.profiler.config import RecorderSettings
+from ditplan.profiler.output_error import output_errors
 from ditplan.profiler.recorders import ProfileRecorder
 from ditplan.profiler.run import profile_transformer_calls
 from ditplan.runtime.adapters.wan import wan_self_attention_qkv
@@ -38,7 +39,7 @@ def test_recorder_does_not_change_the_output_bitwise():
 
 
 def captured_qk(model, x):
-    """q, k of blocks.1's self-attention, computed the way diffusers does, in original order."""
+    """q, k, v of blocks.1's self-attention, computed the way diffusers does, in original order."""
     seen = {}
 
     def hook(module, args, kwargs):
@@ -47,9 +48,9 @@ def captured_qk(model, x):
     handle = model.blocks[1].attn1.register_forward_pre_hook(hook, with_kwargs=True)
     with torch.no_grad():
         model(**x, return_dict=False)
-        q, k, _ = wan_self_attention_qkv(model.blocks[1].attn1, *seen["args"])
+        q, k, v = wan_self_attention_qkv(model.blocks[1].attn1, *seen["args"])
     handle.remove()
-    return q, k  # [B, H, S, D]
+    return q, k, v  # [B, H, S, D]
 
 
 def test_recorded_rows_equal_metrics_on_permuted_qk():
@@ -59,9 +60,9 @@ def test_recorded_rows_equal_metrics_on_permuted_qk():
     rows = profile_transformer_calls(model, x, steps=2, settings=SETTINGS,
                                      contexts=("cond", "uncond"), foreground_mask=fg.flatten())
     cols = rows.columns()
-    q, k = captured_qk(model, x)
+    q, k, v = captured_qk(model, x)
     perm = tile_permutation(GRID, SETTINGS.tile)
-    q, k = q[:, :, perm], k[:, :, perm]
+    q, k, v = q[:, :, perm], k[:, :, perm], v[:, :, perm]
     summary = metrics.attention_summary(q, k, block_size=64)
     sink = first_frame_mask(GRID)[perm]
     forced = forced_blocks(192, 64, sink_tokens=sink)
@@ -84,6 +85,14 @@ def test_recorded_rows_equal_metrics_on_permuted_qk():
                                         recall["recall_predicted"], strict=True)
             if s == 1 and c == "uncond" and layer == "blocks.1"]
     torch.testing.assert_close(torch.tensor(pred), curves.predicted[0].flatten().float())
+    errors = output_errors(q, k, v, block_size=64, densities=SETTINGS.densities, forced=forced)
+    table = cols["attention_error"]
+    picked = [i for i, (s, c, layer) in enumerate(zip(table["step"], table["cfg"],
+                                                      table["layer"], strict=True))
+              if s == 1 and c == "uncond" and layer == "blocks.1"]
+    for j, name in enumerate(("error_dropped", "error_estimated")):
+        got = torch.tensor(table[name][picked])  # [H * D], head-major
+        torch.testing.assert_close(got, errors.mean(0)[..., j].flatten().float())
 
 
 def test_row_counts_and_keys():
@@ -94,6 +103,7 @@ def test_row_counts_and_keys():
     layers, heads, steps, ctx, dens = 2, 2, 3, 2, len(SETTINGS.densities)
     assert len(cols["attention_stats"]["step"]) == layers * heads * steps * ctx
     assert len(cols["attention_recall"]["step"]) == layers * heads * steps * ctx * dens
+    assert len(cols["attention_error"]["step"]) == layers * heads * steps * ctx * dens
     # Maps only for the sampled step 1: one row per (layer, head, context, query block).
     assert set(cols["attention_maps"]["step"].tolist()) == {1}
     assert len(cols["attention_maps"]["step"]) == layers * heads * ctx * 3

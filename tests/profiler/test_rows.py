@@ -12,10 +12,11 @@ def test_maps_of_different_block_counts_become_rows():
     settings = RecorderSettings(densities=(0.5,))
     rows = TraceRows(settings)
     stats, recall = torch.zeros(2, len(TraceRows.STATS)), torch.zeros(2, 1, 3)
+    error = torch.zeros(2, 1, 2)
     cond = torch.arange(2 * 3 * 3, dtype=torch.float32).reshape(2, 3, 3)  # 3 blocks
     uncond = -torch.arange(2 * 2 * 2, dtype=torch.float32).reshape(2, 2, 2)  # shorter text
-    rows.add_attention(1, "cond", "blocks.0", stats, recall, cond)
-    rows.add_attention(1, "uncond", "blocks.0", stats, recall, uncond)
+    rows.add_attention(1, "cond", "blocks.0", stats, recall, error, cond)
+    rows.add_attention(1, "uncond", "blocks.0", stats, recall, error, uncond)
     maps = rows.columns()["attention_maps"]
     assert maps["cfg"] == ["cond"] * 6 + ["uncond"] * 4
     assert maps["head"].tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 1, 1]

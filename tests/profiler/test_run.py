@@ -32,6 +32,7 @@ def test_clip_mode_writes_every_table_matching_the_schema(tmp_path, reference_pi
     rows = {name: t.num_rows for name, t in traces.tables.items()}
     per_call = LAYERS * HEADS * STEPS * CONTEXTS
     assert rows == {"attention_stats": per_call, "attention_recall": per_call * 5,
+                    "attention_error": per_call * 5,
                     "attention_maps": per_call * Q_BLOCKS,  # maps at steps 0, 1, 2 (default)
                     "step_change": (STEPS - 1) * CONTEXTS * (LAYERS + 1)}
     meta = traces.metadata

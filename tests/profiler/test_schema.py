@@ -19,6 +19,8 @@ ROWS = {
     "attention_recall": {**KEYS, "head": [0, 1], "density": [0.1, 0.2],
                          "recall_predicted": [0.8, 0.9], "recall_oracle": [0.85, 0.93],
                          "kept_fraction": [0.18, 0.27]},
+    "attention_error": {**KEYS, "head": [0, 1], "density": [0.1, 0.2],
+                        "error_dropped": [0.3, 0.2], "error_estimated": [0.2, 0.25]},
     "attention_maps": {**KEYS, "head": [0, 0], "q_block": [0, 1],
                        "mass": [[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]]},
     "step_change": {**KEYS, "layer": ["blocks.0", S.OUTPUT_LAYER], "rel_l1": [0.3, 0.1],

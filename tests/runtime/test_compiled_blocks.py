@@ -132,12 +132,17 @@ def test_blocks_compiled_already_are_refused_with_compile_and_warned_about_witho
     assert "may run eagerly past its recompile limit" in caplog.text
 
 
-def test_a_sparse_block_compiles_without_graph_breaks():
+@pytest.mark.parametrize("estimate", [False, True])
+def test_a_sparse_block_compiles_without_graph_breaks(estimate):
     # the layout's forced-block map counts blocks on the host; built at the first sparse call,
     # it broke every compiled block's graph at its attention (and split it into frames)
     torch._dynamo.reset()
     model, inputs = tiny_wan(), tiny_wan_inputs(frames=3, height=16, width=24)
     plan = tiny_wan_plan(model, steps=4, densities=(0.5, 0.5), dense_steps=(0,))
+    if estimate:  # one head estimates its dropped blocks (block means, merge): still one graph
+        layers = {name: dataclasses.replace(layer, attention=dataclasses.replace(
+            layer.attention, estimate_heads=(True, False))) for name, layer in plan.layers.items()}
+        plan = dataclasses.replace(plan, layers=layers)
     handle = apply_plan(model, plan, backend="dense", compile={"backend": "eager"})
     counters = torch._dynamo.utils.counters
     counters.clear()

@@ -11,6 +11,7 @@ from ditplan.runtime.adapters.wan import wan_self_attention_qkv
 from ditplan.runtime.apply import apply_sparse_attention
 from ditplan.runtime.kernels.block_map import forced_blocks, select_blocks_reference
 from ditplan.runtime.kernels.reference import masked_attention_reference
+from ditplan.runtime.kernels.remainder import estimated_attention_reference
 from tests.factories import run_steps, tiny_wan, tiny_wan_inputs
 
 # 3 frames x 8 x 12 tokens = 288 tokens: 5 blocks of 64 (the last one partial).
@@ -114,6 +115,30 @@ def test_sparse_processor_matches_masked_reference(densities):
         )
         ref = attn.to_out[0](ref.float().transpose(1, 2).flatten(2, 3))
     torch.testing.assert_close(captured["out"], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_heads_estimating_dropped_blocks_match_the_oracle():
+    model, inputs = tiny_wan(), tiny_wan_inputs(**GRID_INPUTS)
+    attn = model.blocks[0].attn1
+    captured = {}
+    attn.register_forward_hook(lambda m, args, out: captured.update(args=args, out=out))
+    spec = AttentionSpec(density=0.4, block_size=BLOCK, tile=(1, 1, 1), sink=False,
+                         estimate_heads=(True, False))  # head 0 estimates, head 1 does not
+    handle = apply_sparse_attention(model, {"blocks.0.attn1": spec}, backend="torch")
+    run_steps(model, inputs)
+    handle.remove()
+    hidden_states, _, _, rotary_emb = captured["args"]
+    with torch.no_grad():
+        q, k, v = (x.double() for x in wan_self_attention_qkv(attn, hidden_states, rotary_emb))
+        block_map = select_blocks_reference(q, k, block_size=BLOCK, density=0.4,
+                                            forced=forced_blocks(q.shape[2], BLOCK))
+        estimated = estimated_attention_reference(q, k, v, block_map, block_size=BLOCK)
+        dropped = masked_attention_reference(q, k, v, block_map, block_size=BLOCK)
+        ref = torch.cat([estimated[:, :1], dropped[:, 1:]], dim=1)  # [B, H, S, D]
+        ref = attn.to_out[0](ref.float().transpose(1, 2).flatten(2, 3))
+        plain = attn.to_out[0](dropped.float().transpose(1, 2).flatten(2, 3))
+    torch.testing.assert_close(captured["out"], ref, rtol=1e-5, atol=1e-5)
+    assert (captured["out"] - plain).abs().max() > 1e-3  # the estimate changed head 0
 
 
 def test_cache_context_step_index_drives_dense_steps():
