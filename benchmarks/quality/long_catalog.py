@@ -7,7 +7,12 @@ import functools
 from benchmarks.quality.catalog import CatalogContext
 from benchmarks.quality.methods import RAINFUSION_DENSITY, Method, dense_repeat, rainfusion
 from benchmarks.quality.plans import plan_method
-from benchmarks.quality.sparse_layers import choose_layers, every_layer, sparse_layers_method
+from benchmarks.quality.sparse_layers import (
+    ESTIMATED_SUFFIX,
+    choose_layers,
+    every_layer,
+    sparse_layers_method,
+)
 
 LONG_GRID = dict(
     densities=(0.5, 0.2, 0.1),  # sparse attention alone: in the layers the compiler chooses,
@@ -17,18 +22,25 @@ LONG_GRID = dict(
     presets=("high", "balanced", "fast"), targets=(1.5, 2.0, 3.0),
     # the same presets with mixed heads: diffuse heads dense beside sparse ones
     mixed_presets=("high", "balanced", "fast"),
+    # the dropped key blocks estimated from block means: sparse attention alone in every layer
+    # (heads chosen by the profiled output error, and every head), and the plans with sparse
+    # attention (plain and mixed heads; measured heads)
+    estimated_presets=("fast",), estimated_mixed_presets=("balanced", "fast"),
 )
 LONG_QUICK_GRID = dict(densities=(0.2,), presets=("fast",), targets=(1.5,),
-                       mixed_presets=("fast",))
+                       mixed_presets=("fast",), estimated_presets=("fast",),
+                       estimated_mixed_presets=())
 MIXED = {"mixed_heads": True}
 MIXED_FAMILY = "ditplan-mixed-heads"
+ESTIMATED = {"estimate_dropped": "measured"}
 
 
 def build_long_methods(ctx: CatalogContext, quick: bool) -> list[Method]:
     """dense repeat, sparse attention alone at each density (the compiler's layers, then every
     layer), RainFusion2.0 as published, then ditplan's plans with sparse attention and caching,
     then with caching only, then the presets with mixed heads (with caching, and balanced
-    without: sparse attention alone where each head needs it)."""
+    without: sparse attention alone where each head needs it), then the rows whose sparse layers
+    estimate their dropped key blocks (suffix ``-estimated``)."""
     grid = LONG_QUICK_GRID if quick else LONG_GRID
     choice = functools.cache(lambda: choose_layers(ctx.trace_dir()))
     every = functools.cache(lambda: every_layer(choice()))  # the same compile's blocks
@@ -36,6 +48,9 @@ def build_long_methods(ctx: CatalogContext, quick: bool) -> list[Method]:
               for d in grid["densities"]]
     sparse += [sparse_layers_method(d, ctx.trace_dir, every, backend=ctx.backend, every=True)
                for d in grid["densities"]]
+    estimated = [sparse_layers_method(d, ctx.trace_dir, every, backend=ctx.backend, every=True,
+                                      estimate_dropped=mode)
+                 for mode in ("measured", "all") for d in grid["densities"]]
     published = rainfusion(RAINFUSION_DENSITY, steps=ctx.steps, block_size=ctx.block_size,
                            tile=ctx.tile, backend=ctx.backend)
     return [dense_repeat(), *sparse, published,
@@ -44,7 +59,11 @@ def build_long_methods(ctx: CatalogContext, quick: bool) -> list[Method]:
                     grid["targets"]),
             *_plans(ctx, MIXED_FAMILY, MIXED, grid["mixed_presets"]),
             *_plans(ctx, f"{MIXED_FAMILY}-sparse-only", {**MIXED, "caching": False},
-                    ("balanced",))]
+                    ("balanced",)),
+            *estimated,
+            *_plans(ctx, "ditplan" + ESTIMATED_SUFFIX, ESTIMATED, grid["estimated_presets"]),
+            *_plans(ctx, MIXED_FAMILY + ESTIMATED_SUFFIX, {**MIXED, **ESTIMATED},
+                    grid["estimated_mixed_presets"])]
 
 
 def _plans(ctx: CatalogContext, family: str, forced: dict, presets: tuple[str, ...],

@@ -91,11 +91,17 @@ def plan_method(family: str, setting: str, trace_dir: Callable[[], Path], preset
         if adapt is not None:
             plan = adapt(plan, transformer_of(pipe))
         handle = apply_plan(pipe, plan, backend=backend)
-        predicted = {"predicted_speedup": plan.provenance.predicted_speedup}
+        predicted = {"predicted_speedup": plan.provenance.predicted_speedup,
+                     "estimated_heads": estimated_head_count(plan)}
         return Installed(undo=handle.remove, stats=lambda: {**handle.stats(), **predicted},
                          reset=handle.reset, plan_key=plan_key(plan))
 
     return Method(family, setting, install, {"preset": preset, **(params or {})}, notes)
+
+
+def estimated_head_count(plan: Plan) -> int:
+    """How many (layer, head) pairs of ``plan`` estimate their dropped key blocks."""
+    return sum(sum(layer.attention.estimate_heads or ()) for layer in plan.layers.values())
 
 
 def plan_key(plan: Plan) -> str:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.quality.methods import Installed, Method, NotApplicable
+from benchmarks.quality.plans import estimated_head_count, plan_key
 from ditplan.policy.compiler import compile_policy
 from ditplan.policy.config import CompilerConfig, CompilerError
 from ditplan.runtime.apply import apply_plan
@@ -14,6 +15,12 @@ from ditplan.runtime.apply import apply_plan
 LAYER_CHOOSER = "balanced"  # the preset whose sparse-only plan picks the layers
 FAMILY = "ditplan-sparse-only"
 EVERY_LAYER_FAMILY = "sparse-every-layer"
+ESTIMATED_SUFFIX = "-estimated"  # rows whose sparse heads estimate the dropped key blocks
+
+
+def estimated_suffix(mode: str | None) -> str:
+    """The family-name suffix of rows compiled with ``estimate_dropped=mode``."""
+    return {None: "", "measured": ESTIMATED_SUFFIX, "all": ESTIMATED_SUFFIX + "-all"}[mode]
 
 
 @dataclass(frozen=True)
@@ -42,10 +49,12 @@ def every_layer(choice: LayerChoice) -> LayerChoice:
 
 def sparse_layers_method(density: float, trace_dir: Callable[[], Path],
                          choice: Callable[[], LayerChoice], *, backend: str,
-                         every: bool = False) -> Method:
+                         every: bool = False, estimate_dropped: str | None = None) -> Method:
     """A no-caching plan with ``density`` in ``choice()``'s sparse blocks and the compiler's dense
     warm-up steps; the other blocks stay dense. ``every``: ``choice`` is `every_layer`'s (the
-    rows are named and described so).
+    rows are named and described so). ``estimate_dropped``: which sparse heads estimate their
+    dropped key blocks from block means, "measured" or "all" (CompilerConfig; family name
+    suffixed ``-estimated`` or ``-estimated-all``).
 
     ``choice`` is shared by the densities of one run (compiled once, on first install).
     """
@@ -58,22 +67,29 @@ def sparse_layers_method(density: float, trace_dir: Callable[[], Path],
                                     "every layer dense at this workload (the traces support no "
                                     "sparsity)")
             config = CompilerConfig.from_name(LAYER_CHOOSER, caching=False,
-                                              densities=chosen.densities(density))
+                                              densities=chosen.densities(density),
+                                              estimate_dropped=estimate_dropped)
             plan = compile_policy(trace_dir(), config)
         except CompilerError as error:
             raise NotApplicable(str(error)) from error
         handle = apply_plan(pipe, plan, backend=backend)
         recorded = {"sparse_layers": list(chosen.sparse),
-                    "predicted_speedup": plan.provenance.predicted_speedup}
+                    "predicted_speedup": plan.provenance.predicted_speedup,
+                    "estimated_heads": estimated_head_count(plan)}
         return Installed(undo=handle.remove, stats=lambda: {**handle.stats(), **recorded},
-                         reset=handle.reset)
+                         reset=handle.reset, plan_key=plan_key(plan))
 
+    suffix = estimated_suffix(estimate_dropped)
+    estimate = (f"; dropped blocks estimated from block means ({estimate_dropped} heads)"
+                if estimate_dropped else "")
     if every:
-        params = {"density": density, "layers_from": "every layer, caching off"}
-        return Method(EVERY_LAYER_FAMILY, f"d={density:g}", install, params,
+        params = {"density": density, "layers_from": "every layer, caching off",
+                  "estimate_dropped": estimate_dropped}
+        return Method(EVERY_LAYER_FAMILY + suffix, f"d={density:g}", install, params,
                       notes=f"density {density:g} in every layer after the {LAYER_CHOOSER} "
-                            "plan's dense warm-up steps; no caching")
-    params = {"density": density, "layers_from": f"{LAYER_CHOOSER}, caching off"}
-    return Method(FAMILY, f"d={density:g}", install, params,
+                            f"plan's dense warm-up steps; no caching{estimate}")
+    params = {"density": density, "layers_from": f"{LAYER_CHOOSER}, caching off",
+              "estimate_dropped": estimate_dropped}
+    return Method(FAMILY + suffix, f"d={density:g}", install, params,
                   notes=f"density {density:g} in the layers a sparse-only {LAYER_CHOOSER} plan "
-                        "makes sparse, the others dense; no caching")
+                        f"makes sparse, the others dense; no caching{estimate}")

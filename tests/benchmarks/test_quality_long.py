@@ -21,7 +21,8 @@ METHODS = ["dense/baseline", "dense/repeat", "ditplan-sparse-only/d=0.2",
            "sparse-every-layer/d=0.2", "rainfusion2/d=0.2",
            "ditplan/fast", "ditplan/target=1.5x", "ditplan-cache-only/fast",
            "ditplan-cache-only/target=1.5x", "ditplan-mixed-heads/fast",
-           "ditplan-mixed-heads-sparse-only/balanced"]
+           "ditplan-mixed-heads-sparse-only/balanced", "sparse-every-layer-estimated/d=0.2",
+           "sparse-every-layer-estimated-all/d=0.2", "ditplan-estimated/fast"]
 VERDICTS = ("**met**", "**missed**", "**not measured**")
 
 
@@ -81,6 +82,16 @@ def test_the_part3_set_ran_in_catalog_order(out):
         assert stats["attention_density"] == 1.0 and stats["blocks_skipped_share"] > 0.0
         assert by_method[name]["params"]["fixed_density"] == 1.0
     assert by_method["rainfusion2/d=0.2"]["params"]["sink"] is True
+    estimated = by_method["sparse-every-layer-estimated/d=0.2"]
+    assert estimated["params"]["estimate_dropped"] == "measured"
+    every_head = by_method["sparse-every-layer-estimated-all/d=0.2"]
+    assert every_head["stats"]["estimated_heads"] == 2 * len(every["stats"]["sparse_layers"])
+    assert every_head["psnr_db_mean"] != every["psnr_db_mean"]  # same blocks, dropped estimated
+    assert estimated["stats"]["sparse_layers"] == every["stats"]["sparse_layers"]
+    if estimated["stats"]["estimated_heads"]:  # heads the profiled errors say it helps
+        assert estimated["psnr_db_mean"] != every["psnr_db_mean"]
+    else:  # no head: the plain row's plan, not generated again
+        assert estimated["same_plan_as"] == "sparse-every-layer/d=0.2"
     # a plan that an earlier row ran is not generated again: the later row names that row
     first_of = {}
     for r in rows:
