@@ -26,9 +26,11 @@ def _density(spec: AttentionSpec) -> str:
         return f"mass>={spec.mass_threshold:g}"
     if spec.is_dense:
         return "dense"
-    if spec.head_densities:
-        return f"{min(spec.head_densities):.2f}-{spec.density:.2f}/head"
-    return f"{spec.density:.2f}"
+    text = (f"{min(spec.head_densities):.2f}-{spec.density:.2f}/head" if spec.head_densities
+            else f"{spec.density:.2f}")
+    if spec.estimates():  # heads estimating their dropped blocks: "+est 3/4"
+        text += f" +est {sum(spec.estimate_heads)}/{len(spec.estimate_heads)}"
+    return text
 
 
 def _action_counts(actions: str) -> str:

@@ -56,13 +56,16 @@ def test_overrides_for_a_benchmark_plan(traces, tmp_path):
     assert [plan.layers[b].attention.density for b in plan.block_order] == [0.5, 0.2, 0.2, 0.2]
 
 
-def test_estimate_all_needs_no_measured_errors(traces, tmp_path):
+def test_estimate_all_needs_no_measured_errors(traces, tmp_path, capsys):
     out = tmp_path / "all.json"
     assert run(["compile-policy", str(traces), "--out", str(out), "--estimate-dropped",
                 "--density", "0.2"]) == 0  # the flag alone: every sparse head
     plan = load_plan(out)
     assert plan.provenance.compiler_settings["estimate_dropped"] == "all"
     assert all(layer.attention.estimate_heads == (True, True) for layer in plan.layers.values())
+    capsys.readouterr()
+    assert run(["plan", "show", str(out)]) == 0
+    assert "0.20 +est 2/2" in capsys.readouterr().out
 
 
 def test_mixed_heads_flag_reaches_the_compiler(traces, tmp_path):
