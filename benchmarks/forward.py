@@ -1,11 +1,13 @@
 """Wan2.1-1.3B-shaped transformer forward (480p x 81 frames): dense vs block-mean sparse attention.
 
 Usage: python benchmarks/forward.py [--densities 0.5 0.2 0.1] [--backends flex fa4] [--compile]
-       [--unfused-too] [--profile DIR] [--quick]
+       [--unfused-too] [--estimate-too] [--profile DIR] [--quick]
 Times every variant in the same run on the same card and prints ratios against dense; each
 backend named in --backends (default auto) gets its sparse rows, one it can't run here none.
 ``--unfused-too`` adds each backend's first d=0.2 row with the q/k norm + rotary run eager
 (DITPLAN_FUSED_QK=0), so the share of the compiled q/k kernel in the speedup shows.
+``--estimate-too`` adds each sparse row with every head estimating its dropped key blocks from
+block means (``AttentionSpec.estimate_heads``), so the estimate's cost shows.
 ``--profile DIR`` writes each variant's profiled forward (time by kind, top ops) to DIR.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -97,6 +100,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="kernel backends of the sparse rows (auto, fa4, flex, torch)")
     parser.add_argument("--unfused-too", action="store_true",
                         help="also time d=0.2 with the q/k norm + rotary eager")
+    parser.add_argument("--estimate-too", action="store_true",
+                        help="also time each sparse row with dropped blocks estimated")
     parser.add_argument("--profile", metavar="DIR",
                         help="also profile one forward per variant into DIR/profile-*.txt")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke run)")
@@ -116,6 +121,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for d in args.densities
         for t in args.tiles
     ]
+    if args.estimate_too:
+        heads = (True,) * model.config.num_attention_heads
+        variants += [(f"{label} estimated", dataclasses.replace(spec, estimate_heads=heads), b)
+                     for label, spec, b in variants if spec is not None]
     first_tile = tuple(map(int, args.tiles[0].split(",")))
     if args.unfused_too:
         variants += [(f"sparse d=0.2 tile={args.tiles[0]} {b} unfused q/k",

@@ -49,7 +49,8 @@ def block_means(k: torch.Tensor, v: torch.Tensor, block_size: int,
     pad = nb * block_size - seq_len
     if key_valid is None and pad == 0:  # every block whole: one reduction pass per tensor
         log_count = torch.full((1, 1, nb), math.log(block_size), dtype=dtype, device=k.device)
-        k_mean, v_mean = (x.unflatten(2, (nb, block_size)).mean(dim=3, dtype=dtype)
+        # bf16/fp16 reductions accumulate in float32 anyway: no float32 copy of k and v
+        k_mean, v_mean = (x.unflatten(2, (nb, block_size)).mean(dim=3).to(dtype)
                           for x in (k, v))  # [B, H, Kb, D]
         return k_mean, v_mean, log_count
     valid = key_mask(batch, seq_len, key_valid, k.device)  # [B|1, S]

@@ -194,3 +194,11 @@ def test_flex_remainder_matches_the_pytorch_twin():
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), finite)
     assert (lse.double() - ref_lse)[finite].abs().max().item() < 5e-2  # bf16 scores, S=1000
+
+
+def test_block_means_of_whole_blocks_take_the_one_pass_path_alike():
+    k, v, _ = _qkv((2, 2, 256, 8))
+    fast = block_means(k, v, 64)  # whole blocks, no padding: one reduction per tensor
+    general = block_means(k, v, 64, torch.tensor([256, 256]))
+    for a, b in zip(fast, general, strict=True):
+        torch.testing.assert_close(a.expand_as(b), b, rtol=0, atol=FP64_ATOL)
