@@ -40,6 +40,7 @@ from ditplan.runtime.parallel import (
 from ditplan.runtime.permutation import TokenPermuter
 from ditplan.runtime.sparse import (
     LayerRuntime,
+    check_head_counts,
     install_sparse_layers,
     resolve_layer_specs,
     restore_processors,
@@ -234,6 +235,7 @@ def apply_plan(
     check_not_compiled(blocks, compiling is not None)
     names = [name for name, _ in adapter.attention_layers(transformer)]
     specs = resolve_layer_specs(names, {n: plan.attention_spec(n) for n in names})
+    check_head_counts(transformer, adapter, specs)
     permuter = TokenPermuter(shared_tile(specs), plan.workload.tokens_grid)
     refuse_applied(transformer)
     run_options = dict(positions=plan.workload.sigmas,
@@ -363,6 +365,7 @@ def apply_sparse_attention(
     adapter = get_adapter(transformer)
     names = [name for name, _ in adapter.attention_layers(transformer)]
     specs = resolve_layer_specs(names, settings)
+    check_head_counts(transformer, adapter, specs)
     refuse_parallel_model(transformer)
     check_chunks(ulysses_chunks, parallel)
     cp_plan = None if parallel is None else check_parallel_config(parallel, transformer, adapter,

@@ -196,6 +196,19 @@ def shared_tile(specs: Mapping[str, AttentionSpec]) -> tuple[int, int, int]:
     return tiles.pop() if tiles else (1, 1, 1)
 
 
+def check_head_counts(transformer: nn.Module, adapter,
+                      specs: Mapping[str, AttentionSpec]) -> None:
+    """ValueError unless every sparse layer's per-head settings give one value per head (call
+    before installing anything: nothing is changed when it raises)."""
+    for name, attn in adapter.attention_layers(transformer):
+        spec = specs[name]
+        for setting, values in (("head_densities", spec.head_densities),
+                                ("estimate_heads", spec.estimate_heads)):
+            if not spec.is_dense and values is not None and len(values) != attn.heads:
+                raise ValueError(f"{name}: {setting} gives {len(values)} values but the layer "
+                                 f"has {attn.heads} heads; compile the plan for this model")
+
+
 def install_sparse_layers(
     transformer: nn.Module,
     adapter,

@@ -226,3 +226,37 @@ def test_call_statistics_are_tensors_and_give_the_achieved_density():
     assert layer.achieved_density() == pytest.approx((kept + 1) / 2)
     layer.reset_stats()
     assert layer.achieved_density() is None
+
+
+@pytest.mark.parametrize("settings", [dict(head_densities=(0.2, 0.3, 0.4)),
+                                      dict(estimate_heads=(True,))])
+def test_per_head_settings_for_another_head_count_are_refused_when_applied(settings):
+    model = tiny_wan()  # 2 heads
+    good = AttentionSpec(density=0.4, block_size=BLOCK)
+    bad = AttentionSpec(density=0.4, block_size=BLOCK, **settings)
+    before = [block.attn1.processor for block in model.blocks]
+    field = next(iter(settings))
+    with pytest.raises(ValueError, match=f"blocks.1.attn1: {field} gives .* values but the "
+                                         "layer has 2 heads"):  # blocks.0 is fine
+        apply_sparse_attention(model, {"blocks.0.attn1": good, "blocks.1.attn1": bad},
+                               backend="torch")
+    assert [block.attn1.processor for block in model.blocks] == before  # nothing installed
+
+
+def test_a_plan_with_per_head_settings_for_another_head_count_installs_nothing():
+    import dataclasses
+
+    from ditplan.runtime.apply import apply_plan
+    from tests.factories import tiny_wan_plan
+
+    model = tiny_wan()
+    plan = tiny_wan_plan(model, densities=(0.4, 0.4))
+    layer = plan.layers["blocks.1"]
+    bad = dataclasses.replace(layer, attention=dataclasses.replace(
+        layer.attention, estimate_heads=(True, False, True)))
+    plan = dataclasses.replace(plan, layers={**plan.layers, "blocks.1": bad})
+    hooks = [len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()]
+    with pytest.raises(ValueError, match="blocks.1.attn1: estimate_heads gives 3 values"):
+        apply_plan(model, plan, backend="torch")
+    assert [len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()] == hooks
+    assert not hasattr(model, "_diffusers_hook") or not model._diffusers_hook.hooks
