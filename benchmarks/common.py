@@ -64,12 +64,6 @@ def peak_memory_gib(fn) -> float:
     return torch.cuda.max_memory_allocated() / 2**30
 
 
-def uncompile_blocks(model) -> None:
-    """Undo diffusers' ``compile_repeated_blocks``: every submodule runs its eager forward."""
-    for module in model.modules():
-        module._compiled_call_impl = None  # set by nn.Module.compile
-
-
 def graphs_compiled_by(fn) -> int:
     """How many new dynamo graphs one call of ``fn()`` compiled."""
     counters = torch._dynamo.utils.counters["stats"]

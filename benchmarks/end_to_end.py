@@ -20,8 +20,10 @@ Random weights give no meaningful roles or densities, so the plan is made like t
    speedup, achieved density, share of block evaluations skipped, and peak memory.
 
 --compile: every variant compiled block by block instead (inductor; dynamo's eager backend on
-CPU): dense with diffusers' ``compile_repeated_blocks``, each plan with ``apply_plan(...,
-compile=...)`` (each block's own forward beneath the cache hooks); generations run untimed until
+CPU): dense with ``compile_blocks`` and each plan with ``apply_plan(..., compile=...)``, as
+``ditplan run --compile`` does (each block's own forward, beneath the cache hooks with a plan;
+sessions 14-15 compiled dense with diffusers' ``compile_repeated_blocks``, the same graph per
+block); generations run untimed until
 one compiles no new graph, then one is timed (the rows say how many and how long that took).
 """
 
@@ -39,7 +41,6 @@ from benchmarks.common import (
     compile_until_settled,
     graphs_compiled_by,
     timed_once,
-    uncompile_blocks,
 )
 from benchmarks.forward import build
 from benchmarks.quality.scale import Denoiser
@@ -52,7 +53,7 @@ from ditplan.profiler.recorders import ProfileRecorder
 from ditplan.profiler.schema import ModelConfig, ModelFingerprint, TraceMetadata, Workload
 from ditplan.profiler.writer import build_tables, library_versions, unit_name, write_unit
 from ditplan.runtime.adapters.base import get_adapter
-from ditplan.runtime.apply import apply_plan
+from ditplan.runtime.apply import apply_plan, compile_blocks
 from ditplan.runtime.fingerprint import model_fingerprint
 from ditplan.runtime.kernels import block_sparse_attention
 
@@ -137,12 +138,14 @@ def main(argv: list[str] | None = None) -> dict:
         save_plan(plan, args.out / f"{name.replace(' ', '_').replace('=', '')}.json")
     denoise = Denoiser(model, inputs, args.steps)
     compiling = {"backend": "inductor" if device == "cuda" else "eager"} if args.compile else None
+    compiled = None
     if compiling is not None:
         torch._dynamo.reset()
-        model.compile_repeated_blocks(**compiling)
+        compiled = compile_blocks(model, compiling)
     warm = _warm_up(denoise, compiling)
     rows = [dict(variant="dense", **_row(*timed_once(denoise, device), args.steps), **warm)]
-    uncompile_blocks(model)
+    if compiled is not None:
+        compiled.remove()
     print(f"dense: {rows[0]['seconds']:.1f} s", flush=True)
     warm_up_flex(model, inputs, device, dtype)
     for name, plan in plans.items():

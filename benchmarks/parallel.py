@@ -22,8 +22,9 @@ DIR/profile-<row>.txt: where the W-GPU rows spend the time a perfect split would
 --compile [model|blocks]: every row times the model compiled (inductor; dynamo's eager backend
 on CPU), compiled anew for the row and called on every rank until no rank compiles a new graph;
 the rows then say how long that took. ``model`` (the default) is ``torch.compile(model)``;
-``blocks`` is diffusers' regional compilation (``model.compile_repeated_blocks()``: each
-transformer block compiled, the blocks sharing their graphs), much quicker to compile. Not with
+``blocks`` compiles each transformer block (``compile_blocks``, as ``ditplan run --compile``;
+sessions 14-15 used diffusers' ``compile_repeated_blocks``, the same graph per block): the blocks
+share their graphs, much quicker to compile. Not with
 --steps (the loop runs the model eagerly).
 """
 
@@ -45,14 +46,13 @@ from benchmarks.common import (
     compile_until_settled,
     peak_memory_gib,
     time_ms,
-    uncompile_blocks,
 )
 from benchmarks.forward import QUICK_CONFIG, build, call_counting_graphs
 from benchmarks.forward_profile import profile_call, write_profile
 from benchmarks.quality.scale import Denoiser
 from ditplan.policy.plan import AttentionSpec
 from ditplan.runtime.adapters.base import get_adapter
-from ditplan.runtime.apply import apply_sparse_attention
+from ditplan.runtime.apply import apply_sparse_attention, compile_blocks
 from ditplan.runtime.parallel import check_chunks, check_parallel_config, mean_over_ranks
 
 # benchmarks.forward's quick model with 4 heads (2 a rank on 2 ranks), so --chunks 2 runs
@@ -100,6 +100,7 @@ class Timer:
         self.runner = model  # what forward() calls: the model, or the row's compiled model
         self.profile_dir, self.compile_backend = profile_dir, compile_backend
         self.compile_scope = compile_scope
+        self.compiled = None  # the row's compile_blocks, while the row runs
         self.denoise = Denoiser(model, inputs, steps) if steps else None
         if self.denoise is not None:
             dist.broadcast(self.denoise.text["uncond"], src=0)  # drawn on each rank
@@ -113,7 +114,7 @@ class Timer:
         (every rank makes the same calls: the collectives inside must pair up)."""
         torch._dynamo.reset()
         if self.compile_scope == "blocks":
-            self.model.compile_repeated_blocks(backend=self.compile_backend)
+            self.compiled = compile_blocks(self.model, {"backend": self.compile_backend})
         else:
             self.runner = torch.compile(self.model, backend=self.compile_backend)
         device = self.inputs["hidden_states"].device.type
@@ -152,7 +153,9 @@ class Timer:
         if densities:  # each rank selects for its own heads
             row["density"] = mean_over_ranks([sum(densities) / len(densities)], None)[0]
         self.runner = self.model
-        uncompile_blocks(self.model)
+        if self.compiled is not None:
+            self.compiled.remove()
+            self.compiled = None
         if dist.get_rank() == 0:  # progress: a compiled row can take minutes
             print(f"measured {variant} on {gpus} GPU(s): {ms:.1f} ms"
                   + (f" (compiled: {extra['graphs']} graphs, {extra['compile_s']:.0f} s)"
@@ -244,7 +247,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--compile", nargs="?", const="model", choices=["model", "blocks"],
                    help="time every row compiled instead of eager: the whole model "
                         "(torch.compile(model), the default) or each transformer block "
-                        "(diffusers' compile_repeated_blocks: quicker to compile)")
+                        "(compile_blocks: quicker to compile)")
     p.add_argument("--quick", action="store_true", help="tiny model on CPU (smoke run)")
     p.add_argument("--json", help="rank 0 writes the rows here")
     args = p.parse_args(argv)
