@@ -8,7 +8,14 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from ditplan.profiler.schema import CONTEXTS, OUTPUT_LAYER, TraceError, TraceMetadata, read_traces
+from ditplan.profiler.schema import (
+    CONTEXTS,
+    ERROR_COLUMNS,
+    OUTPUT_LAYER,
+    TraceError,
+    TraceMetadata,
+    read_traces,
+)
 
 REQUIRED_TABLES = ("attention_stats", "attention_recall", "step_change")
 # Per-layer foreground statistics, each oriented so that larger means "attends to foreground".
@@ -140,7 +147,7 @@ def _error_array(table: pa.Table, blocks, heads: int, densities: np.ndarray,
     if not np.array_equal(steps, sample_step):
         raise TraceError("attention_error: its calls differ from attention_recall's; re-profile")
     error = np.full((len(blocks), heads, len(densities), len(steps), 2), np.nan)
-    for i, name in enumerate(("error_dropped", "error_estimated")):
+    for i, name in enumerate(ERROR_COLUMNS):
         error[layer, head, d_idx, sample, i] = np.asarray(table[name])
     if np.isnan(error).any():
         raise TraceError("attention_error: some (layer, head, density, step) rows are missing")

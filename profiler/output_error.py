@@ -18,8 +18,6 @@ from ditplan.runtime.kernels.block_map import ForcedBlocks, block_mean_scores, s
 from ditplan.runtime.kernels.reference import key_padding_mask, masked_attention_reference
 from ditplan.runtime.kernels.remainder import estimated_attention_reference
 
-ERROR_COLUMNS = ("error_dropped", "error_estimated")
-
 
 def relative_error(out: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     """||out - dense|| / ||dense|| over tokens and channels: [B, H, S, D] -> [B, H] float32

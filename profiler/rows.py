@@ -7,7 +7,7 @@ import pyarrow as pa
 import torch
 
 from ditplan.profiler.config import RecorderSettings
-from ditplan.profiler.schema import OUTPUT_LAYER
+from ditplan.profiler.schema import ERROR_COLUMNS, OUTPUT_LAYER
 
 
 class TraceRows:
@@ -57,8 +57,7 @@ class TraceRows:
             tables["attention_stats"] = self._stats_columns()
             tables["attention_recall"] = self._per_density_columns(
                 self._recall, ("recall_predicted", "recall_oracle", "kept_fraction"))
-            tables["attention_error"] = self._per_density_columns(
-                self._error, ("error_dropped", "error_estimated"))
+            tables["attention_error"] = self._per_density_columns(self._error, ERROR_COLUMNS)
         if self._maps:
             tables["attention_maps"] = self._map_columns()
         return tables

@@ -86,6 +86,7 @@ ATTENTION_ERROR_SCHEMA = pa.schema([
     _f32("error_dropped"),  # dropped key blocks left out (plain block-sparse attention)
     _f32("error_estimated"),  # dropped key blocks estimated from their mean key and value
 ])
+ERROR_COLUMNS = ("error_dropped", "error_estimated")  # attention_error's values, in this order
 # Block-pooled attention maps for sampled steps: one row per query block, never S x S.
 ATTENTION_MAP_SCHEMA = pa.schema([
     *KEY_FIELDS, HEAD_FIELD,

@@ -142,9 +142,9 @@ def select_and_attend(
         out, lse = spec.fn(q, k, v, block_map, block_size=block_size, scale=None,
                            key_valid=key_valid, return_lse=True)  # [B, H, S, D], [B, H, S]
     rest, rest_lse = dropped_blocks_attention(q, k, v, block_map, block_size, key_valid)
-    if not all(estimated):  # heads without the estimate keep their sparse result
-        flags = torch.tensor(estimated, device=q.device)[None, :, None]  # [1, H, 1]
-        rest_lse = rest_lse.masked_fill(~flags, -math.inf)
+    for head, estimates in enumerate(estimated):  # heads without it keep their sparse result
+        if not estimates:  # (a fill per head: a flag tensor from the host would sync the stream)
+            rest_lse[:, head] = -math.inf
     return merge_attention(out, lse, rest, rest_lse), block_map
 
 

@@ -15,19 +15,18 @@ import math
 
 import torch
 
+from .reference import expand_block_map, key_padding_mask
 from .registry import num_blocks
 
 # Scores one chunk of query blocks may hold ([B, H, chunk, bs, Kb] float32: 2**26 is 256 MiB).
 MAX_CHUNK_ELEMENTS = 2**26
 
 
-def key_mask(batch: int, seq_len: int, key_valid: torch.Tensor | None,
-             device: torch.device) -> torch.Tensor:
-    """bool [B|1, S]: True for keys that exist (before key_valid[b] when given)."""
-    positions = torch.arange(seq_len, device=device)
-    limits = (torch.full((1,), seq_len, device=device) if key_valid is None
-              else key_valid.clamp(max=seq_len))
-    return positions[None, :] < limits[:, None]
+def key_mask(seq_len: int, key_valid: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """bool [B|1, S]: True for keys that exist (reference.key_padding_mask when given)."""
+    if key_valid is None:
+        return torch.ones(1, seq_len, dtype=torch.bool, device=device)
+    return key_padding_mask(key_valid, seq_len)[:, 0, 0]
 
 
 def block_means(k: torch.Tensor, v: torch.Tensor, block_size: int,
@@ -53,7 +52,7 @@ def block_means(k: torch.Tensor, v: torch.Tensor, block_size: int,
         k_mean, v_mean = (x.unflatten(2, (nb, block_size)).mean(dim=3).to(dtype)
                           for x in (k, v))  # [B, H, Kb, D]
         return k_mean, v_mean, log_count
-    valid = key_mask(batch, seq_len, key_valid, k.device)  # [B|1, S]
+    valid = key_mask(seq_len, key_valid, k.device)  # [B|1, S]
     valid = torch.nn.functional.pad(valid, (0, pad)).reshape(-1, 1, nb, block_size, 1)
     counts = valid.sum(dim=(-2, -1)).to(dtype)  # [B|1, 1, Kb]
 
@@ -137,15 +136,13 @@ def estimated_attention_reference(
     Returns:
         [B, H, S, D] in float64 for float64 inputs, else float32.
     """
-    from .reference import expand_block_map
-
-    batch, heads, seq_len, head_dim = q.shape
+    seq_len, head_dim = q.shape[-2:]
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     k_mean, v_mean, _ = block_means(k, v, block_size, key_valid)  # [B, H, Kb, D]
     block_of = torch.arange(seq_len, device=q.device) // block_size  # [S]
     kept = expand_block_map(block_map, seq_len, seq_len, block_size)  # [B|1, H|1, S, S]
-    valid = key_mask(batch, seq_len, key_valid, q.device)[:, None, None, :]  # [B|1, 1, 1, S]
+    valid = key_mask(seq_len, key_valid, q.device)[:, None, None, :]  # [B|1, 1, 1, S]
     exact = (q.to(dtype) @ k.to(dtype).transpose(-1, -2)) * scale  # [B, H, S, S]
     pooled = (q.to(dtype) @ k_mean[:, :, block_of].transpose(-1, -2)) * scale  # [B, H, S, S]
     scores = torch.where(kept, exact, pooled).masked_fill(~valid, -math.inf)

@@ -42,9 +42,11 @@ def _attend_rows(qb, kb, vb, rows, kv_order, counts, key_ok, width, scale, dtype
     values = vb.index_select(0, flat).reshape(len(rows), width * block_size, -1).to(dtype)
     queries = qb.index_select(0, rows).to(dtype) * scale  # [c, bs, D]; keys: [c, W*bs, D]
     scores = (queries @ keys.transpose(1, 2)).add_(bias.reshape(len(rows), 1, -1))  # [c, bs, W*bs]
-    # A row keeping only padding keys has no valid key: 0/0 -> 0, as a row keeping no block.
-    out = torch.softmax(scores, dim=-1).nan_to_num_(nan=0.0) @ values  # [c, bs, D]
-    return out, torch.logsumexp(scores, dim=-1)  # lse: [c, bs], -inf without a valid key
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # [c, bs, 1], -inf without a valid key
+    # A row keeping only padding keys has no valid key: -inf - -inf = nan -> 0, as a row keeping
+    # no block.
+    out = scores.sub_(lse).exp_().nan_to_num_(nan=0.0) @ values  # [c, bs, D]
+    return out, lse[..., 0]
 
 
 @register_backend(Backend.TORCH)
