@@ -8,11 +8,11 @@ measurements in DESIGN.md (bf16, Wan2.1-1.3B-shaped model at 480p x 81 frames):
 - FlexAttention at block density d takes about (SPARSE_FIXED + SPARSE_SLOWDOWN * d) of dense SDPA
   time (7.60 / 3.09 / 1.62 ms at d = 0.5 / 0.2 / 0.1 vs 11.07 ms dense, a linear fit);
 - block-mean selection costs SELECTION_OVERHEAD (1.8%) of dense attention;
-- estimating the dropped key blocks (``estimate_heads``: block means, a FlexAttention call over
-  the pooled keys, the merge) costs ESTIMATE_OVERHEAD (6.5%) of dense attention, whatever the
-  density and however many heads estimate (all are computed), from the H200 long-workload runs
-  (BENCHMARKS.md, issue 15, session 16: 5.5-6.3% of the dense step at densities 0.5-0.1 where
-  self-attention is ~90% of the FLOPs);
+- estimating the dropped key blocks (``estimate_heads``: block means and one Triton kernel that
+  attends to the pooled keys and merges) costs ESTIMATE_OVERHEAD (3%) of dense attention,
+  whatever the density and however many heads estimate, from the Wan2.1-1.3B-shape forward on an
+  H200 (BENCHMARKS.md, issue 15, session 17: +0.34-0.37 ms a layer at densities 0.2 / 0.1 beside
+  11.6 ms of dense attention);
 - self-attention is ~54% of the dense forward's time but ~70% of its FLOPs, so other work runs at
   about half attention's FLOP rate: OTHER_TIME_PER_FLOP = 2.0 (attention-FLOP time units).
 Patch embedding, time embedding and the head are under 1% of the FLOPs but not of the time:
@@ -34,7 +34,7 @@ from ditplan.profiler.schema import ModelConfig
 SPARSE_FIXED = 0.011
 SPARSE_SLOWDOWN = 1.35
 SELECTION_OVERHEAD = 0.018
-ESTIMATE_OVERHEAD = 0.065
+ESTIMATE_OVERHEAD = 0.03
 OTHER_TIME_PER_FLOP = 2.0
 CALL_OVERHEAD = 0.029
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ditplan.runtime.kernels import dropped_blocks_attention, merge_attention, resolve_backend
+from ditplan.runtime.kernels import estimate_dropped_blocks, resolve_backend
 from ditplan.runtime.kernels.block_map import ForcedBlocks, block_mean_scores, select_blocks
 from ditplan.runtime.kernels.reference import key_padding_mask, masked_attention_reference
 from ditplan.runtime.kernels.remainder import estimated_attention_reference
@@ -56,8 +56,8 @@ def output_errors(
                                   scores=scores)  # [B, H, Qb, Kb]
         out, lse = backend.fn(q, k, v, block_map, block_size=block_size, scale=None,
                               key_valid=key_valid, return_lse=True)
-        rest, rest_lse = dropped_blocks_attention(q, k, v, block_map, block_size, key_valid)
-        estimated = merge_attention(out, lse, rest, rest_lse)
+        estimated = estimate_dropped_blocks(q, k, v, block_map, out, lse,
+                                            block_size=block_size, key_valid=key_valid)
         errors.append(torch.stack([relative_error(out, dense),
                                    relative_error(estimated, dense)], dim=-1))
     return torch.stack(errors, dim=2)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -32,14 +31,14 @@ from .registry import (
     num_blocks,
     resolve_backend,
 )
-from .remainder import block_means, merge_attention, remainder_attention
+from .remainder import estimate_dropped_blocks, merge_attention
 
 __all__ = [
     "Backend",
     "ForcedBlocks",
     "block_mean_scores",
     "block_sparse_attention",
-    "dropped_blocks_attention",
+    "estimate_dropped_blocks",
     "expand_block_map",
     "first_frame_mask",
     "forced_blocks",
@@ -141,11 +140,9 @@ def select_and_attend(
             return out, block_map  # out: [B, H, S, D]
         out, lse = spec.fn(q, k, v, block_map, block_size=block_size, scale=None,
                            key_valid=key_valid, return_lse=True)  # [B, H, S, D], [B, H, S]
-    rest, rest_lse = dropped_blocks_attention(q, k, v, block_map, block_size, key_valid)
-    for head, estimates in enumerate(estimated):  # heads without it keep their sparse result
-        if not estimates:  # (a fill per head: a flag tensor from the host would sync the stream)
-            rest_lse[:, head] = -math.inf
-    return merge_attention(out, lse, rest, rest_lse), block_map
+    merged = estimate_dropped_blocks(q, k, v, block_map, out, lse, block_size=block_size,
+                                     key_valid=key_valid, heads=estimated)
+    return merged, block_map
 
 
 def estimated_heads(estimate_dropped: bool | Sequence[bool], heads: int) -> list[bool] | None:
@@ -157,20 +154,3 @@ def estimated_heads(estimate_dropped: bool | Sequence[bool], heads: int) -> list
         if len(flags) != heads:
             raise ValueError(f"estimate_dropped gives {len(flags)} flags for {heads} heads")
     return flags if any(flags) else None
-
-
-def dropped_blocks_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_map: torch.Tensor, block_size: int,
-    key_valid: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each query's attention to the pooled tokens of the blocks its block dropped (remainder.py):
-    one FlexAttention call on CUDA, the PyTorch twin elsewhere.
-
-    Returns:
-        (out [B, H, S, D], lse [B, H, S]): to merge_attention with the kept blocks' result.
-    """
-    k_mean, v_mean, log_count = block_means(k, v, block_size, key_valid)  # [B, H, Kb, D]
-    if flex.flex_is_available(q.device) and q.dtype in (torch.float16, torch.bfloat16):
-        return flex.flex_remainder_attention(q, k_mean.to(q.dtype), v_mean.to(q.dtype),
-                                             log_count, block_map, block_size)
-    return remainder_attention(q, k_mean, v_mean, log_count, block_map, block_size)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .block_map import ForcedBlocks, _block_means, _check_selection, head_densities, row_budget
+from .block_map import ForcedBlocks, _check_selection, head_densities, row_budget, token_block_means
 from .registry import triton_selection_applies
 
 
@@ -53,7 +53,8 @@ def map_from_lists(counts: torch.Tensor, indices: torch.Tensor,
 def block_logits(q: torch.Tensor, k: torch.Tensor, block_size: int) -> torch.Tensor:
     """float32 [B, H, Qb, Kb] block-mean logits q̂ k̂ᵀ: the softmax scores' order in each row
     (top-n needs no softmax)."""
-    q_mean, k_mean = _block_means(q, block_size), _block_means(k, block_size)  # [B, H, nb, D]
+    q_mean = token_block_means(q, block_size)  # [B, H, nb, D] float32
+    k_mean = token_block_means(k, block_size)
     return q_mean @ k_mean.transpose(-1, -2)
 
 

@@ -115,14 +115,17 @@ def block_mean_scores(
     """
     _check_qk(q, k, block_size)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    q_mean, k_mean = _block_means(q, block_size), _block_means(k, block_size)  # [B, H, nb, D]
+    q_mean = token_block_means(q, block_size)  # [B, H, nb, D] float32
+    k_mean = token_block_means(k, block_size)
     return torch.softmax((q_mean @ k_mean.transpose(-1, -2)) * scale, dim=-1)  # [B, H, Qb, Kb]
 
 
-def _block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
-    # x: [B, H, S, D] -> float32 [B, H, nb, D]; full blocks and the tail summed separately so no
-    # float32 copy of x is made (sum(dtype=float32) upcasts inside the reduction). On CUDA one
-    # Triton kernel does it (triton_select.block_means; this is its twin).
+def token_block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[B, H, S, D] -> float32 [B, H, ceil(S / block_size), D]: each block's mean token (the last
+    block over its real tokens)."""
+    # Full blocks and the tail summed separately so no float32 copy of x is made
+    # (sum(dtype=float32) upcasts inside the reduction). On CUDA one Triton kernel does it
+    # (triton_select.block_means; this is its twin).
     if triton_selection_applies(x):
         from . import triton_select
 

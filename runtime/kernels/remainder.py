@@ -7,6 +7,8 @@ scale * q . k_j + log n_j. That is exact when the block's scores are equal (atte
 inside the block, as in the diffuse heads that lose most mass to sparsity) and, by Jensen,
 underweights a block whose scores vary. It costs one [S, Kb] score matrix per head, 1/block_size
 of dense attention's, and needs the sparse kernel's log-sum-exp to merge the two parts.
+`estimate_dropped_blocks` is the entry: one Triton kernel on CUDA (triton_remainder.py), the
+PyTorch functions below everywhere else and as its reference.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import math
 
 import torch
 
+from .block_map import token_block_means
 from .reference import expand_block_map, key_padding_mask
-from .registry import num_blocks
+from .registry import TRITON_IMPORTABLE, num_blocks
 
 # Scores one chunk of query blocks may hold ([B, H, chunk, bs, Kb] float32: 2**26 is 256 MiB).
 MAX_CHUNK_ELEMENTS = 2**26
@@ -45,13 +48,11 @@ def block_means(k: torch.Tensor, v: torch.Tensor, block_size: int,
     batch, heads, seq_len, head_dim = k.shape
     dtype = torch.float64 if k.dtype == torch.float64 else torch.float32
     nb = num_blocks(seq_len, block_size)
+    if key_valid is None and dtype == torch.float32:  # one reduction per tensor, no copies
+        sizes = (seq_len - block_size * torch.arange(nb, device=k.device)).clamp(max=block_size)
+        return (token_block_means(k, block_size), token_block_means(v, block_size),
+                sizes.to(dtype).log()[None, None])  # Triton on CUDA (block_map's twin elsewhere)
     pad = nb * block_size - seq_len
-    if key_valid is None and pad == 0:  # every block whole: one reduction pass per tensor
-        log_count = torch.full((1, 1, nb), math.log(block_size), dtype=dtype, device=k.device)
-        # bf16/fp16 reductions accumulate in float32 anyway: no float32 copy of k and v
-        k_mean, v_mean = (x.unflatten(2, (nb, block_size)).mean(dim=3).to(dtype)
-                          for x in (k, v))  # [B, H, Kb, D]
-        return k_mean, v_mean, log_count
     valid = key_mask(seq_len, key_valid, k.device)  # [B|1, S]
     valid = torch.nn.functional.pad(valid, (0, pad)).reshape(-1, 1, nb, block_size, 1)
     counts = valid.sum(dim=(-2, -1)).to(dtype)  # [B|1, 1, Kb]
@@ -119,6 +120,40 @@ def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tenso
     dtype = torch.promote_types(torch.promote_types(lse_a.dtype, lse_b.dtype), torch.float32)
     share = torch.sigmoid(lse_b.to(dtype) - lse_a.to(dtype)).nan_to_num_(nan=0.0)  # [B, H, S]
     return torch.lerp(out_a, out_b.to(out_a.dtype), share[..., None].to(out_a.dtype))
+
+
+def estimate_dropped_blocks(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_map: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor, *, block_size: int,
+    key_valid: torch.Tensor | None = None, heads: list[bool] | None = None,
+) -> torch.Tensor:
+    """The sparse result with each dropped key block's share estimated from its block means.
+
+    Args:
+        q, k, v: [B, H, S, D]; block_map: bool [B|1, H|1, Qb, Kb], True = kept.
+        out, lse: the kept blocks' attention [B, H, S, D] and log-sum-exp [B, H, S] (a sparse
+            backend's return_lse).
+        block_size: tokens per block; key_valid: int [B] valid keys, or None.
+        heads: H flags, the heads that estimate (the others keep `out`); None: every head.
+
+    Returns:
+        [B, H, S, D] in out's dtype.
+    """
+    flags = tuple(heads) if heads is not None else (True,) * q.shape[1]
+    k_mean, v_mean, log_count = block_means(k, v, block_size, key_valid)  # [B, H, Kb, D]
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if q.is_cuda and TRITON_IMPORTABLE and q.dtype in (torch.float16, torch.bfloat16):
+        from . import triton_remainder
+
+        return triton_remainder.estimate_and_merge(
+            q, k_mean.to(q.dtype), v_mean.to(q.dtype), log_count, block_map, list(flags), out,
+            lse, block_size, scale)
+    rest, rest_lse = remainder_attention(q, k_mean, v_mean, log_count, block_map, block_size,
+                                         scale)  # [B, H, S, D], [B, H, S]
+    for head, estimates in enumerate(flags):  # heads without it keep their sparse result
+        if not estimates:  # (a fill per head: a flag tensor from the host would sync the stream)
+            rest_lse[:, head] = -math.inf
+    return merge_attention(out, lse, rest, rest_lse)
 
 
 def estimated_attention_reference(

@@ -1,7 +1,7 @@
 """Triton fast paths (CUDA, eager) for block selection: block means, top-n rows, kept-block lists.
 
 Each kernel has a PyTorch twin that stays the reference and the path everywhere else (CPU,
-other accelerators, under torch.compile): `block_map._block_means`, `block_map._top_n` with the
+other accelerators, under torch.compile): `block_map.token_block_means`, `block_map._top_n` with the
 forced regions, `flex._kv_lists` (BlockMask lists with the partial-tail split), and
 `block_lists._top_n_lists` (the top-n rows as sorted lists for the fa4 backend). The
 torch versions launch 5-15 small kernels each; at the Wan2.1-1.3B shape (12 heads, 256 blocks)

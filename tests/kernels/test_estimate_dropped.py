@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ditplan.runtime.kernels import (
-    dropped_blocks_attention,
+    estimate_dropped_blocks,
     masked_attention_reference,
     select_and_attend,
 )
@@ -113,7 +113,8 @@ def test_select_and_attend_with_the_estimate_matches_the_oracle(seq, key_valid, 
 def test_nothing_dropped_means_nothing_estimated():
     q, k, v = _qkv((1, 2, 200, 16))
     every = torch.ones(1, 1, 4, 4, dtype=torch.bool)
-    out, lse = dropped_blocks_attention(q, k, v, every, 64)
+    k_mean, v_mean, log_count = block_means(k, v, 64)
+    out, lse = remainder_attention(q, k_mean, v_mean, log_count, every, 64)
     assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
     estimated, _ = select_and_attend(q, k, v, block_size=64, density=1.0, backend="torch",
                                      estimate_dropped=True)
@@ -180,25 +181,88 @@ def test_gpu_paths_with_the_estimate_match_the_oracle(seq, key_valid, backend):
     assert (out.double().cpu() - ref).abs().max().item() < BF16_ATOL
 
 
+def _twin(q, k, v, block_map, out, lse, block_size, key_valid=None, heads=None):
+    """estimate_dropped_blocks through the PyTorch functions in float64 (the kernel's twin)."""
+    k_mean, v_mean, log_count = block_means(k.double(), v.double(), block_size, key_valid)
+    rest, rest_lse = remainder_attention(q.double(), k_mean, v_mean, log_count, block_map,
+                                         block_size)
+    for head, estimates in enumerate(heads or [True] * q.shape[1]):
+        if not estimates:
+            rest_lse[:, head] = -math.inf
+    return merge_attention(out.double(), lse.double(), rest, rest_lse)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_flex_remainder_matches_the_pytorch_twin():
-    if not flex_is_available(torch.device("cuda")):
-        pytest.skip("flex is not available")
-    q, k, v = _qkv((2, 4, 1000, 64), dtype=torch.bfloat16, device="cuda")
-    block_map = _random_map(2, 4, 1000, 128, 0.3).cuda()
-    out, lse = dropped_blocks_attention(q, k, v, block_map, 128)  # flex
-    k_mean, v_mean, log_count = block_means(k.double(), v.double(), 128)
-    ref_out, ref_lse = remainder_attention(q.double(), k_mean, v_mean, log_count, block_map, 128)
-    assert (out.double() - ref_out).abs().max().item() < BF16_ATOL
-    finite = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isfinite(lse), finite)
-    assert (lse.double() - ref_lse)[finite].abs().max().item() < 5e-2  # bf16 scores, S=1000
+@pytest.mark.parametrize("seq,block_size,key_valid,heads,map_shape", [
+    (2048, 128, None, None, "full"),
+    (1000, 128, None, [True, False, True, True], "full"),  # partial last block, one head off
+    (2048, 64, [1500, 2048], None, "full"),  # key padding: padded blocks never estimated
+    (1024, 128, None, None, "broadcast"),  # one map for every batch element and head
+    (2048, 128, None, None, "empty rows"),  # rows that keep nothing: the estimate alone
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_estimate_matches_its_pytorch_twin(seq, block_size, key_valid, heads, map_shape,
+                                                  dtype):
+    from ditplan.runtime.kernels.registry import TRITON_IMPORTABLE
+
+    if not TRITON_IMPORTABLE:
+        pytest.skip("triton is not importable")
+    q, k, v = _qkv((2, 4, seq, 64), dtype=dtype, device="cuda")
+    k = k.transpose(1, 2).contiguous().transpose(1, 2)  # [B, H, S, D] views of [B, S, H, D]
+    valid = None if key_valid is None else torch.tensor(key_valid, device="cuda")
+    block_map = _random_map(2, 4, seq, block_size, 0.3).cuda()
+    if map_shape == "broadcast":
+        block_map = block_map[:1, :1]
+    lse_ref = _lse_reference(q.double(), k.double(), block_map, block_size, valid)
+    out = torch_block_sparse_attention(q.double(), k.double(), v.double(), block_map,
+                                       block_size=block_size, key_valid=valid).to(dtype)
+    lse = lse_ref.float()
+    if map_shape == "empty rows":  # the sparse kernels' result for a row with no kept key
+        block_map = block_map.clone()
+        block_map[:, :, 3] = False
+        rows = slice(3 * block_size, 4 * block_size)
+        out[:, :, rows], lse[:, :, rows] = 0, -math.inf
+    merged = estimate_dropped_blocks(q, k, v, block_map, out, lse, block_size=block_size,
+                                     key_valid=valid, heads=heads)
+    ref = _twin(q, k, v, block_map, out, lse, block_size, valid, heads)
+    assert merged.dtype == dtype and merged.shape == q.shape
+    # bf16 inputs, pooled keys and values rounded to bf16, probabilities to bf16 for the
+    # value product: the error of one bf16 attention (~2^-8 relative) on unit-scale values
+    assert (merged.double() - ref).abs().max().item() < BF16_ATOL
+    if heads is not None:  # a head that does not estimate returns the sparse result exactly
+        off = heads.index(False)
+        assert torch.equal(merged[:, off], out[:, off])
+    assert (merged.double() - out.double()).abs().max().item() > 10 * BF16_ATOL  # it did work
 
 
-def test_block_means_of_whole_blocks_take_the_one_pass_path_alike():
-    k, v, _ = _qkv((2, 2, 256, 8))
-    fast = block_means(k, v, 64)  # whole blocks, no padding: one reduction per tensor
-    general = block_means(k, v, 64, torch.tensor([256, 256]))
+@pytest.mark.parametrize("seq", [256, 200])
+def test_block_means_without_padding_take_the_reduction_path_alike(seq):
+    k, v, _ = _qkv((2, 2, seq, 8), dtype=torch.float32)
+    fast = block_means(k, v, 64)  # no padding, float32: one reduction per tensor
+    general = block_means(k.double(), v.double(), 64, torch.tensor([seq, seq]))
     for a, b in zip(fast, general, strict=True):
-        torch.testing.assert_close(a.expand_as(b), b, rtol=0, atol=FP64_ATOL)
+        assert a.dtype == torch.float32
+        # float32 sums of 64 unit-scale terms against float64: ~64 * 2^-24 relative
+        torch.testing.assert_close(a.double().expand_as(b), b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_estimate_kernel_runs_inside_a_compiled_graph():
+    from ditplan.runtime.kernels.registry import TRITON_IMPORTABLE
+
+    if not TRITON_IMPORTABLE:
+        pytest.skip("triton is not importable")
+    q, k, v = _qkv((1, 4, 1000, 64), dtype=torch.bfloat16, device="cuda")
+    block_map = _random_map(1, 4, 1000, 128, 0.3).cuda()
+    out = torch.zeros_like(q)
+    lse = torch.full(q.shape[:3], -math.inf, device="cuda")  # nothing kept: the estimate alone
+
+    def estimate(q, k, v, block_map, out, lse):
+        return estimate_dropped_blocks(q, k, v, block_map, out, lse, block_size=128)
+
+    eager = estimate(q, k, v, block_map, out, lse)
+    compiled = torch.compile(estimate, fullgraph=True)(q, k, v, block_map, out, lse)
+    # the compiled graph's block means come from inductor's reduction, not the Triton kernel's
+    assert (compiled.double() - eager.double()).abs().max().item() < BF16_ATOL

@@ -38,13 +38,13 @@ def _forced(kind, seq, block_size):
 @pytest.mark.parametrize("seq,block_size,dim", [(1000, 64, 64), (4096, 128, 128),
                                                 (4000, 128, 128), (300, 128, 80)])
 def test_block_means_match_the_torch_twin(dtype, seq, block_size, dim, monkeypatch):
-    from ditplan.runtime.kernels.block_map import _block_means
+    from ditplan.runtime.kernels.block_map import token_block_means
 
     # [B, S, H, D] transposed: the strided layout the attention processors hand over
     x = torch.randn(2, seq, 3, dim, device="cuda", dtype=dtype).transpose(1, 2)
     assert registry.triton_selection_applies(x)
-    fast = _block_means(x, block_size)  # float32 [2, 3, nb, dim]
-    twin = _twin(lambda: _block_means(x, block_size), monkeypatch)
+    fast = token_block_means(x, block_size)  # float32 [2, 3, nb, dim]
+    twin = _twin(lambda: token_block_means(x, block_size), monkeypatch)
     assert fast.dtype == torch.float32 and fast.shape == twin.shape
     # both sum in float32, in different orders: ~1e-7 of |x| ~ 4 per element
     torch.testing.assert_close(fast, twin, rtol=1e-5, atol=1e-6)
