@@ -24,7 +24,7 @@ LONG_GRID = dict(
     mixed_presets=("high", "balanced", "fast"),
     # the dropped key blocks estimated from block means: sparse attention alone in every layer
     # (heads chosen by the profiled output error, and every head), and the plans with sparse
-    # attention (plain and mixed heads; measured heads)
+    # attention (plain and mixed heads; measured heads, and every head: suffix -all)
     estimated_presets=("fast",), estimated_mixed_presets=("balanced", "fast"),
 )
 LONG_QUICK_GRID = dict(densities=(0.2,), presets=("fast",), targets=(1.5,),
@@ -33,6 +33,7 @@ LONG_QUICK_GRID = dict(densities=(0.2,), presets=("fast",), targets=(1.5,),
 MIXED = {"mixed_heads": True}
 MIXED_FAMILY = "ditplan-mixed-heads"
 ESTIMATED = {"estimate_dropped": "measured"}
+ESTIMATED_ALL = {"estimate_dropped": "all"}
 
 
 def build_long_methods(ctx: CatalogContext, quick: bool) -> list[Method]:
@@ -40,7 +41,8 @@ def build_long_methods(ctx: CatalogContext, quick: bool) -> list[Method]:
     layer), RainFusion2.0 as published, then ditplan's plans with sparse attention and caching,
     then with caching only, then the presets with mixed heads (with caching, and balanced
     without: sparse attention alone where each head needs it), then the rows whose sparse layers
-    estimate their dropped key blocks (suffix ``-estimated``)."""
+    estimate their dropped key blocks (suffix ``-estimated``: in the heads the profile chose;
+    ``-estimated-all``: in every sparse head)."""
     grid = LONG_QUICK_GRID if quick else LONG_GRID
     choice = functools.cache(lambda: choose_layers(ctx.trace_dir()))
     every = functools.cache(lambda: every_layer(choice()))  # the same compile's blocks
@@ -63,6 +65,10 @@ def build_long_methods(ctx: CatalogContext, quick: bool) -> list[Method]:
             *estimated,
             *_plans(ctx, "ditplan" + ESTIMATED_SUFFIX, ESTIMATED, grid["estimated_presets"]),
             *_plans(ctx, MIXED_FAMILY + ESTIMATED_SUFFIX, {**MIXED, **ESTIMATED},
+                    grid["estimated_mixed_presets"]),
+            *_plans(ctx, "ditplan" + ESTIMATED_SUFFIX + "-all", ESTIMATED_ALL,
+                    grid["estimated_presets"]),
+            *_plans(ctx, MIXED_FAMILY + ESTIMATED_SUFFIX + "-all", {**MIXED, **ESTIMATED_ALL},
                     grid["estimated_mixed_presets"])]
 
 

@@ -50,6 +50,11 @@ def test_caching_gain_met_missed_and_not_measured():
     both = caching_gain([*CACHE_ONLY, slow, fast, outside])
     assert both.met is True and "(2 of 3 sparse + caching plans compared)" in both.detail
     assert caching_gain([*CACHE_ONLY, outside]).met is None
+    # every plan family counts (estimated, mixed heads), the caching-only one never
+    estimated = row("ditplan-mixed-heads-estimated-all/fast", 2.1, 33.0, density=0.5,
+                    skipped=0.4)  # cache-only at 33 dB: 1.5x
+    verdict = caching_gain([*CACHE_ONLY, estimated])
+    assert verdict.met is True and verdict.detail.startswith("ditplan-mixed-heads-estimated-all")
     # a ditplan plan that ran dense attention is caching only: nothing to compare
     dense_attention = row("ditplan/balanced", 1.96, 34.0, density=1.0, skipped=0.4)
     verdict = caching_gain([*CACHE_ONLY, dense_attention])

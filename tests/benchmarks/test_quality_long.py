@@ -22,7 +22,8 @@ METHODS = ["dense/baseline", "dense/repeat", "ditplan-sparse-only/d=0.2",
            "ditplan/fast", "ditplan/target=1.5x", "ditplan-cache-only/fast",
            "ditplan-cache-only/target=1.5x", "ditplan-mixed-heads/fast",
            "ditplan-mixed-heads-sparse-only/balanced", "sparse-every-layer-estimated/d=0.2",
-           "sparse-every-layer-estimated-all/d=0.2", "ditplan-estimated/fast"]
+           "sparse-every-layer-estimated-all/d=0.2", "ditplan-estimated/fast",
+           "ditplan-estimated-all/fast"]
 VERDICTS = ("**met**", "**missed**", "**not measured**")
 
 
@@ -88,6 +89,7 @@ def test_the_part3_set_ran_in_catalog_order(out):
     assert every_head["stats"]["estimated_heads"] == 2 * len(every["stats"]["sparse_layers"])
     assert every_head["psnr_db_mean"] != every["psnr_db_mean"]  # same blocks, dropped estimated
     assert estimated["stats"]["sparse_layers"] == every["stats"]["sparse_layers"]
+    assert by_method["ditplan-estimated-all/fast"]["params"]["estimate_dropped"] == "all"
     if estimated["stats"]["estimated_heads"]:  # heads the profiled errors say it helps
         assert estimated["psnr_db_mean"] != every["psnr_db_mean"]
     else:  # no head: the plain row's plan, not generated again
