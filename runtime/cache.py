@@ -12,6 +12,7 @@ from torch import nn
 
 from ditplan.policy.plan import COMPUTE, FORECAST, BlockRun
 from ditplan.runtime.context import StepTracker
+from ditplan.runtime.hooks import remove_named_hook
 
 if TYPE_CHECKING:
     from ditplan.runtime.layout import BlockStreams, StreamIO
@@ -334,9 +335,7 @@ def install_block_runs(
 
 
 def remove_block_runs(blocks: Mapping[str, nn.Module]) -> None:
-    for module in blocks.values():
-        if hasattr(module, "_diffusers_hook"):
-            module._diffusers_hook.remove_hook(CACHE_HOOK, recurse=False)
+    remove_named_hook(blocks.values(), CACHE_HOOK)
 
 
 def _check_consecutive(run: Sequence[str], order: list[str]) -> None:

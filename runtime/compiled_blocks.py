@@ -9,6 +9,8 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
+from ditplan.runtime.hooks import remove_named_hook
+
 COMPILE_HOOK = "ditplan_compiled_block"
 logger = logging.getLogger(__name__)
 
@@ -91,9 +93,7 @@ def install_compiled_blocks(blocks: Mapping[str, nn.Module], options: dict) -> N
 
 
 def remove_compiled_blocks(blocks: Mapping[str, nn.Module]) -> None:
-    for module in blocks.values():
-        if hasattr(module, "_diffusers_hook"):
-            module._diffusers_hook.remove_hook(COMPILE_HOOK, recurse=False)
+    remove_named_hook(blocks.values(), COMPILE_HOOK)
 
 
 class CompiledBlocks:
