@@ -146,7 +146,7 @@ def fa4_attention_from_lists(
         [B, H, S, D] in q's dtype (a transposed view of a [B, S, H, D] buffer); with
         `return_lse`, (out, lse [B, H, S] float32).
     """
-    out, lse = fa4_block_sparse_attention_op(q, k, v, counts, indices, scale)
+    out, lse = fa4_block_sparse_attention_op(q, k, v, counts, indices, scale, return_lse)
     return (out, lse) if return_lse else out
 
 
@@ -165,10 +165,11 @@ def _no_partial_blocks(batch: int, heads: int, num_q: int, device: torch.device)
 @torch.library.custom_op("ditplan::fa4_block_sparse_attention", mutates_args=())
 def fa4_block_sparse_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Tensor,
-    indices: torch.Tensor, scale: float | None,
+    indices: torch.Tensor, scale: float | None, return_lse: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel call as one opaque op ([B, H, S, D] in; out [B, H, S, D] and its log-sum-exp
-    [B, H, S] float32 out, which the kernel writes anyway)."""
+    """The kernel call as one opaque op: [B, H, S, D] in; out [B, H, S, D] and, with
+    `return_lse`, its log-sum-exp [B, H, S] float32 out (else an empty tensor: the kernel then
+    writes none)."""
     _load()
     batch, heads, num_q = counts.shape
     empty_counts, empty_indices = _no_partial_blocks(batch, heads, num_q, q.device)
@@ -176,12 +177,14 @@ def fa4_block_sparse_attention_op(
         mask_block_cnt=empty_counts, mask_block_idx=empty_indices, full_block_cnt=counts,
         full_block_idx=indices, block_size=(BLOCK_SIZE, BLOCK_SIZE))
     out, lse = _FA4["func"](q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                            softmax_scale=scale, block_sparse_tensors=sparse)  # [B, S, H, D]
-    return out.transpose(1, 2), lse.float()  # lse: [B, H, S]
+                            softmax_scale=scale, block_sparse_tensors=sparse,
+                            return_lse=return_lse)  # [B, S, H, D]; lse [B, H, S] or None
+    return out.transpose(1, 2), lse.float() if return_lse else q.new_empty(0, dtype=torch.float32)
 
 
 @fa4_block_sparse_attention_op.register_fake
-def _(q, k, v, counts, indices, scale):
+def _(q, k, v, counts, indices, scale, return_lse=False):
     batch, heads, seq_len, head_dim = q.shape
     out = q.new_empty(batch, seq_len, heads, head_dim).transpose(1, 2)
-    return out, q.new_empty(batch, heads, seq_len, dtype=torch.float32)
+    lse_shape = (batch, heads, seq_len) if return_lse else (0,)
+    return out, q.new_empty(lse_shape, dtype=torch.float32)

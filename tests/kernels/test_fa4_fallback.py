@@ -66,10 +66,12 @@ def test_fake_op_gives_the_kernels_layout():
         q = k = v = torch.empty(2, 3, 1000, 128, dtype=torch.bfloat16)
         counts = torch.empty(2, 3, 8, dtype=torch.int32)
         indices = torch.empty(2, 3, 8, 8, dtype=torch.int32)
-        out, lse = fa4.fa4_block_sparse_attention_op(q, k, v, counts, indices, None)
+        out, lse = fa4.fa4_block_sparse_attention_op(q, k, v, counts, indices, None, True)
+        _, no_lse = fa4.fa4_block_sparse_attention_op(q, k, v, counts, indices, None)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert out.stride() == (1000 * 3 * 128, 128, 3 * 128, 1)  # [B, S, H, D] seen as [B, H, S, D]
     assert lse.shape == (2, 3, 1000) and lse.dtype == torch.float32
+    assert no_lse.numel() == 0  # asked for none, the kernel writes none
 
 
 @pytest.mark.parametrize("dtype,block_size,grad,takes", [
@@ -79,3 +81,24 @@ def test_fake_op_gives_the_kernels_layout():
 def test_which_calls_the_kernel_takes(dtype, block_size, grad, takes):
     q = torch.zeros(1, 2, 300, 128, dtype=dtype, requires_grad=grad)
     assert fa4.fa4_takes(q, q, q, block_size) is takes
+
+
+def test_the_op_asks_the_kernel_for_its_log_sum_exp_only_when_wanted(monkeypatch):
+    calls = []
+
+    def flash_attn_func(q, k, v, *, softmax_scale, block_sparse_tensors, return_lse=False):
+        # flash-attn-4's contract: lse is None unless return_lse (q, out: [B, S, H, D])
+        calls.append(return_lse)
+        lse = torch.zeros(q.shape[0], q.shape[2], q.shape[1]) if return_lse else None
+        return torch.zeros_like(q), lse
+
+    monkeypatch.setattr(fa4, "_FA4", {"reason": "", "func": flash_attn_func,
+                                      "tensors": lambda **lists: lists})
+    q = k = v = torch.zeros(1, 2, 256, 64, dtype=torch.bfloat16)
+    counts = torch.ones(1, 2, 2, dtype=torch.int32)
+    indices = torch.zeros(1, 2, 2, 2, dtype=torch.int32)
+    out = fa4.fa4_attention_from_lists(q, k, v, counts, indices)
+    assert out.shape == q.shape
+    out, lse = fa4.fa4_attention_from_lists(q, k, v, counts, indices, return_lse=True)
+    assert lse.shape == (1, 2, 256) and lse.dtype == torch.float32
+    assert calls == [False, True]
