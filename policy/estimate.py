@@ -22,9 +22,10 @@ def median_errors(profile: Profile, layer: int, sparse_steps: np.ndarray) -> np.
     """Median over the samples at ``sparse_steps`` of layer ``layer``'s output errors:
     [H, D, 2] (dropped blocks left out, estimated)."""
     if profile.output_error is None:
-        raise CompilerError("these traces do not record the sparse output's error (profiled "
-                            "before trace schema 2.1); re-run `ditplan profile` to estimate "
-                            "dropped blocks")
+        raise CompilerError("these traces do not record the sparse output's error, which "
+                            "--estimate-dropped measured reads: profile with `ditplan profile "
+                            "--output-error`, or estimate in every sparse head "
+                            "(--estimate-dropped all)")
     keep = sparse_steps[profile.sample_step]
     return np.median(profile.output_error[layer][:, :, keep], axis=2)
 

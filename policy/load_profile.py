@@ -38,7 +38,7 @@ class Profile:
     kept_fraction: np.ndarray  # [D] mean share of block pairs the predicted mask keeps
     sample_step: np.ndarray  # [N]
     # [L, H, D, N, 2] relative output error at each density, dropped key blocks left out /
-    # estimated; None for traces before schema 2.1 (no attention_error table)
+    # estimated; None when the traces record none (before schema 2.1, or without --output-error)
     output_error: np.ndarray | None
     residual_change: np.ndarray  # [C, L, T] mean rel-L1 of block residuals vs previous step
     output_change: np.ndarray  # [C, T] mean rel-L1 of the model output vs previous step
@@ -72,8 +72,8 @@ def load_profile(trace_dir: str | os.PathLike) -> Profile:
     pred, oracle, kept, sample_step = _recall_arrays(recall, blocks, meta.model_config.num_heads,
                                                      densities)
     residual, output = _change_arrays(change, blocks, contexts, meta.workload.steps)
-    error = None
-    if "attention_error" in traces.tables:
+    error = None  # an empty table: profiled without --output-error
+    if "attention_error" in traces.tables and traces.tables["attention_error"].num_rows:
         error = _error_array(traces.tables["attention_error"], blocks,
                              meta.model_config.num_heads, densities, sample_step)
     return Profile(

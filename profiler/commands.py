@@ -56,6 +56,10 @@ def register(subparsers) -> None:
     p.add_argument("--attention-steps", type=int, nargs="+", default=None, metavar="STEP",
                    help="steps whose attention statistics are computed (default: all; they "
                         "cost ~20x a forward, so at full size profile a few, e.g. 0 24 49)")
+    p.add_argument("--output-error", action="store_true",
+                   help="also measure sparse attention's output error against dense per head "
+                        "and density (dropped blocks left out and estimated; ~20%% more time), "
+                        "for compile-policy --estimate-dropped measured")
     p.add_argument("--attn-threshold", type=float, default=_DEFAULTS.attn_threshold,
                    help="high-attention token: mean received mass > threshold / tokens")
     p.add_argument("--no-sink", action="store_true",
@@ -98,7 +102,8 @@ def config_from_args(args: argparse.Namespace) -> ProfileConfig:
         tile=parse_tile(args.tile), sink=not args.no_sink,
         map_steps=None if args.map_steps is None else tuple(args.map_steps),
         attention_steps=None if args.attention_steps is None else tuple(args.attention_steps),
-        attn_threshold=args.attn_threshold, progress=not args.no_progress,
+        attn_threshold=args.attn_threshold, output_error=args.output_error,
+        progress=not args.no_progress,
     )
 
 

@@ -39,7 +39,9 @@ class RecorderSettings:
     per tile of the exact computation (None: from a 1 GiB budget). attention_steps: the steps
     whose attention statistics are computed (None: every step); the exact statistics cost
     ~20x a forward, so long schedules at full size profile a few steps (step change is
-    recorded at every step regardless).
+    recorded at every step regardless). output_error: also measure sparse attention's output
+    against dense per head and density, dropped blocks left out and estimated (table
+    attention_error, read only by `compile-policy --estimate-dropped measured`; ~20% more time).
     """
 
     block_size: int = 128
@@ -50,6 +52,7 @@ class RecorderSettings:
     map_steps: tuple[int, ...] = ()
     tile_rows: int | None = None
     attention_steps: tuple[int, ...] | None = None  # steps with attention statistics; None: all
+    output_error: bool = False
 
     def __post_init__(self):
         if self.attention_steps is not None:
@@ -83,6 +86,7 @@ class RecorderSettings:
             "densities": list(self.densities), "attn_threshold": self.attn_threshold,
             "map_steps": list(self.map_steps), "diagonal": True,
             "attention_steps": None if self.attention_steps is None else list(self.attention_steps),
+            "output_error": self.output_error,
         }
 
 
@@ -117,6 +121,7 @@ class ProfileConfig:
     map_steps: tuple[int, ...] | None = None
     tile_rows: int | None = None
     attention_steps: tuple[int, ...] | None = None
+    output_error: bool = False
     progress: bool = field(default=True, compare=False)
 
     def __post_init__(self):
@@ -163,7 +168,7 @@ class ProfileConfig:
         return RecorderSettings(
             block_size=self.block_size, tile=self.tile, sink=self.sink, densities=self.densities,
             attn_threshold=self.attn_threshold, map_steps=map_steps, tile_rows=self.tile_rows,
-            attention_steps=self.attention_steps,
+            attention_steps=self.attention_steps, output_error=self.output_error,
         )
 
     def resolved(self) -> ProfileConfig:

@@ -193,9 +193,9 @@ class ProfileRecorder:
                                             key_valid=attention.key_valid)  # text padding
         curves = metrics.recall_at_densities(q, k, summary, densities=settings.densities,
                                              forced=call.forced)
-        errors = output_errors(q, k, v, block_size=settings.block_size,
-                               densities=settings.densities, forced=call.forced,
-                               key_valid=attention.key_valid)  # [B, H, D, 2]
+        errors = None if not settings.output_error else output_errors(
+            q, k, v, block_size=settings.block_size, densities=settings.densities,
+            forced=call.forced, key_valid=attention.key_valid)  # [B, H, D, 2]
         fg = metrics.foreground_stats(summary.received, call.foreground, call.video,
                                       settings.attn_threshold)
         stats = torch.stack([  # [B, H, 6], columns as TraceRows.STATS
@@ -207,7 +207,7 @@ class ProfileRecorder:
         recall = torch.stack([curves.predicted, curves.oracle, curves.kept_fraction], -1)
         block_map = summary.block_mass.mean(0) if call.record_map else None
         self.rows.add_attention(call.step, call.cfg, layer, stats.mean(0), recall.mean(0),
-                                errors.mean(0), block_map)
+                                None if errors is None else errors.mean(0), block_map)
 
     def _block_hook(self, name: str, streams: BlockStreams):
         def hook(module, args, kwargs, output):

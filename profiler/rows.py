@@ -31,14 +31,15 @@ class TraceRows:
         self._change_values: list[torch.Tensor] = []  # [2] each: rel_l1, cos_dist
 
     def add_attention(self, step: int, cfg: str, layer: str, stats: torch.Tensor,
-                      recall: torch.Tensor, error: torch.Tensor,
+                      recall: torch.Tensor, error: torch.Tensor | None,
                       block_map: torch.Tensor | None) -> None:
-        """One self-attention call: stats [H, 6], recall [H, D, 3], output error [H, D, 2],
-        optional map [H, Qb, Kb]."""
+        """One self-attention call: stats [H, 6], recall [H, D, 3], optional output error
+        [H, D, 2] (output_error settings: every call or none), optional map [H, Qb, Kb]."""
         self._attention.append((step, cfg, layer))
         self._stats.append(stats.detach().float())
         self._recall.append(recall.detach().float())
-        self._error.append(error.detach().float())
+        if error is not None:
+            self._error.append(error.detach().float())
         if block_map is not None:
             self._maps.append((step, cfg, layer, block_map.detach().float()))
 
@@ -57,6 +58,7 @@ class TraceRows:
             tables["attention_stats"] = self._stats_columns()
             tables["attention_recall"] = self._per_density_columns(
                 self._recall, ("recall_predicted", "recall_oracle", "kept_fraction"))
+        if self._error:
             tables["attention_error"] = self._per_density_columns(self._error, ERROR_COLUMNS)
         if self._maps:
             tables["attention_maps"] = self._map_columns()

@@ -60,7 +60,8 @@ class Suite:
     """A model and its workloads: the full and ``--quick`` ones, the default number of held-out
     captions, and how its traces are profiled (ProfileConfig's mode; how many evenly spaced
     steps get exact attention statistics, None: every step; the steps whose block maps are
-    stored, None: the profiler's first, middle and last)."""
+    stored, None: the profiler's first, middle and last; whether sparse attention's output
+    error is recorded too)."""
 
     name: str
     full: Workload
@@ -69,6 +70,7 @@ class Suite:
     profile_mode: str = "auto"
     attention_steps: int | None = None
     map_steps: tuple[int, ...] | None = None
+    output_error: bool = False
 
     def workload_from(self, quick: bool, **overrides) -> Workload:
         """The full or quick workload with the given fields replaced (None values ignored)."""
@@ -77,7 +79,7 @@ class Suite:
 
     def profile_settings(self, steps: int) -> dict:
         """ProfileConfig fields beyond the workload for a profile of ``steps`` steps."""
-        settings = {"mode": self.profile_mode}
+        settings = {"mode": self.profile_mode, "output_error": self.output_error}
         if self.map_steps is not None:
             settings["map_steps"] = self.map_steps
         if self.attention_steps is not None:
@@ -101,7 +103,7 @@ REFERENCE_SUITE = Suite("reference", FULL, QUICK, captions=32)
 # does not read them), so the traces are small enough to ship. 8 held-out captions keep the
 # whole grid within about 10 GPU minutes.
 LONG_SUITE = Suite("long", LONG, QUICK, captions=8, profile_mode="sample", attention_steps=8,
-                   map_steps=())
+                   map_steps=(), output_error=True)  # its -estimated rows choose heads by it
 SUITES = {s.name: s for s in (REFERENCE_SUITE, LONG_SUITE)}
 
 

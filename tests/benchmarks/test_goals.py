@@ -102,8 +102,9 @@ def test_profile_steps_of_the_suites():
     assert evenly_spaced(32, 8) == (0, 4, 9, 13, 18, 22, 27, 31)
     assert evenly_spaced(4, 8) == (0, 1, 2, 3) and evenly_spaced(5, 1) == (0,)
     assert LONG_SUITE.profile_settings(32) == {"mode": "sample", "map_steps": (),
-                                               "attention_steps": evenly_spaced(32, 8)}
-    assert REFERENCE_SUITE.profile_settings(32) == {"mode": "auto"}  # as before the suites
+                                               "attention_steps": evenly_spaced(32, 8),
+                                               "output_error": True}  # its measured heads
+    assert REFERENCE_SUITE.profile_settings(32) == {"mode": "auto", "output_error": False}
     long = LONG_SUITE.full
     assert (long.frames, long.height, long.width, long.steps) == (32, 64, 64, 32)
     assert long.guidance_scale == 4.0

@@ -80,8 +80,8 @@ def test_mixed_heads_flag_reaches_the_compiler(traces, tmp_path):
     (["--role", "blocks.1=middle"], 1, "roles must be one of"),
     (["--role", "blocks.77=background"], 1, "unknown blocks"),
     (["--target-speedup", "40"], 1, "not reachable"),
-    # these synthetic traces, like any profiled before trace schema 2.1, lack output errors
-    (["--estimate-dropped", "measured"], 1, "re-run `ditplan profile` to estimate dropped"),
+    # these synthetic traces, like any profiled without --output-error, lack output errors
+    (["--estimate-dropped", "measured"], 1, "ditplan profile --output-error"),
 ])
 def test_bad_arguments_write_nothing(traces, tmp_path, capsys, extra, code, message):
     out = tmp_path / "plan.json"

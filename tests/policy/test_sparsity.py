@@ -140,7 +140,7 @@ def test_the_compiler_writes_the_flags_into_sparse_layers_only(measured):
 
 def test_estimating_needs_traces_that_measured_it(profile):
     steps = np.arange(profile.steps) >= 2
-    with pytest.raises(CompilerError, match="re-run `ditplan profile`"):
+    with pytest.raises(CompilerError, match="ditplan profile --output-error"):
         estimate_heads(profile, 0, (0.1, 0.1), steps)
     # "all" reads no measurement: every sparse head
     assert estimate_heads(profile, 0, (0.1, 1.0), steps, mode="all") == (True, False)

@@ -73,6 +73,14 @@ def test_attention_steps_flag_limits_statistics_and_default_maps(tmp_path):
     assert config.identity()["attention_steps"] == [0, 25, 49]  # order-free: same run
 
 
+def test_output_error_is_opt_in_and_part_of_the_run(tmp_path):
+    plain = commands.config_from_args(parse(["--out", str(tmp_path)]))
+    measured = commands.config_from_args(parse(["--out", str(tmp_path), "--output-error"]))
+    assert not plain.recorder_settings().output_error
+    assert measured.recorder_settings().output_error
+    assert plain.identity() != measured.identity()  # a resume with the other setting is refused
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--steps", "0"], "steps must be a positive int"),
     (["--tile", "8x8"], "TxHxW"),

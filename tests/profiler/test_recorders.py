@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -17,7 +19,7 @@ from tests.factories import tiny_wan, tiny_wan_inputs
 
 # 3 frames x 8 x 8 tokens = 192 tokens: 3 blocks of 64, the first frame exactly one block.
 GRID = (3, 8, 8)
-SETTINGS = RecorderSettings(block_size=64, tile=(1, 4, 4), map_steps=(1,))
+SETTINGS = RecorderSettings(block_size=64, tile=(1, 4, 4), map_steps=(1,), output_error=True)
 
 
 def inputs(seed=1):
@@ -114,6 +116,21 @@ def test_row_counts_and_keys():
     # The same input at every step: nothing changes between steps.
     assert max(abs(v) for v in change["rel_l1"]) < 1e-6
     assert max(abs(v) for v in change["cos_dist"]) < 1e-5
+
+
+def test_output_error_is_recorded_only_when_asked(monkeypatch):
+    from ditplan.profiler import recorders
+
+    def never(*args, **kwargs):
+        raise AssertionError("output_errors ran although output_error is off")
+
+    monkeypatch.setattr(recorders, "output_errors", never)
+    settings = dataclasses.replace(SETTINGS, output_error=False)
+    rows = profile_transformer_calls(tiny_wan(), inputs(), steps=2, settings=settings,
+                                     contexts=("cond",))
+    cols = rows.columns()
+    assert "attention_error" not in cols and len(cols["attention_recall"]["step"]) > 0
+    assert settings.to_metadata()["output_error"] is False
 
 
 def test_step_change_sees_a_changed_input():

@@ -18,7 +18,7 @@ PROMPTS = ("a red circle slowly moves right", "a blue square quickly moves up")
 
 def test_clip_mode_writes_every_table_matching_the_schema(tmp_path, reference_pipe,
                                                           small_config):
-    files = run.profile_pipeline(small_config(tmp_path), pipe=reference_pipe)
+    files = run.profile_pipeline(small_config(tmp_path, output_error=True), pipe=reference_pipe)
     assert files[-1] == tmp_path / "report.png"
     assert files[-1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     parquet = [f for f in files if f.suffix == ".parquet"]
