@@ -48,10 +48,12 @@ def block_means(k: torch.Tensor, v: torch.Tensor, block_size: int,
     batch, heads, seq_len, head_dim = k.shape
     dtype = torch.float64 if k.dtype == torch.float64 else torch.float32
     nb = num_blocks(seq_len, block_size)
-    if key_valid is None and dtype == torch.float32:  # one reduction per tensor, no copies
+    if dtype == torch.float32:  # one reduction per tensor (Triton on CUDA), no copy of k or v
         sizes = (seq_len - block_size * torch.arange(nb, device=k.device)).clamp(max=block_size)
-        return (token_block_means(k, block_size), token_block_means(v, block_size),
-                sizes.to(dtype).log()[None, None])  # Triton on CUDA (block_map's twin elsewhere)
+        if key_valid is None:
+            return (token_block_means(k, block_size), token_block_means(v, block_size),
+                    sizes.to(dtype).log()[None, None])
+        return _padded_block_means(k, v, block_size, key_valid, sizes)
     pad = nb * block_size - seq_len
     valid = key_mask(seq_len, key_valid, k.device)  # [B|1, S]
     valid = torch.nn.functional.pad(valid, (0, pad)).reshape(-1, 1, nb, block_size, 1)
@@ -63,6 +65,32 @@ def block_means(k: torch.Tensor, v: torch.Tensor, block_size: int,
         return summed / counts.clamp(min=1)[..., None]  # [B, H, Kb, D]
 
     return mean(k), mean(v), counts.log()
+
+
+def _padded_block_means(k: torch.Tensor, v: torch.Tensor, block_size: int,
+                        key_valid: torch.Tensor, sizes: torch.Tensor):
+    """block_means in float32 under key padding from the unpadded block means: blocks wholly
+    before key_valid[b] keep them, the block holding key_valid[b] is summed again over its valid
+    keys (one block per batch element), later blocks have no key. sizes: [Kb] tokens per block."""
+    batch, heads, seq_len, head_dim = k.shape
+    limits = key_valid.to(k.device).clamp(max=seq_len)  # [B]
+    starts = block_size * torch.arange(len(sizes), device=k.device)  # [Kb]
+    counts = torch.minimum((limits[:, None] - starts).clamp(min=0), sizes)  # [B, Kb] valid keys
+    edge = torch.div(limits, block_size, rounding_mode="floor").clamp(max=len(sizes) - 1)  # [B]
+    positions = edge[:, None] * block_size + torch.arange(block_size, device=k.device)  # [B, bs]
+    in_edge = (positions < limits[:, None])[:, None, :, None]  # [B, 1, bs, 1]
+    gather_at = positions.clamp(max=seq_len - 1)[:, None, :, None].expand(
+        batch, heads, block_size, head_dim)
+    scatter_at = edge[:, None, None, None].expand(batch, heads, 1, head_dim)
+    whole = (counts == sizes)[:, None, :, None]  # [B, 1, Kb, 1]
+
+    def means(x: torch.Tensor) -> torch.Tensor:
+        sums = token_block_means(x, block_size) * sizes[:, None]  # [B, H, Kb, D] float32
+        edge_sum = (x.gather(2, gather_at).float() * in_edge).sum(dim=2, keepdim=True)
+        sums = torch.where(whole, sums, 0.0).scatter(2, scatter_at, edge_sum)
+        return sums / counts.clamp(min=1)[:, None, :, None]
+
+    return means(k), means(v), counts.to(torch.float32).log()[:, None]
 
 
 def remainder_attention(q: torch.Tensor, k_mean: torch.Tensor, v_mean: torch.Tensor,

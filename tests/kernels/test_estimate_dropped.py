@@ -236,11 +236,15 @@ def test_triton_estimate_matches_its_pytorch_twin(seq, block_size, key_valid, he
     assert (merged.double() - out.double()).abs().max().item() > 10 * BF16_ATOL  # it did work
 
 
-@pytest.mark.parametrize("seq", [256, 200])
-def test_block_means_without_padding_take_the_reduction_path_alike(seq):
+@pytest.mark.parametrize("seq,key_valid", [
+    (256, None), (200, None),  # whole blocks; a partial last block
+    (256, [150, 256]), (200, [64, 200]), (200, [1, 130]), (256, [256, 255])])  # key padding
+def test_float32_block_means_take_the_reduction_path_alike(seq, key_valid):
     k, v, _ = _qkv((2, 2, seq, 8), dtype=torch.float32)
-    fast = block_means(k, v, 64)  # no padding, float32: one reduction per tensor
-    general = block_means(k.double(), v.double(), 64, torch.tensor([seq, seq]))
+    valid = None if key_valid is None else torch.tensor(key_valid)
+    fast = block_means(k, v, 64, valid)  # float32: unpadded block means, padding corrected
+    general = block_means(k.double(), v.double(), 64,
+                          torch.tensor([seq, seq]) if valid is None else valid)  # masked float64
     for a, b in zip(fast, general, strict=True):
         assert a.dtype == torch.float32
         # float32 sums of 64 unit-scale terms against float64: ~64 * 2^-24 relative
