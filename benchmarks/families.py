@@ -1,7 +1,7 @@
 """Transformer forward per model family at its full-size shape: dense vs sparse attention at d=0.2.
 
 Usage: python -m benchmarks.families [--families NAME ...] [--backend flex|fa4|auto] [--repeats 3]
-       [--json PATH] [--quick]
+       [--estimate-too] [--json PATH] [--quick]
 
 Per family (benchmarks/family_configs.py: Wan2.2-TI2V-5B at 704 x 1280 x 121 frames, 27,280
 tokens; Qwen-Image at 1328 x 1328, 6,889 tokens; FLUX.1-dev at 2048 x 2048, 16,384 tokens;
@@ -17,6 +17,9 @@ process on one GPU:
    default flex; fa4 refuses key padding, which a text mask makes: ``auto`` runs flex there; the
    warm-up compiles the kernels), time it the same way, compare its
    output with dense's (relative L2 difference: nonzero when sparse attention ran) and remove it;
+   with ``--estimate-too`` the same again with every head estimating its dropped key blocks from
+   block means (``AttentionSpec.estimate_heads``; the joint-attention families' padded text
+   goes through the estimate's key-padding path);
 4. free the model (del, ``torch.cuda.empty_cache()``) before the next family.
 
 Prints a table (family, tokens, dense ms, sparse ms, speedup, achieved density, peak GiB of
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 from functools import partial
@@ -124,9 +128,10 @@ def build(family: str, shape: FamilyShape, device: str, dtype: torch.dtype):
 
 
 def measure(family: str, shape: FamilyShape, device: str, dtype: torch.dtype, backend: str,
-            spec: AttentionSpec, repeats: int) -> dict:
+            spec: AttentionSpec, repeats: int, estimate: bool = False) -> dict:
     """One family's row: dense and sparse (``spec`` in every self-attention layer) forward
-    times, peaks, the density the sparse calls reached and the output difference."""
+    times, peaks, the density the sparse calls reached and the output difference; with
+    ``estimate`` also the sparse forward with every head estimating its dropped blocks."""
     model, inputs = build(family, shape, device, dtype)
     params = sum(p.numel() for p in model.parameters())
     outputs: dict[str, torch.Tensor] = {}
@@ -137,17 +142,31 @@ def measure(family: str, shape: FamilyShape, device: str, dtype: torch.dtype, ba
         partial(_forward, model, inputs, outputs, "sparse"), warmup=1, repeats=repeats)
     densities = [layer.achieved_density() for layer in handle.layers]
     handle.remove()
-    dense, sparse = outputs["dense"].float(), outputs["sparse"].float()
+    dense = outputs["dense"].float()
     row = dict(family=family, model=CLASSES[family], params_b=params / 1e9, tokens=shape.tokens,
                grid=list(shape.grid), text_tokens=shape.text, dense_ms=dense_ms,
                sparse_ms=sparse_ms, speedup=dense_ms / sparse_ms, dense_peak_gib=dense_peak,
                sparse_peak_gib=sparse_peak, density=sum(densities) / len(densities),
-               sparse_rel_diff=float((sparse - dense).norm() / dense.norm()))
-    del model, inputs, outputs, dense, sparse, handle
+               sparse_rel_diff=_rel_diff(outputs["sparse"], dense))
+    if estimate:
+        heads = (True,) * model.config.num_attention_heads
+        handle = apply_sparse_attention(model, dataclasses.replace(spec, estimate_heads=heads),
+                                        backend=backend)
+        row["estimated_ms"], row["estimated_peak_gib"] = time_ms_and_peak(
+            partial(_forward, model, inputs, outputs, "estimated"), warmup=1, repeats=repeats)
+        handle.remove()
+        row["estimated_speedup"] = dense_ms / row["estimated_ms"]
+        row["estimated_rel_diff"] = _rel_diff(outputs["estimated"], dense)
+    del model, inputs, outputs, dense, handle
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def _rel_diff(out: torch.Tensor, dense: torch.Tensor) -> float:
+    """||out - dense|| / ||dense|| (dense in float32)."""
+    return float((out.float() - dense).norm() / dense.norm())
 
 
 def _forward(model, inputs: dict, outputs: dict, kind: str) -> None:
@@ -163,6 +182,11 @@ def report(rows: list[dict]) -> None:
         print(f"{r['family']:<15} {r['tokens']:>8} {r['dense_ms']:10.1f} {r['sparse_ms']:10.1f} "
               f"{r['speedup']:7.2f}x {r['density']:8.3f} {r['dense_peak_gib']:10.2f} "
               f"{r['sparse_peak_gib']:10.2f}")
+    for r in rows:
+        if "estimated_ms" in r:
+            print(f"{r['family']:<15} estimated: {r['estimated_ms']:.1f} ms "
+                  f"({r['estimated_speedup']:.2f}x), relative difference to dense "
+                  f"{r['sparse_rel_diff']:.4f} sparse -> {r['estimated_rel_diff']:.4f} estimated")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -173,6 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--backend", default="flex", choices=["flex", "fa4", "auto"],
                         help="sparse kernel backend on the GPU (default flex)")
+    parser.add_argument("--estimate-too", action="store_true",
+                        help="also time sparse with every head estimating its dropped blocks")
     parser.add_argument("--quick", action="store_true", help="tiny configs on the CPU")
     args = parser.parse_args(argv)
     if args.quick:  # 64-token blocks: the tiny grids' ~1,200 tokens make ~19 blocks
@@ -188,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
                   repeats=args.repeats, rows=[])
     for family in args.families:
         row = measure(family, shapes[family], device, torch.bfloat16, backend, spec,
-                      args.repeats)
+                      args.repeats, estimate=args.estimate_too)
         result["rows"].append(row)
         print(f"  {family}: dense {row['dense_ms']:.1f} ms, sparse {row['sparse_ms']:.1f} ms, "
               f"{row['speedup']:.2f}x", flush=True)

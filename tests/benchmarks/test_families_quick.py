@@ -37,3 +37,13 @@ def test_quick_run_times_every_family_dense_and_sparse(tmp_path):
         assert row["density"] < 0.5  # block pairs were dropped (sink, text, diagonal kept)
         assert 1e-3 < row["sparse_rel_diff"] < 0.5  # so the output moved, not far
     assert json.loads((tmp_path / "families.json").read_text()) == result
+
+
+def test_quick_run_with_the_estimate_adds_its_row():
+    result = main(["--quick", "--repeats", "1", "--families", "flux1_dev", "hunyuan_video",
+                   "--estimate-too"])
+    for row in result["rows"]:
+        assert row["estimated_ms"] > 0 and row["estimated_speedup"] > 0
+        # the same kept blocks with the dropped ones estimated: a different output
+        assert row["estimated_rel_diff"] != row["sparse_rel_diff"]
+        assert row["estimated_rel_diff"] < 0.5
