@@ -168,6 +168,8 @@ def estimate_dropped_blocks(
         [B, H, S, D] in out's dtype.
     """
     flags = tuple(heads) if heads is not None else (True,) * q.shape[1]
+    if len(flags) != q.shape[1]:
+        raise ValueError(f"heads gives {len(flags)} flags for {q.shape[1]} heads")
     k_mean, v_mean, log_count = block_means(k, v, block_size, key_valid)  # [B, H, Kb, D]
     scale = 1.0 / math.sqrt(q.shape[-1])
     if q.is_cuda and TRITON_IMPORTABLE and q.dtype in (torch.float16, torch.bfloat16):

@@ -123,6 +123,15 @@ def test_nothing_dropped_means_nothing_estimated():
                                rtol=0, atol=FP64_ATOL)
 
 
+def test_the_estimate_refuses_a_flag_count_that_is_not_the_head_count():
+    q, k, v = _qkv((1, 3, 128, 8))
+    block_map = _random_map(1, 3, 128, 64, 0.5)
+    out = torch.zeros_like(q)
+    lse = torch.full(q.shape[:3], -math.inf, dtype=q.dtype)
+    with pytest.raises(ValueError, match="2 flags for 3 heads"):
+        estimate_dropped_blocks(q, k, v, block_map, out, lse, block_size=64, heads=[True, False])
+
+
 def test_block_means_count_only_valid_keys():
     k, v, _ = _qkv((2, 1, 200, 4))
     k_mean, v_mean, log_count = block_means(k, v, 64, torch.tensor([100, 200]))
