@@ -186,16 +186,18 @@ class ProfileRecorder:
     def record_attention(self, layer: str, attention: AttnCall) -> None:
         """Statistics of one self-attention call (called by the recording processors)."""
         call, settings = self.call, self.settings
-        q, k, v = (x.transpose(1, 2)[:, :, call.perm]  # [B, H, S, D] in tiled order, as the
-                   for x in attention.joint())  # runtime sees them
+        joint = attention.joint()  # q, k, v [B, S, H, D]
+        q, k = (x.transpose(1, 2)[:, :, call.perm]  # [B, H, S, D] in tiled order, as the
+                for x in joint[:2])  # runtime sees them
         summary = metrics.attention_summary(q, k, block_size=settings.block_size,
                                             tile_rows=settings.tile_rows,
                                             key_valid=attention.key_valid)  # text padding
         curves = metrics.recall_at_densities(q, k, summary, densities=settings.densities,
                                              forced=call.forced)
         errors = None if not settings.output_error else output_errors(
-            q, k, v, block_size=settings.block_size, densities=settings.densities,
-            forced=call.forced, key_valid=attention.key_valid)  # [B, H, D, 2]
+            q, k, joint[2].transpose(1, 2)[:, :, call.perm], block_size=settings.block_size,
+            densities=settings.densities, forced=call.forced,
+            key_valid=attention.key_valid)  # [B, H, D, 2]; v permuted only when measured
         fg = metrics.foreground_stats(summary.received, call.foreground, call.video,
                                       settings.attn_threshold)
         stats = torch.stack([  # [B, H, 6], columns as TraceRows.STATS
