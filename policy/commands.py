@@ -46,7 +46,8 @@ def register(subparsers) -> None:
                           help="sparse heads let each dropped key block enter the softmax as its "
                                "mean key and value: 'all' (the default) every sparse head, "
                                "'measured' those whose profiled output error it lowers (needs "
-                               "traces from this ditplan); densities are chosen as without it")
+                               "traces profiled with `ditplan profile --output-error`); "
+                               "densities are chosen as without it")
     compile_.add_argument("--no-model-runs", action="store_true",
                           help="never skip whole transformer calls (needed for plans run under "
                                "context parallelism, `ditplan run --nproc N`)")

@@ -3,9 +3,10 @@
 The recall curves say how much attention mass a mask keeps; they cannot say whether estimating
 the dropped key blocks from their block means (the runtime's ``estimate_heads``) brings the
 output closer to dense or further from it: that depends on how keys and values vary inside the
-dropped blocks, which differs from head to head. So the profiler measures both outputs against
-dense attention, per head, with the runtime's own block-mean-predicted masks and kernels, and
-the compiler estimates only where the measurement says it helps.
+dropped blocks, which differs from head to head. So the profiler (with ``--output-error``)
+measures both outputs against dense attention, per head, with the runtime's own
+block-mean-predicted masks and kernels, and ``--estimate-dropped measured`` estimates only where
+the measurement says it helps.
 """
 
 from __future__ import annotations
