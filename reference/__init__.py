@@ -3,7 +3,8 @@
 Modules: attributes (palette, shapes, motions, captions, held-out set), backgrounds, clips (the
 generator), captions (tokenizer + CaptionEncoder), pipeline (ReferenceVideoPipeline), config
 (presets: the shipped model, its long-sequence variant, a smoke one), curriculum (clip size by
-training step), flow (rectified-flow math), checkpoint, export, training, scoring, evaluation.
+training step), flow (rectified-flow math), concentration (a fine-tuning penalty on diffuse
+attention), checkpoint, export, training, scoring, evaluation.
 Public names below are imported lazily so that importing this package does not import diffusers.
 """
 

@@ -36,6 +36,7 @@ from ditplan.reference.checkpoint import (
     save_checkpoint,
 )
 from ditplan.reference.clips import ClipSpec, generate_clips
+from ditplan.reference.concentration import ConcentrationPenalty
 from ditplan.reference.config import (
     ModelPreset,
     build_caption_encoder,
@@ -90,6 +91,10 @@ class TrainConfig:
     # Loss weight of the sprites' pixels (the background's is 1): their motion is a few % of the
     # pixels, so the plain mean squared error is mostly static background (1.0: plain MSE).
     foreground_weight: float = 1.0
+    # Weight of the attention-concentration penalty (reference/concentration.py; 0: off) and the
+    # top-20% key-block mass it pushes each layer's sampled query blocks up to.
+    concentration_weight: float = 0.0
+    concentration_target: float = 0.9
     max_steps: int | None = None  # steps in this run; None = until the time budget
     stop_step: int | None = None  # global step at which training ends, over all runs
     time_budget_min: float | None = None  # wall clock of this run, counted from `started_at`
@@ -214,6 +219,10 @@ class Trainer:
         self.initialised_from: dict | None = None  # the fine-tune's source model, if any
         self.resumed_state: dict | None = None  # the resume source's training record
         self.loss_csv = LOSS_HEADER
+        self.concentration = None
+        if config.concentration_weight > 0:  # its probes must be in place before compiling
+            self.concentration = ConcentrationPenalty(self.transformer,
+                                                      target=config.concentration_target)
         self.model = self.transformer
         if config.compile:  # static shapes: a curriculum stage recompiles, specialised again
             self.model = torch.compile(self.transformer, dynamic=False)
@@ -336,7 +345,7 @@ class Trainer:
             return
         current = _jsonable(self.config)
         for key in ("lr", "total_steps", "warmup_steps", "batch_size", "seed", "curriculum",
-                    "foreground_weight"):
+                    "foreground_weight", "concentration_weight", "concentration_target"):
             if key in saved and saved[key] != current[key]:
                 logger.warning("%s changed on resume: %s -> %s", key, saved[key], current[key])
 
@@ -363,15 +372,18 @@ class Trainer:
         noise_gen = torch.Generator(device=self.device).manual_seed(seed + _AUX_SEED_OFFSET)
         return clips.video, clips.fg_mask, ids, noise_gen
 
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step on a fresh batch. Returns (loss of this shard, grad norm of the
-        whole batch) as device scalars."""
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One optimizer step on a fresh batch. Returns (the diffusion loss of this shard, grad
+        norm of the whole batch, this shard's mean top-block attention mass if the concentration
+        penalty is on, else None) as device scalars."""
         # x0: [B, 3, F, H, W]; fg_mask: bool [B, F, H, W], the sprites' pixels; ids: [B, L]
         x0, fg_mask, ids, gen = self._batch(self.step)
         sigma = sample_sigmas(x0.shape[0], gen, shift=self.preset.sigma_shift,
                               uniform_fraction=self.config.uniform_sigma_fraction)  # [B]
         noise = torch.randn(x0.shape, generator=gen, device=self.device)  # [B, 3, F, H, W]
         take = self.shard.take  # this rank's samples of the whole batch: B -> B / world
+        if self.concentration is not None:  # drawn after the noise: that stream is unchanged
+            self.concentration.sample(self._token_grid(x0), x0.shape[0], gen, take=take)
         x0, fg_mask, ids = take(x0), take(fg_mask), take(ids)
         sigma, noise = take(sigma), take(noise)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
@@ -381,7 +393,11 @@ class Trainer:
                               encoder_hidden_states=embeds, return_dict=False)[0]
         loss = weighted_mse(pred.float(), velocity_target(x0, noise), fg_mask,
                             self.config.foreground_weight)
-        loss.backward()
+        objective, mass = loss, None
+        if self.concentration is not None:
+            penalty, mass = self.concentration.penalty()
+            objective = loss + self.config.concentration_weight * penalty
+        objective.backward()
         params = [p for _, p in self.named_params]
         if self.shard.world > 1:
             self._average_gradients(params)
@@ -391,7 +407,13 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return loss.detach(), grad_norm.detach()
+        return loss.detach(), grad_norm.detach(), mass
+
+    def _token_grid(self, x0: torch.Tensor) -> tuple[int, int, int]:
+        """(F, H, W) video tokens of clips x0 [B, 3, F, H, W] after the patch embedding."""
+        pt, ph, pw = self.preset.transformer["patch_size"]
+        frames, height, width = x0.shape[2:]
+        return frames // pt, height // ph, width // pw
 
     def _average_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """Each gradient becomes its mean over the ranks, i.e. the whole batch's gradient (equal
@@ -459,6 +481,7 @@ class _TrainLoop:
         self.t = trainer
         self.loss_sum = torch.zeros((), device=trainer.device)
         self.grad_sum = torch.zeros((), device=trainer.device)
+        self.mass_sum = torch.zeros((), device=trainer.device)  # with the concentration penalty
         self.window_steps = 0
         self.window_start = time.monotonic()
         self.step_seconds = 0.0  # recent wall seconds per step, 0 until measured
@@ -467,9 +490,11 @@ class _TrainLoop:
         cfg, start_step = self.t.config, self.t.step
         while not self._should_stop(start_step):
             tick = time.monotonic()
-            loss, grad_norm = self.t.train_step()
+            loss, grad_norm, mass = self.t.train_step()
             self.loss_sum += loss
             self.grad_sum += grad_norm
+            if mass is not None:
+                self.mass_sum += mass
             self.window_steps += 1
             self.step_seconds = self.step_seconds or time.monotonic() - tick
             if self.t.step % cfg.log_every == 0:
@@ -496,9 +521,10 @@ class _TrainLoop:
         return bool(decision.item())
 
     def _log(self) -> None:
-        if self.t.shard.world > 1:  # the whole batch's loss: the mean of the equal shards'
-            dist.all_reduce(self.loss_sum)
-            self.loss_sum /= self.t.shard.world
+        if self.t.shard.world > 1:  # the whole batch's: the mean of the equal shards'
+            for total in (self.loss_sum, self.mass_sum):
+                dist.all_reduce(total)
+                total /= self.t.shard.world
         loss = self.loss_sum.item() / self.window_steps  # a single process's only host sync
         grad = self.grad_sum.item() / self.window_steps
         seconds = time.monotonic() - self.window_start
@@ -510,10 +536,14 @@ class _TrainLoop:
                             f"{grad:.4f},{rate:.1f}\n")
         peak = (f"  {torch.cuda.max_memory_allocated(self.t.device) / 2**30:.1f} GiB peak"
                 if self.t.device.type == "cuda" else "")
-        logger.info("step %d  loss %.4f  lr %.2e  grad %.3f  %.0f clips/s  %.0f s elapsed%s",
-                    self.t.step, loss, lr, grad, rate, time.monotonic() - self.t.started_at, peak)
+        mass = (f"  top-block mass {self.mass_sum.item() / self.window_steps:.3f}"
+                if self.t.concentration is not None else "")
+        logger.info("step %d  loss %.4f  lr %.2e  grad %.3f  %.0f clips/s  %.0f s elapsed%s%s",
+                    self.t.step, loss, lr, grad, rate, time.monotonic() - self.t.started_at, peak,
+                    mass)
         self.loss_sum.zero_()
         self.grad_sum.zero_()
+        self.mass_sum.zero_()
         self.window_steps = 0
         self.window_start = time.monotonic()
 

@@ -87,6 +87,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--foreground-weight", type=float, default=1.0,
                    help="loss weight of the sprites' pixels, the background's being 1 (> 0)")
+    p.add_argument("--concentration-weight", type=float, default=0.0,
+                   help="weight of a penalty that raises each self-attention layer's top-20%% "
+                        "key-block mass toward --concentration-target (>= 0; 0: off; see "
+                        "ditplan/reference/concentration.py)")
+    p.add_argument("--concentration-target", type=float, default=0.9,
+                   help="the top-20%% block mass the penalty asks for, in (0, 1]")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--save-every", type=int, default=500, help="0 = only at the end")
     p.add_argument("--seed", type=int, default=0)
@@ -122,6 +128,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--foreground-weight must be > 0 (1: plain mean squared error)")
     if args.rewarm_steps < 0:
         p.error("--rewarm-steps must be >= 0")
+    if not args.concentration_weight >= 0:
+        p.error("--concentration-weight must be >= 0 (0: no penalty)")
+    if not 0 < args.concentration_target <= 1:
+        p.error("--concentration-target must be in (0, 1] (a share of attention mass)")
     existing = args.out / "checkpoint"
     if existing.exists() and args.resume is None and not args.overwrite:
         if args.init is None:
