@@ -6,8 +6,10 @@ hold most of a query block's attention. Training the long model on more steps di
 top-20% mass (0.70 from step 2,034 to 4,143; BENCHMARKS.md), so a fine-tune may add this
 penalty. It measures exactly what ``tools/attention_concentration.py`` reports (the oracle top-n
 block mass, n = ceil(density x key blocks), mean over the query block's queries) on one query
-block per clip and layer, and adds ``weight x mean(relu(target - mass))`` to the loss. The
-attention output itself is the original processor's: the penalty only reads q and k again.
+block per clip and layer, and adds ``weight x mean(relu(target - mass))`` to the loss, the mass
+taken per head or, with ``over="layers"``, its mean over each layer's heads (the statistic the
+issue aims at; it leaves a layer free to keep a few diffuse heads). The attention output itself
+is the original processor's: the penalty only reads q and k again.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ditplan.runtime.kernels.wan_qk import apply_wan_rotary
 BLOCK_SIZE = 128
 TILE = (1, 8, 8)
 DENSITY = 0.2
+PENALISED = ("heads", "layers")  # what the target applies to: each head, or each layer's mean
 
 
 def top_block_mass(q_rows: torch.Tensor, k: torch.Tensor, *, block_size: int,
@@ -99,15 +102,19 @@ class ConcentrationPenalty:
     Install before ``torch.compile`` wraps the model (the probes are traced into its graph).
     """
 
-    def __init__(self, transformer: nn.Module, *, target: float, block_size: int = BLOCK_SIZE,
-                 tile: tuple[int, int, int] = TILE, density: float = DENSITY):
+    def __init__(self, transformer: nn.Module, *, target: float, over: str = "heads",
+                 block_size: int = BLOCK_SIZE, tile: tuple[int, int, int] = TILE,
+                 density: float = DENSITY):
         if not 0 < target <= 1:
             raise ValueError(f"concentration target {target} must be in (0, 1]")
+        if over not in PENALISED:
+            raise ValueError(f"concentration penalty over {over!r}: choose one of {PENALISED}")
         layers = [block.attn1 for block in transformer.blocks]
         if any(attn.fused_projections for attn in layers):
             raise ValueError("the concentration penalty reads to_q/to_k: unfuse the projections "
                              "(transformer.unfuse_qkv_projections()) before installing it")
         self.target = target
+        self.over = over
         self.block_size = block_size
         self.tile = tile
         self._sample = _Sample()
@@ -154,12 +161,14 @@ class ConcentrationPenalty:
         return torch.stack([probe.mass for probe in self.probes])
 
     def penalty(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean over layers, clips and heads of relu(target - mass), mean mass, detached);
-        clears the masses for the next step."""
-        masses = self.masses()
+        """(the mean of relu(target - mass) over layers, clips and heads, or over layers and
+        clips of each layer's head-mean mass; the mean mass, detached); clears the masses for
+        the next step."""
+        masses = self.masses()  # [L, B, H]
         for probe in self.probes:
             probe.mass = None
-        return F.relu(self.target - masses).mean(), masses.detach().mean()
+        penalised = masses if self.over == "heads" else masses.mean(-1)
+        return F.relu(self.target - penalised).mean(), masses.detach().mean()
 
     def remove(self) -> None:
         """Puts the original processors back."""

@@ -95,6 +95,7 @@ class TrainConfig:
     # top-20% key-block mass it pushes each layer's sampled query blocks up to.
     concentration_weight: float = 0.0
     concentration_target: float = 0.9
+    concentration_over: str = "heads"  # the target per head, or per layer (mean of its heads)
     max_steps: int | None = None  # steps in this run; None = until the time budget
     stop_step: int | None = None  # global step at which training ends, over all runs
     time_budget_min: float | None = None  # wall clock of this run, counted from `started_at`
@@ -222,7 +223,8 @@ class Trainer:
         self.concentration = None
         if config.concentration_weight > 0:  # its probes must be in place before compiling
             self.concentration = ConcentrationPenalty(self.transformer,
-                                                      target=config.concentration_target)
+                                                      target=config.concentration_target,
+                                                      over=config.concentration_over)
         self.model = self.transformer
         if config.compile:  # static shapes: a curriculum stage recompiles, specialised again
             self.model = torch.compile(self.transformer, dynamic=False)
@@ -345,7 +347,8 @@ class Trainer:
             return
         current = _jsonable(self.config)
         for key in ("lr", "total_steps", "warmup_steps", "batch_size", "seed", "curriculum",
-                    "foreground_weight", "concentration_weight", "concentration_target"):
+                    "foreground_weight", "concentration_weight", "concentration_target",
+                    "concentration_over"):
             if key in saved and saved[key] != current[key]:
                 logger.warning("%s changed on resume: %s -> %s", key, saved[key], current[key])
 

@@ -93,6 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "ditplan/reference/concentration.py)")
     p.add_argument("--concentration-target", type=float, default=0.9,
                    help="the top-20%% block mass the penalty asks for, in (0, 1]")
+    p.add_argument("--concentration-over", choices=["heads", "layers"], default="heads",
+                   help="apply the target to each head, or to each layer's mean over its heads "
+                        "(which lets a layer keep a few diffuse heads)")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--save-every", type=int, default=500, help="0 = only at the end")
     p.add_argument("--seed", type=int, default=0)

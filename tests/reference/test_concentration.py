@@ -127,6 +127,21 @@ def test_compiled_model_gives_the_eager_penalty_and_gradient():
     torch.testing.assert_close(results[1], results[0])
 
 
+def test_penalty_per_head_or_per_layer_mean():
+    model = build_transformer(SMOKE)  # 2 layers x 2 heads
+    masses = torch.tensor([[[0.5, 1.0]], [[0.95, 0.95]]])  # [L, B=1, H]
+    for over, want in (("heads", (0.4 + 0 + 0 + 0) / 4), ("layers", (0.15 + 0) / 2)):
+        penalty = ConcentrationPenalty(model, target=0.9, over=over)
+        for probe, mass in zip(penalty.probes, masses, strict=True):
+            probe.mass = mass
+        loss, mean = penalty.penalty()
+        assert loss.item() == pytest.approx(want)
+        assert mean.item() == pytest.approx(masses.mean().item())
+        penalty.remove()
+    with pytest.raises(ValueError, match="choose one of"):
+        ConcentrationPenalty(model, target=0.9, over="tokens")
+
+
 def test_sampling_under_data_parallelism_keeps_the_single_process_draw():
     model = build_transformer(SMOKE)
     penalty = ConcentrationPenalty(model, target=0.9, block_size=32)
