@@ -121,7 +121,9 @@ def evaluate(pipe: ReferenceVideoPipeline, out_dir: str | Path, settings: EvalSe
     captions = captions_for(attributes)
     data = to_frames(render_clips(attributes, torch.Generator().manual_seed(settings.seed),
                                   settings.clip).video)
+    began = time.perf_counter()
     data_scores = score_clips(data, attributes)
+    logger.info("data: %d clips scored in %.1f s", len(data_scores), time.perf_counter() - began)
     results = {"workload": asdict(settings.clip), "steps": settings.steps,
                "data": summarize(data_scores), "by_guidance": {},
                "captions": captions, "grid_rows": "data, sample for each of the first 8 captions",
@@ -130,10 +132,14 @@ def evaluate(pipe: ReferenceVideoPipeline, out_dir: str | Path, settings: EvalSe
         began = time.perf_counter()
         samples = generate(pipe, captions, guidance, settings)
         seconds = time.perf_counter() - began
+        began = time.perf_counter()
         scores = score_clips(samples, attributes)
+        scoring = time.perf_counter() - began
+        logger.info("guidance %.1f: generated in %.1f s, scored in %.1f s", guidance, seconds,
+                    scoring)
         summary = summarize(scores)
         results["by_guidance"][str(guidance)] = {
-            "samples": summary, "generation_seconds": seconds,
+            "samples": summary, "generation_seconds": seconds, "scoring_seconds": scoring,
             "direction_aligned_by": aligned_by_attribute(scores, attributes),
             "per_clip": [asdict(s) for s in scores]}
         logger.info("guidance %.1f: %s", guidance, summary)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ditplan.reference import scoring
 from ditplan.reference.attributes import DIRECTIONS, SHAPES, SpriteAttributes, heldout_attributes
 from ditplan.reference.clips import ClipSpec, rasterize_sprites, render_clips
 from ditplan.reference.config import (
@@ -51,6 +52,22 @@ def test_data_clips_score_high(data):
     # centroids of 8-10 px rasterized sprites wobble by a fraction of a pixel (measured ~0.25)
     assert summary["jitter_px_median"] < 0.5
     assert summary["background_std_mean"] < 1e-6  # the data background is exactly static
+
+
+def test_scoring_runs_on_one_torch_thread_and_restores_the_count(data, monkeypatch):
+    attrs, frames = data
+    threads = torch.get_num_threads()
+    seen = []
+    original = scoring.score_clip
+
+    def spy(*args):
+        seen.append(torch.get_num_threads())
+        return original(*args)
+
+    monkeypatch.setattr(scoring, "score_clip", spy)
+    score_clips(frames[:4], _subset(attrs, 8))
+    assert seen == [1] * 4
+    assert torch.get_num_threads() == threads
 
 
 def test_noise_scores_low(data):
