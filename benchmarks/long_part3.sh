@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 15 part 3 on one GPU: export the long model if needed, evaluate it, measure its attention
-# concentration, run the quality benchmark's long workload; resumable within a time budget.
+# Issue 15 part 3 on one GPU: export the long model if needed, measure its attention concentration
+# (first: the shorter stage), evaluate it, run the quality benchmark's long workload; resumable.
 #
 #   . benchmarks/gpu_env.sh && bash benchmarks/long_part3.sh "$OUT"
 #
@@ -88,12 +88,6 @@ WORK=$BASE/step-$shipped
 mkdir -p "$WORK"
 echo "== weights of step $shipped: results in $WORK"
 
-if selected eval && [[ ! -f "$WORK/eval/eval_results.json" ]]; then
-    stage python3 tools/eval_reference.py --model "$MODEL" --out "$WORK/eval" --preset long \
-        --guidance 4 \
-        || finish "evaluation not finished: run again" 1
-fi
-
 if selected concentration && [[ ! -f "$WORK/attention_concentration.json" ]]; then
     # sample mode, as the shipped numbers were measured; no sink, so the
     # numbers are the pure top-block shares (as the shipped model's card)
@@ -102,6 +96,12 @@ if selected concentration && [[ ! -f "$WORK/attention_concentration.json" ]]; th
         || finish "concentration profile not finished: run again" 1
     python3 tools/attention_concentration.py "$WORK/concentration" \
         --json "$WORK/attention_concentration.json" || finish "concentration failed" 1
+fi
+
+if selected eval && [[ ! -f "$WORK/eval/eval_results.json" ]]; then
+    stage python3 tools/eval_reference.py --model "$MODEL" --out "$WORK/eval" --preset long \
+        --guidance 4 \
+        || finish "evaluation not finished: run again" 1
 fi
 
 if selected benchmark; then
