@@ -15,6 +15,7 @@ is the original processor's: the penalty only reads q and k again.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -126,7 +127,7 @@ class ConcentrationPenalty:
             attn.set_processor(probe)
 
     def sample(self, grid: tuple[int, int, int], batch: int, generator: torch.Generator,
-               take=None) -> None:
+               take: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """Picks this step's query block for each of `batch` clips (uniform over the whole blocks
         of the tiled order) on `generator`'s device; grid: (F, H, W) video tokens. `take`, if
         given, keeps this process's clips of the batch (``Shard.take``), so that a data-parallel
