@@ -528,7 +528,7 @@ class _TrainLoop:
             for total in (self.loss_sum, self.mass_sum):
                 dist.all_reduce(total)
                 total /= self.t.shard.world
-        loss = self.loss_sum.item() / self.window_steps  # a single process's only host sync
+        loss = self.loss_sum.item() / self.window_steps  # host syncs: once a log, not a step
         grad = self.grad_sum.item() / self.window_steps
         seconds = time.monotonic() - self.window_start
         self.step_seconds = seconds / self.window_steps
