@@ -15,13 +15,15 @@ PHASES = ("early", "middle", "late")
 @dataclass(frozen=True)
 class Concentration:
     """Mean top-block mass per layer and step phase, averaged over heads, CFG branches, prompts
-    and seeds. oracle/predicted: [L, 3] (phases early, middle, late), in [0, 1]."""
+    and seeds. oracle/predicted: [L, 3] (phases early, middle, late), in [0, 1]; head_oracle:
+    [L, H], each head's oracle mass over every step (a layer's mean can hide diffuse heads)."""
 
     density: float
     layers: tuple[str, ...]
     oracle: np.ndarray
     predicted: np.ndarray
     phase_steps: tuple[tuple[int, int], ...]  # inclusive (first, last) step of each phase
+    head_oracle: np.ndarray
 
     def as_dict(self) -> dict:
         spans = dict(zip(PHASES, self.phase_steps, strict=True))
@@ -29,15 +31,19 @@ class Concentration:
                 "layers": {layer: {phase: {"oracle": float(self.oracle[i, j]),
                                            "predicted": float(self.predicted[i, j])}
                                    for j, phase in enumerate(PHASES)}
-                           for i, layer in enumerate(self.layers)}}
+                           for i, layer in enumerate(self.layers)},
+                "head_oracle": {layer: [float(m) for m in self.head_oracle[i]]
+                                for i, layer in enumerate(self.layers)}}
 
     def markdown(self) -> str:
         head = " | ".join(f"{p} oracle | {p} predicted" for p in PHASES)
-        lines = [f"| layer | {head} |", "|---" * (1 + 2 * len(PHASES)) + "|"]
+        lines = [f"| layer | {head} | heads, oracle, all steps |",
+                 "|---" * (2 + 2 * len(PHASES)) + "|"]
         for i, layer in enumerate(self.layers):
             cells = " | ".join(f"{self.oracle[i, j]:.3f} | {self.predicted[i, j]:.3f}"
                                for j in range(len(PHASES)))
-            lines.append(f"| {layer} | {cells} |")
+            heads = " ".join(f"{m:.2f}" for m in self.head_oracle[i])
+            lines.append(f"| {layer} | {cells} | {heads} |")
         return "\n".join(lines)
 
 
@@ -68,4 +74,18 @@ def attention_concentration(recall: pa.Table, layers: tuple[str, ...],
             oracle[i, j] = pc.mean(one["recall_oracle"]).as_py()
             predicted[i, j] = pc.mean(one["recall_predicted"]).as_py()
     spans = tuple((int(p[0]), int(p[-1])) for p in phases)
-    return Concentration(density, tuple(layers), oracle, predicted, spans)
+    return Concentration(density, tuple(layers), oracle, predicted, spans,
+                         _head_means(rows, layers))
+
+
+def _head_means(rows: pa.Table, layers: tuple[str, ...]) -> np.ndarray:
+    """[L, H]: each head's mean oracle mass over the rows (every step, branch, prompt)."""
+    means = rows.group_by(["layer", "head"]).aggregate([("recall_oracle", "mean")])
+    heads = int(pc.max(means["head"]).as_py()) + 1
+    out = np.full((len(layers), heads), np.nan)
+    index = {layer: i for i, layer in enumerate(layers)}
+    for layer, head, mean in zip(means["layer"].to_pylist(), means["head"].to_pylist(),
+                                 means["recall_oracle_mean"].to_pylist(), strict=True):
+        if layer in index:
+            out[index[layer], head] = mean
+    return out

@@ -1,6 +1,7 @@
 """Print (and optionally save) how concentrated a traced model's attention is: per layer, the
 mass in the top 20% of key blocks (oracle) and in the block-mean-predicted top 20%, at early,
-middle and late steps. Record the trace with --no-sink for the pure top-block share:
+middle and late steps, and each head's oracle mass over all steps (a layer's mean can hide a
+diffuse head). Record the trace with --no-sink for the pure top-block share:
 
     ditplan profile --model DIR --out trace --no-sink --height 48 --width 48 --frames 16
     python tools/attention_concentration.py trace [--density 0.2] [--json out.json]

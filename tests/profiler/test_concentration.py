@@ -36,7 +36,12 @@ def test_means_per_layer_and_phase_match_a_direct_average():
             # float32 storage; means of a few float32 values agree to ~1e-7 relative
             assert result.oracle[i, j] == pytest.approx(oracle[rows].mean(), rel=1e-6)
             assert result.predicted[i, j] == pytest.approx(predicted[rows].mean(), rel=1e-6)
+    for i, layer in enumerate(layers):
+        for head in range(2):
+            rows = [r for r, k in enumerate(keys) if k[2] == layer and k[4] == 0.2 and k[3] == head]
+            assert result.head_oracle[i, head] == pytest.approx(oracle[rows].mean(), rel=1e-6)
     assert "blocks.1" in result.markdown() and set(result.as_dict()["layers"]) == set(layers)
+    assert result.as_dict()["head_oracle"]["blocks.1"] == pytest.approx(result.head_oracle[1])
 
 
 def test_missing_density_or_layer_is_refused_with_what_the_trace_has():
