@@ -8,8 +8,8 @@ from benchmarks.quality.catalog import CatalogContext
 from benchmarks.quality.methods import RAINFUSION_DENSITY, Method, dense_repeat, rainfusion
 from benchmarks.quality.plans import plan_method
 from benchmarks.quality.sparse_layers import (
-    ESTIMATED_SUFFIX,
     choose_layers,
+    estimated_suffix,
     every_layer,
     sparse_layers_method,
 )
@@ -32,8 +32,7 @@ LONG_QUICK_GRID = dict(densities=(0.2,), presets=("fast",), targets=(1.5,),
                        estimated_mixed_presets=())
 MIXED = {"mixed_heads": True}
 MIXED_FAMILY = "ditplan-mixed-heads"
-ESTIMATED = {"estimate_dropped": "measured"}
-ESTIMATED_ALL = {"estimate_dropped": "all"}
+ESTIMATE_MODES = ("measured", "all")  # CompilerConfig.estimate_dropped of the -estimated rows
 
 
 def build_long_methods(ctx: CatalogContext, quick: bool) -> list[Method]:
@@ -52,7 +51,7 @@ def build_long_methods(ctx: CatalogContext, quick: bool) -> list[Method]:
                for d in grid["densities"]]
     estimated = [sparse_layers_method(d, ctx.trace_dir, every, backend=ctx.backend, every=True,
                                       estimate_dropped=mode)
-                 for mode in ("measured", "all") for d in grid["densities"]]
+                 for mode in ESTIMATE_MODES for d in grid["densities"]]
     published = rainfusion(RAINFUSION_DENSITY, steps=ctx.steps, block_size=ctx.block_size,
                            tile=ctx.tile, backend=ctx.backend)
     return [dense_repeat(), *sparse, published,
@@ -63,12 +62,15 @@ def build_long_methods(ctx: CatalogContext, quick: bool) -> list[Method]:
             *_plans(ctx, f"{MIXED_FAMILY}-sparse-only", {**MIXED, "caching": False},
                     ("balanced",)),
             *estimated,
-            *_plans(ctx, "ditplan" + ESTIMATED_SUFFIX, ESTIMATED, grid["estimated_presets"]),
-            *_plans(ctx, MIXED_FAMILY + ESTIMATED_SUFFIX, {**MIXED, **ESTIMATED},
-                    grid["estimated_mixed_presets"]),
-            *_plans(ctx, "ditplan" + ESTIMATED_SUFFIX + "-all", ESTIMATED_ALL,
-                    grid["estimated_presets"]),
-            *_plans(ctx, MIXED_FAMILY + ESTIMATED_SUFFIX + "-all", {**MIXED, **ESTIMATED_ALL},
+            *(plan for mode in ESTIMATE_MODES for plan in _estimated_plans(ctx, grid, mode))]
+
+
+def _estimated_plans(ctx: CatalogContext, grid: dict, mode: str) -> list[Method]:
+    """The plain and mixed-heads plans compiled with ``estimate_dropped=mode``."""
+    forced = {"estimate_dropped": mode}
+    suffix = estimated_suffix(mode)
+    return [*_plans(ctx, "ditplan" + suffix, forced, grid["estimated_presets"]),
+            *_plans(ctx, MIXED_FAMILY + suffix, {**MIXED, **forced},
                     grid["estimated_mixed_presets"])]
 
 
