@@ -3,6 +3,7 @@ and a tiny CPU smoke one."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
@@ -27,11 +28,14 @@ class ModelPreset:
     # high noise, where the sprite's trajectory (the hard part) is decided.
     sigma_shift: float = 2.0
 
+    def token_grid(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """(F, H, W) video tokens of a clip of frames x height x width px after the patch."""
+        pt, ph, pw = self.transformer["patch_size"]
+        return frames // pt, height // ph, width // pw
+
     def video_tokens(self) -> int:
         """Video tokens per sample at the preset's clip size."""
-        pt, ph, pw = self.transformer["patch_size"]
-        c = self.clip
-        return (c.frames // pt) * (c.height // ph) * (c.width // pw)
+        return math.prod(self.token_grid(self.clip.frames, self.clip.height, self.clip.width))
 
 
 REFERENCE = ModelPreset(

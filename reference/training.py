@@ -386,7 +386,8 @@ class Trainer:
         noise = torch.randn(x0.shape, generator=gen, device=self.device)  # [B, 3, F, H, W]
         take = self.shard.take  # this rank's samples of the whole batch: B -> B / world
         if self.concentration is not None:  # drawn after the noise: that stream is unchanged
-            self.concentration.sample(self._token_grid(x0), x0.shape[0], gen, take=take)
+            grid = self.preset.token_grid(*x0.shape[2:])  # x0: [B, 3, F, H, W]
+            self.concentration.sample(grid, x0.shape[0], gen, take=take)
         x0, fg_mask, ids = take(x0), take(fg_mask), take(ids)
         sigma, noise = take(sigma), take(noise)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
@@ -411,12 +412,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return loss.detach(), grad_norm.detach(), mass
-
-    def _token_grid(self, x0: torch.Tensor) -> tuple[int, int, int]:
-        """(F, H, W) video tokens of clips x0 [B, 3, F, H, W] after the patch embedding."""
-        pt, ph, pw = self.preset.transformer["patch_size"]
-        frames, height, width = x0.shape[2:]
-        return frames // pt, height // ph, width // pw
 
     def _average_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """Each gradient becomes its mean over the ranks, i.e. the whole batch's gradient (equal
