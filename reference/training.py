@@ -494,7 +494,11 @@ class _TrainLoop:
             if mass is not None:
                 self.mass_sum += mass
             self.window_steps += 1
-            self.step_seconds = self.step_seconds or time.monotonic() - tick
+            if self.t.step - start_step == 2 and not self.step_seconds:
+                # the first step of a run compiles (minutes on a GPU): the second one is timed,
+                # waiting for it (one host sync a run), until the first log measures a window
+                loss.item()
+                self.step_seconds = time.monotonic() - tick
             if self.t.step % cfg.log_every == 0:
                 self._log()
             if cfg.save_every and self.t.step % cfg.save_every == 0 and self.t.shard.main:

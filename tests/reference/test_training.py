@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from ditplan.reference import export as export_module
+from ditplan.reference import training
 from ditplan.reference.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -141,6 +143,27 @@ def test_exhausted_time_budget_takes_no_step_and_writes_nothing(tmp_path):
                          batch_size=2, time_budget_min=1.0)
     Trainer(config, started_at=time.monotonic() - 120).run()
     assert not (tmp_path / "checkpoint").exists()
+
+
+def test_time_budget_is_not_spent_on_the_compiling_first_step(tmp_path, monkeypatch):
+    """A first step that compiles for 100 s must not stand for every step: a 3.2-minute budget
+    (15 s reserved for the save) then still holds 76 one-second steps after it, not none."""
+    clock = [0.0]
+    monkeypatch.setattr(training, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    config = _smoke_config(tmp_path, max_steps=None, time_budget_min=3.2, log_every=1000)
+    trainer = Trainer(config, started_at=0.0)
+
+    def timed_step():  # the step's work without training: only its duration matters here
+        clock[0] += 100.0 if trainer.step == 0 else 1.0
+        trainer.step += 1
+        zero = torch.zeros(())
+        return zero, zero, None
+
+    monkeypatch.setattr(trainer, "train_step", timed_step)
+    trainer.run()
+    # after step n: 100 + (n - 1) s elapsed; it stops once that + 2 steps + 15 s passes 192 s
+    assert trainer.step == 77
+    assert load_checkpoint(tmp_path / "checkpoint").state["step"] == 77
 
 
 def test_resume_refuses_another_preset(tmp_path):
