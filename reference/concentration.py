@@ -55,6 +55,33 @@ def top_block_mass(q_rows: torch.Tensor, k: torch.Tensor, *, block_size: int,
     return block_mass.topk(n, dim=-1).values.sum(-1)
 
 
+def self_attention_qk(attn, hidden_states: torch.Tensor, rotary_emb,
+                      rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Wan self-attention's queries and keys, projected, normalized and rotated as its
+    processor does (for the queries of `rows` only: no q for the other tokens).
+
+    Args:
+        hidden_states: [B, S, C] in raster order.
+        rotary_emb: the (cos, sin) tables, each [1, S, 1, D], or None.
+        rows: int64 [B, Qr] token positions, or None for every token.
+
+    Returns:
+        q: [B, Qr, H, D] (or [B, S, H, D]), k: [B, S, H, D], raster order.
+    """
+    picked = hidden_states
+    if rows is not None:
+        picked = hidden_states.gather(1, rows[..., None].expand(-1, -1, hidden_states.shape[-1]))
+    q = attn.norm_q(attn.to_q(picked)).unflatten(2, (attn.heads, -1))
+    k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
+    if rotary_emb is not None:
+        cos, sin = rotary_emb
+        if rows is not None:
+            cos, sin = cos[0, rows], sin[0, rows]  # the rows' tables: [B, Qr, 1, D]
+        q = apply_wan_rotary(q, cos, sin)
+        k = apply_wan_rotary(k, *rotary_emb)
+    return q, k
+
+
 @dataclass
 class _Sample:
     """This step's query blocks, shared by every layer's probe."""
@@ -84,14 +111,7 @@ class _ConcentrationProbe:
 
     def _mass(self, attn, hidden_states: torch.Tensor, rotary_emb) -> torch.Tensor:
         """hidden_states: [B, S, C] in raster order -> [B, H]."""
-        rows = self.sample.query_tokens  # [B, Qr]
-        picked = hidden_states.gather(1, rows[..., None].expand(-1, -1, hidden_states.shape[-1]))
-        q = attn.norm_q(attn.to_q(picked)).unflatten(2, (attn.heads, -1))  # [B, Qr, H, D]
-        k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))  # [B, S, H, D]
-        if rotary_emb is not None:
-            cos, sin = rotary_emb  # [1, S, 1, D]
-            q = apply_wan_rotary(q, cos[0, rows], sin[0, rows])  # tables [B, Qr, 1, D]
-            k = apply_wan_rotary(k, cos, sin)
+        q, k = self_attention_qk(attn, hidden_states, rotary_emb, self.sample.query_tokens)
         k = k[:, self.sample.key_order]  # tiled order: key block j is one spatiotemporal block
         return top_block_mass(q, k, block_size=self.block_size, density=self.density)
 
