@@ -72,8 +72,17 @@ def parse_tile(text: str) -> tuple[int, int, int]:
     """'1x8x8' or '1,8,8' -> (1, 8, 8); ValueError naming the expected form."""
     parts = re.split(r"[x,]", text.strip().lower())
     if len(parts) != 3 or not all(p.isdigit() and int(p) >= 1 for p in parts):
-        raise ValueError(f"--tile {text!r}: expected three positive ints TxHxW, e.g. 1x8x8")
+        raise ValueError(f"tile {text!r}: expected three positive ints TxHxW (frames x rows x "
+                         "cols of tokens), e.g. 1x8x8")
     return tuple(int(p) for p in parts)
+
+
+def tile_type(text: str) -> tuple[int, int, int]:
+    """parse_tile as an argparse ``type=`` (its message, not argparse's "invalid value")."""
+    try:
+        return parse_tile(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
 
 
 def read_prompts(items: list[str]) -> tuple[str, ...]:

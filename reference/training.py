@@ -36,6 +36,7 @@ from ditplan.reference.checkpoint import (
     save_checkpoint,
 )
 from ditplan.reference.clips import ClipSpec, generate_clips
+from ditplan.reference.concentration import TILE as CONCENTRATION_TILE
 from ditplan.reference.concentration import ConcentrationPenalty
 from ditplan.reference.config import (
     ModelPreset,
@@ -96,6 +97,7 @@ class TrainConfig:
     concentration_weight: float = 0.0
     concentration_target: float = 0.9
     concentration_over: str = "heads"  # the target per head, or per layer (mean of its heads)
+    concentration_tile: tuple[int, int, int] = CONCENTRATION_TILE  # key blocks' token tiles
     max_steps: int | None = None  # steps in this run; None = until the time budget
     stop_step: int | None = None  # global step at which training ends, over all runs
     time_budget_min: float | None = None  # wall clock of this run, counted from `started_at`
@@ -224,7 +226,8 @@ class Trainer:
         if config.concentration_weight > 0:  # its probes must be in place before compiling
             self.concentration = ConcentrationPenalty(self.transformer,
                                                       target=config.concentration_target,
-                                                      over=config.concentration_over)
+                                                      over=config.concentration_over,
+                                                      tile=tuple(config.concentration_tile))
         self.model = self.transformer
         if config.compile:  # static shapes: a curriculum stage recompiles, specialised again
             self.model = torch.compile(self.transformer, dynamic=False)
@@ -348,7 +351,7 @@ class Trainer:
         current = _jsonable(self.config)
         for key in ("lr", "total_steps", "warmup_steps", "batch_size", "seed", "curriculum",
                     "foreground_weight", "concentration_weight", "concentration_target",
-                    "concentration_over"):
+                    "concentration_over", "concentration_tile"):
             if key in saved and saved[key] != current[key]:
                 logger.warning("%s changed on resume: %s -> %s", key, saved[key], current[key])
 
@@ -552,4 +555,5 @@ class _TrainLoop:
 
 def _jsonable(config: TrainConfig) -> dict:
     fields = dataclasses.asdict(config)
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in fields.items()}
+    return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+            for k, v in fields.items()}

@@ -42,6 +42,7 @@ import logging  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from ditplan.profiler.commands import tile_type  # noqa: E402
 from ditplan.runtime.launch import LaunchError, detect_launch, joined  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,6 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concentration-over", choices=["heads", "layers"], default="heads",
                    help="apply the target to each head, or to each layer's mean over its heads "
                         "(which lets a layer keep a few diffuse heads)")
+    p.add_argument("--concentration-tile", type=tile_type, default=(1, 8, 8),
+                   help="the token tile (frames x rows x cols) that orders keys into the "
+                        "penalty's blocks: the runtime's --tile the model is meant for")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--save-every", type=int, default=500, help="0 = only at the end")
     p.add_argument("--seed", type=int, default=0)

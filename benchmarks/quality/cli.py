@@ -9,16 +9,10 @@ import sys
 from pathlib import Path
 
 from benchmarks.quality.workload import LONG_MISSING, SUITES, long_model_dir
+from ditplan.profiler.commands import tile_type
 
 PLOT_FILE = "pareto.png"
 TABLE_FILE = "table.md"
-
-
-def _tile(text: str) -> tuple[int, int, int]:
-    parts = text.lower().split("x")
-    if len(parts) != 3 or not all(p.isdigit() and int(p) >= 1 for p in parts):
-        raise argparse.ArgumentTypeError(f"tile must look like 1x8x8, got {text!r}")
-    return tuple(int(p) for p in parts)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("steps", "frames", "height", "width", "block-size"):
         p.add_argument(f"--{name}", type=int)
     p.add_argument("--guidance", type=float, help="CFG scale (default 4)")
-    p.add_argument("--tile", type=_tile, help="permutation tile, e.g. 1x8x8")
+    p.add_argument("--tile", type=tile_type, help="permutation tile, e.g. 1x8x8")
     p.add_argument("--backend", default="auto", help="sparse kernel backend (auto, flex, torch)")
     p.add_argument("--methods", nargs="+", default=(), metavar="PATTERN",
                    help="run only the methods whose names match (e.g. 'ditplan/*' "

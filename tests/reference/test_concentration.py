@@ -201,3 +201,28 @@ def test_trainer_adds_the_penalty_and_reports_the_mass(tmp_path, caplog):
     with pytest.raises(SystemExit):
         _tool().parse_args(["--smoke", "--out", str(tmp_path / "b"),
                             "--concentration-target", "1.5"])
+
+
+def test_trainer_orders_the_penalty_blocks_by_its_tile_and_warns_only_on_a_change(tmp_path,
+                                                                                  caplog):
+    args = _tool().parse_args(["--smoke", "--out", str(tmp_path), "--concentration-weight", "1",
+                               "--concentration-tile", "2x4x4"])
+    assert args.concentration_tile == (2, 4, 4)
+    with pytest.raises(SystemExit):
+        _tool().parse_args(["--smoke", "--out", str(tmp_path), "--concentration-tile", "2x4"])
+
+    def config(tile, **changes):
+        return TrainConfig(out=tmp_path, preset="smoke", device="cpu", compile=False,
+                           batch_size=2, max_steps=1, log_every=1, save_every=0, warmup_steps=1,
+                           total_steps=20, concentration_weight=1.0, concentration_tile=tile,
+                           **changes)
+
+    trainer = Trainer(config((2, 4, 4)))
+    assert trainer.concentration.tile == (2, 4, 4)
+    trainer.run()
+    assert trainer.training_state()["config"]["concentration_tile"] == [2, 4, 4]
+    caplog.set_level("WARNING")
+    Trainer(config((2, 4, 4), resume=tmp_path / "checkpoint")).run()
+    assert "concentration_tile changed" not in caplog.text  # a JSON list against the tuple
+    Trainer(config((1, 8, 8), resume=tmp_path / "checkpoint")).run()
+    assert "concentration_tile changed on resume: [2, 4, 4] -> [1, 8, 8]" in caplog.text
