@@ -3,9 +3,7 @@ k, the model's output untouched, its gradient, compiled, and in the trainer."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +13,8 @@ from ditplan.reference.config import SMOKE, build_transformer
 from ditplan.reference.training import Shard, TrainConfig, Trainer
 from ditplan.runtime.adapters.wan import wan_self_attention_qkv
 from ditplan.runtime.kernels.permute import tile_permutation_reference
+from tests.tool_scripts import load_tool
 
-ROOT = Path(__file__).resolve().parents[2]
 GRID = (4, 8, 8)  # the smoke preset's 4 x 16 x 16 px clips after the (1, 2, 2) patch
 
 
@@ -167,11 +165,7 @@ def test_refusals():
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("train_reference",
-                                                  ROOT / "tools" / "train_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("train_reference")
 
 
 def test_trainer_adds_the_penalty_and_reports_the_mass(tmp_path, caplog):

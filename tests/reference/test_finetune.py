@@ -3,7 +3,6 @@ checkpoints, and the --long recipe run again and again as device calls would."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -28,16 +27,10 @@ from ditplan.reference.training import (
     Trainer,
     load_resume_source,
 )
+from tests.tool_scripts import load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "artifacts" / "models" / "ditplan-ref-t2v"
-
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _config(out: Path, **changes) -> TrainConfig:
@@ -126,7 +119,7 @@ def test_lean_checkpoint_holds_weights_only_and_resumes_with_a_restart(tmp_path,
 
 
 def test_long_recipe_defaults_and_explicit_flags_win(tmp_path):
-    tool = _tool("train_reference")
+    tool = load_tool("train_reference")
     args = tool.parse_args(["--long", "--out", str(tmp_path)])
     assert args.preset == "long" and args.init == SHIPPED and args.lean_checkpoint
     assert args.curriculum == "16x64x64:800" and args.batch_size == 16
@@ -144,7 +137,7 @@ def test_long_recipe_defaults_and_explicit_flags_win(tmp_path):
 def test_long_recipe_command_runs_again_and_again(tmp_path, smoke_export):
     """The device-call loop at smoke size: the same command line each time; the first call
     starts from --init, later ones continue <out>/checkpoint; the export is resumable."""
-    tool = _tool("train_reference")
+    tool = load_tool("train_reference")
     command = ["--long", "--out", str(tmp_path / "run"), "--preset", "smoke",
                "--init", str(smoke_export), "--curriculum", "2x16x16:3", "--device", "cpu",
                "--no-compile", "--batch-size", "2", "--max-steps", "2", "--log-every", "1",
@@ -170,7 +163,7 @@ def test_long_preset_initialises_from_the_shipped_model():
 
 
 def test_eval_tool_takes_the_preset_from_the_training_record(tmp_path, smoke_export):
-    tool = _tool("eval_reference")
+    tool = load_tool("eval_reference")
     assert tool.parse_args(["--model", str(SHIPPED), "--out", str(tmp_path)]).preset == \
         "reference"
     assert tool.parse_args(["--model", str(smoke_export), "--out", str(tmp_path)]).preset == \

@@ -3,10 +3,8 @@ model left as it was, its refusals, and the tool (JSON whole or absent)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +15,8 @@ from ditplan.reference.flow import NUM_TRAIN_TIMESTEPS, noisy_sample
 from ditplan.reference.tile_concentration import estimate_tile_concentration
 from ditplan.runtime.adapters.wan import wan_self_attention_qkv
 from ditplan.runtime.kernels.permute import tile_permutation_reference
+from tests.tool_scripts import load_tool
 
-ROOT = Path(__file__).resolve().parents[2]
 GRID = (4, 8, 8)  # the smoke preset's 4 x 16 x 16 px clips after the (1, 2, 2) patch
 TILES = [(1, 4, 4), (2, 4, 4), (4, 2, 2)]
 BLOCK, DENSITY = 32, 0.25  # 8 key blocks, top 2
@@ -127,11 +125,7 @@ def test_estimate_refuses_bad_settings(changes, match):
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("tile_concentration_tool",
-                                                  ROOT / "tools" / "tile_concentration.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("tile_concentration")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib.util
 import json
 import logging
 import math
@@ -35,17 +34,14 @@ from ditplan.reference.training import (
     load_resume_source,
     weighted_mse,
 )
+from tests.tool_scripts import load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
-TOOL = ROOT / "tools" / "train_reference.py"
 SHIPPED = ROOT / "artifacts" / "models" / "ditplan-ref-t2v"
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("train_reference", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("train_reference")
 
 
 def _rows(folder: Path) -> list[dict]:
