@@ -60,7 +60,9 @@ from ditplan.reference.flow import (
 
 logger = logging.getLogger(__name__)
 
-LOSS_HEADER = "step,train_seconds,loss,lr,grad_norm,clips_per_s\n"
+LOSS_HEADER = "step,train_seconds,loss,lr,grad_norm,clips_per_s,top_block_mass\n"
+# loss.csv before the concentration penalty's column (session 19); resumed curves gain it, empty
+_LOSS_HEADER_BEFORE_MASS = "step,train_seconds,loss,lr,grad_norm,clips_per_s\n"
 CHECKPOINT_DIR = "checkpoint"
 MOMENT_PREFIX = "adam_exp_avg_sq."
 _AUX_SEED_OFFSET = 1 << 40  # separates the noise/dropout stream from the clip stream
@@ -283,7 +285,7 @@ class Trainer:
         self._check_compatible(ckpt)
         self.step = int(ckpt.state["step"])
         self.train_seconds = float(ckpt.state["train_seconds"])
-        self.loss_csv = ckpt.loss_csv or LOSS_HEADER
+        self.loss_csv = with_mass_column(ckpt.loss_csv) or LOSS_HEADER
         self.restarted_at = ckpt.state.get("optimizer_restarted_at")
         self.initialised_from = ckpt.state.get("initialised_from")
         self.resumed_state = dict(ckpt.state)  # the record of these weights, as trained
@@ -537,20 +539,30 @@ class _TrainLoop:
         self.t.train_seconds += seconds
         lr = self.t.learning_rate(self.t.step - 1)
         rate = self.window_steps * self.t.config.batch_size / max(seconds, 1e-9)
+        mass = (self.mass_sum.item() / self.window_steps if self.t.concentration is not None
+                else None)  # the penalty's sampled mass, when it is on
         self.t.loss_csv += (f"{self.t.step},{self.t.train_seconds:.1f},{loss:.6f},{lr:.3e},"
-                            f"{grad:.4f},{rate:.1f}\n")
+                            f"{grad:.4f},{rate:.1f},{'' if mass is None else f'{mass:.4f}'}\n")
         peak = (f"  {torch.cuda.max_memory_allocated(self.t.device) / 2**30:.1f} GiB peak"
                 if self.t.device.type == "cuda" else "")
-        mass = (f"  top-block mass {self.mass_sum.item() / self.window_steps:.3f}"
-                if self.t.concentration is not None else "")
+        mass_text = "" if mass is None else f"  top-block mass {mass:.3f}"
         logger.info("step %d  loss %.4f  lr %.2e  grad %.3f  %.0f clips/s  %.0f s elapsed%s%s",
                     self.t.step, loss, lr, grad, rate, time.monotonic() - self.t.started_at, peak,
-                    mass)
+                    mass_text)
         self.loss_sum.zero_()
         self.grad_sum.zero_()
         self.mass_sum.zero_()
         self.window_steps = 0
         self.window_start = time.monotonic()
+
+
+def with_mass_column(loss_csv: str) -> str:
+    """A loss curve in the current columns: one written before the top_block_mass column gains
+    it, empty in every row; a current one (or "") is returned as it is."""
+    if not loss_csv.startswith(_LOSS_HEADER_BEFORE_MASS):
+        return loss_csv
+    rows = loss_csv[len(_LOSS_HEADER_BEFORE_MASS):].splitlines()
+    return LOSS_HEADER + "".join(f"{row},\n" for row in rows)
 
 
 def _jsonable(config: TrainConfig) -> dict:

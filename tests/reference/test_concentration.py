@@ -187,7 +187,9 @@ def test_trainer_adds_the_penalty_and_reports_the_mass(tmp_path, caplog):
     caplog.set_level("INFO")
     trainer = Trainer(config("run", 5.0))
     trainer.run()
-    assert "top-block mass" in caplog.text
+    logged = float(caplog.text.split("top-block mass ")[1].split()[0])
+    row = trainer.loss_csv.splitlines()[-1].split(",")  # step ... clips/s, top_block_mass
+    assert float(row[-1]) == pytest.approx(logged, abs=5e-4)  # 4 places in the CSV, 3 logged
     assert trainer.training_state()["config"]["concentration_weight"] == 5.0
     with pytest.raises(SystemExit):
         _tool().parse_args(["--smoke", "--out", str(tmp_path / "a"),

@@ -438,3 +438,18 @@ def test_resume_warns_of_a_changed_recipe_unless_it_only_exports(tmp_path, caplo
     caplog.clear()
     Trainer(_smoke_config(tmp_path, foreground_weight=4.0, max_steps=0)).load(checkpoint)
     assert "changed on resume" not in caplog.text
+
+
+def test_a_loss_curve_from_before_the_mass_column_resumes_in_the_current_columns(tmp_path):
+    Trainer(_smoke_config(tmp_path, max_steps=1)).run()
+    curve = tmp_path / "checkpoint" / "loss.csv"
+    current = curve.read_text()
+    assert current.splitlines()[0].endswith(",top_block_mass")
+    old = "".join(line.rsplit(",", 1)[0] + "\n" for line in current.splitlines())
+    curve.write_text(old)  # as written before the column: six fields a row
+    assert training.with_mass_column(old) == current  # the penalty was off: an empty cell
+    assert training.with_mass_column(current) == current
+    Trainer(_smoke_config(tmp_path, max_steps=1, resume=tmp_path / "checkpoint")).run()
+    rows = _rows(tmp_path)
+    assert [r["step"] for r in rows] == ["1", "2"]
+    assert [r["top_block_mass"] for r in rows] == ["", ""]
