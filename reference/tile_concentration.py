@@ -1,14 +1,4 @@
-"""A CPU estimate of a reference model's attention concentration under several tile shapes: one
-forward per noise level on its own training clips, each layer's top key-block mass read from
-the captured q and k for drawn query blocks.
-
-``ditplan profile --no-sink`` and ``tools/attention_concentration.py`` measure the same
-statistic on a GPU along a sampling trajectory, for the one tile the trace was recorded with.
-This estimate needs no GPU (a 32,768-token forward of the long model takes ~3 minutes on two CPU
-cores) and compares tiles from the same forward: the tile orders the keys into blocks, so it
-changes what a top-20% selection can keep. Noisy training clips stand in for the sampler's
-states at the same noise level (on the long model the two agree within 0.01 of the median).
-"""
+"""A CPU estimate of a reference model's top key-block attention mass under several tile shapes."""
 
 from __future__ import annotations
 
@@ -120,6 +110,13 @@ def estimate_tile_concentration(
 ) -> TileConcentration:
     """Runs the transformer once per noise level on x0 noised as in training, and measures every
     self-attention layer's top-block mass for each tile.
+
+    ``ditplan profile --no-sink`` and ``tools/attention_concentration.py`` measure the same
+    statistic on a GPU along a sampling trajectory, for the one tile the trace was recorded with.
+    This needs no GPU (a 32,768-token forward of the long model takes ~3 minutes on two CPU
+    cores) and compares tiles from the same forward: the tile orders the keys into blocks, so it
+    changes what a top-n selection can keep. Noisy training clips stand in for the sampler's
+    states at the same noise level (on the long models the medians agreed within 0.012).
 
     Args:
         transformer: a WanTransformer3DModel (its processors are put back afterwards).

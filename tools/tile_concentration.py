@@ -8,8 +8,8 @@ model on two cores). The tile orders tokens into blocks, so it sets what block s
 
 The clips are the preset's the model was trained with (its training_state.json; --preset to
 choose). Compare with the GPU profile (`ditplan profile --no-sink --mode sample`, then
-tools/attention_concentration.py) at its tile: on the long model the two medians agree within
-0.01.
+tools/attention_concentration.py) at its tile: on the long models the medians agreed within
+0.012.
 """
 
 from __future__ import annotations
