@@ -16,7 +16,9 @@
 #   CUDA_VISIBLE_DEVICES=0 LONG_PART3_STAGES=eval,concentration bash benchmarks/long_part3.sh "$OUT" &
 #   CUDA_VISIBLE_DEVICES=1 LONG_PART3_STAGES=benchmark bash benchmarks/long_part3.sh "$OUT"; wait
 # (each selection logs to its own part3-<stages>.log). LONG_PART3_MODEL and LONG_PART3_RUN
-# replace the model folder and the training run folder.
+# replace the model folder and the training run folder. LONG_PART3_TILE (default 1x8x8) is the
+# token tile of the concentration profile and the benchmark; another tile works in
+# step-N/tile-<tile> (the evaluation, which has no tile, stays in step-N).
 set -uo pipefail
 
 RESULTS=${1:?usage: benchmarks/long_part3.sh RESULTS_DIR}
@@ -25,11 +27,13 @@ BUDGET_S=${LONG_PART3_BUDGET_S:-540}
 MODEL=${LONG_PART3_MODEL:-artifacts/models/ditplan-ref-t2v-long}
 RUN=${LONG_PART3_RUN:-artifacts/runs/long}
 STAGES=${LONG_PART3_STAGES:-eval,concentration,benchmark}
+TILE=${LONG_PART3_TILE:-1x8x8}
 DEADLINE=$((SECONDS + BUDGET_S))
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 mkdir -p "$BASE" "$RESULTS"
 LOG=part3-${STAGES//,/-}.log
-WORK=$BASE  # until the weights are known: then $BASE/step-N, results per weights
+WORK=$BASE  # until the weights are known: then $BASE/step-N, results per weights (and tile)
+EVAL=$BASE/eval
 exec > >(tee -a "$BASE/$LOG") 2>&1
 
 # True when the stage named $1 is in this call's selection.
@@ -47,11 +51,11 @@ stage() {
 }
 
 finish() {
-    python3 -m benchmarks.quality --workload long --model "$MODEL" --out "$WORK/quality" --report-only \
-        > /dev/null 2>&1 || true
-    for file in quality/table.md quality/quality.jsonl quality/pareto.png eval/eval_results.json \
-            eval/sample_grid.png attention_concentration.json; do
-        [[ -f "$WORK/$file" ]] && cp "$WORK/$file" "$RESULTS/"
+    python3 -m benchmarks.quality --workload long --model "$MODEL" --out "$WORK/quality" \
+        --tile "$TILE" --report-only > /dev/null 2>&1 || true
+    for file in "$WORK"/quality/{table.md,quality.jsonl,pareto.png} "$EVAL"/{eval_results.json,sample_grid.png} \
+            "$WORK/attention_concentration.json"; do
+        [[ -f "$file" ]] && cp "$file" "$RESULTS/"
     done
     cp "$BASE/$LOG" "$RESULTS/"
     # the benchmark's traces (no block maps: small), to ship as artifacts/traces/<model>
@@ -85,28 +89,31 @@ elif ((shipped < 0)); then
 tools/train_reference.py --long --out $RUN --time-budget-min 8 (carry $RUN)" 1
 fi
 WORK=$BASE/step-$shipped
+EVAL=$WORK/eval
+[[ $TILE == 1x8x8 ]] || WORK=$WORK/tile-$TILE
 mkdir -p "$WORK"
-echo "== weights of step $shipped: results in $WORK"
+echo "== weights of step $shipped, tile $TILE: results in $WORK"
 
 if selected concentration && [[ ! -f "$WORK/attention_concentration.json" ]]; then
     # sample mode, as the shipped numbers were measured; no sink, so the
     # numbers are the pure top-block shares (as the shipped model's card)
     stage python3 -m ditplan.runtime.cli profile --model "$MODEL" --out "$WORK/concentration" \
         --no-sink --mode sample --frames 32 --height 64 --width 64 --steps 32 --seeds 0 \
+        --tile "$TILE" \
         || finish "concentration profile not finished: run again" 1
     python3 tools/attention_concentration.py "$WORK/concentration" \
         --json "$WORK/attention_concentration.json" || finish "concentration failed" 1
 fi
 
-if selected eval && [[ ! -f "$WORK/eval/eval_results.json" ]]; then
-    stage python3 tools/eval_reference.py --model "$MODEL" --out "$WORK/eval" --preset long \
+if selected eval && [[ ! -f "$EVAL/eval_results.json" ]]; then
+    stage python3 tools/eval_reference.py --model "$MODEL" --out "$EVAL" --preset long \
         --guidance 4 \
         || finish "evaluation not finished: run again" 1
 fi
 
 if selected benchmark; then
     stage python3 -m benchmarks.quality --workload long --model "$MODEL" --out "$WORK/quality" \
-        || finish "benchmark not finished: run again (finished rows are kept)" 1
+        --tile "$TILE" || finish "benchmark not finished: run again (finished rows are kept)" 1
 fi
 if [[ $STAGES == eval,concentration,benchmark ]]; then finish "part 3 done" 0; fi
 finish "part 3 stages done: $STAGES" 0
