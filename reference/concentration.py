@@ -44,15 +44,32 @@ def top_block_mass(q_rows: torch.Tensor, k: torch.Tensor, *, block_size: int,
         [B, H] in (0, 1]: the block's mean attention distribution over key blocks (softmax in
         float32 at scale 1/sqrt(D)), summed over its n largest blocks; differentiable.
     """
+    block_mass = key_block_mass(q_rows, k, block_size=block_size)  # [B, H, Kb]
+    return block_mass.topk(top_blocks(block_mass.shape[-1], density), dim=-1).values.sum(-1)
+
+
+def top_blocks(blocks: int, density: float) -> int:
+    """n = max(1, ceil(density x blocks)): the key blocks a density keeps."""
+    return max(1, math.ceil(density * blocks))
+
+
+def key_block_mass(q_rows: torch.Tensor, k: torch.Tensor, *, block_size: int) -> torch.Tensor:
+    """The query block's mean attention distribution over key blocks.
+
+    Args:
+        q_rows: [B, Qr, H, D]; k: [B, S, H, D] in block order (block j = tokens j*block_size...).
+
+    Returns:
+        float32 [B, H, Kb], Kb = ceil(S / block_size), each row summing to 1 (softmax in float32
+        at scale 1/sqrt(D) over all keys; a partial last block holds its real keys).
+    """
     seq = k.shape[1]
     logits = torch.einsum("bqhd,bshd->bhqs", q_rows, k).float() / math.sqrt(q_rows.shape[-1])
     probs = logits.softmax(dim=-1)  # [B, H, Qr, S]
     blocks = math.ceil(seq / block_size)
     if blocks * block_size != seq:  # a partial last block: zeros complete it
         probs = F.pad(probs, (0, blocks * block_size - seq))
-    block_mass = probs.unflatten(-1, (blocks, block_size)).sum(-1).mean(-2)  # [B, H, Kb]
-    n = max(1, math.ceil(density * blocks))
-    return block_mass.topk(n, dim=-1).values.sum(-1)
+    return probs.unflatten(-1, (blocks, block_size)).sum(-1).mean(-2)
 
 
 def self_attention_qk(attn, hidden_states: torch.Tensor, rotary_emb,

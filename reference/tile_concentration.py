@@ -10,8 +10,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ditplan.reference.concentration import self_attention_qk, top_block_mass
+from ditplan.reference.concentration import key_block_mass, self_attention_qk, top_blocks
 from ditplan.reference.flow import NUM_TRAIN_TIMESTEPS, noisy_sample
+from ditplan.runtime.kernels.block_map import token_block_means
 from ditplan.runtime.kernels.permute import tile_permutation
 
 Tile = tuple[int, int, int]
@@ -24,35 +25,41 @@ def tile_name(tile: Tile) -> str:
 
 @dataclass(frozen=True)
 class TileConcentration:
-    """Top-n key-block mass (n = ceil(density x key blocks)) per tile, noise level, layer and
-    head: the mean over the drawn query blocks and the clips."""
+    """Attention mass on n = ceil(density x key blocks) key blocks per tile, noise level, layer
+    and head, the mean over the drawn query blocks and the clips: on the top-n blocks (oracle)
+    and on the n blocks that block-mean scores rank first (predicted, what the runtime keeps)."""
 
     sigmas: tuple[float, ...]
     density: float
     block_size: int
     query_blocks: int  # drawn per tile, noise level and layer
-    masses: dict[Tile, torch.Tensor]  # tile -> [len(sigmas), L, H]
+    masses: dict[Tile, torch.Tensor]  # oracle: tile -> [len(sigmas), L, H]
+    predicted: dict[Tile, torch.Tensor]  # block-mean selected: tile -> [len(sigmas), L, H]
 
     def summary(self) -> dict[str, dict[str, float]]:
-        """Per tile: the median and minimum over (noise level, layer) of the layer's head mean,
-        and the shares of (noise level, layer, head) cells that are concentrated or diffuse."""
+        """Per tile: the median and minimum over (noise level, layer) of the layer's head mean
+        (oracle), the predicted median, and the shares of (noise level, layer, head) cells that
+        are concentrated or diffuse (oracle)."""
         out = {}
         for tile, mass in self.masses.items():
             layer_means = mass.mean(-1).flatten().tolist()
             heads = mass.flatten()
             out[tile_name(tile)] = {
                 "median": statistics.median(layer_means), "min": min(layer_means),
+                "predicted_median": statistics.median(
+                    self.predicted[tile].mean(-1).flatten().tolist()),
                 "heads_concentrated": (heads >= CONCENTRATED).float().mean().item(),
                 "heads_diffuse": (heads <= DIFFUSE).float().mean().item()}
         return out
 
     def markdown(self) -> str:
         """The summary as a table, then each layer's head mean (over noise levels) per tile."""
-        lines = [f"| tile | median over layers and noise levels | min | heads >= {CONCENTRATED} "
-                 f"| heads <= {DIFFUSE} |", "|---|---|---|---|---|"]
+        lines = [f"| tile | median over layers and noise levels | min | predicted median | "
+                 f"heads >= {CONCENTRATED} | heads <= {DIFFUSE} |", "|---|---|---|---|---|---|"]
         for name, row in self.summary().items():
             lines.append(f"| {name} | {row['median']:.3f} | {row['min']:.3f} | "
-                         f"{row['heads_concentrated']:.2f} | {row['heads_diffuse']:.2f} |")
+                         f"{row['predicted_median']:.3f} | {row['heads_concentrated']:.2f} | "
+                         f"{row['heads_diffuse']:.2f} |")
         names = [tile_name(tile) for tile in self.masses]
         lines += ["", "| layer | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
         per_layer = torch.stack([mass.mean((0, 2)) for mass in self.masses.values()])  # [T, L]
@@ -65,7 +72,9 @@ class TileConcentration:
         return {"sigmas": list(self.sigmas), "density": self.density,
                 "block_size": self.block_size, "query_blocks": self.query_blocks,
                 "summary": self.summary(),
-                "masses": {tile_name(tile): mass.tolist() for tile, mass in self.masses.items()}}
+                "masses": {tile_name(tile): mass.tolist() for tile, mass in self.masses.items()},
+                "predicted": {tile_name(tile): mass.tolist()
+                              for tile, mass in self.predicted.items()}}
 
 
 class _InputCapture:
@@ -85,8 +94,10 @@ class _InputCapture:
 
 
 def query_block_mass(q: torch.Tensor, k: torch.Tensor, order: torch.Tensor,
-                     firsts: Iterable[int], *, block_size: int, density: float) -> torch.Tensor:
-    """Mean top-block mass of the query blocks `firsts` of the tiled order.
+                     firsts: Iterable[int], *, block_size: int,
+                     density: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean mass of the query blocks `firsts` of the tiled order on their top-n key blocks and
+    on the n blocks their block-mean scores rank first (the runtime's selection).
 
     Args:
         q, k: [B, S, H, D] in raster order.
@@ -94,12 +105,19 @@ def query_block_mass(q: torch.Tensor, k: torch.Tensor, order: torch.Tensor,
         firsts: block indices.
 
     Returns:
-        [H]: the mean over the blocks and the clips.
+        (oracle, predicted), each [H]: the mean over the blocks and the clips.
     """
     keys = k[:, order]  # [B, S, H, D] tiled
-    masses = [top_block_mass(q[:, order[j * block_size:(j + 1) * block_size]], keys,
-                             block_size=block_size, density=density) for j in firsts]  # [B, H]
-    return torch.stack(masses).mean((0, 1))
+    key_means = token_block_means(keys.transpose(1, 2), block_size)  # [B, H, Kb, D] float32
+    n = top_blocks(key_means.shape[-2], density)
+    oracle, predicted = [], []
+    for j in firsts:
+        rows = q[:, order[j * block_size:(j + 1) * block_size]]  # [B, Qr, H, D]
+        block_mass = key_block_mass(rows, keys, block_size=block_size)  # [B, H, Kb]
+        scores = torch.einsum("bhd,bhkd->bhk", rows.float().mean(1), key_means)  # [B, H, Kb]
+        oracle.append(block_mass.topk(n, dim=-1).values.sum(-1))  # [B, H]
+        predicted.append(block_mass.gather(-1, scores.topk(n, dim=-1).indices).sum(-1))
+    return torch.stack(oracle).mean((0, 1)), torch.stack(predicted).mean((0, 1))
 
 
 @torch.no_grad()
@@ -141,6 +159,7 @@ def estimate_tile_concentration(
     layers = [block.attn1 for block in transformer.blocks]
     captures = [_InputCapture(attn.processor) for attn in layers]
     masses = {tile: torch.empty(len(sigmas), len(layers), layers[0].heads) for tile in tiles}
+    predicted = {tile: torch.empty_like(mass) for tile, mass in masses.items()}
     try:
         for attn, capture in zip(layers, captures, strict=True):
             attn.set_processor(capture)
@@ -156,11 +175,12 @@ def estimate_tile_concentration(
                 for tile, order in orders.items():
                     firsts = (range(whole) if query_blocks >= whole
                               else torch.randperm(whole, generator=draw)[:query_blocks].tolist())
-                    masses[tile][i, layer] = query_block_mass(
+                    masses[tile][i, layer], predicted[tile][i, layer] = query_block_mass(
                         q.float(), k.float(), order, firsts, block_size=block_size,
                         density=density)
     finally:
         for attn, capture in zip(layers, captures, strict=True):
             attn.set_processor(capture.original)
     return TileConcentration(sigmas=sigmas, density=density, block_size=block_size,
-                             query_blocks=min(query_blocks, whole), masses=masses)
+                             query_blocks=min(query_blocks, whole), masses=masses,
+                             predicted=predicted)
