@@ -174,6 +174,19 @@ def folder_preset(folder: str | Path) -> ModelPreset:
                               "with tools/train_reference.py --export") from error
 
 
+def pipeline_preset_name(folder: str | Path, preset: str | None = None) -> str:
+    """For a tool's --model FOLDER [--preset NAME]: NAME, else the folder's preset
+    (folder_preset), once the folder is known to hold a pipeline.
+
+    Raises:
+        CheckpointError: if the folder has no model_index.json, or (without NAME) its training
+            record names no known preset.
+    """
+    if not (Path(folder) / MODEL_INDEX_FILE).is_file():
+        raise CheckpointError(f"{folder} is not a pipeline folder (no {MODEL_INDEX_FILE})")
+    return preset if preset is not None else folder_preset(folder).name
+
+
 def load_export(directory: str | Path) -> Checkpoint:
     """Reads an exported folder back as a training checkpoint without optimizer state.
 

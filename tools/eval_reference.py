@@ -39,18 +39,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on cuda, else fp32")
     args = p.parse_args(argv)
-    if not (args.model / "model_index.json").is_file():
-        p.error(f"{args.model} is not a pipeline folder (no model_index.json)")
+    from ditplan.reference.checkpoint import CheckpointError
+    from ditplan.reference.export import pipeline_preset_name
+
+    try:
+        args.preset = pipeline_preset_name(args.model, args.preset)
+    except CheckpointError as error:
+        p.error(str(error))
     if args.limit is not None and not 1 <= args.limit <= 64:
         p.error("--limit must be in 1..64")
-    if args.preset is None:
-        from ditplan.reference.checkpoint import CheckpointError
-        from ditplan.reference.export import folder_preset
-
-        try:
-            args.preset = folder_preset(args.model).name
-        except CheckpointError as error:
-            p.error(str(error))
     return args
 
 

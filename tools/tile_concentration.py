@@ -50,21 +50,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", type=Path, help="also write the numbers here")
     args = p.parse_args(argv)
-    if not (args.model / "model_index.json").is_file():
-        p.error(f"{args.model} is not a pipeline folder (no model_index.json)")
+    from ditplan.reference.checkpoint import CheckpointError
+    from ditplan.reference.export import pipeline_preset_name
+
+    try:
+        args.preset = pipeline_preset_name(args.model, args.preset)
+    except CheckpointError as error:
+        p.error(str(error))
     for name in ("clips", "query_blocks", "block_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if not 0 < args.density <= 1:
         p.error("--density must be in (0, 1]")
-    if args.preset is None:
-        from ditplan.reference.checkpoint import CheckpointError
-        from ditplan.reference.export import folder_preset
-
-        try:
-            args.preset = folder_preset(args.model).name
-        except CheckpointError as error:
-            p.error(str(error))
     return args
 
 

@@ -453,3 +453,16 @@ def test_a_loss_curve_from_before_the_mass_column_resumes_in_the_current_columns
     rows = _rows(tmp_path)
     assert [r["step"] for r in rows] == ["1", "2"]
     assert [r["top_block_mass"] for r in rows] == ["", ""]
+
+
+def test_pipeline_preset_name_checks_the_folder_then_names_its_preset(tmp_path):
+    with pytest.raises(CheckpointError, match="not a pipeline folder"):
+        export_module.pipeline_preset_name(tmp_path)
+    (tmp_path / "model_index.json").write_text("{}")
+    assert export_module.pipeline_preset_name(tmp_path) == "reference"  # no training record
+    (tmp_path / "training_state.json").write_text(json.dumps({"preset": "long"}))
+    assert export_module.pipeline_preset_name(tmp_path) == "long"
+    assert export_module.pipeline_preset_name(tmp_path, "smoke") == "smoke"
+    (tmp_path / "training_state.json").write_text(json.dumps({"preset": "nope"}))
+    with pytest.raises(CheckpointError, match="names no known preset"):
+        export_module.pipeline_preset_name(tmp_path)
