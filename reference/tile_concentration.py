@@ -114,7 +114,8 @@ def query_block_mass(q: torch.Tensor, k: torch.Tensor, order: torch.Tensor,
     for j in firsts:
         rows = q[:, order[j * block_size:(j + 1) * block_size]]  # [B, Qr, H, D]
         block_mass = key_block_mass(rows, keys, block_size=block_size)  # [B, H, Kb]
-        scores = torch.einsum("bhd,bhkd->bhk", rows.float().mean(1), key_means)  # [B, H, Kb]
+        scores = torch.einsum("bhd,bhkd->bhk", rows.mean(1, dtype=torch.float32),
+                              key_means)  # [B, H, Kb]
         oracle.append(block_mass.topk(n, dim=-1).values.sum(-1))  # [B, H]
         predicted.append(block_mass.gather(-1, scores.topk(n, dim=-1).indices).sum(-1))
     return torch.stack(oracle).mean((0, 1)), torch.stack(predicted).mean((0, 1))
@@ -170,14 +171,13 @@ def estimate_tile_concentration(
                         timestep=sigma_b * NUM_TRAIN_TIMESTEPS, encoder_hidden_states=embeds,
                         return_dict=False)
             for layer, (attn, capture) in enumerate(zip(layers, captures, strict=True)):
-                q, k = self_attention_qk(attn, *capture.inputs)  # [B, S, H, D] each
+                q, k = (x.float() for x in self_attention_qk(attn, *capture.inputs))  # [B,S,H,D]
                 capture.inputs = None
                 for tile, order in orders.items():
                     firsts = (range(whole) if query_blocks >= whole
                               else torch.randperm(whole, generator=draw)[:query_blocks].tolist())
                     masses[tile][i, layer], predicted[tile][i, layer] = query_block_mass(
-                        q.float(), k.float(), order, firsts, block_size=block_size,
-                        density=density)
+                        q, k, order, firsts, block_size=block_size, density=density)
     finally:
         for attn, capture in zip(layers, captures, strict=True):
             attn.set_processor(capture.original)
