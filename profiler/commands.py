@@ -15,6 +15,7 @@ from ditplan.profiler.config import BLOCK_SIZES, DEFAULT_FRAMES, DTYPES, MODES, 
 from ditplan.runtime.pipeline_calls import GUIDANCE_HELP
 
 _DEFAULTS = ProfileConfig(out=Path("."))
+SINK_CHOICES = {"auto": None, "on": True, "off": False}  # --sink -> ProfileConfig.sink
 
 
 def register(subparsers) -> None:
@@ -62,8 +63,12 @@ def register(subparsers) -> None:
                         "for compile-policy --estimate-dropped measured")
     p.add_argument("--attn-threshold", type=float, default=_DEFAULTS.attn_threshold,
                    help="high-attention token: mean received mass > threshold / tokens")
-    p.add_argument("--no-sink", action="store_true",
-                   help="do not force first-frame blocks into the recall masks")
+    p.add_argument("--sink", choices=SINK_CHOICES, default="auto",
+                   help="force the blocks holding first-frame tokens into the recall masks, as "
+                        "the runtime then does (auto: only for a tile one frame deep; a deeper "
+                        "tile's first tile-frame would be forced whole)")
+    p.add_argument("--no-sink", dest="sink", action="store_const", const="off",
+                   help="same as --sink off")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(handler=run_profile)
 
@@ -108,7 +113,7 @@ def config_from_args(args: argparse.Namespace) -> ProfileConfig:
         seeds=tuple(args.seeds), steps=args.steps, height=args.height, width=args.width,
         frames=args.frames, guidance_scale=args.guidance_scale, device=args.device,
         dtype=args.dtype, mode=args.mode, block_size=args.block_size,
-        tile=parse_tile(args.tile), sink=not args.no_sink,
+        tile=parse_tile(args.tile), sink=SINK_CHOICES[args.sink],
         map_steps=None if args.map_steps is None else tuple(args.map_steps),
         attention_steps=None if args.attention_steps is None else tuple(args.attention_steps),
         attn_threshold=args.attn_threshold, output_error=args.output_error,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from itertools import groupby
 
 import torch
@@ -18,6 +19,8 @@ from ditplan.runtime.kernels.permute import (
 from ditplan.runtime.layout import ForwardArgument, PermutePoint, TokenLayout
 
 PERMUTE_HOOK = "ditplan_permute"
+
+logger = logging.getLogger(__name__)
 
 
 class TokenPermuter:
@@ -43,6 +46,8 @@ class TokenPermuter:
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._forced: dict[tuple, ForcedBlocks] = {}
         self._forced_settings: set[tuple[int, bool]] = set()  # built at each begin()
+        self._densities: list[tuple[str, int, bool, float]] = []  # (layer, block, sink, density)
+        self._density_checked: set[tuple] = set()  # layouts already checked
 
     def begin(self, layout: TokenLayout, device: torch.device) -> None:
         """Start a forward with this layout."""
@@ -56,12 +61,42 @@ class TokenPermuter:
         self.device = torch.device(device)
         for block_size, sink in sorted(self._forced_settings):
             self.forced(block_size, sink)
+        self._warn_overforced()
 
-    def build_forced_at_begin(self, block_size: int, sink: bool) -> None:
+    def build_forced_at_begin(self, block_size: int, sink: bool, *, layer: str | None = None,
+                              density: float | None = None) -> None:
         """Build :meth:`forced` for these settings in each :meth:`begin` (the transformer's
         pre-hook), not at the first sparse call: building counts blocks on the host, which
-        under torch.compile would break each block's graph at its attention."""
+        under torch.compile would break each block's graph at its attention.
+
+        With ``layer`` and ``density`` (its smallest head density), :meth:`begin` also warns once
+        per token layout when the forced block pairs alone are more than that density: the layer
+        then computes more than its plan says, and its other rows keep only forced blocks.
+        """
         self._forced_settings.add((block_size, sink))
+        if layer is not None and density is not None:
+            self._densities.append((layer, block_size, sink, density))
+
+    def _warn_overforced(self) -> None:
+        key = self._key()
+        if key in self._density_checked:
+            return
+        self._density_checked.add(key)
+        over = [(layer, density, self.forced(block_size, sink).share, sink)
+                for layer, block_size, sink, density in self._densities
+                if self.forced(block_size, sink).share > density + 1e-9]
+        if not over:
+            return
+        layer, density, share, sink = over[0]
+        logger.warning(
+            "%d sparse layer(s) ask for less than their forced blocks at this %s token grid "
+            "(tile %s): %s asks for density %.3g but its forced blocks (%s) are %.3g of the block "
+            "pairs, so it computes more than its plan says and keeps only forced blocks in its "
+            "other rows%s", len(over), "x".join(map(str, self.layout.grid)),
+            "x".join(map(str, self.tile)), layer, density,
+            "first-frame sink, diagonal" if sink else "diagonal", share,
+            "; profile with --sink off and compile again, or use a tile one frame deep"
+            if sink and self.tile[0] > 1 else "")
 
     def _key(self) -> tuple:
         # Plain values, not the TokenLayout itself: when a compiled model's first call is also

@@ -228,11 +228,13 @@ def install_sparse_layers(
     originals, runtimes = {}, []
     layers = adapter.attention_layers(transformer)
     for name, attn in layers:
-        if specs[name].is_dense:
+        spec = specs[name]
+        if spec.is_dense:
             continue
-        runtime = LayerRuntime(name, specs[name], tracker, permuter, backend, ulysses_chunks)
+        runtime = LayerRuntime(name, spec, tracker, permuter, backend, ulysses_chunks)
         runtimes.append(runtime)
-        permuter.build_forced_at_begin(specs[name].block_size, specs[name].sink)
+        density = min(spec.head_densities) if spec.head_densities else spec.density
+        permuter.build_forced_at_begin(spec.block_size, spec.sink, layer=name, density=density)
         originals[attn] = attn.processor
         attn.set_processor(adapter.processor_class(attn.processor, runtime, adapter))
         logger.debug("%s: sparse attention %s", name, runtime.spec)

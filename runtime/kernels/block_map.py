@@ -36,6 +36,7 @@ class ForcedBlocks:
     diagonal: bool = True
     dense_rows: int = field(init=False)  # number of forced rows, counted once (a host sync)
     row_pins: int = field(init=False)  # most forced blocks in one non-forced row (same sync)
+    share: float = field(init=False)  # forced pairs' share of all block pairs (same sync)
     _pairs: torch.Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -48,6 +49,7 @@ class ForcedBlocks:
         if self.diagonal:
             pairs = pairs | torch.eye(pairs.shape[0], dtype=torch.bool, device=pairs.device)
         object.__setattr__(self, "_pairs", pairs)
+        object.__setattr__(self, "share", float(pairs.double().mean()) if pairs.numel() else 0.0)
         free_rows = pairs[~self.rows.to(pairs.device)]  # [Qb - dense_rows, Kb]
         object.__setattr__(self, "row_pins", int(free_rows.sum(-1).max()) if len(free_rows) else 0)
 

@@ -20,6 +20,7 @@ from ditplan.runtime.kernels import (
     select_blocks_reference,
 )
 from ditplan.runtime.kernels.block_map import block_mean_scores_reference, row_budget
+from ditplan.runtime.kernels.permute import first_frame_mask, tile_permutation
 
 
 def _qk(batch=2, heads=3, seq=300, dim=16, dtype=torch.float32):
@@ -161,6 +162,21 @@ def test_forced_blocks_from_token_masks():
     assert forced_blocks(seq, 64, sink_tokens=scattered).rows.tolist() == [
         True, False, False, True, False]
     assert not forced_blocks(seq, 128).rows.any()
+
+
+@pytest.mark.parametrize("tile, sink_blocks", [((1, 8, 8), 8), ((8, 4, 4), 64)])
+def test_forced_share_of_a_first_frame_sink_grows_with_the_tile_depth(tile, sink_blocks):
+    # 32 x 32 x 32 tokens, blocks of 128: 256 blocks. The first frame's 1,024 tokens fill 8
+    # one-frame tiles, or lie 16 to a tile in all 64 tiles of the first 8-frame tile-frame.
+    grid, nb = (32, 32, 32), 256
+    sink = first_frame_mask(grid)[tile_permutation(grid, tile)]
+    forced = forced_blocks(sink.numel(), 128, sink_tokens=sink)
+    assert forced.dense_rows == sink_blocks
+    free = nb - sink_blocks
+    # forced rows and columns, then the free rows' diagonal
+    expected = (1 - (free / nb) ** 2) + free / nb**2
+    assert forced.share == pytest.approx(expected, abs=1e-12)
+    assert forced.share == pytest.approx(forced.pairs().float().mean().item(), abs=1e-12)
 
 
 @pytest.mark.parametrize("seq,block_size", [(300, 64), (128, 128), (70, 64), (1000, 128)])

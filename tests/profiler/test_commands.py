@@ -64,6 +64,17 @@ def test_defaults_profile_the_reference_model(tmp_path):
     assert config.recorder_settings().map_steps == (0, 16, 31)
 
 
+@pytest.mark.parametrize("flags, tile, sink", [
+    ([], "1x8x8", True), ([], "8x4x4", False),  # auto: only a tile one frame deep
+    (["--sink", "on"], "8x4x4", True), (["--sink", "off"], "1x8x8", False),
+    (["--no-sink"], "1x8x8", False), (["--sink", "auto"], "2x8x8", False),
+])
+def test_sink_flag_defaults_to_one_frame_deep_tiles(tmp_path, flags, tile, sink):
+    config = commands.config_from_args(parse(["--out", str(tmp_path), "--tile", tile, *flags]))
+    assert config.recorder_settings().sink is sink
+    assert config.recorder_settings().to_metadata()["sink"] is sink  # what the traces record
+
+
 def test_attention_steps_flag_limits_statistics_and_default_maps(tmp_path):
     config = commands.config_from_args(parse(["--out", str(tmp_path), "--steps", "50",
                                               "--attention-steps", "49", "0", "25"]))

@@ -209,6 +209,26 @@ def test_sequence_that_does_not_match_the_latent_grid_is_refused():
     handle.remove()
 
 
+@pytest.mark.parametrize("tile, warned", [((1, 4, 4), False), ((3, 4, 4), True)])
+def test_a_sink_that_takes_more_than_the_density_is_warned_once(caplog, tile, warned):
+    # 3 x 8 x 12 tokens in blocks of 64. One-frame tiles: the first frame's 96 tokens lie in
+    # 2 of the 5 blocks, forced rows and columns with the diagonal 0.76 of the block pairs;
+    # tiles 3 frames deep put first-frame tokens in 4 blocks, and with the diagonal every pair.
+    model, inputs = tiny_wan(), tiny_wan_inputs(**GRID_INPUTS)
+    handle = apply_sparse_attention(model, AttentionSpec(density=0.8, block_size=BLOCK,
+                                                         tile=tile))
+    with caplog.at_level("WARNING", logger="ditplan.runtime.permutation"):
+        run_steps(model, inputs, steps=2)
+    handle.remove()
+    messages = [r.getMessage() for r in caplog.records]
+    if not warned:
+        assert messages == []
+        return
+    assert len(messages) == 1  # once per token layout, not per call
+    assert "blocks.0.attn1 asks for density 0.8" in messages[0] and "are 1 of" in messages[0]
+    assert "first-frame sink" in messages[0] and "--sink off" in messages[0]
+
+
 def test_call_statistics_are_tensors_and_give_the_achieved_density():
     # A Python int that changes every call is a torch.compile guard: on torch 2.11 (H100) it
     # recompiled the whole model at every step. The counters are tensors.
