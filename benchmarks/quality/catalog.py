@@ -120,7 +120,8 @@ def _ditplan_variants(ctx: CatalogContext, grid: dict) -> list[Method]:
 
 def _published(ctx: CatalogContext, grid: dict) -> list[Method]:
     sparse = dict(steps=ctx.steps, block_size=ctx.block_size, tile=ctx.tile, backend=ctx.backend)
-    methods = [rainfusion(d, **sparse) for d in grid["densities"]]
+    methods = [rainfusion(d, steps=ctx.steps, block_size=ctx.block_size, backend=ctx.backend)
+               for d in grid["densities"]]
     methods += [static_window(d, dense_fraction=RAINFUSION_DENSE_FRACTION, **sparse)
                 for d in grid["densities"]]
     for interval in grid["intervals"]:

@@ -53,7 +53,7 @@ def build_long_methods(ctx: CatalogContext, quick: bool) -> list[Method]:
                                       estimate_dropped=mode)
                  for mode in ESTIMATE_MODES for d in grid["densities"]]
     published = rainfusion(RAINFUSION_DENSITY, steps=ctx.steps, block_size=ctx.block_size,
-                           tile=ctx.tile, backend=ctx.backend)
+                           backend=ctx.backend)
     return [dense_repeat(), *sparse, published,
             *_plans(ctx, "ditplan", {}, grid["presets"], grid["targets"]),
             *_plans(ctx, "ditplan-cache-only", {"fixed_density": 1.0}, grid["presets"],

@@ -16,6 +16,9 @@ from ditplan.runtime.apply import apply_sparse_attention
 # dense ("start0 is not acceptable"), see /work/shared/reference/papers.md section 1.3.
 RAINFUSION_DENSITY = 0.2
 RAINFUSION_DENSE_FRACTION = 0.2
+# Its published permutation: 8 x 8 spatial tiles within each frame, whatever the workload's tile
+# (with the sink on, a tile spanning frames would force its whole first tile-frame).
+RAINFUSION_TILE = (1, 8, 8)
 
 logger = logging.getLogger(__name__)
 
@@ -99,10 +102,10 @@ def dense_warmup_steps(steps: int, fraction: float) -> tuple[int, ...]:
     return tuple(range(max(1, math.ceil(fraction * steps))))
 
 
-def rainfusion(density: float, *, steps: int, block_size: int, tile: tuple[int, int, int],
-               backend: str) -> Method:
-    """RainFusion2.0 as published: one uniform density in every layer, sink on, dense warm-up."""
-    spec = AttentionSpec(density=density, block_size=block_size, tile=tile, sink=True,
+def rainfusion(density: float, *, steps: int, block_size: int, backend: str) -> Method:
+    """RainFusion2.0 as published: one uniform density in every layer, 1 x 8 x 8 tiles, sink on,
+    dense warm-up."""
+    spec = AttentionSpec(density=density, block_size=block_size, tile=RAINFUSION_TILE, sink=True,
                          dense_steps=dense_warmup_steps(steps, RAINFUSION_DENSE_FRACTION))
 
     def install(pipe) -> Installed:
@@ -112,7 +115,7 @@ def rainfusion(density: float, *, steps: int, block_size: int, tile: tuple[int, 
                          reset=lambda: _reset_layers(handle.layers))
 
     params = dict(density=density, dense_steps=len(spec.dense_steps), block_size=block_size,
-                  tile=list(tile), sink=True)
+                  tile=list(RAINFUSION_TILE), sink=True)
     return Method("rainfusion2", f"d={density:g}", install, params)
 
 

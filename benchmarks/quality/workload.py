@@ -45,8 +45,10 @@ QUICK = Workload(steps=4, frames=8, height=32, width=32)
 
 
 # The long-sequence model's evaluation workload: 32 x 64 x 64 px = 32,768 tokens (256 blocks of
-# 128), its 32 sampling steps, guidance 4 (reference/config.py LONG, its model card).
-LONG = Workload(frames=32, height=64, width=64)
+# 128), its 32 sampling steps, guidance 4 (reference/config.py LONG, its model card), tiles of
+# 8 x 4 x 4 tokens: its shipped traces' tile, where sparse attention keeps the most (BENCHMARKS.md,
+# issue 15, session 20: 30.9 dB at density 0.2 against 29.1 at 1 x 8 x 8).
+LONG = Workload(frames=32, height=64, width=64, tile=(8, 4, 4))
 
 LONG_MODEL_NAME = "ditplan-ref-t2v-long"
 LONG_MISSING = ("the long model's weights are missing from {path} (no model_index.json): train "

@@ -140,3 +140,21 @@ def test_scale_is_refused_for_the_long_workload(args, capsys):
         cli.main([*args, "--scale", "wan1.3b"])
     assert exit_info.value.code == 2
     assert "the long workload is measured at its own size" in capsys.readouterr().err
+
+
+def test_rainfusion_keeps_its_published_tile_whatever_the_workload_tile(tmp_path):
+    # With the sink on, the workload's 8 x 4 x 4 would force the whole first 8-frame tile-frame
+    # (16.4 dB on the long model, session 20); the paper tiles 8 x 8 within each frame.
+    from benchmarks.quality.catalog import CatalogContext
+    from benchmarks.quality.long_catalog import build_long_methods
+    from benchmarks.quality.workload import LONG
+
+    def never(*args):
+        raise AssertionError("building the methods must not profile or calibrate")
+
+    ctx = CatalogContext(steps=LONG.steps, block_size=LONG.block_size, tile=LONG.tile,
+                         backend="torch", dtype=torch.float32, timesteps=[], mag_ratios=[],
+                         trace_dir=never, calibrator=never, plans_dir=tmp_path)
+    assert LONG.tile == (8, 4, 4)
+    (published,) = [m for m in build_long_methods(ctx, quick=False) if m.family == "rainfusion2"]
+    assert published.params["tile"] == [1, 8, 8] and published.params["sink"] is True
