@@ -221,9 +221,30 @@ class RecallCurves:
     kept_fraction: torch.Tensor
 
 
+def predicted_block_maps(
+    q: torch.Tensor, k: torch.Tensor, *, block_size: int, densities: tuple[float, ...],
+    forced: ForcedBlocks | None,
+) -> list[torch.Tensor]:
+    """The runtime's block maps at each density: block-mean scores, then ``select_blocks``.
+
+    Args:
+        q, k: [B, H, S, D], tokens in the runtime's (permuted) order.
+        block_size: the runtime's block size.
+        densities: nominal densities in (0, 1].
+        forced: always-kept blocks (forced_blocks(...)), or None.
+
+    Returns:
+        one bool [B, H, Qb, Kb] per density.
+    """
+    scores = block_mean_scores(q, k, block_size=block_size)  # [B, H, Qb, Kb]
+    return [select_blocks(q, k, block_size=block_size, density=density, forced=forced,
+                          scores=scores) for density in densities]
+
+
 def recall_at_densities(
     q: torch.Tensor, k: torch.Tensor, summary: AttentionSummary, *,
     densities: tuple[float, ...], forced: ForcedBlocks | None,
+    predicted_maps: list[torch.Tensor] | None = None,
 ) -> RecallCurves:
     """Recall of block-mean-predicted vs oracle block masks at several densities.
 
@@ -236,16 +257,18 @@ def recall_at_densities(
         summary: attention_summary(q, k, block_size=...).
         densities: nominal densities in (0, 1].
         forced: always-kept blocks (forced_blocks(...)), or None.
+        predicted_maps: ``predicted_block_maps(q, k, ...)`` for these densities, when the
+            caller has them already (they are built here otherwise).
 
     Returns:
         RecallCurves, each [B, H, len(densities)].
     """
     block_size = summary.block_size
-    scores = block_mean_scores(q, k, block_size=block_size)  # [B, H, Qb, Kb]
+    if predicted_maps is None:
+        predicted_maps = predicted_block_maps(q, k, block_size=block_size, densities=densities,
+                                              forced=forced)
     predicted, oracle, kept = [], [], []
-    for density in densities:
-        pred_map = select_blocks(q, k, block_size=block_size, density=density, forced=forced,
-                                 scores=scores)  # [B, H, Qb, Kb] bool
+    for density, pred_map in zip(densities, predicted_maps, strict=True):  # [B, H, Qb, Kb]
         true_map = select_blocks(q, k, block_size=block_size, density=density, forced=forced,
                                  scores=summary.block_mass)
         predicted.append(mask_recall(summary, pred_map))

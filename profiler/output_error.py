@@ -14,8 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ditplan.profiler.metrics import predicted_block_maps
 from ditplan.runtime.kernels import estimate_dropped_blocks, resolve_backend
-from ditplan.runtime.kernels.block_map import ForcedBlocks, block_mean_scores, select_blocks
+from ditplan.runtime.kernels.block_map import ForcedBlocks
 from ditplan.runtime.kernels.reference import key_padding_mask, masked_attention_reference
 from ditplan.runtime.kernels.remainder import estimated_attention_reference
 
@@ -32,7 +33,7 @@ def relative_error(out: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
 def output_errors(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int,
     densities: tuple[float, ...], forced: ForcedBlocks | None,
-    key_valid: torch.Tensor | None = None,
+    key_valid: torch.Tensor | None = None, block_maps: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Relative output error of sparse attention against dense at each density.
 
@@ -42,6 +43,8 @@ def output_errors(
         densities: nominal densities (the masks select_blocks builds from block means).
         forced: always-kept blocks, or None.
         key_valid: int [B] valid keys (the rest padding), or None.
+        block_maps: ``metrics.predicted_block_maps(q, k, ...)`` for these densities, when the
+            caller has them already (the recorder's recall curves use the same maps).
 
     Returns:
         [B, H, len(densities), 2] float32 (float64 for float64 inputs): the error with the
@@ -50,11 +53,11 @@ def output_errors(
     padding = None if key_valid is None else key_padding_mask(key_valid, q.shape[2])
     dense = F.scaled_dot_product_attention(q, k, v, attn_mask=padding)  # [B, H, S, D]
     backend = resolve_backend("auto", q.device, key_padding=key_valid is not None)
-    scores = block_mean_scores(q, k, block_size=block_size)  # [B, H, Qb, Kb]
+    if block_maps is None:
+        block_maps = predicted_block_maps(q, k, block_size=block_size, densities=densities,
+                                          forced=forced)
     errors = []
-    for density in densities:
-        block_map = select_blocks(q, k, block_size=block_size, density=density, forced=forced,
-                                  scores=scores)  # [B, H, Qb, Kb]
+    for block_map in block_maps:  # [B, H, Qb, Kb] bool, one per density
         out, lse = backend.fn(q, k, v, block_map, block_size=block_size, scale=None,
                               key_valid=key_valid, return_lse=True)
         estimated = estimate_dropped_blocks(q, k, v, block_map, out, lse,
@@ -71,9 +74,10 @@ def output_errors_reference(
 ) -> torch.Tensor:
     """output_errors from the float64 oracles (masked dense attention, S x S): tests only."""
     from ditplan.runtime.kernels.block_map import select_blocks_reference
+    from ditplan.runtime.kernels.registry import num_blocks
 
-    every = torch.ones(1, 1, *block_mean_scores(q, k, block_size=block_size).shape[-2:],
-                       dtype=torch.bool)
+    nb = num_blocks(q.shape[2], block_size)
+    every = torch.ones(1, 1, nb, nb, dtype=torch.bool)
     dense = masked_attention_reference(q, k, v, every, block_size=block_size,
                                        key_valid=key_valid)
     errors = []

@@ -192,12 +192,14 @@ class ProfileRecorder:
         summary = metrics.attention_summary(q, k, block_size=settings.block_size,
                                             tile_rows=settings.tile_rows,
                                             key_valid=attention.key_valid)  # text padding
+        maps = metrics.predicted_block_maps(q, k, block_size=settings.block_size,
+                                            densities=settings.densities, forced=call.forced)
         curves = metrics.recall_at_densities(q, k, summary, densities=settings.densities,
-                                             forced=call.forced)
+                                             forced=call.forced, predicted_maps=maps)
         errors = None if not settings.output_error else output_errors(
             q, k, joint[2].transpose(1, 2)[:, :, call.perm], block_size=settings.block_size,
-            densities=settings.densities, forced=call.forced,
-            key_valid=attention.key_valid)  # [B, H, D, 2]; v permuted only when measured
+            densities=settings.densities, forced=call.forced, key_valid=attention.key_valid,
+            block_maps=maps)  # [B, H, D, 2]; v permuted only when measured
         fg = metrics.foreground_stats(summary.received, call.foreground, call.video,
                                       settings.attn_threshold)
         stats = torch.stack([  # [B, H, 6], columns as TraceRows.STATS

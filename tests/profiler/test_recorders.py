@@ -133,6 +133,37 @@ def test_output_error_is_recorded_only_when_asked(monkeypatch):
     assert settings.to_metadata()["output_error"] is False
 
 
+def test_recall_and_output_error_share_one_selection_per_density(monkeypatch):
+    from ditplan.profiler import metrics, output_error
+
+    built = []
+    select = metrics.select_blocks
+
+    def counting(*args, **kwargs):
+        built.append(kwargs["density"])
+        return select(*args, **kwargs)
+
+    def never(*args, **kwargs):
+        raise AssertionError("output_errors selected blocks again instead of taking the maps")
+
+    monkeypatch.setattr(metrics, "select_blocks", counting)
+    monkeypatch.setattr(output_error, "predicted_block_maps", never)
+    profile_transformer_calls(tiny_wan(), inputs(), steps=1, settings=SETTINGS,
+                              contexts=("cond",))
+    # per layer: the predicted and the oracle map at each density, nothing more
+    assert sorted(built) == sorted(2 * 2 * SETTINGS.densities)
+
+
+def test_output_errors_take_given_maps_or_build_the_same():
+    q, k, v = (torch.randn(1, 2, 192, 16, generator=torch.Generator().manual_seed(i))
+               for i in range(3))
+    maps = metrics.predicted_block_maps(q, k, block_size=64, densities=(0.3, 0.6), forced=None)
+    given = output_errors(q, k, v, block_size=64, densities=(0.3, 0.6), forced=None,
+                          block_maps=maps)
+    built = output_errors(q, k, v, block_size=64, densities=(0.3, 0.6), forced=None)
+    torch.testing.assert_close(given, built, rtol=0, atol=0)
+
+
 def test_step_change_sees_a_changed_input():
     model = tiny_wan()
     x0, x1 = inputs(seed=1), inputs(seed=2)
