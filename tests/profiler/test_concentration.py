@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from ditplan.profiler.concentration import attention_concentration
+from ditplan.profiler.run import profile_pipeline
 from ditplan.profiler.schema import make_table
+from tests.tool_scripts import load_tool
 
 
 def _recall_table(rng: np.random.Generator, steps: int, layers: tuple[str, ...]):
@@ -51,3 +55,16 @@ def test_missing_density_or_layer_is_refused_with_what_the_trace_has():
         attention_concentration(table, ("blocks.0",), density=0.3)
     with pytest.raises(ValueError, match="blocks.9"):
         attention_concentration(table, ("blocks.0", "blocks.9"))
+
+
+@pytest.mark.parametrize("tile, sink", [((1, 4, 4), True), ((2, 4, 4), False)])
+def test_the_tool_records_the_traces_tile_and_sink(tmp_path, reference_pipe, small_config,
+                                                   tile, sink):
+    # the sink follows the tile by default: on only for a tile one frame deep
+    profile_pipeline(small_config(tmp_path / "trace", tile=tile), pipe=reference_pipe)
+    tool = load_tool("attention_concentration")
+    assert tool.main([str(tmp_path / "trace"), "--json", str(tmp_path / "c.json")]) == 0
+    record = json.loads((tmp_path / "c.json").read_text())
+    assert record["tile"] == list(tile) and record["sink"] is sink
+    blocks = len(reference_pipe.transformer.blocks)
+    assert set(record["layers"]) == {f"blocks.{i}" for i in range(blocks)}
