@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
+from ditplan.policy.atomic import atomic_write_text
 from ditplan.profiler.commands import tile_type
 
 PRESETS = ("reference", "long", "smoke")
@@ -91,9 +91,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{list(result.sigmas)}, {result.query_blocks} query blocks each")
     print(result.markdown())
     if args.json:
-        tmp = args.json.with_name(args.json.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(result.as_dict(), indent=1) + "\n")
-        tmp.replace(args.json)  # whole or not at all
+        atomic_write_text(args.json, json.dumps(result.as_dict(), indent=1) + "\n")
     return 0
 
 
