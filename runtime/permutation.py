@@ -82,9 +82,11 @@ class TokenPermuter:
         if key in self._density_checked:
             return
         self._density_checked.add(key)
-        over = [(layer, density, self.forced(block_size, sink).share, sink)
-                for layer, block_size, sink, density in self._densities
-                if self.forced(block_size, sink).share > density + 1e-9]
+        over = []  # (layer, density, forced share, sink) of the layers asking for less
+        for layer, block_size, sink, density in self._densities:
+            share = self.forced(block_size, sink).share
+            if share > density + 1e-9:
+                over.append((layer, density, share, sink))
         if not over:
             return
         layer, density, share, sink = over[0]
