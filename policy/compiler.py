@@ -33,7 +33,7 @@ from ditplan.policy.plan import (
     all_heads_dense,
 )
 from ditplan.policy.plan_io import normalize_plan
-from ditplan.policy.quality import predicted_error
+from ditplan.policy.quality import attention_error, predicted_error, runs_error
 from ditplan.policy.refine import refine
 from ditplan.policy.schedule import (
     branches_differ,
@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 # (see runtime/calibrate.py): one Calibration per plan, in order; ``repeats=N`` times each over
 # N batches (median). policy/ stays torch-free: the command injects it.
 MeasurePlans = Callable[..., list[Calibration]]
-SEARCH_RECALLS = (None, 0.95)  # attention of step-level designs: dense, or sparse at this recall
+SEARCH_RECALLS = (None, 0.95, 0.9, 0.85, 0.8)  # step-level designs: dense, or sparse at a recall
 # The second calibration round measures designs predicted within this factor above the target
 # once the predictions are scaled by how the first round ran. The first round needs no margin
 # since the cost model charges the per-call work outside the blocks (policy.cost.CALL_OVERHEAD):
@@ -205,6 +205,10 @@ def search_designs(profile: Profile, roles: dict[str, str], config: CompilerConf
     designs = [design(profile, roles, c, cost) for c in config.search_grid()]
     warmup = warmup_steps(_pooled_curves(profile), profile.steps, config)
     forced = config.fixed_density is not None or bool(config.densities)
+    choices = run_choices(profile, warmup, config.search_sigma, config.search_newton,
+                          config.model_runs)
+    step_runs = [(choice.label, (build_run(profile, choice),)) for choice in choices]
+    drift = [runs_error(profile, runs) for _, runs in step_runs]  # the same at every recall
     for recall in (config.recall_target,) if forced else SEARCH_RECALLS:
         attention = (dataclasses.replace(config, fixed_density=1.0) if recall is None else
                      dataclasses.replace(config, recall_target=recall))
@@ -213,15 +217,13 @@ def search_designs(profile: Profile, roles: dict[str, str], config: CompilerConf
                 lp.attention.is_dense for lp in layers.values()):
             continue  # the traces support no sparsity at this recall: same as dense
         specs = {b: lp.attention for b, lp in layers.items()}
+        sparse_error = attention_error(profile, specs)
         suffix = " densities=given" if forced else f" recall={recall}" if recall else ""
-        for choice in run_choices(profile, warmup, config.search_sigma, config.search_newton,
-                                  config.model_runs):
-            runs = (build_run(profile, choice),)
-            label = choice.label + suffix
+        for (label, runs), run_error in zip(step_runs, drift, strict=True):
             designs.append(Design(config, layers, runs,
                                   cost.predict_speedup(specs, runs, profile.steps,
                                                        profile.contexts),
-                                  predicted_error(profile, specs, runs), label))
+                                  sparse_error + run_error, label + suffix))
     return _unique(designs)
 
 

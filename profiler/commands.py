@@ -59,8 +59,10 @@ def register(subparsers) -> None:
                         "cost ~20x a forward, so at full size profile a few, e.g. 0 24 49)")
     p.add_argument("--output-error", action="store_true",
                    help="also measure sparse attention's output error against dense per head "
-                        "and density (dropped blocks left out and estimated; ~20%% more time), "
-                        "for compile-policy --estimate-dropped measured")
+                        "and density (dropped blocks left out and estimated; ~20%% more time)"
+                        "; compile-policy then charges each sparse layer this error rather "
+                        "than the attention mass it drops, and --estimate-dropped measured reads "
+                        "it")
     p.add_argument("--attn-threshold", type=float, default=_DEFAULTS.attn_threshold,
                    help="high-attention token: mean received mass > threshold / tokens")
     p.add_argument("--sink", choices=SINK_CHOICES, default="auto",

@@ -41,7 +41,8 @@ class RecorderSettings:
     ~20x a forward, so long schedules at full size profile a few steps (step change is
     recorded at every step regardless). output_error: also measure sparse attention's output
     against dense per head and density, dropped blocks left out and estimated (table
-    attention_error, read only by `compile-policy --estimate-dropped measured`; ~20% more time).
+    attention_error: the compiler charges sparse layers this error, and `--estimate-dropped
+    measured` reads it; ~20% more time).
     """
 
     block_size: int = 128

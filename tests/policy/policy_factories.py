@@ -38,13 +38,14 @@ class LayerTruth:
     """What a synthetic layer does. ``mass_fraction``: share of key blocks holding 95% of the
     mass (per head if ``head_fractions``); ``prediction``: predicted/oracle recall;
     ``estimate_gain``: per head, the output error with dropped blocks estimated over the error
-    without (the error without: the mass the oracle mask drops)."""
+    without (the error without: ``error_scale`` x the mass the oracle mask drops)."""
 
     foreground: bool = True
     mass_fraction: float = 0.1
     head_fractions: tuple[float, ...] | None = None
     prediction: float = 0.98
     estimate_gain: tuple[float, ...] | None = None
+    error_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -125,8 +126,9 @@ def _tables(spec: TraceSpec, prompt: int, run_id: str, rng: np.random.Generator)
                                    "recall_predicted": p, "recall_oracle": o,
                                    "kept_fraction": min(1.0, d + 0.08)})
                     gain = (truth.estimate_gain or (1.0,) * spec.heads)[head]
+                    dropped = truth.error_scale * (1.0 - o)
                     error.append({**key, "layer": layer, "head": head, "density": d,
-                                  "error_dropped": 1.0 - o, "error_estimated": (1.0 - o) * gain})
+                                  "error_dropped": dropped, "error_estimated": dropped * gain})
         if key["step"] == 0:
             continue
         decay = spec.uncond_decay if key["cfg"] == "uncond" else 1.5
