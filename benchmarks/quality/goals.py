@@ -13,6 +13,9 @@ MIN_COSINE = 0.98
 MIN_PSNR_DB = 30.0
 MIN_CACHING_GAIN = 1.3  # sparse + caching vs the best caching-only plan, at equal PSNR
 CACHING_ONLY = "ditplan-cache-only"
+CACHE_ONLY_CALIBRATED = "ditplan-cache-only-calibrated"
+# the curve that sparse + caching must beat
+CACHING_ONLY_FAMILIES = (CACHING_ONLY, CACHE_ONLY_CALIBRATED)
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,8 @@ def caching_gain(rows: list[dict]) -> Verdict:
     goal = (f"sparse attention + caching >= {MIN_CACHING_GAIN:g}x faster than the best "
             "caching-only plan at equal PSNR")
     ok = [r for r in rows if r["status"] == "ok" and r["psnr_db_mean"] is not None]
-    curve = [(r["speedup"], r["psnr_db_mean"]) for r in ok if r["family"] == CACHING_ONLY]
+    curve = [(r["speedup"], r["psnr_db_mean"]) for r in ok
+             if r["family"] in CACHING_ONLY_FAMILIES]
     plans = [r for r in ok if _ditplan_plan(r) and _sparse_and_cached(r)]
     if not curve or not plans:
         return Verdict(goal, None, f"{len(curve)} caching-only and {len(plans)} sparse + "
@@ -100,8 +104,9 @@ def caching_gain(rows: list[dict]) -> Verdict:
 
 
 def _ditplan_plan(row: dict) -> bool:
-    """A compiled ditplan plan of any family but caching-only (plain, mixed heads, estimated)."""
-    return row["family"].startswith("ditplan") and row["family"] != CACHING_ONLY
+    """A compiled ditplan plan of any family but caching-only (plain, calibrated, mixed heads,
+    estimated)."""
+    return row["family"].startswith("ditplan") and row["family"] not in CACHING_ONLY_FAMILIES
 
 
 def _sparse_and_cached(row: dict) -> bool:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import functools
 
 from benchmarks.quality.catalog import CatalogContext
+from benchmarks.quality.goals import CACHE_ONLY_CALIBRATED, CACHING_ONLY
 from benchmarks.quality.methods import RAINFUSION_DENSITY, Method, dense_repeat, rainfusion
-from benchmarks.quality.plans import plan_method
+from benchmarks.quality.plans import calibrated_method, plan_method
 from benchmarks.quality.sparse_layers import (
     choose_layers,
     estimated_suffix,
@@ -18,8 +19,12 @@ LONG_GRID = dict(
     densities=(0.5, 0.2, 0.1),  # sparse attention alone: in the layers the compiler chooses,
     # and in every layer (the compiler may choose none)
     # ditplan plans with sparse attention + caching, and the same without sparse attention: two
-    # curves over about 1.2-3x, so that they can be compared at equal PSNR
-    presets=("high", "balanced", "fast"), targets=(1.5, 2.0, 3.0),
+    # curves over about 1.3-4x, dense enough to compare them at equal PSNR
+    presets=("high", "balanced", "fast"), targets=(1.5, 2.0, 2.5, 3.0, 3.5, 4.0),
+    # the same targets calibrated (the best of 8 candidates measured on training captions, and
+    # of a second round closer to the target; no refine rounds: each candidate costs ~12 s on
+    # an H200), with and without sparse attention: the best plans each finds
+    calibrated=(2.5, 3.0, 3.5), candidates=8, refine=(0, 1),
     # the same presets with mixed heads: diffuse heads dense beside sparse ones
     mixed_presets=("high", "balanced", "fast"),
     # the dropped key blocks estimated from block means: sparse attention alone in every layer
@@ -27,10 +32,12 @@ LONG_GRID = dict(
     # attention (plain and mixed heads; measured heads, and every head: suffix -all)
     estimated_presets=("fast",), estimated_mixed_presets=("balanced", "fast"),
 )
-LONG_QUICK_GRID = dict(densities=(0.2,), presets=("fast",), targets=(1.5,),
+LONG_QUICK_GRID = dict(densities=(0.2,), presets=("fast",), targets=(1.5,), calibrated=(),
+                       candidates=2, refine=(0, 1),
                        mixed_presets=("fast",), estimated_presets=("fast",),
                        estimated_mixed_presets=())
 MIXED = {"mixed_heads": True}
+CACHE_ONLY = {"fixed_density": 1.0}
 MIXED_FAMILY = "ditplan-mixed-heads"
 ESTIMATE_MODES = ("measured", "all")  # CompilerConfig.estimate_dropped of the -estimated rows
 
@@ -56,13 +63,24 @@ def build_long_methods(ctx: CatalogContext, quick: bool) -> list[Method]:
                            backend=ctx.backend)
     return [dense_repeat(), *sparse, published,
             *_plans(ctx, "ditplan", {}, grid["presets"], grid["targets"]),
-            *_plans(ctx, "ditplan-cache-only", {"fixed_density": 1.0}, grid["presets"],
+            *_plans(ctx, CACHING_ONLY, CACHE_ONLY, grid["presets"],
                     grid["targets"]),
+            *_calibrated(ctx, grid, CACHE_ONLY_CALIBRATED, CACHE_ONLY),
+            *_calibrated(ctx, grid, "ditplan-calibrated", {}),
             *_plans(ctx, MIXED_FAMILY, MIXED, grid["mixed_presets"]),
             *_plans(ctx, f"{MIXED_FAMILY}-sparse-only", {**MIXED, "caching": False},
                     ("balanced",)),
             *estimated,
             *(plan for mode in ESTIMATE_MODES for plan in _estimated_plans(ctx, grid, mode))]
+
+
+def _calibrated(ctx: CatalogContext, grid: dict, family: str, forced: dict) -> list[Method]:
+    """``compile-policy --target-speedup T --calibrate --refine 2`` at each calibrated target."""
+    return [calibrated_method(t, ctx.trace_dir, calibrator=ctx.calibrator,
+                              plans_dir=ctx.plans_dir, backend=ctx.backend,
+                              candidates=grid["candidates"], refine=grid["refine"],
+                              family=family, forced=forced)
+            for t in grid["calibrated"]]
 
 
 def _estimated_plans(ctx: CatalogContext, grid: dict, mode: str) -> list[Method]:

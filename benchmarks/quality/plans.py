@@ -114,15 +114,18 @@ def plan_key(plan: Plan) -> str:
 def calibrated_method(target: float, trace_dir: Callable[[], Path], *, calibrator: Callable,
                       plans_dir: Path, backend: str, candidates: int,
                       refine: tuple[int, int] = (0, 1),
-                      adapt: Callable[[Plan, object], Plan] | None = None) -> Method:
+                      adapt: Callable[[Plan, object], Plan] | None = None,
+                      family: str = "ditplan-calibrated", forced: dict | None = None) -> Method:
     """``compile-policy --target-speedup T --calibrate`` as a user runs it: the best measured of
     ``candidates`` plans on calibration prompts (training captions, never the evaluation ones),
-    then ``refine`` = (rounds, neighbours per round) of ``--refine``.
+    then ``refine`` = (rounds, neighbours per round) of ``--refine``; ``forced``: further
+    compiler settings (e.g. ``fixed_density=1.0``: caching only).
 
     ``calibrator(pipe)`` gives the Calibrator. The chosen plan is saved in ``plans_dir``; the
     speed-at-scale run (``adapt``) maps that saved plan, since random weights measure nothing.
     """
-    saved = plans_dir / f"calibrated-{target:g}x.json"
+    forced = dict(forced or {})
+    saved = plans_dir / f"{family.removeprefix('ditplan-')}-{target:g}x.json"
 
     def install(pipe) -> Installed:
         if adapt is not None:
@@ -132,7 +135,8 @@ def calibrated_method(target: float, trace_dir: Callable[[], Path], *, calibrato
         else:
             config = CompilerConfig.from_name("balanced", target_speedup=target,
                                               calibrate_candidates=candidates,
-                                              refine_rounds=refine[0], refine_candidates=refine[1])
+                                              refine_rounds=refine[0], refine_candidates=refine[1],
+                                              **forced)
             try:
                 plan = compile_policy(trace_dir(), config, calibrate=calibrator(pipe))
             except CompilerError as error:
@@ -148,8 +152,9 @@ def calibrated_method(target: float, trace_dir: Callable[[], Path], *, calibrato
         return Installed(undo=handle.remove, stats=lambda: {**handle.stats(), **recorded},
                          reset=handle.reset)
 
-    return Method("ditplan-calibrated", f"target={target:g}x", install,
-                  {"target_speedup": target, "candidates": candidates, "refine_rounds": refine[0]},
+    return Method(family, f"target={target:g}x", install,
+                  {"target_speedup": target, "candidates": candidates, "refine_rounds": refine[0],
+                   **forced},
                   "compile-policy --calibrate on training captions (disjoint from evaluation)")
 
 

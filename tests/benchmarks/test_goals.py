@@ -61,6 +61,18 @@ def test_caching_gain_met_missed_and_not_measured():
     assert verdict.met is None and "0 sparse + caching plans" in verdict.detail
 
 
+
+def test_calibrated_plans_join_their_curves():
+    """A calibrated caching-only plan extends the caching-only curve (the best caching plan is
+    the measured one); a calibrated plan with sparse attention is compared against it."""
+    fast = row("ditplan/target=2x", 1.96, 34.0, density=0.3, skipped=0.4)
+    calibrated_cache = row("ditplan-cache-only-calibrated/target=2x", 1.9, 34.5, skipped=0.5)
+    verdict = caching_gain([*CACHE_ONLY, calibrated_cache, fast])
+    assert verdict.met is False and "reaches that PSNR at 1.91x: 1.03x" in verdict.detail
+    calibrated = row("ditplan-calibrated/target=3x", 2.7, 34.0, density=0.4, skipped=0.5)
+    verdict = caching_gain([*CACHE_ONLY, calibrated_cache, calibrated])
+    assert verdict.met is True and verdict.detail.startswith("ditplan-calibrated/target=3x")
+
 def test_sparse_quality_reads_the_density_goal_row():
     def sparse(psnr, cosine, status="ok"):
         return row("ditplan-sparse-only/d=0.2", 1.4, psnr, cosine=cosine, density=0.3,

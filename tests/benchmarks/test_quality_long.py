@@ -158,3 +158,30 @@ def test_rainfusion_keeps_its_published_tile_whatever_the_workload_tile(tmp_path
     assert LONG.tile == (8, 4, 4)
     (published,) = [m for m in build_long_methods(ctx, quick=False) if m.family == "rainfusion2"]
     assert published.params["tile"] == [1, 8, 8] and published.params["sink"] is True
+
+
+def test_calibrated_caching_only_compiles_with_dense_attention(tmp_path, monkeypatch):
+    """The calibrated caching-only rows search the same plan space with attention forced dense
+    (nothing is compiled or measured here: the compile is intercepted)."""
+    from benchmarks.quality import plans
+    from benchmarks.quality.methods import NotApplicable
+    from ditplan.policy.config import CompilerError
+
+    seen = {}
+
+    def intercepted(trace_dir, config, calibrate=None):
+        seen.update(config=config, calibrate=calibrate)
+        raise CompilerError("intercepted")
+
+    monkeypatch.setattr(plans, "compile_policy", intercepted)
+    method = plans.calibrated_method(3.0, lambda: tmp_path, calibrator=lambda pipe: "measure",
+                                     plans_dir=tmp_path, backend="torch", candidates=8,
+                                     refine=(0, 1), family="ditplan-cache-only-calibrated",
+                                     forced={"fixed_density": 1.0})
+    assert method.name == "ditplan-cache-only-calibrated/target=3x"
+    assert method.params["fixed_density"] == 1.0
+    with pytest.raises(NotApplicable, match="intercepted"):
+        method.install(object())
+    config = seen["config"]
+    assert config.fixed_density == 1.0 and config.target_speedup == 3.0
+    assert config.calibrate_candidates == 8 and seen["calibrate"] == "measure"
