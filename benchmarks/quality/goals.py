@@ -67,14 +67,23 @@ def _psnr(row: dict) -> float:
 def caching_speedup_at(curve: list[tuple[float, float]], psnr: float) -> float | None:
     """The fastest the caching-only curve runs at PSNR >= ``psnr``: its measured points
     (speedup, PSNR) joined linearly in speedup order; None outside the PSNRs it spans."""
+    reach = caching_reach(curve, psnr)
+    return None if reach is None else reach[0]
+
+
+def caching_reach(curve: list[tuple[float, float]], psnr: float
+                  ) -> tuple[float, tuple[int, ...]] | None:
+    """caching_speedup_at, with the indices into ``curve`` of the point, or the two points
+    joined, that give it."""
     if not curve or not min(p for _, p in curve) <= psnr <= max(p for _, p in curve):
         return None
-    points = sorted(curve)
-    best = max(x for x, p in points if p >= psnr)
-    for (x0, p0), (x1, p1) in zip(points, points[1:], strict=False):
+    order = sorted(range(len(curve)), key=lambda i: curve[i])
+    reaches = [(curve[i][0], (i,)) for i in order if curve[i][1] >= psnr]
+    for i, j in zip(order, order[1:], strict=False):
+        (x0, p0), (x1, p1) = curve[i], curve[j]
         if min(p0, p1) <= psnr <= max(p0, p1) and p0 != p1:
-            best = max(best, x0 + (x1 - x0) * (p0 - psnr) / (p0 - p1))
-    return best
+            reaches.append((x0 + (x1 - x0) * (p0 - psnr) / (p0 - p1), (i, j)))
+    return max(reaches, key=lambda r: (r[0], -len(r[1])))  # a measured point wins a tie
 
 
 def caching_gain(rows: list[dict]) -> Verdict:
@@ -83,23 +92,26 @@ def caching_gain(rows: list[dict]) -> Verdict:
     goal = (f"sparse attention + caching >= {MIN_CACHING_GAIN:g}x faster than the best "
             "caching-only plan at equal PSNR")
     ok = [r for r in rows if r["status"] == "ok" and r["psnr_db_mean"] is not None]
-    curve = [(r["speedup"], r["psnr_db_mean"]) for r in ok
-             if r["family"] in CACHING_ONLY_FAMILIES]
+    caching = [r for r in ok if r["family"] in CACHING_ONLY_FAMILIES]
+    curve = [(r["speedup"], r["psnr_db_mean"]) for r in caching]
     plans = [r for r in ok if _ditplan_plan(r) and _sparse_and_cached(r)]
     if not curve or not plans:
         return Verdict(goal, None, f"{len(curve)} caching-only and {len(plans)} sparse + "
                                    "caching plans measured (need both)")
-    compared = [(r, base) for r in plans
-                if (base := caching_speedup_at(curve, r["psnr_db_mean"])) is not None]
+    compared = [(r, reach) for r in plans
+                if (reach := caching_reach(curve, r["psnr_db_mean"])) is not None]
     if not compared:
         span = f"{min(p for _, p in curve):.2f}-{max(p for _, p in curve):.2f} dB"
         return Verdict(goal, None, f"no sparse + caching plan's PSNR lies in the caching-only "
                                    f"curve's {span}")
-    row, base = max(compared, key=lambda c: c[0]["speedup"] / c[1])
+    row, (base, basis) = max(compared, key=lambda c: c[0]["speedup"] / c[1][0])
     gain = row["speedup"] / base
+    points = " and ".join(f"{caching[i]['method']} ({curve[i][0]:.2f}x, {curve[i][1]:.2f} dB)"
+                          for i in basis)
     detail = (f"{row['method']}: {row['speedup']:.2f}x at {row['psnr_db_mean']:.2f} dB; caching "
               f"only reaches that PSNR at {base:.2f}x: {gain:.2f}x faster "
-              f"({len(compared)} of {len(plans)} sparse + caching plans compared)")
+              f"({len(compared)} of {len(plans)} sparse + caching plans compared; caching only "
+              f"from {points})")
     return Verdict(goal, gain >= MIN_CACHING_GAIN, detail)
 
 

@@ -4,7 +4,13 @@ import math
 
 import pytest
 
-from benchmarks.quality.goals import caching_gain, caching_speedup_at, goal_lines, sparse_quality
+from benchmarks.quality.goals import (
+    caching_gain,
+    caching_reach,
+    caching_speedup_at,
+    goal_lines,
+    sparse_quality,
+)
 from benchmarks.quality.sparse_layers import LayerChoice
 from benchmarks.quality.workload import LONG_SUITE, REFERENCE_SUITE, evenly_spaced
 
@@ -33,6 +39,9 @@ def test_caching_speedup_at_joins_the_points_linearly_within_their_psnrs():
     assert caching_speedup_at(curve, 37.0) is None and caching_speedup_at(curve, 27.0) is None
     # a non-monotone curve: the fastest speed at which some stretch stays >= the PSNR
     assert caching_speedup_at([(1.2, 30.0), (1.5, 34.0), (2.0, 29.0)], 30.0) == pytest.approx(1.9)
+    # where it comes from: a point, or the two points joined (indices into the curve)
+    assert caching_reach(curve, 32.0) == (pytest.approx(1.6), (1,))
+    assert caching_reach([(2.0, 29.0), (1.5, 34.0), (1.2, 30.0)], 30.0)[1] == (1, 0)
 
 
 def test_caching_gain_met_missed_and_not_measured():
@@ -41,14 +50,15 @@ def test_caching_gain_met_missed_and_not_measured():
     assert verdict.met is True
     assert verdict.detail == ("ditplan/target=2x: 1.96x at 34.00 dB; caching only reaches that "
                               "PSNR at 1.40x: 1.40x faster (1 of 1 sparse + caching plans "
-                              "compared)")
+                              "compared; caching only from ditplan-cache-only/high (1.20x, "
+                              "36.00 dB) and ditplan-cache-only/balanced (1.60x, 32.00 dB))")
     slow = row("ditplan/high", 1.5, 34.0, density=0.3, skipped=0.3)  # 1.5 / 1.4 = 1.07x
     assert caching_gain([*CACHE_ONLY, slow]).met is False
     assert "1.07x faster" in caching_gain([*CACHE_ONLY, slow]).detail
     # the best ratio counts; a plan outside the caching-only PSNRs is not compared
     outside = row("ditplan/fast", 5.0, 40.0, density=0.3, skipped=0.5)
     both = caching_gain([*CACHE_ONLY, slow, fast, outside])
-    assert both.met is True and "(2 of 3 sparse + caching plans compared)" in both.detail
+    assert both.met is True and "(2 of 3 sparse + caching plans compared;" in both.detail
     assert caching_gain([*CACHE_ONLY, outside]).met is None
     # every plan family counts (estimated, mixed heads), the caching-only one never
     estimated = row("ditplan-mixed-heads-estimated-all/fast", 2.1, 33.0, density=0.5,
