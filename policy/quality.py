@@ -46,7 +46,6 @@ def attention_loss(profile: Profile, layer: int, spec: AttentionSpec) -> float:
     return 1.0 - float(np.mean(recalls))
 
 
-
 def output_error_loss(profile: Profile, layer: int, spec: AttentionSpec,
                       sparse_steps: np.ndarray) -> float:
     """Mean over heads of the profiled relative output error [scalar] at each head's density,
@@ -63,6 +62,7 @@ def output_error_loss(profile: Profile, layer: int, spec: AttentionSpec,
         ys = np.concatenate([[1.0], np.minimum.accumulate(curve), [0.0]])
         losses.append(float(np.interp(density, xs, ys)))
     return float(np.mean(losses))
+
 
 # Drift of a skipped step relative to reusing the last value, by skip kind (a prior that
 # calibration checks; TaylorSeer reports order-1 forecasts several times closer than reuse).

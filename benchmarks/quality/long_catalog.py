@@ -75,7 +75,8 @@ def build_long_methods(ctx: CatalogContext, quick: bool) -> list[Method]:
 
 
 def _calibrated(ctx: CatalogContext, grid: dict, family: str, forced: dict) -> list[Method]:
-    """``compile-policy --target-speedup T --calibrate --refine 2`` at each calibrated target."""
+    """``compile-policy --target-speedup T --calibrate`` at each calibrated target (the grid's
+    candidates and refine rounds), with ``forced`` compiler settings."""
     return [calibrated_method(t, ctx.trace_dir, calibrator=ctx.calibrator,
                               plans_dir=ctx.plans_dir, backend=ctx.backend,
                               candidates=grid["candidates"], refine=grid["refine"],
