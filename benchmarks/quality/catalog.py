@@ -70,16 +70,19 @@ def build_methods(ctx: CatalogContext, quick: bool) -> list[Method]:
     """dense repeat, ditplan presets, diffusers' caches, published baselines, then ditplan's
     speed targets and ablations (the order a time-limited, resumable run covers them in)."""
     grid = QUICK_GRID if quick else FULL_GRID
-    return [dense_repeat(), *_ditplan_calibrated(ctx, grid), *_ditplan_presets(ctx, grid),
+    return [dense_repeat(), *calibrated_methods(ctx, grid), *_ditplan_presets(ctx, grid),
             *_diffusers(ctx, grid), *cachedit_methods(ctx, grid["cachedit"]),
             *_published(ctx, grid), *_ditplan_variants(ctx, grid)]
 
 
-def _ditplan_calibrated(ctx: CatalogContext, grid: dict) -> list[Method]:
+def calibrated_methods(ctx: CatalogContext, grid: dict, family: str = "ditplan-calibrated",
+                       forced: dict | None = None) -> list[Method]:
+    """``compile-policy --target-speedup T --calibrate`` at each of the grid's calibrated
+    targets (its candidates and refine rounds), with ``forced`` compiler settings."""
     return [calibrated_method(t, ctx.trace_dir, calibrator=ctx.calibrator,
                               plans_dir=ctx.plans_dir, backend=ctx.backend,
                               candidates=grid["candidates"], refine=grid["refine"],
-                              adapt=ctx.adapt)
+                              adapt=ctx.adapt, family=family, forced=forced)
             for t in grid["calibrated"]]
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import functools
 
-from benchmarks.quality.catalog import CatalogContext
+from benchmarks.quality.catalog import CatalogContext, calibrated_methods
 from benchmarks.quality.goals import CACHE_ONLY_CALIBRATED, CACHING_ONLY
 from benchmarks.quality.methods import RAINFUSION_DENSITY, Method, dense_repeat, rainfusion
-from benchmarks.quality.plans import calibrated_method, plan_method
+from benchmarks.quality.plans import plan_method
 from benchmarks.quality.sparse_layers import (
     choose_layers,
     estimated_suffix,
@@ -65,23 +65,13 @@ def build_long_methods(ctx: CatalogContext, quick: bool) -> list[Method]:
             *_plans(ctx, "ditplan", {}, grid["presets"], grid["targets"]),
             *_plans(ctx, CACHING_ONLY, CACHE_ONLY, grid["presets"],
                     grid["targets"]),
-            *_calibrated(ctx, grid, CACHE_ONLY_CALIBRATED, CACHE_ONLY),
-            *_calibrated(ctx, grid, "ditplan-calibrated", {}),
+            *calibrated_methods(ctx, grid, CACHE_ONLY_CALIBRATED, CACHE_ONLY),
+            *calibrated_methods(ctx, grid),
             *_plans(ctx, MIXED_FAMILY, MIXED, grid["mixed_presets"]),
             *_plans(ctx, f"{MIXED_FAMILY}-sparse-only", {**MIXED, "caching": False},
                     ("balanced",)),
             *estimated,
             *(plan for mode in ESTIMATE_MODES for plan in _estimated_plans(ctx, grid, mode))]
-
-
-def _calibrated(ctx: CatalogContext, grid: dict, family: str, forced: dict) -> list[Method]:
-    """``compile-policy --target-speedup T --calibrate`` at each calibrated target (the grid's
-    candidates and refine rounds), with ``forced`` compiler settings."""
-    return [calibrated_method(t, ctx.trace_dir, calibrator=ctx.calibrator,
-                              plans_dir=ctx.plans_dir, backend=ctx.backend,
-                              candidates=grid["candidates"], refine=grid["refine"],
-                              family=family, forced=forced)
-            for t in grid["calibrated"]]
 
 
 def _estimated_plans(ctx: CatalogContext, grid: dict, mode: str) -> list[Method]:
