@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=(), metavar="PATTERN",
                    help="run only the methods whose names match (e.g. 'ditplan/*' "
                         "'diffusers-magcache/*'); dense always runs")
+    p.add_argument("--plan-files", nargs="+", type=Path, default=(), metavar="PLAN",
+                   help="also run these saved plans as they are (rows plan-file/<file stem>; "
+                        "without --methods only they run, beside dense)")
     p.add_argument("--report-only", action="store_true",
                    help="only redraw the plot and table from the rows already in --out")
     p.add_argument("--log-level", default="INFO")
@@ -65,14 +68,24 @@ def _configs(args, command: str):
                                    guidance_scale=args.guidance, block_size=args.block_size,
                                    tile=args.tile)
     seeds = tuple(args.seeds or (0,))
+    plan_files = tuple(args.plan_files)
+    if plan_files:
+        from benchmarks.quality.plans import plan_file_methods
+        from ditplan.policy.plan import PlanError
+
+        try:
+            plan_file_methods(plan_files, args.backend)  # every file readable and valid
+        except PlanError as error:
+            raise ValueError(str(error)) from error
+    methods = tuple(args.methods) or (("plan-file/*",) if plan_files else ())
     if len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise ValueError(f"--seeds must be distinct non-negative ints, got {list(seeds)}")
     quality = QualityConfig(
         out=args.out, workload=workload, model=_model(args),
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
         captions=(2 if args.quick else suite.captions) if args.captions is None else args.captions,
-        seeds=seeds, quick=args.quick, backend=args.backend, methods=tuple(args.methods),
-        command=command, suite=suite)
+        seeds=seeds, quick=args.quick, backend=args.backend, methods=methods,
+        plan_files=plan_files, command=command, suite=suite)
     if not 1 <= quality.captions <= 64:
         raise ValueError(f"--captions must be in 1..64 (the held-out set), got {quality.captions}")
     if args.scale and suite.name != "reference":

@@ -15,7 +15,7 @@ from benchmarks.quality import caches
 from benchmarks.quality.catalog import CatalogContext, build_methods, select_methods
 from benchmarks.quality.long_catalog import build_long_methods
 from benchmarks.quality.methods import Method, method_row
-from benchmarks.quality.plans import profile_traces
+from benchmarks.quality.plans import plan_file_methods, profile_traces
 from benchmarks.quality.results import QUALITY_FILE, ResultStore, environment
 from benchmarks.quality.workload import REFERENCE_SUITE, Suite, Workload
 from ditplan.reference.attributes import (
@@ -56,6 +56,7 @@ class QualityConfig:
     quick: bool = False
     backend: str = "auto"
     methods: tuple[str, ...] = ()  # name patterns to run (fnmatch); empty: the whole catalog
+    plan_files: tuple[Path, ...] = ()  # saved plans run as they are, after the catalog
     command: str = ""  # recorded in the rows
     suite: Suite = REFERENCE_SUITE  # the catalog and profile settings; rows record its name
 
@@ -191,7 +192,9 @@ def run_quality(config: QualityConfig) -> list[dict]:
     pipe.set_progress_bar_config(disable=True)
     samples, attributes = held_out_samples(config.captions, config.seeds)
     build = CATALOGS[config.suite.name]
-    methods = select_methods(build(catalog_context(pipe, config), config.quick), config.methods)
+    catalog = build(catalog_context(pipe, config), config.quick)
+    catalog += plan_file_methods(config.plan_files, config.backend)
+    methods = select_methods(catalog, config.methods)
     store = ResultStore(config.out / QUALITY_FILE, config.run_key() + BATCHED)
     base = {"kind": "quality", "suite": config.suite.name, "workload": config.workload.as_dict(),
             "samples": len(samples), "model": config.model,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,7 @@ from ditplan.policy.compiler import compile_policy
 from ditplan.policy.config import CompilerConfig, CompilerError
 from ditplan.policy.experts import execution_dict
 from ditplan.policy.load_profile import load_profile
-from ditplan.policy.plan import Plan
+from ditplan.policy.plan import Plan, PlanError
 from ditplan.policy.plan_io import load_plan, save_plan
 from ditplan.runtime.apply import apply_plan
 
@@ -97,6 +97,39 @@ def plan_method(family: str, setting: str, trace_dir: Callable[[], Path], preset
                          reset=handle.reset, plan_key=plan_key(plan))
 
     return Method(family, setting, install, {"preset": preset, **(params or {})}, notes)
+
+
+PLAN_FILE_FAMILY = "plan-file"
+
+
+def plan_file_method(path: Path, plan: Plan, backend: str) -> Method:
+    """``plan``, read from ``path`` (a saved or shared plan), run as it is: setting = the file's
+    stem. A plan for another model or workload is recorded as not applicable."""
+
+    def install(pipe) -> Installed:
+        try:
+            handle = apply_plan(pipe, plan, backend=backend)
+        except PlanError as error:
+            raise NotApplicable(str(error)) from error
+        recorded = {"predicted_speedup": plan.provenance.predicted_speedup,
+                    "design": plan.provenance.compiler_settings.get("design", ""),
+                    "estimated_heads": estimated_head_count(plan)}
+        return Installed(undo=handle.remove, stats=lambda: {**handle.stats(), **recorded},
+                         reset=handle.reset, plan_key=plan_key(plan))
+
+    return Method(PLAN_FILE_FAMILY, path.stem, install, {"plan_file": str(path)},
+                  "a saved plan run as it is")
+
+
+def plan_file_methods(paths: Sequence[Path], backend: str) -> list[Method]:
+    """One method per plan file, each read and checked now (PlanError names a bad file before
+    any model loads); two files with one stem would share a row name and are refused."""
+    stems = [p.stem for p in paths]
+    twice = sorted({s for s in stems if stems.count(s) > 1})
+    if twice:
+        raise PlanError(f"plan files share a name ({', '.join(twice)}): their rows would be one "
+                        "row; rename them")
+    return [plan_file_method(p, load_plan(p), backend) for p in paths]
 
 
 def estimated_head_count(plan: Plan) -> int:

@@ -185,3 +185,41 @@ def test_calibrated_caching_only_compiles_with_dense_attention(tmp_path, monkeyp
     config = seen["config"]
     assert config.fixed_density == 1.0 and config.target_speedup == 3.0
     assert config.calibrate_candidates == 8 and seen["calibrate"] == "measure"
+
+
+def test_saved_plans_run_as_they_are(out, args, tmp_path):
+    """--plan-files: a saved plan runs unchanged beside dense (only it, without --methods), and
+    its row names the file."""
+    from ditplan.policy.compiler import compile_policy
+    from ditplan.policy.config import CompilerConfig
+    from ditplan.policy.plan_io import save_plan
+
+    (traces,) = (p.parent for p in (out / "traces").glob("*/manifest.json"))
+    plan = compile_policy(traces, CompilerConfig.from_name("fast"))
+    save_plan(plan, tmp_path / "shared-fast.json")
+    fresh = tmp_path / "run"
+    assert cli.main(["--out", str(fresh), *args[2:],
+                     "--plan-files", str(tmp_path / "shared-fast.json")]) == 0
+    rows = {r["method"]: r for r in read_rows(fresh / "quality.jsonl")}
+    assert list(rows) == ["dense/baseline", "plan-file/shared-fast"]
+    row = rows["plan-file/shared-fast"]
+    assert row["status"] == "ok" and row["params"]["plan_file"].endswith("shared-fast.json")
+    # the same plan as the catalog's ditplan/fast row: the same clips
+    catalog = {r["method"]: r for r in read_rows(out / "quality.jsonl")}["ditplan/fast"]
+    assert row["psnr_db_mean"] == pytest.approx(catalog["psnr_db_mean"], abs=1e-6)
+
+
+def test_bad_plan_files_are_refused_before_anything_is_written(args, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    twin = tmp_path / "other"
+    twin.mkdir()
+    never = tmp_path / "never"
+    cases = ([str(bad)], [str(tmp_path / "missing.json")], [str(bad), str(twin / "bad.json")])
+    for files in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["--out", str(never), *args[2:], "--plan-files", *files])
+        assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "bad.json" in err and "does not exist" in err and "share a name (bad)" in err
+    assert not never.exists()
