@@ -23,11 +23,13 @@ stack run computing 20 of 32 steps ran 1.573x, the same schedule skipping whole 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from ditplan.policy.masks import computed
 from ditplan.policy.plan import AttentionSpec, BlockRun
 from ditplan.profiler.schema import ModelConfig
 
@@ -79,6 +81,11 @@ class CostModel:
         ys = np.concatenate([[0.0], np.maximum.accumulate(self.kept), [1.0]])
         return float(np.interp(density, xs, ys))
 
+    def step_times(self, spec: AttentionSpec, steps: int) -> np.ndarray:
+        """[steps] time of one forward of a block with ``spec`` at each step (dense on its
+        dense steps, sparse on the others)."""
+        return _step_times(self, spec, steps)
+
     def sparse_factor(self, spec: AttentionSpec) -> float:
         """Sparse / dense attention time on ``spec``'s sparse steps (1.0 for a dense spec)."""
         if spec.is_dense or spec.density is None:  # mass thresholds: density unknown, charge dense
@@ -101,18 +108,29 @@ class CostModel:
         Returns:
             the predicted speedup (> 0).
         """
-        skipped = {b: r for r in runs for b in r.blocks}
         call = (self.other + self.attention) * len(specs)  # one dense call's blocks
         model = next((r for r in runs if r.whole_call), None)
-        plan_time = sum(CALL_OVERHEAD * call for context in contexts for step in range(steps)
-                        if model is None or model.computes(step, context))
-        for block, spec in specs.items():
-            sparse = self.other + self.attention * self.sparse_factor(spec)
-            dense = self.other + self.attention
-            for context in contexts:
-                computed = skipped[block].compute_mask(context) if block in skipped else None
-                for step in range(steps):
-                    if computed is None or computed[step]:
-                        plan_time += dense if spec.dense_at(step) else sparse
+        calls = (steps * len(contexts) if model is None else
+                 sum(int(computed(model.actions(c)).sum()) for c in contexts))
+        plan_time = CALL_OVERHEAD * call * calls
+        in_run = {b for r in runs for b in r.blocks}
+        for run in runs:  # a run's blocks cost where the run computes
+            block_times = sum(self.step_times(specs[b], steps) for b in run.blocks)  # [T]
+            plan_time += sum(float(block_times[computed(run.actions(c))].sum())
+                             for c in contexts)
+        free = [b for b in specs if b not in in_run]  # blocks outside runs cost at every step
+        if free:
+            plan_time += len(contexts) * float(sum(self.step_times(specs[b], steps)
+                                                   for b in free).sum())
         dense_time = steps * len(contexts) * call * (1 + CALL_OVERHEAD)
         return dense_time / plan_time
+
+
+@functools.lru_cache(maxsize=4096)
+def _step_times(cost: CostModel, spec: AttentionSpec, steps: int) -> np.ndarray:
+    """CostModel.step_times, cached: a search prices the same few specs in every candidate."""
+    dense = cost.other + cost.attention
+    sparse = cost.other + cost.attention * cost.sparse_factor(spec)
+    times = np.array([dense if spec.dense_at(step) else sparse for step in range(steps)])
+    times.flags.writeable = False
+    return times

@@ -73,3 +73,47 @@ def test_estimating_dropped_blocks_is_charged_whatever_the_heads():
     assert model.sparse_factor(some) == pytest.approx(expected)
     assert model.sparse_factor(every) == pytest.approx(expected)
     assert model.sparse_factor(none) == model.sparse_factor(plain)
+
+
+def _loop_speedup(model: CostModel, specs, runs, steps: int, contexts) -> float:
+    """predict_speedup's definition, one block forward at a time (the reference twin)."""
+    skipped = {b: r for r in runs for b in r.blocks}
+    call = (model.other + model.attention) * len(specs)
+    whole = next((r for r in runs if r.whole_call), None)
+    plan_time = sum(cost.CALL_OVERHEAD * call for c in contexts for s in range(steps)
+                    if whole is None or whole.computes(s, c))
+    for block, spec in specs.items():
+        sparse = model.other + model.attention * model.sparse_factor(spec)
+        dense = model.other + model.attention
+        for c in contexts:
+            for s in range(steps):
+                if block not in skipped or skipped[block].computes(s, c):
+                    plan_time += dense if spec.dense_at(s) else sparse
+    return steps * len(contexts) * call * (1 + cost.CALL_OVERHEAD) / plan_time
+
+
+def test_speedup_equals_its_per_forward_definition_on_random_plans():
+    import random
+
+    rng = random.Random(0)
+    model = CostModel.for_model(WAN_1_3B, S, GRID, tuple(min(1.0, g + 0.05) for g in GRID))
+    contexts, steps = ("cond", "uncond"), 12
+    for trial in range(40):
+        specs = {}
+        for b in BLOCKS:
+            density = rng.choice((1.0, 0.5, 0.2, 0.1))
+            dense_steps = tuple(range(rng.randrange(steps)))
+            specs[b] = (AttentionSpec() if density == 1.0 else
+                        AttentionSpec(density=density, dense_steps=dense_steps,
+                                      estimate_heads=rng.choice((None, (True,) * 12))))
+        mask = lambda: tuple(s == 0 or rng.random() < 0.5 for s in range(steps))  # noqa: E731
+        if trial % 3 == 0:  # one whole-call run
+            cond = mask()
+            runs = (dataclasses.replace(BlockRun.from_masks(BLOCKS, {"cond": cond, "uncond": cond}),
+                                        target="model"),)
+        else:  # up to two disjoint runs; the other blocks always compute
+            cut = rng.randrange(1, 29)
+            runs = tuple(BlockRun.from_masks(BLOCKS[lo:hi], {"cond": mask(), "uncond": mask()})
+                         for lo, hi in ((0, cut), (cut, 30))[: rng.randrange(0, 3)])
+        assert model.predict_speedup(specs, runs, steps, contexts) == pytest.approx(
+            _loop_speedup(model, specs, runs, steps, contexts), rel=1e-12)
