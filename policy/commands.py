@@ -47,7 +47,9 @@ def register(subparsers) -> None:
                                "mean key and value: 'all' (the default) every sparse head, "
                                "'measured' those whose profiled output error it lowers (needs "
                                "traces profiled with `ditplan profile --output-error`); "
-                               "densities are chosen as without it")
+                               "densities are chosen as without it. Unset, --target-speedup "
+                               "searches plans without it and, where the traces record output "
+                               "errors, with 'measured'")
     compile_.add_argument("--no-model-runs", action="store_true",
                           help="never skip whole transformer calls (needed for plans run under "
                                "context parallelism, `ditplan run --nproc N`)")

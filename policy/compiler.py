@@ -33,7 +33,7 @@ from ditplan.policy.plan import (
     all_heads_dense,
 )
 from ditplan.policy.plan_io import normalize_plan
-from ditplan.policy.quality import attention_error, predicted_error, runs_error
+from ditplan.policy.quality import attention_error, attention_losses, predicted_error, runs_error
 from ditplan.policy.refine import refine
 from ditplan.policy.schedule import (
     branches_differ,
@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 # (see runtime/calibrate.py): one Calibration per plan, in order; ``repeats=N`` times each over
 # N batches (median). policy/ stays torch-free: the command injects it.
 MeasurePlans = Callable[..., list[Calibration]]
-SEARCH_RECALLS = (None, 0.95, 0.9, 0.85, 0.8)  # step-level designs: dense, or sparse at a recall
+SEARCH_RECALLS = (0.95, 0.9, 0.85, 0.8)  # step-level designs' sparse attention recalls
 # The second calibration round measures designs predicted within this factor above the target
 # once the predictions are scaled by how the first round ran. The first round needs no margin
 # since the cost model charges the per-call work outside the blocks (policy.cost.CALL_OVERHEAD):
@@ -199,32 +199,59 @@ def _better(new: Calibration, old: Calibration, config: CompilerConfig) -> bool:
 
 def search_designs(profile: Profile, roles: dict[str, str], config: CompilerConfig,
                    cost: CostModel) -> list[Design]:
-    """Every candidate: the preset designs over the search grid, then step-level block runs
-    (each with dense attention and with sparse attention at SEARCH_RECALLS, or with the
-    densities the settings force), deduplicated."""
+    """Every candidate: the preset designs over the search grid, then step-level block runs,
+    each with dense attention and with each sparse attention setting (attention_settings),
+    sparse after the traces' warm-up, and, for a run with a shorter warm-up, after the run's own
+    (every step the run computes after its warm-up sparse), deduplicated."""
     designs = [design(profile, roles, c, cost) for c in config.search_grid()]
     warmup = warmup_steps(_pooled_curves(profile), profile.steps, config)
-    forced = config.fixed_density is not None or bool(config.densities)
     choices = run_choices(profile, warmup, config.search_sigma, config.search_newton,
                           config.model_runs)
-    step_runs = [(choice.label, (build_run(profile, choice),)) for choice in choices]
-    drift = [runs_error(profile, runs) for _, runs in step_runs]  # the same at every recall
-    for recall in (config.recall_target,) if forced else SEARCH_RECALLS:
-        attention = (dataclasses.replace(config, fixed_density=1.0) if recall is None else
-                     dataclasses.replace(config, recall_target=recall))
-        layers = layer_plans(profile, roles, attention, warmup, cost)
-        if not forced and recall is not None and all(
-                lp.attention.is_dense for lp in layers.values()):
-            continue  # the traces support no sparsity at this recall: same as dense
-        specs = {b: lp.attention for b, lp in layers.items()}
-        sparse_error = attention_error(profile, specs)
-        suffix = " densities=given" if forced else f" recall={recall}" if recall else ""
-        for (label, runs), run_error in zip(step_runs, drift, strict=True):
-            designs.append(Design(config, layers, runs,
-                                  cost.predict_speedup(specs, runs, profile.steps,
-                                                       profile.contexts),
-                                  sparse_error + run_error, label + suffix))
+    step_runs = [(choice, (build_run(profile, choice),)) for choice in choices]
+    drift = [runs_error(profile, runs) for _, runs in step_runs]  # the same for every attention
+    starts = sorted({warmup, *(c.warmup for c in choices if c.warmup < warmup)}, reverse=True)
+    for attention, suffix, optional in attention_settings(profile, config):
+        for start in starts:
+            layers = layer_plans(profile, roles, attention, start, cost)
+            specs = {b: lp.attention for b, lp in layers.items()}
+            dense = all(spec.is_dense for spec in specs.values())
+            if dense and optional:
+                continue  # the traces support no sparsity here: the dense designs cover it
+            losses = attention_losses(profile, specs)
+            label = suffix if start == warmup else f"{suffix} attention-warmup={start}"
+            for (choice, runs), run_error in zip(step_runs, drift, strict=True):
+                if start != warmup and choice.warmup != start:
+                    continue  # sparse from a run's warm-up pairs with that run only
+                designs.append(Design(attention, layers, runs,
+                                      cost.predict_speedup(specs, runs, profile.steps,
+                                                           profile.contexts),
+                                      attention_error(profile, specs, losses, runs) + run_error,
+                                      choice.label + label))
+            if dense:
+                break  # dense attention is the same whatever step sparsity would start at
     return _unique(designs)
+
+
+def attention_settings(profile: Profile, config: CompilerConfig
+                       ) -> list[tuple[CompilerConfig, str, bool]]:
+    """The attention settings a search pairs with every run choice: (compiler settings, label
+    suffix, optional: a sparse setting left out where the traces support no sparsity). With
+    forced densities (``fixed_density``, ``densities``) those alone; else dense, then sparse at
+    each of SEARCH_RECALLS, each without and, when the traces record the sparse output's error,
+    with the dropped key blocks estimated in the heads where that lowers it (``estimate_dropped``
+    "measured"; a set ``estimate_dropped`` is kept)."""
+    if config.fixed_density is not None or config.densities:
+        return [(config, " densities=given", False)]
+    estimates = ((config.estimate_dropped,) if config.estimate_dropped else
+                 (None, "measured") if profile.output_error is not None else (None,))
+    settings = [(dataclasses.replace(config, fixed_density=1.0), "", False)]
+    for recall in SEARCH_RECALLS:
+        for estimate in estimates:
+            named = f" estimate={estimate}" if estimate and not config.estimate_dropped else ""
+            settings.append((dataclasses.replace(config, recall_target=recall,
+                                                 estimate_dropped=estimate),
+                             f" recall={recall}{named}", True))
+    return settings
 
 
 def _unique(designs: list[Design]) -> list[Design]:
@@ -257,11 +284,14 @@ def pareto_front(designs: list[Design]) -> list[Design]:
 
 def shortlist_for_calibration(designs: list[Design], config: CompilerConfig) -> list[Design]:
     """At most ``config.calibrate_candidates`` designs worth measuring: with a target, those
-    predicted to reach it, the best of each warm-up length first, then the best of each family,
-    then by error; else the predicted Pareto front, evenly spread over its speedups. The
-    warm-up is spread because the traces rank it least reliably: on the reference model
-    TaylorSeer gained 5 dB from 4 to 8 warm-up steps of 32 that the error model barely tells
-    apart (H200, BENCHMARKS.md)."""
+    predicted to reach it, the best of each warm-up length first, then of each warm-up and skip
+    kind, then of each family, then by error; else the predicted Pareto front, evenly spread
+    over its speedups. Warm-up and skip kind are spread because the traces rank them least
+    reliably: on the reference model TaylorSeer gained 5 dB from 4 to 8 warm-up steps of 32
+    that the error model barely tells apart, and order-2 forecasts beat reuse; on the long
+    reference model reuse beat them: a whole-call run reusing after 8 warm-up steps kept 33.3 dB
+    on held-out captions where the same schedule forecasting kept 28.7 dB on the calibration
+    captions, which measure 0.6-1.2 dB above held-out ones (H200, BENCHMARKS.md)."""
     n = config.calibrate_candidates
     if config.target_speedup is not None:
         pool = [d for d in designs if d.speedup >= config.target_speedup]
@@ -329,10 +359,11 @@ def retime_boundary(plans: Sequence[Plan] | Sequence[ExpertPlans], measured: lis
 
 def _spread(pool: list[Design], n: int) -> list[Design]:
     """At most ``n`` of ``pool``, ranked by predicted error (then speed): the best of each
-    warm-up length, then of each family, then the rest in rank order."""
+    warm-up length, then of each warm-up and skip kind, then of each family, then the rest in
+    rank order."""
     ordered = sorted(pool, key=lambda d: (d.error, -d.speedup))
     chosen: list[Design] = []
-    for key in (_warmup, lambda d: d.family):
+    for key in (_warmup, lambda d: (_warmup(d), _skip_kinds(d)), lambda d: d.family):
         firsts = [d for d in _best_by(ordered, key) if d not in chosen]
         chosen += firsts[: n - len(chosen)]
     chosen += [d for d in ordered if d not in chosen][: n - len(chosen)]
@@ -345,6 +376,11 @@ def _best_by(ordered: list[Design], key: Callable[[Design], object]) -> list[Des
     for d in ordered:
         firsts.setdefault(key(d), d)
     return list(firsts.values())
+
+
+def _skip_kinds(design: Design) -> tuple[str, ...]:
+    """What the design's runs do on skipped steps: "R" (reuse) or "F<order>" per run."""
+    return tuple(f"F{r.order}" if r.forecasts else "R" for r in design.runs)
 
 
 def _warmup(design: Design) -> int:

@@ -45,7 +45,8 @@ class CompilerConfig:
     mixed_heads: bool = False
     # which sparse heads estimate their dropped key blocks from the blocks' mean keys and values
     # (policy.estimate; densities are chosen as without it): None, "measured" (those whose
-    # profiled output error it lowers) or "all"
+    # profiled output error it lowers) or "all"; with None a target search tries both None and
+    # "measured" where the traces record output errors
     estimate_dropped: str | None = None
     warmup_min_fraction: float = 0.12
     warmup_max_fraction: float = 0.5

@@ -1,9 +1,10 @@
 """Predicted error of a plan: a ranking proxy built from the profiled traces.
 
-Per block evaluation (block x step x CFG context) the proxy adds: on sparse steps, the relative
-error of the layer's attention output at its heads' densities as the profiler measured it
-(``ditplan profile --output-error``; with the dropped key blocks estimated in the heads that
-estimate them), or without that measurement the attention mass the layer's mask is expected to
+Per block evaluation (block x step x CFG context) the proxy adds: on the sparse steps the block
+computes (not those its run reuses or forecasts), the relative error of the layer's attention
+output at its heads' densities as the profiler measured it (``ditplan profile
+--output-error``; with the dropped key blocks estimated in the heads that estimate them), or
+without that measurement the attention mass the layer's mask is expected to
 lose (1 - mean predicted recall at its density), which overstates the damage (long reference
 model, density 0.2: lost mass 0.16, output error 0.045) and so steers the search away from
 sparse attention; on steps a run skips, the relative-L1 change its blocks' residuals accumulate
@@ -23,6 +24,7 @@ import numpy as np
 
 from ditplan.policy.estimate import median_errors
 from ditplan.policy.load_profile import Profile
+from ditplan.policy.masks import computed, sparse_steps
 from ditplan.policy.plan import COMPUTE, FORECAST, AttentionSpec, BlockRun
 from ditplan.policy.search import run_curve
 from ditplan.policy.sparsity import expected_recall, layer_recall_curve
@@ -107,17 +109,31 @@ def predicted_error(profile: Profile, specs: Mapping[str, AttentionSpec],
     Returns:
         the predicted error (>= 0): attention_error + runs_error.
     """
-    return attention_error(profile, specs) + runs_error(profile, runs)
+    return attention_error(profile, specs, attention_losses(profile, specs), runs) + runs_error(
+        profile, runs)
 
 
-def attention_error(profile: Profile, specs: Mapping[str, AttentionSpec]) -> float:
-    """The sparse attention share of predicted_error (>= 0): one value for every run choice."""
-    steps, contexts = profile.steps, profile.contexts
+def attention_losses(profile: Profile, specs: Mapping[str, AttentionSpec]) -> dict[str, float]:
+    """Each sparse block's attention_loss (the costly part of attention_error: a search
+    computes it once per attention setting, for every run choice)."""
+    return {block: attention_loss(profile, layer, specs[block])
+            for layer, block in enumerate(profile.blocks) if not specs[block].is_dense}
+
+
+def attention_error(profile: Profile, specs: Mapping[str, AttentionSpec],
+                    losses: Mapping[str, float], runs: Sequence[BlockRun]) -> float:
+    """The sparse attention share of predicted_error (>= 0): each sparse block's loss
+    (``losses``, from attention_losses) on every step it computes sparse, in each context (a
+    step its run reuses or forecasts runs no attention)."""
+    run_of = {b: r for r in runs for b in r.blocks}
     total = 0.0
-    for layer, block in enumerate(profile.blocks):
-        spec = specs[block]
-        sparse = 0 if spec.is_dense else steps - len(spec.dense_steps)
-        total += attention_loss(profile, layer, spec) * sparse * len(contexts)
+    for block, loss in losses.items():
+        sparse = sparse_steps(specs[block].dense_steps, profile.steps)  # [T]
+        run = run_of.get(block)
+        for context in profile.contexts:
+            count = (sparse.sum() if run is None else
+                     np.count_nonzero(sparse & computed(run.actions(context))))
+            total += loss * int(count)
     return total / _evaluations(profile)
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from ditplan.policy.load_profile import Profile
 from ditplan.policy.plan import COMPUTE, BlockRun, Plan
-from ditplan.policy.quality import attention_error, runs_error
+from ditplan.policy.quality import attention_error, attention_losses, runs_error
 
 
 def moved(actions: str, step: int, to: int) -> str:
@@ -54,12 +54,13 @@ def neighbours(plan: Plan, profile: Profile, limit: int) -> list[Plan]:
     the best move of each source step before a second move of any step (the error model ranks
     moves weakly, so the measured ones are spread along the schedule)."""
     specs = {b: lp.attention for b, lp in plan.layers.items()}
-    sparse_error = attention_error(profile, specs)  # moves change the runs only
+    losses = attention_losses(profile, specs)  # moves change the runs only
     candidates = []
     for i, run in enumerate(plan.runs):
         for new in run_moves(run):
             runs = (*plan.runs[:i], new, *plan.runs[i + 1:])
-            candidates.append((sparse_error + runs_error(profile, runs), _source(run, new), runs))
+            error = attention_error(profile, specs, losses, runs) + runs_error(profile, runs)
+            candidates.append((error, _source(run, new), runs))
     candidates.sort(key=lambda c: c[0])
     firsts, seconds, seen = [], [], set()
     for c in candidates:

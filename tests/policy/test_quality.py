@@ -1,5 +1,7 @@
 """The predicted-error proxy: sparse attention charged its profiled output error where the traces
-record it, the lost attention mass where they do not; the search's errors equal the proxy's."""
+record it, the lost attention mass where they do not, on the steps a block computes; the search's
+errors equal the proxy's, and it searches sparse attention from shorter run warm-ups and with the
+dropped blocks estimated."""
 
 from __future__ import annotations
 
@@ -96,3 +98,47 @@ def test_the_searchs_errors_are_the_proxys(measured):
         specs = {b: lp.attention for b, lp in design.layers.items()}
         assert design.error == pytest.approx(predicted_error(measured, specs, design.runs),
                                              rel=1e-12, abs=1e-15)
+
+
+def test_sparse_attention_is_charged_only_on_the_steps_a_block_computes(measured):
+    from ditplan.policy.plan import BlockRun
+    from ditplan.policy.quality import attention_error, attention_losses
+
+    specs = {b: spec(0.2) for b in measured.blocks}
+    losses = attention_losses(measured, specs)
+    steps, contexts = measured.steps, measured.contexts
+    every = attention_error(measured, specs, losses, ())
+    sparse_steps = steps - len(DENSE_STEPS)
+    evaluations = len(measured.blocks) * steps * len(contexts)
+    assert every == pytest.approx(sum(losses.values()) * sparse_steps * len(contexts)
+                                  / evaluations, rel=1e-12)
+    # a whole-call run that computes the dense steps and every other sparse step
+    mask = tuple(s in DENSE_STEPS or (s - len(DENSE_STEPS)) % 2 == 0 for s in range(steps))
+    computed = sum(mask[s] for s in range(len(DENSE_STEPS), steps))
+    run = BlockRun.from_masks(measured.blocks, {c: mask for c in contexts}, target="model")
+    assert attention_error(measured, specs, losses, (run,)) == pytest.approx(
+        every * computed / sparse_steps, rel=1e-12)
+    assert predicted_error(measured, specs, (run,)) > attention_error(measured, specs, losses,
+                                                                      (run,))  # + the drift
+
+
+def test_the_search_tries_sparse_attention_from_each_shorter_run_warmup_and_the_estimate(
+        measured, unmeasured):
+    meta = measured.metadata
+    cost = CostModel.for_model(meta.model_config, meta.workload.num_tokens, measured.densities,
+                               measured.kept_fraction)
+    roles = {b: "background" for b in measured.blocks}
+    designs = search_designs(measured, roles, CompilerConfig(), cost)
+    early = [d for d in designs if "attention-warmup=" in d.label]
+    assert early
+    for d in early:
+        start = int(d.label.split("attention-warmup=")[1].split()[0])
+        assert f" warmup={start} " in d.label  # sparse from that run's own warm-up
+        sparse = [lp.attention for lp in d.layers.values() if not lp.attention.is_dense]
+        assert sparse and all(s.dense_steps == tuple(range(start)) for s in sparse)
+    estimated = [d for d in designs if "estimate=measured" in d.label]
+    # head 0's profiled error halves with the estimate (GAIN): it estimates
+    assert estimated and all(any(lp.attention.estimates() for lp in d.layers.values())
+                             for d in estimated)
+    plain = search_designs(unmeasured, roles, CompilerConfig(), cost)  # no output errors
+    assert not any("estimate=" in d.label for d in plain)

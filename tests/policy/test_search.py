@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -193,21 +194,32 @@ def test_fixed_interval_choices_schedule_like_taylorseer(traces):
     assert "t=inf skip<=1" in choice.label
 
 
-def test_shortlist_measures_every_warmup_first(traces):
-    from ditplan.policy.compiler import _warmup, shortlist_for_calibration
+def test_shortlist_measures_every_warmup_then_every_skip_kind_first(traces):
+    from ditplan.policy.compiler import _skip_kinds, _warmup, shortlist_for_calibration
     from tests.policy.test_compiler import search_designs_for
+
+    def pair(d):
+        return _warmup(d), _skip_kinds(d)
 
     designs = search_designs_for(traces)
     config = CompilerConfig.from_name("balanced", target_speedup=1.5, calibrate_candidates=12)
     pool = [d for d in designs if d.speedup >= 1.5]
-    warmups = sorted({_warmup(d) for d in pool})
-    assert 3 <= len(warmups) <= 12
+    best_warmup, best_pair = {}, {}  # the least predicted error of each warm-up / pair
+    for d in pool:
+        best_warmup[_warmup(d)] = min(best_warmup.get(_warmup(d), math.inf), d.error)
+        best_pair[pair(d)] = min(best_pair.get(pair(d), math.inf), d.error)
+    assert 3 <= len(best_warmup) <= 12 and len({k for _, k in best_pair}) >= 2
     chosen = shortlist_for_calibration(designs, config)
     assert len(chosen) == 12
-    firsts = chosen[: len(warmups)]
-    assert sorted(_warmup(d) for d in firsts) == warmups
+    firsts = chosen[: len(best_warmup)]
+    assert sorted(_warmup(d) for d in firsts) == sorted(best_warmup)
     for d in firsts:  # the least predicted error of its warm-up
-        assert d.error == min(p.error for p in pool if _warmup(p) == _warmup(d))
+        assert d.error == best_warmup[_warmup(d)]
+    # then one of each (warm-up, skip kind) pair not measured yet, least error first
+    pairs = [p for p in sorted(best_pair, key=best_pair.get) if p not in map(pair, firsts)]
+    seconds = chosen[len(firsts): len(firsts) + len(pairs)]
+    assert [pair(d) for d in seconds] == pairs[: len(seconds)] and seconds
+    assert all(d.error == best_pair[pair(d)] for d in seconds)
 
 
 def test_calibration_spends_the_slack_the_speed_model_left(traces):
