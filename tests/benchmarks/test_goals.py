@@ -42,6 +42,9 @@ def test_caching_speedup_at_joins_the_points_linearly_within_their_psnrs():
     # where it comes from: a point, or the two points joined (indices into the curve)
     assert caching_reach(curve, 32.0) == (pytest.approx(1.6), (1,))
     assert caching_reach([(2.0, 29.0), (1.5, 34.0), (1.2, 30.0)], 30.0)[1] == (1, 0)
+    # a dominated point (slower and blurrier than another) is not joined: long model, session 22
+    curve = [(2.87, 31.94), (3.10, 27.47), (3.49, 29.08)]
+    assert caching_reach(curve, 29.76) == (pytest.approx(2.87 + 0.62 * 2.18 / 2.86), (0, 2))
 
 
 def test_caching_gain_met_missed_and_not_measured():
@@ -82,6 +85,20 @@ def test_calibrated_plans_join_their_curves():
     calibrated = row("ditplan-calibrated/target=3x", 2.7, 34.0, density=0.4, skipped=0.5)
     verdict = caching_gain([*CACHE_ONLY, calibrated_cache, calibrated])
     assert verdict.met is True and verdict.detail.startswith("ditplan-calibrated/target=3x")
+
+
+def test_saved_caching_only_plans_join_the_curve_and_saved_sparse_plans_are_not_judged():
+    """A --plan-files row that runs attention dense and skips blocks is a caching-only plan
+    (made by hand or outside the search, it still counts against the goal); a saved plan with
+    sparse attention is not a compiled ditplan plan, so the goal never rests on it."""
+    fast = row("ditplan/target=2x", 1.96, 34.0, density=0.3, skipped=0.4)  # curve: 1.4x
+    hand = row("plan-file/reuse-every-3rd", 1.9, 34.5, skipped=0.6)
+    verdict = caching_gain([*CACHE_ONLY, hand, fast])
+    assert verdict.met is False and "plan-file/reuse-every-3rd (1.90x, 34.50 dB)" in verdict.detail
+    sparse_file = row("plan-file/sparse", 3.0, 34.0, density=0.3, skipped=0.4)
+    assert caching_gain([*CACHE_ONLY, sparse_file]).met is None  # no compiled plan to judge
+    dense_file = row("plan-file/dense-copy", 1.0, 40.0)  # skips nothing: not a caching plan
+    assert caching_gain([*CACHE_ONLY, dense_file, fast]).met is True
 
 def test_sparse_quality_reads_the_density_goal_row():
     def sparse(psnr, cosine, status="ok"):
