@@ -308,3 +308,28 @@ def test_shortlist_without_a_target_spreads_any_number_over_the_front(traces):
     assert shortlist_for_calibration(designs, one) == [front[len(front) // 2]]
     two = CompilerConfig.from_name("balanced", min_psnr=30.0, calibrate_candidates=2)
     assert shortlist_for_calibration(designs, two) == [front[0], front[-1]]
+
+
+def test_boundary_candidates_go_again_best_first_until_one_holds_the_target():
+    from ditplan.policy.compiler import BOUNDARY_BATCH, retime_boundary
+
+    psnrs = [37.0, 41.0, 39.0, 40.0, 38.0, 36.0, 35.0]  # all read 5.05x: within 3% of 5x
+    measured = [_measured(5.05, p) for p in psnrs]
+    config = CompilerConfig.from_name("balanced", target_speedup=5.0)
+    asked = []
+
+    def holds_from(psnr_at_most):  # candidates at or below this PSNR hold 5x when timed again
+        def again(plans, repeats=None):
+            asked.append(list(plans))
+            return [_measured(5.02 if psnrs[i] <= psnr_at_most else 4.97, psnrs[i])
+                    for i in plans]
+        return again
+
+    indices = list(range(len(psnrs)))
+    out = retime_boundary(indices, measured, holds_from(39.0), config)
+    assert BOUNDARY_BATCH == 3 and asked == [[1, 3, 2]]  # 41, 40, 39 dB; 39 holds: done
+    assert [m.speedup for m in out] == [5.05, 4.97, 5.02, 4.97, 5.05, 5.05, 5.05]
+    asked.clear()
+    out = retime_boundary(indices, measured, holds_from(36.0), config)
+    assert asked == [[1, 3, 2], [4, 0, 5]]  # the first three fail; 36 dB holds in the second
+    assert out[6].speedup == 5.05  # 35 dB: never picked over the 36 dB one, not timed again
