@@ -35,12 +35,12 @@ def attention_loss(profile: Profile, layer: int, spec: AttentionSpec) -> float:
     relative output error where the traces record it, else the lost mass share."""
     if spec.is_dense or spec.density is None:
         return 0.0
-    sparse_steps = ~np.isin(np.arange(profile.steps), spec.dense_steps)
-    if not sparse_steps[profile.sample_step].any():
+    sparse = sparse_steps(spec.dense_steps, profile.steps)  # [T] bool
+    if not sparse[profile.sample_step].any():
         return 0.0
     if profile.output_error is not None:
-        return output_error_loss(profile, layer, spec, sparse_steps)
-    curves = layer_recall_curve(profile, layer, sparse_steps)  # curves: [H, D]
+        return output_error_loss(profile, layer, spec, sparse)
+    curves = layer_recall_curve(profile, layer, sparse)  # curves: [H, D]
     if spec.head_densities is None:
         return 1.0 - expected_recall(curves.mean(axis=0), profile.densities, spec.density)
     recalls = [expected_recall(c, profile.densities, d)
