@@ -34,6 +34,7 @@ from ditplan.policy.plan import (
 )
 from ditplan.policy.plan_io import normalize_plan
 from ditplan.policy.quality import attention_error, attention_losses, predicted_error, runs_error
+from ditplan.policy.ranking import fit_offsets, skip_kinds, warmup_of
 from ditplan.policy.refine import refine
 from ditplan.policy.schedule import (
     branches_differ,
@@ -317,7 +318,13 @@ def closer_to_target(designs: list[Design], measured_designs: list[Design],
     0.93 of its prediction on a busy host, H200) they are the ones that reach the target.
     Schedules already measured (in any scope: a stack run and a whole-call run on the same steps
     measured within 0.6 dB of each other, H200) are left out, so this round measures new ones.
-    At most half as many as the first shortlist, spread as it is; none without a target."""
+    They are ranked by the PSNR the first round's measurements predict (ranking.fit_offsets: the
+    error model corrected per warm-up and skip kind): at 4x on the long reference model the first
+    round measured only forecasts after 4 warm-up steps and reuse after 2, the error model ranked
+    reuse after 4 last, and the pick kept 25.5 dB held-out where caching alone kept 26.2 at more
+    speed; ranked by the fit, this round measured that pair first, and it was kept: 4.18x at
+    29.4 dB held-out (H200, BENCHMARKS.md sessions 22 and 23). At most half as many as the first
+    shortlist, spread as it is; none without a target."""
     if config.target_speedup is None or not measured:
         return []
     ratio = statistics.median(m.speedup / d.speedup
@@ -326,7 +333,13 @@ def closer_to_target(designs: list[Design], measured_designs: list[Design],
     schedules = {_schedules(d) for d in measured_designs}
     pool = [d for d in designs if low <= d.speedup < CLOSER_BAND * low
             and _schedules(d) not in schedules]
-    return _spread(pool, max(1, config.calibrate_candidates // 2))
+    n = max(1, config.calibrate_candidates // 2)
+    offsets = fit_offsets([(d.runs, d.error, m.psnr_db)
+                           for d, m in zip(measured_designs, measured, strict=True)])
+    if offsets is None:  # every clip measured identical to dense: nothing to correct by
+        return _spread(pool, n)
+    logger.info("measured offsets of the error model: %s", offsets.describe())
+    return _spread(pool, n, rank=lambda d: -offsets.psnr_db(d.runs, d.error))
 
 
 def _schedules(design: Design) -> tuple:
@@ -364,13 +377,15 @@ def retime_boundary(plans: Sequence[Plan] | Sequence[ExpertPlans], measured: lis
     return out
 
 
-def _spread(pool: list[Design], n: int) -> list[Design]:
-    """At most ``n`` of ``pool``, ranked by predicted error (then speed): the best of each
-    warm-up length, then of each warm-up and skip kind, then of each family, then the rest in
-    rank order."""
-    ordered = sorted(pool, key=lambda d: (d.error, -d.speedup))
+def _spread(pool: list[Design], n: int,
+            rank: Callable[[Design], float] = lambda d: d.error) -> list[Design]:
+    """At most ``n`` of ``pool``, ranked by ``rank`` (default predicted error; then speed): the
+    best of each warm-up length, then of each warm-up and skip kind, then of each family, then
+    the rest in rank order."""
+    ordered = sorted(pool, key=lambda d: (rank(d), -d.speedup))
     chosen: list[Design] = []
-    for key in (_warmup, lambda d: (_warmup(d), _skip_kinds(d)), lambda d: d.family):
+    for key in (lambda d: warmup_of(d.runs),
+                lambda d: (warmup_of(d.runs), skip_kinds(d.runs)), lambda d: d.family):
         firsts = [d for d in _best_by(ordered, key) if d not in chosen]
         chosen += firsts[: n - len(chosen)]
     chosen += [d for d in ordered if d not in chosen][: n - len(chosen)]
@@ -383,17 +398,6 @@ def _best_by(ordered: list[Design], key: Callable[[Design], object]) -> list[Des
     for d in ordered:
         firsts.setdefault(key(d), d)
     return list(firsts.values())
-
-
-def _skip_kinds(design: Design) -> tuple[str, ...]:
-    """What the design's runs do on skipped steps: "R" (reuse) or "F<order>" per run."""
-    return tuple(f"F{r.order}" if r.forecasts else "R" for r in design.runs)
-
-
-def _warmup(design: Design) -> int:
-    """Steps every run computes before its first skip (the whole schedule without runs)."""
-    leads = [len(a) - len(a.lstrip("C")) for r in design.runs for a in r.schedule.values()]
-    return min(leads, default=0)
 
 
 def pick_measured(measured: Sequence[Calibration], config: CompilerConfig,

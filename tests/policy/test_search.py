@@ -195,11 +195,15 @@ def test_fixed_interval_choices_schedule_like_taylorseer(traces):
 
 
 def test_shortlist_measures_every_warmup_then_every_skip_kind_first(traces):
-    from ditplan.policy.compiler import _skip_kinds, _warmup, shortlist_for_calibration
+    from ditplan.policy.compiler import shortlist_for_calibration
+    from ditplan.policy.ranking import skip_kinds, warmup_of
     from tests.policy.test_compiler import search_designs_for
 
+    def _warmup(d):
+        return warmup_of(d.runs)
+
     def pair(d):
-        return _warmup(d), _skip_kinds(d)
+        return warmup_of(d.runs), skip_kinds(d.runs)
 
     designs = search_designs_for(traces)
     config = CompilerConfig.from_name("balanced", target_speedup=1.5, calibrate_candidates=12)
