@@ -30,13 +30,12 @@ class MeasuredOffsets:
 
     A design's predicted error is a relative output error, so the PSNR it implies is a constant
     minus 20 log10 of it; what the constant is depends on what the error model misjudges most:
-    how much the first steps matter (on the long reference model a warm-up of 4 steps measured
-    about 6 dB above what the model predicts from a warm-up of 2) and a reuse against a forecast
-    (the model's prior charges a forecast's drift at 0.3-0.4 of a reuse's; on that model reuse
-    measured 1-2 dB above forecasts on the same schedules; H200, BENCHMARKS.md, sessions 22
-    and 23). The
-    offsets are fitted to the measured candidates; a warm-up or skip kind none of them had gets
-    the mean offset of those measured.
+    how much the first steps matter (fitted to the 4x calibration on the long reference model, a
+    warm-up of 4 steps sits 4 dB above what the model predicts from one of 2) and a reuse against
+    a forecast (the model's prior charges a forecast's drift at 0.3-0.4 of a reuse's; on that
+    model reuse measured 1-2 dB above forecasts on the same schedules; H200, BENCHMARKS.md,
+    sessions 22 and 23). The offsets are fitted to the measured candidates; a warm-up or skip
+    kind none of them had gets the mean offset of those measured.
     """
 
     intercept: float
@@ -59,10 +58,10 @@ class MeasuredOffsets:
 def fit_offsets(points: Sequence[tuple[Sequence[BlockRun], float, float]]
                 ) -> MeasuredOffsets | None:
     """Least-squares offsets from (runs, predicted error, measured PSNR dB) points; points
-    whose clips were identical to dense, or whose error or PSNR is not finite and positive,
-    are left out. None when no point is left. With fewer points than offsets the smallest
-    offsets that fit are taken (one point: an intercept alone, so the ranking stays the error
-    model's)."""
+    whose clips were identical to dense, whose PSNR is not finite or whose predicted error is
+    not finite and positive are left out. None when no point is left. With fewer points than
+    offsets the smallest offsets that fit are taken (one point: the same constant for every
+    design, so the ranking stays the error model's)."""
     kept = [(runs, e, p) for runs, e, p in points
             if 0 < e < math.inf and math.isfinite(p) and p < IDENTICAL_PSNR_DB]
     if not kept:
